@@ -1,0 +1,55 @@
+"""Adapter formats: each module reads its on-disk layout into a :class:`surgeon.delta.Adapter`
+and, where it makes sense, writes one back. Nothing converts between two formats directly.
+
+A format module exposes ``NAME``, ``DESCRIPTION``, ``LOOKS_FOR`` (what :func:`detect` checks,
+for the error when nothing matches), ``sniff(path) -> bool``, ``read(path, base=None)`` and
+optionally ``write(adapter, staging_path)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from surgeon.delta import Adapter
+from surgeon.errors import SurgeonError
+from surgeon.formats import peft
+
+FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (peft,)}
+
+
+def get(name: str) -> ModuleType:
+    if name not in FORMATS:
+        raise SurgeonError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}.")
+    return FORMATS[name]
+
+
+def detect(path: str | Path) -> ModuleType | None:
+    """The format whose layout ``path`` has, or None."""
+    path = Path(path)
+    for module in FORMATS.values():
+        if module.sniff(path):
+            return module
+    return None
+
+
+def looked_for() -> str:
+    return "; ".join(f"{m.NAME}: {m.LOOKS_FOR}" for m in FORMATS.values())
+
+
+def read_adapter(path: str | Path, format_name: str | None = None, base=None) -> Adapter:
+    """Read an adapter in ``format_name``, or in the format detected from its layout."""
+    path = Path(path)
+    if not path.exists():
+        raise SurgeonError(f"{path}: no such file or directory.")
+    module = get(format_name) if format_name else detect(path)
+    if module is None:
+        raise SurgeonError(f"{path}: not an adapter surgeon recognises; looked for {looked_for()}.")
+    return module.read(path, base=base)
+
+
+def write_adapter(adapter: Adapter, staging: Path, format_name: str) -> None:
+    module = get(format_name)
+    if not hasattr(module, "write"):
+        raise SurgeonError(f"surgeon reads {format_name} but does not write it.")
+    module.write(adapter, staging)

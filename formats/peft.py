@@ -1,0 +1,279 @@
+"""PEFT LoRA adapters: ``adapter_config.json`` beside ``adapter_model.safetensors`` (or ``.bin``).
+
+Keys are ``base_model.model.<module>.lora_A.weight`` (r×in) and ``.lora_B.weight`` (out×r),
+ΔW = alpha/r · B@A (alpha/√r with ``use_rslora``), with per-module r and alpha from
+``rank_pattern``/``alpha_pattern``. Embeddings use ``lora_embedding_A/B`` and ΔW = s·(B@A)ᵀ;
+GPT-2's ``Conv1D`` stores W as in×out (``fan_in_fan_out``); convolutions have a k×k A and a 1×1 B.
+Everything else PEFT saves is a whole tensor: ``modules_to_save``, trained biases, and the base
+layer of a targeted embedding. Config options that change the math and are not handled here are
+refused by name, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from surgeon.checkpoint import load_pickle_weights
+from surgeon.delta import Adapter, Dense, LowRank, Replace, Sparse
+from surgeon.errors import SurgeonError
+
+NAME = "peft"
+DESCRIPTION = "PEFT LoRA / DoRA (adapter_config.json + adapter_model.safetensors)"
+LOOKS_FOR = "a directory with adapter_config.json and adapter_model.safetensors or adapter_model.bin"
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+
+# Options whose effect on the weights is not a plain (Do)LoRA delta.
+_UNSUPPORTED = {
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable tokens",
+    "alora_invocation_tokens": "activated LoRA (aLoRA), which applies only after its invocation tokens",
+    "use_qalora": "QALoRA",
+    "target_parameters": "LoRA on bare nn.Parameter targets",
+    "arrow_config": "Arrow routing",
+    "use_bdlora": "block-diagonal LoRA",
+}
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?P<rest>(\.weight|\.bias)?)$")
+
+
+def sniff(path: Path) -> bool:
+    if not path.is_dir() or not (path / CONFIG_FILE).is_file():
+        return False
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and "peft_type" in config and any((path / f).is_file() for f in WEIGHT_FILES)
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
+    """The entry of a rank/alpha pattern that applies to ``module``, by PEFT's own rule: the first
+    key that matches a dotted suffix of the module path, as a regex."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
+    rank_key = pattern_key(config.get("rank_pattern") or {}, module)
+    alpha_key = pattern_key(config.get("alpha_pattern") or {}, module)
+    rank = config["rank_pattern"][rank_key] if rank_key is not None else config.get("r", 8)
+    alpha = config["alpha_pattern"][alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
+    return int(rank), float(alpha)
+
+
+def scale_of(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+    for name in WEIGHT_FILES:
+        file = path / name
+        if file.is_file():
+            if name.endswith(".safetensors"):
+                with safe_open(file, framework="pt") as handle:
+                    return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {}), file
+            return load_pickle_weights(file), {}, file
+    raise SurgeonError(f"{path}: has {CONFIG_FILE} but no {' or '.join(WEIGHT_FILES)}.")
+
+
+def read(path: Path, base=None) -> Adapter:
+    """A PEFT LoRA/DoRA adapter as canonical deltas keyed by the base model's parameter names."""
+    path = Path(path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise SurgeonError(f"{path / CONFIG_FILE}: peft_type {peft_type!r} is not supported yet; surgeon reads PEFT LoRA and DoRA.")
+    for option, label in _UNSUPPORTED.items():
+        if config.get(option) not in (None, False, [], {}):
+            raise SurgeonError(f"{path / CONFIG_FILE}: uses {label} ({option}), which surgeon does not support yet.")
+    tensors, metadata, file = _load_tensors(path)
+    rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    whole: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(PREFIX):
+            raise SurgeonError(f"{file}: tensor {key!r} lacks the {PREFIX!r} prefix PEFT writes; the file is not a PEFT LoRA adapter.")
+        key = key[len(PREFIX):]
+        match = _LORA_KEY.match(key)
+        if match:
+            modules.setdefault(match["module"], {})[match["part"] + (match["rest"] if match["rest"] == ".bias" else "")] = tensor
+        elif re.search(r"\.lora_[A-Za-z_]+", key):
+            raise SurgeonError(f"{file}: tensor {key!r} is a LoRA part surgeon does not know; refusing rather than dropping it.")
+        else:
+            whole[key.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = tensor
+
+    adapter = Adapter(source_format=NAME, base_model=config.get("base_model_name_or_path"), config=config, metadata=metadata)
+    for key, tensor in whole.items():  # replacements first: LoRA applies on top of them
+        adapter.add(key, Replace(tensor), "other")
+    for module, parts in modules.items():
+        _read_module(adapter, module, parts, config, rslora, fan_in_fan_out, file)
+    return adapter
+
+
+def _read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslora: bool, fan_in_fan_out: bool, file: Path) -> None:
+    key = module + ".weight"
+    embedding = "lora_embedding_A" in parts
+    a = parts.get("lora_embedding_A" if embedding else "lora_A")
+    b = parts.get("lora_embedding_B" if embedding else "lora_B")
+    if a is None or b is None:
+        raise SurgeonError(f"{file}: module {module!r} has only one of its LoRA factors; the file is incomplete.")
+    rank = int(a.shape[0])
+    configured_rank, alpha = module_rank_alpha(config, module)
+    if configured_rank != rank:
+        raise SurgeonError(
+            f"{file}: {module!r} has rank {rank} in its tensors but {configured_rank} in {CONFIG_FILE}; the config does not belong to these weights."
+        )
+    scale = scale_of(alpha, rank, rslora)
+    magnitude = parts.get("lora_magnitude_vector")
+    if embedding:
+        module_type, up, down, shape, axis = "embedding", a.T, b.T, (a.shape[1], b.shape[0]), 1
+    elif a.dim() > 2:
+        module_type, axis = "conv", 0
+        if any(d != 1 for d in b.shape[2:]):
+            raise SurgeonError(f"{file}: {module!r} has a convolutional lora_B with a kernel {tuple(b.shape[2:])}; only 1×1 is supported.")
+        up, down, shape = b.reshape(b.shape[0], rank), a.reshape(rank, -1), (b.shape[0], *a.shape[1:])
+    elif fan_in_fan_out:
+        module_type, up, down, shape, axis = "conv1d", a.T, b.T, (a.shape[1], b.shape[0]), 1
+    else:
+        module_type, up, down, shape, axis = "linear", b, a, (b.shape[0], a.shape[1]), 0
+    adapter.add(key, LowRank(down=down.contiguous(), up=up.contiguous(), scale=scale, shape=shape,
+                             magnitude=None if magnitude is None else magnitude.reshape(-1), magnitude_axis=axis), module_type)
+    adapter.module_types[key] = module_type
+    if "lora_B.bias" in parts:
+        adapter.add(module + ".bias", Dense(parts["lora_B.bias"] * scale), module_type)
+
+
+def _module_of(key: str) -> tuple[str, str]:
+    module, _, param = key.rpartition(".")
+    return module, param
+
+
+def _factors(key: str, delta: LowRank, module_type: str) -> dict[str, torch.Tensor]:
+    """PEFT's tensors for one low-rank delta, from the canonical orientation."""
+    if module_type == "embedding":
+        return {"lora_embedding_A": delta.up.T, "lora_embedding_B": delta.down.T}
+    if module_type == "conv1d":
+        return {"lora_A.weight": delta.up.T, "lora_B.weight": delta.down.T}
+    if module_type == "conv" or len(delta.shape) > 2:
+        rank = delta.rank
+        return {
+            "lora_A.weight": delta.down.reshape(rank, *delta.shape[1:]),
+            "lora_B.weight": delta.up.reshape(delta.shape[0], rank, *([1] * (len(delta.shape) - 2))),
+        }
+    return {"lora_A.weight": delta.down, "lora_B.weight": delta.up}
+
+
+def _config_reproduces(config: dict, ranks: dict[str, int], scales: dict[str, float]) -> bool:
+    rslora = bool(config.get("use_rslora", False))
+    for module, rank in ranks.items():
+        configured_rank, alpha = module_rank_alpha(config, module)
+        if configured_rank != rank or not math.isclose(scale_of(alpha, rank, rslora), scales[module], rel_tol=1e-6):
+            return False
+    return True
+
+
+def _mode(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _rank_alpha_config(ranks: dict[str, int], scales: dict[str, float], rslora: bool) -> dict:
+    alphas = {m: scales[m] * (math.sqrt(r) if rslora else r) for m, r in ranks.items()}
+    alphas = {m: round(a) if math.isclose(a, round(a), rel_tol=1e-9) else a for m, a in alphas.items()}
+    r, alpha = _mode(ranks.values()), _mode(alphas.values())
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": rslora,
+        "rank_pattern": {m: v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
+    }
+
+
+def write(adapter: Adapter, staging: Path) -> None:
+    """Write ``adapter`` as a PEFT LoRA adapter directory that ``PeftModel.from_pretrained`` loads."""
+    source = adapter.config if adapter.source_format == NAME else {}
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    scales: dict[str, float] = {}
+    types: dict[str, str] = {}
+    magnitudes: dict[str, bool] = {}
+    for key, deltas in adapter.items():
+        for delta in deltas:
+            if isinstance(delta, LowRank):
+                module, param = _module_of(key)
+                if param != "weight":
+                    raise SurgeonError(f"cannot write PEFT LoRA: the low-rank delta on {key!r} is not on a module weight.")
+                module_type = adapter.module_types.get(key, "linear")
+                for part, tensor in _factors(key, delta, module_type).items():
+                    tensors[f"{PREFIX}{module}.{part}"] = tensor.contiguous()
+                if delta.magnitude is not None:
+                    tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = delta.magnitude.contiguous()
+                ranks[module], scales[module], types[module] = delta.rank, delta.scale, module_type
+                magnitudes[module] = delta.magnitude is not None
+    if len(set(magnitudes.values())) > 1:
+        raise SurgeonError("cannot write PEFT LoRA: some modules are DoRA and some are not, and PEFT's use_dora is all or nothing.")
+    if len({t == "conv1d" for t in types.values() if t != "embedding"}) > 1:
+        raise SurgeonError("cannot write PEFT LoRA: the adapter mixes Conv1D (in×out) and Linear targets, and PEFT's fan_in_fan_out is one flag.")
+
+    modules_to_save = set(source.get("modules_to_save") or [])
+    trains_bias = source.get("bias", "none") != "none"
+    for key, deltas in adapter.items():
+        module, param = _module_of(key)
+        for delta in deltas:
+            if isinstance(delta, LowRank):
+                continue
+            if isinstance(delta, Dense) and param == "bias" and module in ranks:
+                tensors[f"{PREFIX}{module}.lora_B.bias"] = (delta.delta / scales[module]).contiguous()
+            elif isinstance(delta, Replace):
+                if module in ranks:
+                    tensors[f"{PREFIX}{module}.base_layer.{param}"] = delta.weight.contiguous()
+                else:
+                    tensors[f"{PREFIX}{key}"] = delta.weight.contiguous()
+                    listed = any(module == m or module.endswith("." + m) for m in modules_to_save)
+                    if not listed and not (trains_bias and param == "bias"):
+                        modules_to_save.add(module)
+            else:
+                kind = "sparse" if isinstance(delta, Sparse) else "dense"
+                raise SurgeonError(
+                    f"cannot write PEFT LoRA: {key!r} has a {kind} delta, which a LoRA adapter cannot hold; "
+                    "factor it first (surgeon resize / extract) or write it in surgeon's sparse format."
+                )
+
+    config = dict(source) if source else {"peft_type": "LORA", "task_type": None, "bias": "none", "lora_dropout": 0.0, "inference_mode": True}
+    rslora = bool(config.get("use_rslora", False))
+    if not (source and _config_reproduces(source, ranks, scales) and _targets_cover(source, ranks)):
+        config.update(_rank_alpha_config(ranks, scales, rslora))
+        config["target_modules"] = sorted(ranks)
+    config["peft_type"] = "LORA"
+    config["base_model_name_or_path"] = adapter.base_model or config.get("base_model_name_or_path")
+    config["fan_in_fan_out"] = any(t == "conv1d" for t in types.values())
+    config["use_dora"] = any(magnitudes.values())
+    config["lora_bias"] = any(k.endswith(".lora_B.bias") for k in tensors)
+    config["modules_to_save"] = sorted(modules_to_save) or None
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, staging / WEIGHT_FILES[0], metadata={"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}})
+
+
+def _targets_cover(config: dict, ranks: dict[str, int]) -> bool:
+    """Whether PEFT, given the config's target_modules, wraps exactly the modules we hold factors for
+    (as far as names alone tell); otherwise the writer lists the modules explicitly."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        return all(re.fullmatch(targets, m) for m in ranks)
+    targets = set(targets or [])
+    return all(m in targets or any(m.endswith("." + t) for t in targets) for m in ranks)

@@ -1,0 +1,311 @@
+"""Reading checkpoints one tensor at a time, and writing them as a stream.
+
+A safetensors file is opened afresh for every tensor read: a handle kept open keeps every page
+it has touched mapped into the process, so reading a whole model through one handle grows the
+resident set to the model's size. Writing plans every shard's header up front from the tensors'
+shapes and dtypes, so each tensor goes to disk as soon as it is computed and nothing accumulates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from surgeon.errors import SurgeonError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count, as bytes (decimal units, as transformers uses)."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    raw = text.strip().upper()
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise SurgeonError(f"cannot read the size {text!r}; write it like 5GB, 500MB or 2GiB.")
+    return int(value * units[unit])
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def num_bytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class Checkpoint:
+    """A model checkpoint on disk: a safetensors file, a sharded set with its index, a directory,
+    or a legacy ``.bin`` pickle read with ``weights_only``. Tensors are read only when asked for."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SurgeonError(f"{self.path}: no such file or directory.")
+        self.files = _weight_files(self.path)
+        self._where: dict[str, Path] = {}
+        self._info: dict[str, TensorInfo] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self.metadata: dict[str, str] = {}
+        for file in self.files:
+            if file.suffix == ".safetensors":
+                self._index_safetensors(file)
+            else:
+                self._index_pickle(file)
+
+    @property
+    def directory(self) -> Path | None:
+        return self.path if self.path.is_dir() else None
+
+    def _add(self, key: str, file: Path, info: TensorInfo) -> None:
+        if key in self._where:
+            raise SurgeonError(f"{file}: tensor {key!r} is also in {self._where[key]}; a checkpoint must hold each key once.")
+        self._where[key] = file
+        self._info[key] = info
+
+    def _index_safetensors(self, file: Path) -> None:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                self.metadata.update(handle.metadata() or {})
+                for key in handle.keys():
+                    piece = handle.get_slice(key)
+                    dtype = _DTYPES_BY_NAME.get(piece.get_dtype())
+                    if dtype is None:
+                        raise SurgeonError(f"{file}: tensor {key!r} has dtype {piece.get_dtype()}, which surgeon does not handle.")
+                    self._add(key, file, TensorInfo(tuple(piece.get_shape()), dtype))
+        except SurgeonError:
+            raise
+        except Exception as error:  # safetensors raises its own types for corrupt headers
+            raise SurgeonError(f"{file}: not a readable safetensors file ({error}).") from error
+
+    def _index_pickle(self, file: Path) -> None:
+        state = load_pickle_weights(file)
+        self._pickled[file] = state
+        for key, tensor in state.items():
+            self._add(key, file, TensorInfo(tuple(tensor.shape), tensor.dtype))
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def info(self, key: str) -> TensorInfo:
+        return self._info[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        file = self._where[key]
+        if file in self._pickled:
+            return self._pickled[file][key]
+        with safe_open(file, framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self._where:
+            yield key, self.get(key)
+
+    def num_params(self) -> int:
+        return sum(math.prod(i.shape) for i in self._info.values())
+
+    def num_bytes(self) -> int:
+        return sum(i.num_bytes for i in self._info.values())
+
+    def largest_tensor_bytes(self) -> int:
+        return max((i.num_bytes for i in self._info.values()), default=0)
+
+    def extra_files(self) -> list[Path]:
+        """Files beside the weights that a model needs (config, tokenizer), copied along untouched."""
+        if self.directory is None:
+            return []
+        return sorted(
+            p
+            for p in self.directory.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p not in self.files
+            and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")
+        )
+
+    def config(self) -> dict:
+        """The checkpoint's ``config.json``, or an empty dict where it has none."""
+        if self.directory is None or not (self.directory / "config.json").is_file():
+            return {}
+        return json.loads((self.directory / "config.json").read_text())
+
+
+def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A legacy PyTorch pickle, loaded without running any code it may carry."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # pickles older than the zip format cannot be mapped
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise SurgeonError(
+            f"{file}: refusing to load this pickle because it needs full unpickling, which can run arbitrary code; "
+            "convert it to safetensors with a tool you trust."
+        ) from error
+    except Exception as error:
+        raise SurgeonError(f"{file}: not a readable PyTorch checkpoint ({error}).") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SurgeonError(f"{file}: holds no plain mapping of names to tensors.")
+    return state
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if not path.name.endswith(WEIGHT_SUFFIXES):
+            raise SurgeonError(f"{path}: not a checkpoint file; expected .safetensors or .bin.")
+        return [path]
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = path / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = sorted({path / name for name in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise SurgeonError(f"{index}: lists shards that are not there: {', '.join(missing)}.")
+            return files
+    for name in ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return [path / name]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return found
+    raise SurgeonError(
+        f"{path}: no checkpoint here; looked for {SAFETENSORS_INDEX}, model.safetensors, pytorch_model.bin "
+        "and *.safetensors."
+    )
+
+
+def _header_bytes(entries: dict, metadata: dict[str, str]) -> bytes:
+    header = {"__metadata__": metadata, **entries}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class StreamingWriter:
+    """Writes a (sharded) safetensors checkpoint whose tensors are known in advance by shape and
+    dtype, accepting their data one at a time in any order.
+
+    Shards are cut at ``shard_size`` bytes like transformers does; a single shard is called
+    ``model.safetensors``, several get ``model-0000i-of-0000N.safetensors`` and an index.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        tensors: Iterable[tuple[str, TensorInfo]],
+        shard_size: int = 5 * 10**9,
+        metadata: dict[str, str] | None = None,
+        basename: str = "model",
+    ):
+        self.directory = Path(directory)
+        metadata = {"format": "pt", **(metadata or {})}
+        shards: list[list[tuple[str, TensorInfo]]] = [[]]
+        size = 0
+        for key, info in tensors:
+            if shards[-1] and size + info.num_bytes > shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append((key, info))
+            size += info.num_bytes
+        count = len(shards)
+        names = (
+            [f"{basename}.safetensors"]
+            if count == 1
+            else [f"{basename}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        self._slots: dict[str, tuple[int, int, TensorInfo]] = {}
+        self._handles = []
+        weight_map = {}
+        for shard_number, (name, members) in enumerate(zip(names, shards)):
+            entries, offset = {}, 0
+            for key, info in members:
+                if info.dtype not in _DTYPE_NAMES:
+                    raise SurgeonError(f"tensor {key!r} has dtype {info.dtype}, which safetensors cannot store.")
+                entries[key] = {"dtype": _DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + info.num_bytes]}
+                offset += info.num_bytes
+                weight_map[key] = name
+            header = _header_bytes(entries, metadata)
+            handle = open(self.directory / name, "wb")
+            handle.write(header)
+            handle.truncate(len(header) + offset)
+            self._handles.append(handle)
+            for key, info in members:
+                begin = entries[key]["data_offsets"][0]
+                self._slots[key] = (shard_number, len(header) + begin, info)
+        self._pending = set(self._slots)
+        self.file_names = names
+        if count > 1:
+            index = {"metadata": {"total_size": sum(i.num_bytes for _, _, i in self._slots.values())}, "weight_map": weight_map}
+            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        shard_number, position, info = self._slots[key]
+        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise SurgeonError(
+                f"tensor {key!r} is {tuple(tensor.shape)} {tensor.dtype}, but {info.shape} {info.dtype} was planned."
+            )
+        handle = self._handles[shard_number]
+        handle.seek(position)
+        if info.num_bytes:
+            handle.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._pending.discard(key)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.close()
+        if self._pending:
+            missing = ", ".join(sorted(self._pending)[:5])
+            raise SurgeonError(f"{self.directory}: {len(self._pending)} planned tensors were never written ({missing}).")
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            for handle in self._handles:
+                handle.close()

@@ -1,0 +1,209 @@
+"""The ``surgeon`` command: a thin click layer over :mod:`surgeon.ops` and :mod:`surgeon.formats`.
+
+User mistakes surface as one ``Error:`` line and exit code 1; progress goes to stderr so that
+``--json`` output on stdout stays clean for pipelines.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from surgeon import __version__
+from surgeon.checkpoint import Checkpoint, parse_size
+from surgeon.errors import SurgeonError
+from surgeon.output import atomic_output
+from surgeon.summary import adapter_summary, checkpoint_summary, render
+
+
+def _friendly(command):
+    """Turn SurgeonError into click's one-line error instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SurgeonError as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+def _emit(report: dict, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(report, indent=2) if as_json else text)
+
+
+def _read_adapter(path: str, format_name: str | None):
+    from surgeon import formats
+
+    return formats.read_adapter(Path(path), format_name)
+
+
+class _Progress:
+    """A progress bar on stderr over a checkpoint's tensors; silent when stderr is not a terminal."""
+
+    def __init__(self, total: int, label: str):
+        self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True) if sys.stderr.isatty() else None
+
+    def __enter__(self):
+        if self.bar is None:
+            return None
+        self.bar.__enter__()
+        return lambda key: self.bar.update(1)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc) if self.bar is not None else None
+
+
+_DEVICE = click.option("--device", default="auto", show_default=True, help="Where the arithmetic runs: auto (CUDA when present), cpu, cuda or cuda:N.")
+_FORCE = click.option("--force", is_flag=True, help="Replace the output if it exists (an input is never replaced).")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
+_FROM = click.option("--from", "format_name", default=None, help="Adapter format, when detection from the layout is not wanted.")
+_NONFINITE = click.option("--allow-nonfinite", is_flag=True, help="Apply deltas that hold NaN or Inf instead of refusing them.")
+_SHARD = click.option("--shard-size", default="5GB", show_default=True, help="Largest shard of the output checkpoint (5GB, 500MB, 2GiB).")
+_OUT = click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory; written atomically.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="surgeon")
+def main() -> None:
+    """Checkpoint surgery for PEFT: merge, unmerge and inspect LoRA adapters on saved checkpoints.
+
+    Every command streams one tensor at a time, so memory stays near the size of the largest
+    tensor, and writes its output atomically: an interrupted run leaves nothing at the output path.
+
+    \b
+    Examples:
+      surgeon inspect fixtures/tiny-llama-lora
+      surgeon merge fixtures/tiny-llama fixtures/tiny-llama-lora -o merged/
+      surgeon unmerge merged/ fixtures/tiny-llama-lora -o restored/ --check fixtures/tiny-llama
+    """
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so atomic outputs clean up
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@_FROM
+@_JSON
+@_friendly
+def inspect(path: Path, format_name: str | None, as_json: bool) -> None:
+    """Say what PATH is (an adapter and its format, or a checkpoint) and summarise it.
+
+    For an adapter: format, rank, alpha, scale, targets grouped by layer, parameters and bytes.
+    For a checkpoint: files, tensors, parameters, dtypes and architecture.
+    """
+    from surgeon import formats
+
+    module = formats.get(format_name) if format_name else formats.detect(path)
+    if module is not None:
+        summary = adapter_summary(module.read(path), path, module.DESCRIPTION)
+    else:
+        try:
+            summary = checkpoint_summary(Checkpoint(path))
+        except SurgeonError as error:
+            raise SurgeonError(f"{path}: neither an adapter nor a checkpoint surgeon recognises; looked for {formats.looked_for()}; and for a checkpoint: {error}") from None
+    _emit(summary, as_json, render(summary))
+
+
+def _dtype_option(value: str):
+    from surgeon.ops.merge import DTYPES
+
+    return None if value == "auto" else DTYPES[value]
+
+
+def _run_transform(operation, base: str, adapters: tuple[str, ...], output: Path, weights, format_name, dtype, device, shard_size, force, allow_nonfinite):
+    from surgeon.ops.merge import resolve_device
+
+    checkpoint = Checkpoint(base)
+    loaded = [(_read_adapter(a, format_name), a) for a in adapters]
+    device_obj = resolve_device(device)
+    inputs = [Path(base), *map(Path, adapters)]
+    with atomic_output(output, inputs=inputs, force=force) as staging:
+        with _Progress(len(checkpoint), operation.__name__) as tick:
+            report = operation(
+                checkpoint, loaded, staging, weights=list(weights) or None, allow_nonfinite=allow_nonfinite,
+                dtype=_dtype_option(dtype), device=device_obj, shard_size=parse_size(shard_size), on_tensor=tick,
+            )
+    report.output = str(output)
+    return report
+
+
+@main.command()
+@click.argument("base", type=click.Path(exists=True))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@_OUT
+@click.option("-w", "--weight", "weights", multiple=True, type=float, help="Scale for each adapter, in order (repeat once per adapter; default 1).")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Output dtype of float tensors; auto keeps each tensor's own.")
+@_DEVICE
+@_SHARD
+@_FROM
+@_FORCE
+@_NONFINITE
+@_JSON
+@_friendly
+def merge(base, adapters, output, weights, dtype, device, shard_size, format_name, force, allow_nonfinite, as_json) -> None:
+    """Merge ADAPTERS into the BASE checkpoint and write a full checkpoint to -o.
+
+    Each merged weight is computed in fp32 and cast back to the base's dtype (or --dtype).
+    Adapters apply in the order given. Every target is checked against the base (name and
+    shape) before anything is written; config and tokenizer files are copied along.
+
+    \b
+    Example:
+      surgeon merge fixtures/tiny-llama fixtures/tiny-llama-lora -o merged/
+    """
+    from surgeon.ops.merge import merge as merge_op
+
+    report = _run_transform(merge_op, base, adapters, output, weights, format_name, dtype, device, shard_size, force, allow_nonfinite)
+    _emit(asdict(report), as_json, f"merged {len(adapters)} adapter(s) into {report.changed} of {report.tensors} tensors "
+          f"in {report.seconds:.2f}s -> {output}")
+
+
+@main.command()
+@click.argument("merged", type=click.Path(exists=True))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@_OUT
+@click.option("-w", "--weight", "weights", multiple=True, type=float, help="The weights the adapters were merged with.")
+@click.option("--check", "check_base", type=click.Path(exists=True), default=None, help="The real base: report how far the restored checkpoint is from it.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Output dtype of float tensors.")
+@_DEVICE
+@_SHARD
+@_FROM
+@_FORCE
+@_NONFINITE
+@_JSON
+@_friendly
+def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_size, format_name, force, allow_nonfinite, as_json) -> None:
+    """Subtract ADAPTERS from a MERGED checkpoint, recovering the base: the inverse of merge.
+
+    DoRA updates and whole-module replacements (modules_to_save) cannot be undone from a merged
+    file, and are refused with the reason. Restoring a low-precision (bf16) checkpoint is exact
+    only up to that precision's round-off; --check BASE measures it.
+
+    \b
+    Example:
+      surgeon unmerge merged/ fixtures/tiny-llama-lora -o restored/ --check fixtures/tiny-llama
+    """
+    from surgeon.ops.merge import compare
+    from surgeon.ops.merge import unmerge as unmerge_op
+
+    report = asdict(_run_transform(unmerge_op, merged, adapters, output, weights, format_name, dtype, device, shard_size, force, allow_nonfinite))
+    text = f"unmerged {len(adapters)} adapter(s) from {report['changed']} of {report['tensors']} tensors in {report['seconds']:.2f}s -> {output}"
+    if check_base:
+        differences = compare(Checkpoint(output), Checkpoint(check_base))
+        worst = max(differences, key=lambda d: d.max_abs)
+        report["check"] = {
+            "base": str(check_base),
+            "max_abs_error": worst.max_abs,
+            "max_abs_error_key": worst.key,
+            "max_relative_error": max(d.relative for d in differences),
+        }
+        text += (f"\ncheck against {check_base}: max abs error {worst.max_abs:.3g} (in {worst.key}), "
+                 f"max relative error {report['check']['max_relative_error']:.3g}")
+    _emit(report, as_json, text)

@@ -1,0 +1,75 @@
+"""Matching an adapter's target names to the keys of the checkpoint it is applied to.
+
+Adapters name parameters by their path inside the model class that trained them, which can
+differ from the checkpoint's keys by a leading component (``bert.`` in a BertForMaskedLM file,
+none in a BertModel one); transformers bridges that with its ``base_model_prefix``, and so do we:
+one consistent prefix is added or removed, never a guess per key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import replace
+from typing import Collection
+
+from surgeon.delta import Adapter
+from surgeon.errors import SurgeonError
+
+
+def _prefix_shift(missing: list[str], base_keys: Collection[str]) -> tuple[str, str] | None:
+    """A (remove, add) prefix pair that maps every missing key onto a base key, if there is one."""
+    probe = missing[0]
+    candidates: set[tuple[str, str]] = set()
+    for key in base_keys:
+        if key.endswith("." + probe):
+            candidates.add(("", key[: -len(probe)]))
+    parts = probe.split(".")
+    for cut in range(1, len(parts)):
+        if ".".join(parts[cut:]) in base_keys:
+            candidates.add((".".join(parts[:cut]) + ".", ""))
+    for remove, add in sorted(candidates, key=lambda c: len(c[0]) + len(c[1])):
+        if all(k.startswith(remove) and add + k[len(remove):] in base_keys for k in missing):
+            return remove, add
+    return None
+
+
+def bind_to_base(adapter: Adapter, base_keys: Collection[str], where: str) -> Adapter:
+    """The adapter with every key renamed to the base checkpoint's own, or an error naming the
+    first key that matches nothing and the closest base keys."""
+    base_keys = set(base_keys)
+    missing = [k for k in adapter.deltas if k not in base_keys]
+    if not missing:
+        return adapter
+    shift = _prefix_shift(missing, base_keys)
+    if shift is None:
+        key = missing[0]
+        close = difflib.get_close_matches(key, list(base_keys), n=3, cutoff=0.5)
+        hint = f" Closest base keys: {', '.join(close)}." if close else ""
+        if key.endswith("lm_head.weight"):
+            hint += " A base with tied embeddings stores no lm_head; untie it or target the embedding."
+        raise SurgeonError(
+            f"{where}: the adapter targets {key!r}, which the base checkpoint does not have "
+            f"({len(missing)} such keys).{hint}"
+        )
+    remove, add = shift
+
+    def rename(key: str) -> str:
+        return key if key in base_keys else add + key[len(remove):]
+
+    return replace(
+        adapter,
+        deltas={rename(k): v for k, v in adapter.deltas.items()},
+        module_types={rename(k): v for k, v in adapter.module_types.items()},
+    )
+
+
+def check_shapes(adapter: Adapter, shape_of, where: str) -> None:
+    """Every delta's shape must equal its base parameter's, checked before anything is written."""
+    for key, deltas in adapter.items():
+        expected = tuple(shape_of(key))
+        for delta in deltas:
+            if tuple(delta.shape) != expected:
+                raise SurgeonError(
+                    f"{where}: the delta for {key!r} has shape {tuple(delta.shape)} but the base parameter is "
+                    f"{expected}; the adapter was made for a different model."
+                )

@@ -1,0 +1,194 @@
+"""merge and unmerge over whole checkpoints, one tensor at a time.
+
+Everything that can be checked is checked before the first byte is written: every target exists
+in the base with the right shape, no input holds NaN or Inf, and (for unmerge) every delta can be
+taken back off. Peak memory is then the largest tensor a few times over, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from surgeon.checkpoint import Checkpoint, StreamingWriter, TensorInfo
+from surgeon.delta import Adapter, Delta, LowRank
+from surgeon.errors import SurgeonError
+from surgeon.keys import bind_to_base, check_shapes
+from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass
+class MergeReport:
+    output: str
+    tensors: int = 0
+    changed: int = 0
+    seconds: float = 0.0
+    dtype: str = ""
+    device: str = ""
+    files: list[str] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when present; asking for CUDA without it is a user error, not a crash."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SurgeonError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu.")
+    return torch.device(name)
+
+
+def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_nonfinite: bool) -> list[Adapter]:
+    """Adapters bound to the base's keys, with shapes and values checked."""
+    bound = []
+    for adapter, where in adapters:
+        adapter = bind_to_base(adapter, base.keys(), where)
+        check_shapes(adapter, lambda key: base.info(key).shape, where)
+        if not allow_nonfinite:
+            bad = adapter.nonfinite_keys()
+            if bad:
+                raise SurgeonError(
+                    f"{where}: the delta for {bad[0]!r} holds NaN or Inf ({len(bad)} such keys); "
+                    "fix the adapter or pass --allow-nonfinite."
+                )
+        bound.append(adapter)
+    return bound
+
+
+def _deltas_by_key(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[tuple[Delta, float]]]:
+    plan: dict[str, list[tuple[Delta, float]]] = {}
+    for adapter, weight in zip(adapters, weights):
+        for key, deltas in adapter.items():
+            plan.setdefault(key, []).extend((d, weight) for d in deltas)
+    return plan
+
+
+def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None) -> None:
+    for path in base.extra_files():
+        shutil.copy2(path, out / path.name)
+    config = out / "config.json"
+    if dtype is not None and config.is_file():
+        # The copy must describe the weights next to it; a changed dtype is the one edit we make.
+        data = json.loads(config.read_text())
+        for name in ("torch_dtype", "dtype"):
+            if name in data:
+                data[name] = _CONFIG_DTYPE_NAMES[dtype]
+        config.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def transform_checkpoint(
+    base: Checkpoint,
+    plan: dict[str, list[tuple[Delta, float]]],
+    out: Path,
+    *,
+    undo: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device = torch.device("cpu"),
+    shard_size: int = 5 * 10**9,
+    on_tensor: Callable[[str], None] | None = None,
+) -> MergeReport:
+    """Write ``base`` with ``plan``'s deltas applied (or removed, with ``undo``) into ``out``.
+
+    Float tensors are computed in fp32 on ``device`` and cast to ``dtype`` (default: each tensor's
+    own dtype); tensors without deltas are copied, cast only when ``dtype`` asks for it.
+    """
+    started = time.perf_counter()
+
+    def out_dtype(info: TensorInfo) -> torch.dtype:
+        return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+
+    specs = [(key, TensorInfo(base.info(key).shape, out_dtype(base.info(key)))) for key in base.keys()]
+    report = MergeReport(output=str(out), device=str(device))
+    with StreamingWriter(out, specs, shard_size=shard_size) as writer:
+        for key, info in specs:
+            tensor = base.get(key)
+            deltas = plan.get(key)
+            if deltas:
+                if not tensor.dtype.is_floating_point:
+                    raise SurgeonError(f"{base.path}: {key!r} is {tensor.dtype}; deltas apply to float weights only.")
+                work = tensor.to(device=device, dtype=torch.float32, copy=True)
+                work = remove_deltas(work, deltas) if undo else apply_deltas(work, deltas)
+                tensor = work
+                report.changed += 1
+            writer.write(key, tensor.to(dtype=info.dtype).cpu())
+            report.tensors += 1
+            if on_tensor is not None:
+                on_tensor(key)
+        report.files = writer.file_names
+    _copy_extras(base, out, dtype)
+    report.dtype = ", ".join(sorted({str(i.dtype).removeprefix("torch.") for _, i in specs}))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def merge(
+    base: Checkpoint,
+    adapters: Sequence[tuple[Adapter, str]],
+    out: Path,
+    *,
+    weights: Sequence[float] | None = None,
+    allow_nonfinite: bool = False,
+    **options,
+) -> MergeReport:
+    """Merge adapters into ``base``, in the order given, each scaled by its weight (default 1)."""
+    weights = list(weights) if weights else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise SurgeonError(f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter or none.")
+    bound = prepare(adapters, base, allow_nonfinite)
+    for adapter, weight, (_, where) in zip(bound, weights, adapters):
+        if weight != 1.0 and any(isinstance(d, LowRank) and d.is_dora for ds in adapter.deltas.values() for d in ds):
+            raise SurgeonError(f"{where}: a DoRA adapter rescales whole rows, so a weight other than 1 has no defined meaning; drop --weight for it.")
+    return transform_checkpoint(base, _deltas_by_key(bound, weights), out, **options)
+
+
+def unmerge(
+    merged: Checkpoint,
+    adapters: Sequence[tuple[Adapter, str]],
+    out: Path,
+    *,
+    weights: Sequence[float] | None = None,
+    allow_nonfinite: bool = False,
+    **options,
+) -> MergeReport:
+    """Take adapters back off a merged checkpoint: the inverse of :func:`merge` with the same arguments."""
+    weights = list(weights) if weights else [1.0] * len(adapters)
+    bound = prepare(adapters, merged, allow_nonfinite)
+    plan = _deltas_by_key(bound, weights)
+    for key, deltas in plan.items():
+        reason = unmerge_refusal(key, [d for d, _ in deltas])
+        if reason:
+            raise SurgeonError(f"cannot unmerge: {reason}.")
+    return transform_checkpoint(merged, plan, out, undo=True, **options)
+
+
+@dataclass
+class Difference:
+    key: str
+    max_abs: float
+    relative: float
+
+
+def compare(a: Checkpoint, b: Checkpoint) -> list[Difference]:
+    """Per-tensor max absolute and relative Frobenius difference of two checkpoints with the same keys."""
+    if set(a.keys()) != set(b.keys()):
+        only = sorted(set(a.keys()) ^ set(b.keys()))
+        raise SurgeonError(f"{a.path} and {b.path} hold different tensors (e.g. {only[0]!r}); they cannot be compared.")
+    found = []
+    for key in a.keys():
+        x = a.get(key).to(torch.float64)
+        y = b.get(key).to(torch.float64)
+        if x.shape != y.shape:
+            raise SurgeonError(f"{key!r} is {tuple(x.shape)} in {a.path} but {tuple(y.shape)} in {b.path}.")
+        diff = x - y
+        norm = float(torch.linalg.vector_norm(y))
+        found.append(Difference(key, float(diff.abs().max()) if diff.numel() else 0.0,
+                                float(torch.linalg.vector_norm(diff)) / norm if norm else float(torch.linalg.vector_norm(diff))))
+    return found
