@@ -22,7 +22,7 @@ from surgeon.output import atomic_output
 from surgeon.summary import adapter_summary, checkpoint_summary, render
 
 
-def _friendly(command):
+def friendly(command):
     """Turn SurgeonError into click's one-line error instead of a traceback."""
 
     @functools.wraps(command)
@@ -35,17 +35,42 @@ def _friendly(command):
     return wrapper
 
 
-def _emit(report: dict, as_json: bool, text: str) -> None:
+def emit(report: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(report, indent=2) if as_json else text)
 
 
-def _read_adapter(path: str, format_name: str | None):
+def read_adapter_arg(path: str | Path, format_name: str | None):
     from surgeon import formats
 
     return formats.read_adapter(Path(path), format_name)
 
 
-class _Progress:
+class InputPath(click.ParamType):
+    """A local path that must exist, or an ``hf://org/name[@revision][/subfolder]`` Hub path,
+    fetched into the local cache (only the files surgeon needs) and given as its local path."""
+
+    name = "PATH"
+
+    def convert(self, value, param, ctx) -> Path:
+        if isinstance(value, Path):
+            return value
+        if str(value).startswith("hf://"):
+            from surgeon.hub import resolve_hf_path
+
+            try:
+                return resolve_hf_path(str(value))
+            except SurgeonError as error:
+                self.fail(str(error), param, ctx)
+        path = Path(value)
+        if not path.exists():
+            self.fail(f"{value}: no such file or directory.", param, ctx)
+        return path
+
+
+INPUT = InputPath()
+
+
+class Progress:
     """A progress bar on stderr over a checkpoint's tensors; silent when stderr is not a terminal."""
 
     def __init__(self, total: int, label: str):
@@ -61,13 +86,13 @@ class _Progress:
         return self.bar.__exit__(*exc) if self.bar is not None else None
 
 
-_DEVICE = click.option("--device", default="auto", show_default=True, help="Where the arithmetic runs: auto (CUDA when present), cpu, cuda or cuda:N.")
-_FORCE = click.option("--force", is_flag=True, help="Replace the output if it exists (an input is never replaced).")
-_JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
-_FROM = click.option("--from", "format_name", default=None, help="Adapter format, when detection from the layout is not wanted.")
-_NONFINITE = click.option("--allow-nonfinite", is_flag=True, help="Apply deltas that hold NaN or Inf instead of refusing them.")
-_SHARD = click.option("--shard-size", default="5GB", show_default=True, help="Largest shard of the output checkpoint (5GB, 500MB, 2GiB).")
-_OUT = click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory; written atomically.")
+DEVICE_OPTION = click.option("--device", default="auto", show_default=True, help="Where the arithmetic runs: auto (CUDA when present), cpu, cuda or cuda:N.")
+FORCE_OPTION = click.option("--force", is_flag=True, help="Replace the output if it exists (an input is never replaced).")
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
+FROM_OPTION = click.option("--from", "format_name", default=None, help="Adapter format, when detection from the layout is not wanted.")
+NONFINITE_OPTION = click.option("--allow-nonfinite", is_flag=True, help="Apply deltas that hold NaN or Inf instead of refusing them.")
+SHARD_OPTION = click.option("--shard-size", default="5GB", show_default=True, help="Largest shard of the output checkpoint (5GB, 500MB, 2GiB).")
+OUTPUT_OPTION = click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory; written atomically.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -88,10 +113,10 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
-@_FROM
-@_JSON
-@_friendly
+@click.argument("path", type=INPUT)
+@FROM_OPTION
+@JSON_OPTION
+@friendly
 def inspect(path: Path, format_name: str | None, as_json: bool) -> None:
     """Say what PATH is (an adapter and its format, or a checkpoint) and summarise it.
 
@@ -108,7 +133,7 @@ def inspect(path: Path, format_name: str | None, as_json: bool) -> None:
             summary = checkpoint_summary(Checkpoint(path))
         except SurgeonError as error:
             raise SurgeonError(f"{path}: neither an adapter nor a checkpoint surgeon recognises; looked for {formats.looked_for()}; and for a checkpoint: {error}") from None
-    _emit(summary, as_json, render(summary))
+    emit(summary, as_json, render(summary))
 
 
 def _dtype_option(value: str):
@@ -121,11 +146,11 @@ def _run_transform(operation, base: str, adapters: tuple[str, ...], output: Path
     from surgeon.ops.merge import resolve_device
 
     checkpoint = Checkpoint(base)
-    loaded = [(_read_adapter(a, format_name), a) for a in adapters]
+    loaded = [(read_adapter_arg(a, format_name), a) for a in adapters]
     device_obj = resolve_device(device)
     inputs = [Path(base), *map(Path, adapters)]
     with atomic_output(output, inputs=inputs, force=force) as staging:
-        with _Progress(len(checkpoint), operation.__name__) as tick:
+        with Progress(len(checkpoint), operation.__name__) as tick:
             report = operation(
                 checkpoint, loaded, staging, weights=list(weights) or None, allow_nonfinite=allow_nonfinite,
                 dtype=_dtype_option(dtype), device=device_obj, shard_size=parse_size(shard_size), on_tensor=tick,
@@ -135,18 +160,18 @@ def _run_transform(operation, base: str, adapters: tuple[str, ...], output: Path
 
 
 @main.command()
-@click.argument("base", type=click.Path(exists=True))
-@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
-@_OUT
+@click.argument("base", type=INPUT)
+@click.argument("adapters", nargs=-1, required=True, type=INPUT)
+@OUTPUT_OPTION
 @click.option("-w", "--weight", "weights", multiple=True, type=float, help="Scale for each adapter, in order (repeat once per adapter; default 1).")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Output dtype of float tensors; auto keeps each tensor's own.")
-@_DEVICE
-@_SHARD
-@_FROM
-@_FORCE
-@_NONFINITE
-@_JSON
-@_friendly
+@DEVICE_OPTION
+@SHARD_OPTION
+@FROM_OPTION
+@FORCE_OPTION
+@NONFINITE_OPTION
+@JSON_OPTION
+@friendly
 def merge(base, adapters, output, weights, dtype, device, shard_size, format_name, force, allow_nonfinite, as_json) -> None:
     """Merge ADAPTERS into the BASE checkpoint and write a full checkpoint to -o.
 
@@ -161,24 +186,24 @@ def merge(base, adapters, output, weights, dtype, device, shard_size, format_nam
     from surgeon.ops.merge import merge as merge_op
 
     report = _run_transform(merge_op, base, adapters, output, weights, format_name, dtype, device, shard_size, force, allow_nonfinite)
-    _emit(asdict(report), as_json, f"merged {len(adapters)} adapter(s) into {report.changed} of {report.tensors} tensors "
+    emit(asdict(report), as_json, f"merged {len(adapters)} adapter(s) into {report.changed} of {report.tensors} tensors "
           f"in {report.seconds:.2f}s -> {output}")
 
 
 @main.command()
-@click.argument("merged", type=click.Path(exists=True))
-@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
-@_OUT
+@click.argument("merged", type=INPUT)
+@click.argument("adapters", nargs=-1, required=True, type=INPUT)
+@OUTPUT_OPTION
 @click.option("-w", "--weight", "weights", multiple=True, type=float, help="The weights the adapters were merged with.")
-@click.option("--check", "check_base", type=click.Path(exists=True), default=None, help="The real base: report how far the restored checkpoint is from it.")
+@click.option("--check", "check_base", type=INPUT, default=None, help="The real base: report how far the restored checkpoint is from it.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Output dtype of float tensors.")
-@_DEVICE
-@_SHARD
-@_FROM
-@_FORCE
-@_NONFINITE
-@_JSON
-@_friendly
+@DEVICE_OPTION
+@SHARD_OPTION
+@FROM_OPTION
+@FORCE_OPTION
+@NONFINITE_OPTION
+@JSON_OPTION
+@friendly
 def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_size, format_name, force, allow_nonfinite, as_json) -> None:
     """Subtract ADAPTERS from a MERGED checkpoint, recovering the base: the inverse of merge.
 
@@ -206,4 +231,8 @@ def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_
         }
         text += (f"\ncheck against {check_base}: max abs error {worst.max_abs:.3g} (in {worst.key}), "
                  f"max relative error {report['check']['max_relative_error']:.3g}")
-    _emit(report, as_json, text)
+    emit(report, as_json, text)
+
+
+# Commands of the other capabilities live in their own modules and register on `main` when imported.
+# (one import per module, below)
