@@ -1,0 +1,422 @@
+"""Adapter arithmetic on canonical adapters: weighted sums, their best low-rank approximations,
+and the sparsifying merges (TIES, DARE, magnitude pruning), one target at a time.
+
+``cat`` and ``svd`` never form the dense ΔW: a sum of low-rank terms Σ cᵢ·upᵢ·downᵢ is
+[c₁up₁ … cₙupₙ]·[down₁; …; downₙ], so its SVD follows from a QR of each stacked factor and the
+SVD of the small R×R core between them (R = Σ rᵢ). That costs O((m+k)·R²) instead of the
+O(m·k·min(m, k)) of a dense SVD, and it is exact: the core's singular values are those of ΔW.
+The sparsifying methods act entry by entry, so they do need each module's dense deltas; they
+take one module at a time and factor the result back to a rank (or keep it sparse or dense).
+The dense merge rules are PEFT's (``peft.utils.merge_utils``), so results agree with
+``add_weighted_adapter``'s ``*_svd`` combinations.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from surgeon.delta import Adapter, Delta, Dense, LowRank, Replace, Sparse
+from surgeon.errors import SurgeonError
+from surgeon.ops.rank import RankRule, tail_error
+
+#: Methods that combine the factors and never form a dense ΔW.
+FACTORED_METHODS = ("cat", "svd", "linear")
+#: Methods that act entry by entry on each module's dense ΔW.
+DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+METHODS = FACTORED_METHODS + DENSE_METHODS
+#: What a dense method's result is kept as.
+RESULT_KINDS = ("lora", "sparse", "dense")
+
+
+@dataclass
+class ModuleReport:
+    key: str
+    ranks_in: list[int]
+    rank: int | None
+    relative_error: float | None = None  # of the rank truncation, against the exact combination
+
+
+@dataclass
+class ComposeReport:
+    method: str
+    adapters: int
+    weights: list[float]
+    modules: list[ModuleReport] = field(default_factory=list)
+    seconds: float = 0.0
+    output: str = ""
+
+    @property
+    def max_relative_error(self) -> float:
+        return max((m.relative_error or 0.0 for m in self.modules), default=0.0)
+
+
+@dataclass(frozen=True)
+class ComposeOptions:
+    """``rule`` sets the output rank of svd and of the dense methods kept as LoRA (default: the
+    largest input rank of each module, as PEFT does); ``density`` is the fraction of entries each
+    sparsifying method keeps; ``seed`` makes DARE's random drop reproducible."""
+
+    method: str = "cat"
+    rule: RankRule | None = None
+    density: float | None = None
+    majority_sign: str = "total"
+    seed: int = 0
+    keep: str = "lora"
+    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SurgeonError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if self.keep not in RESULT_KINDS:
+            raise SurgeonError(f"unknown result kind {self.keep!r}; choose one of {', '.join(RESULT_KINDS)}.")
+        if self.majority_sign not in ("total", "frequency"):
+            raise SurgeonError(f"--majority-sign must be total or frequency; got {self.majority_sign!r}.")
+        if self.method in DENSE_METHODS:
+            if self.density is None or not 0 < self.density <= 1:
+                raise SurgeonError(f"--method {self.method} needs --density in (0, 1], the fraction of each delta's entries to keep.")
+        elif self.density is not None:
+            raise SurgeonError(f"--density applies to {', '.join(DENSE_METHODS)}, not to --method {self.method}.")
+        if self.method in ("cat", "linear") and self.rule is not None:
+            raise SurgeonError(f"--method {self.method} keeps the ranks it is given; use --method svd to choose a rank.")
+        if self.method in FACTORED_METHODS and self.keep != "lora":
+            raise SurgeonError(f"--as {self.keep} applies to {', '.join(DENSE_METHODS)}; --method {self.method} gives a LoRA.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The factored SVD
+
+
+def factored_svd(ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor], coefficients: Sequence[float],
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vᵀ) with Σ cᵢ·upᵢ@downᵢ = U·diag(S)·Vᵀ, U m×q, Vᵀ q×k, q ≤ Σ rᵢ, S descending.
+
+    Only m×R, R×k and R×R matrices are formed: up = Qᵤ·Rᵤ and downᵀ = Q_d·R_d give
+    ΔW = Qᵤ·(Rᵤ·R_dᵀ)·Q_dᵀ, and the SVD of the core Rᵤ·R_dᵀ rotates the two orthonormal bases.
+    """
+    up = torch.cat([u.to(dtype) * c for u, c in zip(ups, coefficients)], dim=1)
+    down = torch.cat([d.to(dtype) for d in downs], dim=0)
+    q_up, r_up = torch.linalg.qr(up)
+    q_down, r_down = torch.linalg.qr(down.T)
+    u_core, s, vh_core = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
+    return q_up @ u_core, s, vh_core @ q_down.T
+
+
+def split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) = (U·S^½, S^½·Vᵀ) truncated to ``rank``: balanced factors, so that neither
+    carries the whole scale (better conditioned for further training)."""
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def dense_svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of a 2-D dense delta."""
+    return torch.linalg.svd(delta, full_matrices=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's dense merge rules (peft.utils.merge_utils), stacked over the adapters of one module
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ⌊density·n⌋ entries of largest magnitude (PEFT's magnitude_based_pruning)."""
+    if density >= 1:
+        return delta
+    flat = delta.reshape(-1)
+    keep = int(density * flat.numel())
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[torch.topk(flat.abs(), k=keep, largest=True).indices] = True
+    return (flat * mask).reshape(delta.shape)
+
+
+def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` and divide the kept ones by it, so that
+    the expectation is the delta itself."""
+    if density >= 1:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=delta.dtype) < density
+    return delta * keep / density
+
+
+def ties_merge(stacked: torch.Tensor, weights: torch.Tensor, method: str) -> torch.Tensor:
+    """Elect a sign per entry (by total mass or by count of the unweighted deltas), then average the
+    weighted entries that agree with it (PEFT's calculate_majority_sign_mask + disjoint_merge)."""
+    sign = stacked.sign()
+    mass = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    agree = sign == torch.where(mass >= 0, 1.0, -1.0).to(stacked.dtype)
+    weighted = stacked * weights.reshape(-1, *([1] * (stacked.dim() - 1)))
+    return (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+
+
+def combine_dense(deltas: Sequence[torch.Tensor], weights: Sequence[float], options: ComposeOptions,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One module's deltas merged by ``options.method`` (a DENSE_METHODS entry)."""
+    method, density = options.method, float(options.density)
+    if method.startswith("dare"):
+        pruned = [random_drop(d, density, generator) for d in deltas]
+    else:
+        pruned = [magnitude_mask(d, density) for d in deltas]
+    stacked = torch.stack(pruned)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    if method in ("ties", "dare_ties"):
+        return ties_merge(stacked, w, options.majority_sign)
+    return torch.einsum("n,n...->...", w, stacked)
+
+
+# ---------------------------------------------------------------------------------------------
+# Composing adapters
+
+
+@dataclass
+class _Part:
+    """One adapter's deltas on one key, sorted by kind."""
+
+    weight: float
+    low: list[LowRank] = field(default_factory=list)
+    sparse: list[Sparse] = field(default_factory=list)
+    dense: list[Dense] = field(default_factory=list)
+    replace: list[Replace] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, deltas: Sequence[Delta], weight: float) -> "_Part":
+        part = cls(weight)
+        for delta in deltas:
+            {LowRank: part.low, Sparse: part.sparse, Dense: part.dense, Replace: part.replace}[type(delta)].append(delta)
+        return part
+
+
+def check_compatible(adapters: Sequence[tuple[Adapter, str]], force: bool = False) -> None:
+    """Adapters composed together must be made for one base: same base model name (unless
+    ``force``) and, on every shared target, the same shape and module type."""
+    bases = [(where, a.base_model) for a, where in adapters if a.base_model]
+    differing = [(where, base) for where, base in bases if base != bases[0][1]]
+    if differing and not force:
+        (first, one), (second, other) = bases[0], differing[0]
+        raise SurgeonError(
+            f"{second}: made for base {other!r} but {first} for {one!r}; adapters for different bases do not add up "
+            "(pass --force if they are the same model under two names)."
+        )
+    seen: dict[str, tuple[tuple[int, ...], str, str]] = {}
+    for adapter, where in adapters:
+        for key, deltas in adapter.items():
+            kind = adapter.module_types.get(key, "linear")
+            for delta in deltas:
+                if key not in seen:
+                    seen[key] = (tuple(delta.shape), kind, where)
+                    continue
+                shape, other_kind, other = seen[key]
+                if tuple(delta.shape) != shape or kind != other_kind:
+                    raise SurgeonError(
+                        f"{where}: {key!r} is a {kind} delta of shape {tuple(delta.shape)} but in {other} a {other_kind} "
+                        f"delta of shape {shape}; the adapters were made for different models."
+                    )
+
+
+def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _sum_exact(parts: Sequence[_Part], key_shape: tuple[int, ...]) -> list[Delta]:
+    """Σ wᵢ·(sparse and dense deltas) kept exactly: sparse ones concatenated (duplicates add)."""
+    found: list[Delta] = []
+    sparse = [(s, p.weight) for p in parts for s in p.sparse]
+    if sparse:
+        found.append(Sparse(torch.cat([s.indices for s, _ in sparse]),
+                            torch.cat([s.values * w for s, w in sparse]), key_shape))
+    dense = [(d, p.weight) for p in parts for d in p.dense]
+    if dense:
+        total = sum(d.delta.to(_compute_dtype(d.delta.dtype)) * w for d, w in dense)
+        found.append(Dense(total.to(_common_dtype([d.delta for d, _ in dense]))))
+    return found
+
+
+def _low_terms(parts: Sequence[_Part]) -> list[tuple[LowRank, float]]:
+    return [(low, part.weight) for part in parts for low in part.low]
+
+
+def _concat(terms: Sequence[tuple[LowRank, float]], shape, magnitude, axis) -> LowRank:
+    """Σ w·s·up@down as one LowRank of rank Σr: weights and scales folded into the down factors
+    (one common scale is kept when they all share a magnitude, so a negated adapter keeps its alpha)."""
+    coefficients = [w * low.scale for low, w in terms]
+    common = abs(coefficients[0])
+    if common != 0 and all(math.isclose(abs(c), common, rel_tol=1e-12) for c in coefficients):
+        factors, scale = [math.copysign(1.0, c) for c in coefficients], common
+    else:
+        factors, scale = coefficients, 1.0
+    dtype = _common_dtype([t for low, _ in terms for t in (low.up, low.down)])
+    up = torch.cat([low.up.to(dtype) for low, _ in terms], dim=1)
+    down = torch.cat([(low.down.to(_compute_dtype(dtype)) * f).to(dtype) for (low, _), f in zip(terms, factors)], dim=0)
+    return LowRank(down=down, up=up, scale=scale, shape=shape, magnitude=magnitude, magnitude_axis=axis)
+
+
+def _linear(terms: Sequence[tuple[LowRank, float]], key: str, shape) -> LowRank:
+    """PEFT's ``linear``: up = Σ √|cᵢ|·upᵢ and down = Σ sign(cᵢ)·√|cᵢ|·downᵢ, scale 1."""
+    if len({low.rank for low, _ in terms}) > 1:
+        ranks = ", ".join(str(low.rank) for low, _ in terms)
+        raise SurgeonError(f"--method linear adds the factors themselves, so it needs equal ranks, but {key!r} has ranks {ranks}; use cat or svd.")
+    dtype = _common_dtype([t for low, _ in terms for t in (low.up, low.down)])
+    work = _compute_dtype(dtype)
+    up = sum(low.up.to(work) * math.sqrt(abs(w * low.scale)) for low, w in terms)
+    down = sum(low.down.to(work) * math.copysign(math.sqrt(abs(w * low.scale)), w * low.scale) for low, w in terms)
+    return LowRank(down=down.to(dtype), up=up.to(dtype), scale=1.0, shape=shape)
+
+
+def _chosen_rank(options: ComposeOptions, spectrum: torch.Tensor, ranks_in: Sequence[int]) -> int:
+    if options.rule is None:
+        return min(max(ranks_in, default=0), spectrum.numel())
+    return options.rule.choose(spectrum)
+
+
+def _truncated(u, s, vh, options: ComposeOptions, ranks_in, shape, dtype, magnitude=None, axis=0) -> tuple[LowRank | None, int, float]:
+    rank = _chosen_rank(options, s, ranks_in)
+    error = tail_error(s, rank)
+    if rank == 0:
+        return None, 0, error
+    up, down = split_factors(u, s, vh, rank)
+    return LowRank(down=down.to(dtype).cpu().contiguous(), up=up.to(dtype).cpu().contiguous(), shape=shape,
+                   magnitude=magnitude, magnitude_axis=axis), rank, error
+
+
+def _dora(terms: Sequence[tuple[LowRank, float]], key: str) -> tuple[torch.Tensor | None, int]:
+    """The DoRA magnitude to carry: allowed only for a single adapter at weight 1, where the
+    result approximates that adapter's own ΔW and its magnitudes keep their meaning."""
+    doras = [low for low, _ in terms if low.is_dora]
+    if not doras:
+        return None, 0
+    if len(terms) != 1 or terms[0][1] != 1.0:
+        raise SurgeonError(
+            f"{key!r} is a DoRA update, which rescales rows by a learned magnitude; a weighted sum of DoRA adapters "
+            "has no defined magnitude, so only resizing a single DoRA adapter at weight 1 is supported."
+        )
+    return doras[0].magnitude, doras[0].magnitude_axis
+
+
+def _materialize_part(part: _Part, shape, device, dtype) -> torch.Tensor:
+    total = torch.zeros(shape, device=device, dtype=dtype)
+    for delta in [*part.low, *part.sparse, *part.dense]:
+        if isinstance(delta, LowRank) and delta.is_dora:
+            raise SurgeonError("a DoRA update has no additive ΔW for --method ties/dare/magnitude_prune to act on; resize it instead.")
+        total += delta.materialize(device, dtype)
+    return total
+
+
+def _generator(options: ComposeOptions, key: str) -> torch.Generator:
+    """A generator per module, seeded from --seed and the key, so a module's DARE mask does not
+    depend on which other modules are composed."""
+    generator = torch.Generator(device=options.device)
+    generator.manual_seed((options.seed * 0x9E3779B1 + zlib.crc32(key.encode())) % 2**63)
+    return generator
+
+
+def _compose_dense(key: str, parts: Sequence[_Part], shape, options: ComposeOptions) -> tuple[list[Delta], ModuleReport]:
+    ranks_in = [low.rank for p in parts for low in p.low]
+    tensors = [t for p in parts for d in (*p.low, *p.sparse, *p.dense) for t in d.tensors() if t.is_floating_point()]
+    dtype = _common_dtype(tensors)
+    work = _compute_dtype(dtype)
+    deltas = [_materialize_part(p, shape, options.device, work) for p in parts]
+    merged = combine_dense(deltas, [p.weight for p in parts], options, _generator(options, key))
+    del deltas
+    report = ModuleReport(key, ranks_in, None)
+    if options.keep == "dense" or (merged.dim() < 2 and options.keep == "lora"):
+        return [Dense(merged.to(dtype).cpu())], report
+    if options.keep == "sparse":
+        flat = merged.reshape(-1)
+        indices = flat.nonzero().reshape(-1)
+        return [Sparse(indices.cpu(), flat[indices].to(dtype).cpu(), shape)], report
+    u, s, vh = dense_svd(merged.reshape(shape[0], -1))
+    low, report.rank, report.relative_error = _truncated(u, s, vh, options, ranks_in, shape, dtype)
+    return ([low] if low is not None else []), report
+
+
+def _compose_factored(key: str, parts: Sequence[_Part], shape, options: ComposeOptions) -> tuple[list[Delta], ModuleReport]:
+    terms = _low_terms(parts)
+    ranks_in = [low.rank for low, _ in terms]
+    report = ModuleReport(key, ranks_in, sum(ranks_in) if terms else None)
+    found: list[Delta] = []
+    if terms:
+        magnitude, axis = _dora(terms, key)
+        if options.method == "cat":
+            found.append(_concat(terms, shape, magnitude, axis))
+        elif options.method == "linear":
+            found.append(_linear(terms, key, shape))
+            report.rank = ranks_in[0]
+        else:
+            dtype = _common_dtype([t for low, _ in terms for t in (low.up, low.down)])
+            work = _compute_dtype(dtype)
+            u, s, vh = factored_svd([low.up.to(options.device) for low, _ in terms],
+                                    [low.down.to(options.device) for low, _ in terms],
+                                    [w * low.scale for low, w in terms], work)
+            low, report.rank, report.relative_error = _truncated(u, s, vh, options, ranks_in, shape, dtype, magnitude, axis)
+            found.extend([low] if low is not None else [])
+    return found + _sum_exact(parts, shape), report
+
+
+def compose(adapters: Sequence[tuple[Adapter, str]], weights: Sequence[float] | None = None,
+            options: ComposeOptions = ComposeOptions(), *, force: bool = False,
+            on_key: Callable[[str], None] | None = None) -> tuple[Adapter, ComposeReport]:
+    """The adapters combined by ``options.method``, each scaled by its weight (negative to subtract).
+
+    Targets are the union of the adapters' targets; a target that only some adapters have is
+    combined from those. Whole-module replacements (``modules_to_save``) are carried over as they
+    are, and refused when two adapters replace the same module or one is negated.
+    """
+    started = time.perf_counter()
+    weights = [float(w) for w in weights] if weights else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise SurgeonError(f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter or none.")
+    if not adapters:
+        raise SurgeonError("give at least one adapter to compose.")
+    check_compatible(adapters, force)
+    first = adapters[0][0]
+    result = Adapter(source_format=first.source_format, base_model=next((a.base_model for a, _ in adapters if a.base_model), None),
+                     config=dict(first.config))
+    report = ComposeReport(method=options.method, adapters=len(adapters), weights=weights)
+    keys = list(dict.fromkeys(k for adapter, _ in adapters for k in adapter.deltas))
+    for key in keys:
+        parts = [(_Part.of(a.deltas[key], w), where) for (a, where), w in zip(adapters, weights) if key in a.deltas]
+        module_type = next(a.module_types.get(key, "linear") for a, _ in adapters if key in a.deltas)
+        shape = tuple(next(iter(parts[0][0].low + parts[0][0].sparse + parts[0][0].dense + parts[0][0].replace)).shape)
+        for delta in _replacements(key, parts):
+            result.add(key, delta, module_type)
+        additive = [p for p, _ in parts if p.low or p.sparse or p.dense]
+        if additive:
+            combine = _compose_dense if options.method in DENSE_METHODS else _compose_factored
+            deltas, module = combine(key, additive, shape, options)
+            for delta in deltas:
+                result.add(key, delta, module_type)
+            if module.ranks_in:
+                report.modules.append(module)
+        if on_key is not None:
+            on_key(key)
+    report.seconds = time.perf_counter() - started
+    return result, report
+
+
+def _replacements(key: str, parts: Sequence[tuple[_Part, str]]) -> list[Replace]:
+    holders = [(p, where) for p, where in parts if p.replace]
+    if len(holders) > 1:
+        raise SurgeonError(
+            f"{holders[1][1]}: replaces {key!r} whole (modules_to_save), and so does {holders[0][1]}; two replacements "
+            "cannot be combined, so drop that module from one adapter."
+        )
+    if holders and holders[0][0].weight < 0:
+        raise SurgeonError(f"{holders[0][1]}: replaces {key!r} whole (modules_to_save), which cannot be negated; drop that module first.")
+    return holders[0][0].replace if holders else []
+
+
+def resize(adapter: Adapter, rule: RankRule, device: torch.device = torch.device("cpu"),
+           on_key: Callable[[str], None] | None = None) -> tuple[Adapter, ComposeReport]:
+    """The optimal (Eckart–Young) truncation of every low-rank delta of ``adapter`` by ``rule``."""
+    return compose([(adapter, "adapter")], [1.0], ComposeOptions(method="svd", rule=rule, device=device), on_key=on_key)
