@@ -3,7 +3,21 @@ and, where it makes sense, writes one back. Nothing converts between two formats
 
 A format module exposes ``NAME``, ``DESCRIPTION``, ``LOOKS_FOR`` (what :func:`detect` checks,
 for the error when nothing matches), ``sniff(path) -> bool``, ``read(path, base=None)`` and
-optionally ``write(adapter, staging_path)``.
+optionally ``write(adapter, staging_path)``. ``base`` is the base model's
+:class:`~surgeon.checkpoint.Checkpoint` when the user gave one; a reader that cannot work without
+it says so.
+
+Writers declare two things about themselves:
+
+- ``WRITES_FILE = True`` when the format is a single file (``adapter.gguf``), so that the caller
+  stages a file rather than a directory (the default, ``False``, is a directory);
+- ``WRITE_NEEDS_BASE = True`` when writing needs the base model (GGUF takes its tensor names and
+  head counts from the base's config); ``write`` then takes ``base=`` as a keyword.
+
+``write`` returns a list of notes, one sentence each, saying what the target format could not
+hold as it was and what was done about it (scales folded into a factor, ranks zero-padded,
+metadata dropped); ``None`` means nothing. Anything a format cannot represent at all (DoRA in
+GGUF) is refused with a :class:`SurgeonError`, never dropped.
 """
 
 from __future__ import annotations
@@ -48,8 +62,17 @@ def read_adapter(path: str | Path, format_name: str | None = None, base=None) ->
     return module.read(path, base=base)
 
 
-def write_adapter(adapter: Adapter, staging: Path, format_name: str) -> None:
+def writers() -> list[str]:
+    return [name for name, module in FORMATS.items() if hasattr(module, "write")]
+
+
+def write_adapter(adapter: Adapter, staging: Path, format_name: str, base=None) -> list[str]:
+    """Write ``adapter`` in ``format_name`` to ``staging``; returns the writer's notes."""
     module = get(format_name)
     if not hasattr(module, "write"):
-        raise SurgeonError(f"surgeon reads {format_name} but does not write it.")
-    module.write(adapter, staging)
+        raise SurgeonError(f"surgeon reads {format_name} but does not write it; it writes {', '.join(writers())}.")
+    if getattr(module, "WRITE_NEEDS_BASE", False):
+        if base is None:
+            raise SurgeonError(f"writing {format_name} needs the base model; pass --base with the base model's checkpoint directory (config.json beside the weights).")
+        return list(module.write(adapter, staging, base=base) or [])
+    return list(module.write(adapter, staging) or [])

@@ -236,3 +236,4 @@ def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_
 
 # Commands of the other capabilities live in their own modules and register on `main` when imported.
 # (one import per module, below)
+from surgeon import cli_convert  # noqa: E402,F401

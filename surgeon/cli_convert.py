@@ -1,0 +1,156 @@
+"""``surgeon convert``: read an adapter in one format and write it in another, through the
+canonical model. The written file is read back and compared with the source before it is put in
+place, so a conversion either reproduces every ΔW or leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from surgeon.checkpoint import Checkpoint
+from surgeon.cli import FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, emit, friendly, main
+from surgeon.delta import Adapter, LowRank, Replace
+from surgeon.errors import SurgeonError
+from surgeon.formats import writers
+from surgeon.keys import bind_to_base, check_shapes
+from surgeon.output import atomic_output
+
+# Round-off allowed between the source's ΔW and the written one's, relative to the largest |ΔW|,
+# in units of the stored dtype's epsilon: folding a scale into a factor rounds once per product.
+_ROUNDING_EPSILONS = 8
+
+
+def _effective(deltas: list) -> dict[str, torch.Tensor]:
+    """What a list of deltas does to one parameter, in a form two formats can be compared in:
+    the summed additive ΔW, a replacement weight, and a DoRA magnitude."""
+    parts: dict[str, torch.Tensor] = {}
+    for delta in deltas:
+        if isinstance(delta, Replace):
+            parts["replace"] = delta.materialize()
+            continue
+        parts["delta"] = parts["delta"] + delta.materialize() if "delta" in parts else delta.materialize()
+        if isinstance(delta, LowRank) and delta.magnitude is not None:
+            parts["magnitude"] = delta.magnitude.float()
+    return parts
+
+
+def _tolerance(deltas: list) -> float:
+    eps = min((torch.finfo(t.dtype).eps for d in deltas for t in d.tensors() if t.is_floating_point()), default=0.0)
+    return max(eps, torch.finfo(torch.float32).eps) * _ROUNDING_EPSILONS
+
+
+def verify_round_trip(source: Adapter, written: Adapter) -> dict:
+    """The largest difference, per target, between what ``source`` and ``written`` do to the
+    base; raises when a target is missing, extra, or off by more than round-off."""
+    missing = sorted(set(source.deltas) - set(written.deltas))
+    extra = sorted(set(written.deltas) - set(source.deltas))
+    if missing or extra:
+        raise SurgeonError(
+            f"the written adapter does not hold the same targets as the source (missing {missing[:3]}, extra {extra[:3]}); "
+            "nothing was written. This is a bug in surgeon: please report it with the command."
+        )
+    worst = {"max_abs_error": 0.0, "max_relative_error": 0.0, "key": None}
+    for key, deltas in source.items():
+        expected, got = _effective(deltas), _effective(written.deltas[key])
+        if expected.keys() != got.keys():
+            raise SurgeonError(f"the written adapter changes the kind of update on {key!r} ({sorted(expected)} became {sorted(got)}); nothing was written.")
+        for part, tensor in expected.items():
+            error = float((got[part] - tensor).abs().max()) if tensor.numel() else 0.0
+            relative = error / max(float(tensor.abs().max()) if tensor.numel() else 0.0, 1e-30)
+            if relative > _tolerance(deltas) and error > 1e-30:
+                raise SurgeonError(
+                    f"the written adapter's {part} on {key!r} differs from the source by {relative:.3g} (relative); "
+                    "nothing was written. This is a bug in surgeon: please report it with the command."
+                )
+            if relative >= worst["max_relative_error"]:
+                worst = {"max_abs_error": error, "max_relative_error": relative, "key": key}
+    return worst
+
+
+def _read_back(module, staging: Path, base: Checkpoint | None, source: Adapter) -> tuple[dict | None, str | None]:
+    try:
+        written = module.read(staging, base=base)
+    except SurgeonError as error:
+        if base is None:
+            return None, f"not read back for checking: {error}"
+        raise
+    if base is not None:
+        written = bind_to_base(written, base.keys(), "the written adapter")
+    return verify_round_trip(source, written), None
+
+
+def convert_adapter(source: Path, target_format: str, output: Path, format_name: str | None = None,
+                    base_path: Path | None = None, force: bool = False) -> dict:
+    """Convert the adapter at ``source`` to ``target_format`` at ``output``; the report lists
+    every note the writer made about what the target format could not hold as it was."""
+    from surgeon import formats
+
+    started = time.perf_counter()
+    base = Checkpoint(base_path) if base_path is not None else None
+    target = formats.get(target_format)
+    adapter = formats.read_adapter(source, format_name, base=base)
+    if base is not None:
+        adapter = bind_to_base(adapter, base.keys(), str(source))
+        check_shapes(adapter, lambda key: base.info(key).shape, str(source))
+    inputs = [source] + ([base_path] if base_path is not None else [])
+    with atomic_output(output, inputs=inputs, force=force, directory=not getattr(target, "WRITES_FILE", False)) as staging:
+        notes = formats.write_adapter(adapter, staging, target_format, base=base)
+        check, skipped = _read_back(target, staging, base, adapter)
+    if skipped:
+        notes.append(skipped)
+    return {
+        "source": str(source),
+        "from": adapter.source_format,
+        "to": target_format,
+        "output": str(output),
+        "targets": len(adapter),
+        "deltas": adapter.kinds(),
+        "notes": notes,
+        "check": check,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _render(report: dict) -> str:
+    lines = [
+        f"converted {report['source']} ({report['from']}, {report['targets']} targets) -> "
+        f"{report['output']} ({report['to']}) in {report['seconds']:.2f}s"
+    ]
+    if report["check"] is not None:
+        lines.append(f"read back and compared: max relative ΔW error {report['check']['max_relative_error']:.3g}")
+    lines += [f"note: {note}" for note in report["notes"]]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("source", type=INPUT)
+@click.option("--to", "target_format", required=True, type=click.Choice(writers()), help="Format to write.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file or directory, as the target format has it; written atomically.")
+@click.option("--base", "base_path", type=INPUT, default=None,
+              help="The base model's checkpoint: checks names and shapes, and is required where a format takes names or head counts from it (gguf, kohya).")
+@FROM_OPTION
+@FORCE_OPTION
+@JSON_OPTION
+@friendly
+def convert(source: Path, target_format: str, output: Path, base_path: Path | None, format_name: str | None, force: bool, as_json: bool) -> None:
+    """Convert the adapter SOURCE to another format (--to), writing -o.
+
+    The format of SOURCE is detected from its layout (--from overrides). Every conversion goes
+    through surgeon's canonical deltas, and the written adapter is read back and compared with
+    SOURCE, target by target, before it is put in place. Where the target format cannot hold
+    the adapter as it is (one scale for all modules, one rank, no metadata), the change made
+    is listed as a note; what it cannot represent at all (DoRA in GGUF) is refused.
+
+    \b
+    Examples:
+      surgeon convert fixtures/tiny-llama-lora --to mlx -o mlx_adapter/
+      surgeon convert fixtures/tiny-llama-lora --to gguf --base fixtures/tiny-llama -o adapter.gguf
+      surgeon convert fixtures/tiny-llama-lora --to ort -o adapter.onnx_adapter
+      surgeon convert mlx_adapter/ --to peft -o peft_adapter/ --json
+    """
+    report = convert_adapter(source, target_format, output, format_name, base_path, force)
+    emit(report, as_json, _render(report))
