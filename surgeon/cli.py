@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +17,7 @@ import click
 from surgeon import __version__
 from surgeon.checkpoint import Checkpoint, parse_size
 from surgeon.errors import SurgeonError
-from surgeon.output import atomic_output
+from surgeon.output import atomic_output, install_signal_cleanup
 from surgeon.summary import adapter_summary, checkpoint_summary, render
 
 
@@ -109,7 +108,7 @@ def main() -> None:
       surgeon merge fixtures/tiny-llama fixtures/tiny-llama-lora -o merged/
       surgeon unmerge merged/ fixtures/tiny-llama-lora -o restored/ --check fixtures/tiny-llama
     """
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so atomic outputs clean up
+    install_signal_cleanup()
 
 
 @main.command()

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from surgeon.errors import SurgeonError
+
+
+def install_signal_cleanup() -> None:
+    """Make SIGTERM unwind the stack like Ctrl-C does, so that :func:`atomic_output` removes its
+    staging path; the default action would kill the process where it stands."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 def check_destination(dest: Path, inputs: Iterable[Path], force: bool) -> None:
