@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +37,11 @@ def friendly(command):
 
 def emit(report: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(report, indent=2) if as_json else text)
+
+
+def provenance() -> dict[str, str]:
+    """How an output was made, for its metadata: surgeon's version and the command line."""
+    return {"surgeon_version": __version__, "surgeon_command": shlex.join(["surgeon", *sys.argv[1:]])}
 
 
 def read_adapter_arg(path: str | Path, format_name: str | None):
@@ -153,6 +159,7 @@ def _run_transform(operation, base: str, adapters: tuple[str, ...], output: Path
             report = operation(
                 checkpoint, loaded, staging, weights=list(weights) or None, allow_nonfinite=allow_nonfinite,
                 dtype=_dtype_option(dtype), device=device_obj, shard_size=parse_size(shard_size), on_tensor=tick,
+                metadata=provenance(),
             )
     report.output = str(output)
     return report

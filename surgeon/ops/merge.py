@@ -94,11 +94,13 @@ def transform_checkpoint(
     device: torch.device = torch.device("cpu"),
     shard_size: int = 5 * 10**9,
     on_tensor: Callable[[str], None] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> MergeReport:
     """Write ``base`` with ``plan``'s deltas applied (or removed, with ``undo``) into ``out``.
 
     Float tensors are computed in fp32 on ``device`` and cast to ``dtype`` (default: each tensor's
     own dtype); tensors without deltas are copied, cast only when ``dtype`` asks for it.
+    ``metadata`` goes into every shard's header (surgeon records how the file was made there).
     """
     started = time.perf_counter()
 
@@ -107,7 +109,7 @@ def transform_checkpoint(
 
     specs = [(key, TensorInfo(base.info(key).shape, out_dtype(base.info(key)))) for key in base.keys()]
     report = MergeReport(output=str(out), device=str(device))
-    with StreamingWriter(out, specs, shard_size=shard_size) as writer:
+    with StreamingWriter(out, specs, shard_size=shard_size, metadata=metadata) as writer:
         for key, info in specs:
             tensor = base.get(key)
             deltas = plan.get(key)
