@@ -242,4 +242,5 @@ def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_
 
 # Commands of the other capabilities live in their own modules and register on `main` when imported.
 # (one import per module, below)
+from surgeon import cli_compose  # noqa: E402,F401
 from surgeon import cli_convert  # noqa: E402,F401

@@ -190,11 +190,17 @@ class _Part:
         return part
 
 
+def _model_name(base: str) -> str:
+    """A base model's name without where it was stored: ``org/Llama-2-7b``, ``/models/Llama-2-7b``
+    and ``Llama-2-7b/`` are one model, as trainers record local paths and Hub ids alike."""
+    return base.replace("\\", "/").rstrip("/").rpartition("/")[2].lower()
+
+
 def check_compatible(adapters: Sequence[tuple[Adapter, str]], force: bool = False) -> None:
     """Adapters composed together must be made for one base: same base model name (unless
     ``force``) and, on every shared target, the same shape and module type."""
     bases = [(where, a.base_model) for a, where in adapters if a.base_model]
-    differing = [(where, base) for where, base in bases if base != bases[0][1]]
+    differing = [(where, base) for where, base in bases if _model_name(base) != _model_name(bases[0][1])]
     if differing and not force:
         (first, one), (second, other) = bases[0], differing[0]
         raise SurgeonError(
@@ -312,7 +318,7 @@ def _materialize_part(part: _Part, shape, device, dtype) -> torch.Tensor:
     return total
 
 
-def _generator(options: ComposeOptions, key: str) -> torch.Generator:
+def module_generator(options: ComposeOptions, key: str) -> torch.Generator:
     """A generator per module, seeded from --seed and the key, so a module's DARE mask does not
     depend on which other modules are composed."""
     generator = torch.Generator(device=options.device)
@@ -326,7 +332,7 @@ def _compose_dense(key: str, parts: Sequence[_Part], shape, options: ComposeOpti
     dtype = _common_dtype(tensors)
     work = _compute_dtype(dtype)
     deltas = [_materialize_part(p, shape, options.device, work) for p in parts]
-    merged = combine_dense(deltas, [p.weight for p in parts], options, _generator(options, key))
+    merged = combine_dense(deltas, [p.weight for p in parts], options, module_generator(options, key))
     del deltas
     report = ModuleReport(key, ranks_in, None)
     if options.keep == "dense" or (merged.dim() < 2 and options.keep == "lora"):
@@ -370,7 +376,7 @@ def compose(adapters: Sequence[tuple[Adapter, str]], weights: Sequence[float] | 
 
     Targets are the union of the adapters' targets; a target that only some adapters have is
     combined from those. Whole-module replacements (``modules_to_save``) are carried over as they
-    are, and refused when two adapters replace the same module or one is negated.
+    are, whatever the weight, and refused when two adapters replace one module differently.
     """
     started = time.perf_counter()
     weights = [float(w) for w in weights] if weights else [1.0] * len(adapters)
@@ -405,14 +411,17 @@ def compose(adapters: Sequence[tuple[Adapter, str]], weights: Sequence[float] | 
 
 
 def _replacements(key: str, parts: Sequence[tuple[_Part, str]]) -> list[Replace]:
+    """A whole-module replacement (modules_to_save, or the saved base layer of a targeted embedding)
+    is not a delta: weights do not scale it, and it is carried over as it is. Two adapters may
+    carry the same one (the base layer both saved); two different ones cannot be combined."""
     holders = [(p, where) for p, where in parts if p.replace]
-    if len(holders) > 1:
-        raise SurgeonError(
-            f"{holders[1][1]}: replaces {key!r} whole (modules_to_save), and so does {holders[0][1]}; two replacements "
-            "cannot be combined, so drop that module from one adapter."
-        )
-    if holders and holders[0][0].weight < 0:
-        raise SurgeonError(f"{holders[0][1]}: replaces {key!r} whole (modules_to_save), which cannot be negated; drop that module first.")
+    for part, where in holders[1:]:
+        if len(part.replace) != len(holders[0][0].replace) or not all(
+                torch.equal(a.weight, b.weight) for a, b in zip(part.replace, holders[0][0].replace)):
+            raise SurgeonError(
+                f"{where}: replaces {key!r} whole (modules_to_save) with other values than {holders[0][1]} does; "
+                "two replacements cannot be combined, so drop that module from one adapter."
+            )
     return holders[0][0].replace if holders else []
 
 

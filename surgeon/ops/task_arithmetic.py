@@ -1,0 +1,86 @@
+"""Task arithmetic on full fine-tuned checkpoints: the compose methods applied to Δᵢ = Tᵢ − B,
+written as B + merged Δ, one tensor at a time.
+
+It rides on merge's streaming loop: only the tensor being merged is in memory (the base's and
+each fine-tune's copy of it), so a model of any size merges within a few times its largest tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from surgeon.checkpoint import Checkpoint
+from surgeon.delta import Dense
+from surgeon.errors import SurgeonError
+from surgeon.ops.compose import DENSE_METHODS, ComposeOptions, combine_dense, module_generator
+from surgeon.ops.merge import MergeReport, transform_checkpoint
+
+#: With full deltas cat and linear both mean the plain weighted sum.
+SUM_METHODS = ("cat", "linear")
+
+
+def check_same_layout(base: Checkpoint, tuned: Sequence[Checkpoint]) -> None:
+    """Every fine-tune must hold exactly the base's tensors, with the base's shapes."""
+    for checkpoint in tuned:
+        missing = [k for k in base.keys() if k not in checkpoint]
+        extra = [k for k in checkpoint.keys() if k not in base]
+        if missing or extra:
+            key, where = (missing[0], "lacks") if missing else (extra[0], "has, and the base lacks,")
+            raise SurgeonError(f"{checkpoint.path}: {where} {key!r}; a fine-tune must hold the base's tensors to be merged with it.")
+        for key in base.keys():
+            if checkpoint.info(key).shape != base.info(key).shape:
+                raise SurgeonError(
+                    f"{checkpoint.path}: {key!r} is {checkpoint.info(key).shape} but {base.info(key).shape} in the base "
+                    f"{base.path}; it was not fine-tuned from this base (a resized vocabulary?)."
+                )
+
+
+class _MergedDeltas:
+    """The plan :func:`transform_checkpoint` asks for, computed key by key as it is asked:
+    ``get(key)`` reads that tensor from the base and every fine-tune, and returns their merged
+    delta (None where no fine-tune changed it), so nothing is computed ahead of the writer."""
+
+    def __init__(self, base: Checkpoint, tuned: Sequence[Checkpoint], weights: Sequence[float], options: ComposeOptions):
+        self.base, self.tuned, self.weights, self.options = base, tuned, weights, options
+
+    def get(self, key: str, default=None) -> list[tuple[Dense, float]] | None:
+        if not self.base.info(key).dtype.is_floating_point:
+            return default
+        device = self.options.device
+        base = self.base.get(key).to(device=device, dtype=torch.float32)
+        deltas = [t.get(key).to(device=device, dtype=torch.float32) - base for t in self.tuned]
+        del base
+        if not any(bool(d.any()) for d in deltas):
+            return default
+        if self.options.method in SUM_METHODS:
+            merged = sum(d * w for d, w in zip(deltas, self.weights))
+        else:
+            merged = combine_dense(deltas, self.weights, self.options, module_generator(self.options, key))
+        return [(Dense(merged), 1.0)]
+
+
+def task_arithmetic(
+    base: Checkpoint,
+    tuned: Sequence[Checkpoint],
+    out: Path,
+    weights: Sequence[float] | None,
+    options: ComposeOptions,
+    **write_options,
+) -> MergeReport:
+    """Write B + combine(Tᵢ − B) into ``out``: a plain weighted sum for cat/linear, PEFT's dense
+    rules for ties, dare_* and magnitude_prune. ``write_options`` are transform_checkpoint's
+    (dtype, shard_size, on_tensor, metadata)."""
+    if options.method not in SUM_METHODS + DENSE_METHODS:
+        raise SurgeonError(f"--method {options.method} needs adapters; with --base use one of {', '.join(SUM_METHODS + DENSE_METHODS)} "
+                           "(then `surgeon extract` to get a low-rank adapter of the result).")
+    if options.rule is not None or options.keep != "lora":
+        raise SurgeonError("--rank, --energy, --max-error and --as shape an adapter; with --base the output is a full checkpoint.")
+    weights = [float(w) for w in weights] if weights else [1.0] * len(tuned)
+    if len(weights) != len(tuned):
+        raise SurgeonError(f"got {len(weights)} --weight values for {len(tuned)} fine-tuned checkpoints; give one per checkpoint or none.")
+    check_same_layout(base, tuned)
+    plan = _MergedDeltas(base, tuned, weights, options)
+    return transform_checkpoint(base, plan, out, device=options.device, **write_options)  # type: ignore[arg-type]
