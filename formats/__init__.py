@@ -11,8 +11,9 @@ Writers declare two things about themselves:
 
 - ``WRITES_FILE = True`` when the format is a single file (``adapter.gguf``), so that the caller
   stages a file rather than a directory (the default, ``False``, is a directory);
-- ``WRITE_NEEDS_BASE = True`` when writing needs the base model (GGUF takes its tensor names and
-  head counts from the base's config); ``write`` then takes ``base=`` as a keyword.
+- ``WRITE_USES_BASE = True`` when ``write`` takes the base (or None) as the keyword ``base=``
+  (mlx-lm's ``num_layers`` counts from the model's last block), and ``WRITE_NEEDS_BASE = True``
+  when it cannot work without it (GGUF takes tensor names and head counts from the base's config).
 
 ``write`` returns a list of notes, one sentence each, saying what the target format could not
 hold as it was and what was done about it (scales folded into a factor, ranks zero-padded,
@@ -27,9 +28,9 @@ from types import ModuleType
 
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
-from surgeon.formats import peft
+from surgeon.formats import gguf, mlx, ort, peft
 
-FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (peft,)}
+FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (peft, mlx, gguf, ort)}
 
 
 def get(name: str) -> ModuleType:
@@ -71,8 +72,9 @@ def write_adapter(adapter: Adapter, staging: Path, format_name: str, base=None) 
     module = get(format_name)
     if not hasattr(module, "write"):
         raise SurgeonError(f"surgeon reads {format_name} but does not write it; it writes {', '.join(writers())}.")
-    if getattr(module, "WRITE_NEEDS_BASE", False):
-        if base is None:
-            raise SurgeonError(f"writing {format_name} needs the base model; pass --base with the base model's checkpoint directory (config.json beside the weights).")
+    needs = getattr(module, "WRITE_NEEDS_BASE", False)
+    if needs and base is None:
+        raise SurgeonError(f"writing {format_name} needs the base model; pass --base with the base model's checkpoint directory (config.json beside the weights).")
+    if needs or getattr(module, "WRITE_USES_BASE", False):
         return list(module.write(adapter, staging, base=base) or [])
     return list(module.write(adapter, staging) or [])

@@ -71,6 +71,29 @@ def verify_round_trip(source: Adapter, written: Adapter) -> dict:
     return worst
 
 
+def drop_base_copies(adapter: Adapter, base: Checkpoint) -> list[str]:
+    """Remove whole-weight replacements equal to the base's own weight, which change nothing:
+    PEFT saves a targeted embedding's base layer whole beside its LoRA factors (llama.cpp's
+    converter skips it too), and LoRA-only formats could not hold it."""
+    dropped = 0
+    for key, deltas in list(adapter.items()):
+        kept = [d for d in deltas if not (isinstance(d, Replace) and _equals_base(d.weight, base, key))]
+        dropped += len(deltas) - len(kept)
+        if kept:
+            adapter.deltas[key] = kept
+        else:
+            del adapter.deltas[key]
+            adapter.module_types.pop(key, None)
+    if not dropped:
+        return []
+    return [f"{dropped} whole-weight copies equal to the base's (PEFT saves targeted embeddings whole) were dropped: they change nothing."]
+
+
+def _equals_base(weight: torch.Tensor, base: Checkpoint, key: str) -> bool:
+    original = base.get(key)
+    return original.dtype == weight.dtype and torch.equal(original, weight)
+
+
 def _read_back(module, staging: Path, base: Checkpoint | None, source: Adapter) -> tuple[dict | None, str | None]:
     try:
         written = module.read(staging, base=base)
@@ -96,9 +119,12 @@ def convert_adapter(source: Path, target_format: str, output: Path, format_name:
     if base is not None:
         adapter = bind_to_base(adapter, base.keys(), str(source))
         check_shapes(adapter, lambda key: base.info(key).shape, str(source))
+        notes = drop_base_copies(adapter, base)
+    else:
+        notes = []
     inputs = [source] + ([base_path] if base_path is not None else [])
     with atomic_output(output, inputs=inputs, force=force, directory=not getattr(target, "WRITES_FILE", False)) as staging:
-        notes = formats.write_adapter(adapter, staging, target_format, base=base)
+        notes += formats.write_adapter(adapter, staging, target_format, base=base)
         check, skipped = _read_back(target, staging, base, adapter)
     if skipped:
         notes.append(skipped)

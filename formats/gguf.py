@@ -1,0 +1,221 @@
+"""GGUF LoRA adapters for llama.cpp (``--lora adapter.gguf``), as ``convert_lora_to_gguf.py`` writes them.
+
+Metadata ``general.type = adapter``, ``general.architecture`` (the base's), ``adapter.type =
+lora``, ``adapter.lora.alpha``. Tensors ``<gguf name>.lora_a`` / ``.lora_b``, named by gguf-py's
+own map for the architecture (``blk.0.attn_q.weight.lora_a``), in PEFT's orientation (numpy
+r×in and out×r) except ``token_embd``, whose lora_a is num_embeddings×r. llama.cpp scales each
+pair by alpha/rank (rank read from lora_b), or by 1 when alpha is 0; so one alpha serves every
+module whose PEFT scale is alpha/rank, and any other scale is folded into that module's lora_b.
+
+llama.cpp's converter permutes the rows of Llama-family q_proj/k_proj weights for its rotary
+layout; on a LoRA pair that is a permutation of lora_B's rows, applied here too (k with the number
+of KV heads) — without it attention would be silently wrong. The base's ``config.json`` gives the
+architecture and head counts, so both reading and writing need ``--base``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from surgeon.delta import Adapter, LowRank
+from surgeon.errors import SurgeonError
+from surgeon.formats.lora_only import combined_note, differs, fold, lora_targets, most_common
+
+NAME = "gguf"
+DESCRIPTION = "GGUF LoRA adapter for llama.cpp (adapter.gguf)"
+LOOKS_FOR = "a file starting with the GGUF magic"
+WRITES_FILE = True
+WRITE_NEEDS_BASE = True
+METADATA_PREFIX = "surgeon.metadata."
+BASE_MODEL_KEY = "surgeon.base_model"
+
+# HF architecture -> (gguf-py MODEL_ARCH member, whether llama.cpp's converter permutes q/k rows).
+# Only architectures whose converter does nothing to a LoRA-targetable weight but rename it (and
+# the Llama permutation) are listed; others are refused rather than guessed.
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("LLAMA", True),
+    "MistralForCausalLM": ("LLAMA", True),
+    "MixtralForCausalLM": ("LLAMA", True),
+    "Qwen2ForCausalLM": ("QWEN2", False),
+    "Qwen3ForCausalLM": ("QWEN3", False),
+}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise SurgeonError("GGUF needs the gguf package: pip install 'peft-surgeon[gguf]'.") from None
+    return gguf
+
+
+def sniff(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
+def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's ``LlamaModel.permute`` on the rows of ``weight``: within each head, the
+    interleaved rotary pairs become two halves."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+class _Layout:
+    """What the base's config decides: the gguf architecture, the name map and the q/k heads."""
+
+    def __init__(self, base, where: str):
+        if base is None:
+            raise SurgeonError(f"{where}: GGUF needs the base model (--base BASE): tensor names and llama's q/k permutation come from its config.json.")
+        config = base.config()
+        config = {**config, **config.get("text_config", {})}
+        architecture = (config.get("architectures") or [None])[0]
+        if architecture not in ARCHITECTURES:
+            raise SurgeonError(f"{where}: surgeon writes GGUF LoRA for {', '.join(ARCHITECTURES)}; the base is {architecture!r}, "
+                               "whose llama.cpp conversion may transform weights beyond renaming them.")
+        gguf = _gguf()
+        member, self.permutes = ARCHITECTURES[architecture]
+        self.arch = getattr(gguf.MODEL_ARCH, member)
+        self.arch_name = gguf.MODEL_ARCH_NAMES[self.arch]
+        self.names = gguf.get_tensor_name_map(self.arch, int(config["num_hidden_layers"]))
+        self.heads = int(config["num_attention_heads"])
+        self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
+        self.tied = bool(config.get("tie_word_embeddings", False))
+        self.where = where
+
+    def name(self, key: str) -> str:
+        name = self.names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise SurgeonError(f"{self.where}: {key!r} has no tensor in llama.cpp's {self.arch_name} layout (gguf-py's name map), so a GGUF LoRA cannot target it.")
+        if name == "output.weight" and self.tied:
+            raise SurgeonError(f"{self.where}: {key!r} targets the output head of a base with tied embeddings, which llama.cpp ignores; target the embedding instead.")
+        return name
+
+    def row_heads(self, key: str) -> int | None:
+        if not self.permutes:
+            return None
+        if key.endswith("q_proj.weight"):
+            return self.heads
+        if key.endswith("k_proj.weight"):
+            return self.kv_heads
+        return None
+
+
+def _to_numpy(tensor: torch.Tensor, gguf) -> tuple[np.ndarray, object]:
+    if tensor.dtype == torch.bfloat16:
+        raw = tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return raw, gguf.GGMLQuantizationType.BF16
+    if tensor.dtype not in (torch.float32, torch.float16):
+        raise SurgeonError(f"cannot write GGUF: a LoRA factor has dtype {tensor.dtype}; llama.cpp takes f32, f16 or bf16.")
+    return tensor.contiguous().numpy(), None
+
+
+def _from_reader(tensor, gguf) -> torch.Tensor:
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims in ggml (reversed) order
+    kind = gguf.GGMLQuantizationType(int(tensor.tensor_type))
+    if kind == gguf.GGMLQuantizationType.BF16:
+        raw = np.array(tensor.data).view(np.int16).reshape(shape)
+        return torch.from_numpy(raw).view(torch.bfloat16)
+    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return torch.from_numpy(np.array(tensor.data).reshape(shape))
+    raise SurgeonError(f"GGUF tensor {tensor.name!r} is {kind.name}; surgeon reads f32, f16 and bf16 LoRA factors (llama.cpp does too).")
+
+
+def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
+    """Write a llama.cpp LoRA adapter; per-module scales that one alpha cannot give are folded
+    into lora_b, and the notes say so."""
+    gguf = _gguf()
+    layout = _Layout(base, "cannot write GGUF")
+    targets = lora_targets(adapter, NAME, ("linear", "embedding"))
+    alpha = most_common(t.delta.scale * t.delta.rank for t in targets)
+    writer = gguf.GGUFWriter(str(staging), layout.arch_name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    if adapter.base_model:
+        writer.add_string(BASE_MODEL_KEY, adapter.base_model)
+    for key, value in sorted(adapter.metadata.items()):
+        if key != "format":
+            writer.add_string(METADATA_PREFIX + key, value)
+    folded, permuted = 0, 0
+    for t in targets:
+        name, delta = layout.name(t.key), t.delta
+        factor = delta.scale * delta.rank / float(np.float32(alpha))
+        factor = factor if differs(factor, 1.0) else 1.0
+        folded += factor != 1.0
+        if t.module_type == "embedding":
+            lora_a, lora_b = delta.up, fold(delta.down, factor).T
+        else:
+            lora_a, lora_b = delta.down, fold(delta.up, factor)
+            heads = layout.row_heads(t.key)
+            if heads is not None:
+                lora_b, permuted = permute_rows(lora_b, heads), permuted + 1
+        for suffix, tensor in ((".lora_a", lora_a), (".lora_b", lora_b)):
+            array, raw_dtype = _to_numpy(tensor, gguf)
+            writer.add_tensor(name + suffix, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    notes = combined_note(adapter)
+    if folded:
+        notes.append(f"{folded} of {len(targets)} modules have a scale other than alpha/rank with alpha={float(alpha):g} "
+                     "(rsLoRA or per-module alphas); it is folded into their lora_b.")
+    if permuted:
+        notes.append(f"lora_b of {permuted} q_proj/k_proj modules permuted by rows, as llama.cpp permutes those weights for {layout.arch_name}.")
+    return notes
+
+
+def read(path: Path, base=None) -> Adapter:
+    """A llama.cpp LoRA adapter as canonical deltas keyed by the base's parameter names."""
+    gguf = _gguf()
+    path = Path(path)
+    layout = _Layout(base, str(path))
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as error:  # gguf-py raises ValueError and others for a file that is not GGUF
+        raise SurgeonError(f"{path}: not a readable GGUF file ({error}).") from error
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
+        raise SurgeonError(f"{path}: a GGUF file but not a LoRA adapter (general.type={fields.get('general.type')!r}, "
+                           f"adapter.type={fields.get('adapter.type')!r}); a full model is not an adapter.")
+    if fields.get("general.architecture") != layout.arch_name:
+        raise SurgeonError(f"{path}: the adapter is for {fields.get('general.architecture')!r} but the base is {layout.arch_name!r}.")
+    alpha = float(fields.get("adapter.lora.alpha") or 0.0)
+    keys = {layout.names.get_name(k, try_suffixes=(".weight", ".bias")): k for k in base.keys() if k.endswith(".weight")}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for tensor in reader.tensors:
+        stem, _, suffix = tensor.name.rpartition(".")
+        if suffix not in ("lora_a", "lora_b"):
+            raise SurgeonError(f"{path}: tensor {tensor.name!r} is not a lora_a or lora_b; surgeon reads LoRA-only GGUF adapters.")
+        pairs.setdefault(stem, {})[suffix] = _from_reader(tensor, gguf)
+
+    metadata = {k[len(METADATA_PREFIX):]: str(v) for k, v in fields.items() if k.startswith(METADATA_PREFIX)}
+    config = {k: v for k, v in fields.items() if k.startswith(("general.", "adapter.")) and not isinstance(v, list)}
+    adapter = Adapter(source_format=NAME, base_model=fields.get(BASE_MODEL_KEY), config=config, metadata=metadata)
+    for stem, pair in pairs.items():
+        if stem not in keys:
+            raise SurgeonError(f"{path}: tensor {stem!r} matches no parameter of the base model; the adapter was made for another model.")
+        if len(pair) != 2:
+            raise SurgeonError(f"{path}: {stem!r} has only one of lora_a and lora_b; the file is incomplete.")
+        key, a, b = keys[stem], pair["lora_a"], pair["lora_b"]
+        rank = int(b.shape[1])
+        scale = alpha / rank if alpha else 1.0
+        if stem.startswith("token_embd."):
+            adapter.add(key, LowRank(down=b.T.contiguous(), up=a, scale=scale), "embedding")
+            continue
+        heads = layout.row_heads(key)
+        up = b if heads is None else unpermute_rows(b, heads)
+        adapter.add(key, LowRank(down=a, up=up.contiguous(), scale=scale), "linear")
+    return adapter

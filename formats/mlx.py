@@ -1,0 +1,169 @@
+"""mlx-lm LoRA / DoRA adapters: ``adapters.safetensors`` beside ``adapter_config.json``.
+
+Keys are the model's module paths (``model.layers.N.self_attn.q_proj``) plus ``.lora_a`` and
+``.lora_b`` (and ``.m`` for DoRA). A Linear's ``lora_a`` is in×r and ``lora_b`` r×out, the
+transposes of PEFT's: y += scale·(x @ lora_a) @ lora_b. An Embedding's ``lora_a`` is
+num_embeddings×r and ``lora_b`` r×dims: ΔW = scale·lora_a @ lora_b. The config holds one
+``rank`` and one ``scale`` (PEFT's alpha/r) for the whole adapter, ``num_layers`` (the last N
+blocks are wrapped; -1 all) and ``keys`` (block-relative paths, or full paths for modules outside
+the blocks). Source: mlx-lm ``tuner/lora.py``, ``tuner/dora.py``, ``tuner/utils.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from surgeon.delta import Adapter, LowRank
+from surgeon.errors import SurgeonError
+from surgeon.formats.lora_only import (combined_note, differs, fold, lora_targets, most_common,
+                                       trailing_zero_rank)
+
+NAME = "mlx"
+DESCRIPTION = "mlx-lm LoRA / DoRA (adapter_config.json + adapters.safetensors)"
+LOOKS_FOR = "a directory with adapter_config.json (with lora_parameters) and adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILE = "adapters.safetensors"
+WRITES_FILE = False
+WRITE_USES_BASE = True
+
+_BLOCK = re.compile(r"^(?P<blocks>.+\.layers)\.(?P<index>\d+)\.(?P<relative>.+)$")
+_PARTS = ("lora_a", "lora_b", "m")
+
+
+def sniff(path: Path) -> bool:
+    if not path.is_dir() or not (path / WEIGHT_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+        return False
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and "lora_parameters" in config
+
+
+def _is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base) -> bool:
+    """Linear and Embedding factors have the same layout, so the base's parameter shape decides;
+    without a base, the module's name does."""
+    if base is not None and f"{module}.weight" in base:
+        shape = tuple(base.info(f"{module}.weight").shape)
+        linear, embedding = (b.shape[1], a.shape[0]), (a.shape[0], b.shape[1])
+        if (shape == linear) != (shape == embedding):
+            return shape == embedding
+    return bool(re.search(r"(embed|wte|wpe)", module.rsplit(".", 1)[-1]))
+
+
+def read(path: Path, base=None) -> Adapter:
+    """An mlx-lm adapter as canonical deltas; zero-padded ranks are trimmed back."""
+    path = Path(path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    fine_tune_type = config.get("fine_tune_type", "lora")
+    if fine_tune_type not in ("lora", "dora"):
+        raise SurgeonError(f"{path / CONFIG_FILE}: fine_tune_type {fine_tune_type!r} is not a LoRA adapter; surgeon reads mlx-lm lora and dora adapters.")
+    parameters = config.get("lora_parameters") or {}
+    if "scale" not in parameters:
+        raise SurgeonError(f"{path / CONFIG_FILE}: lora_parameters has no scale, which mlx-lm requires; the config is incomplete.")
+    scale = float(parameters["scale"])
+    with safe_open(path / WEIGHT_FILE, framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = {k: v for k, v in (handle.metadata() or {}).items() if k != "format"}
+
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, _, part = key.rpartition(".")
+        if part not in _PARTS:
+            raise SurgeonError(f"{path / WEIGHT_FILE}: tensor {key!r} is not an mlx-lm LoRA part ({', '.join(_PARTS)}); refusing rather than dropping it.")
+        modules.setdefault(module, {})[part] = tensor
+
+    adapter = Adapter(source_format=NAME, base_model=config.get("model"), config=config, metadata=metadata)
+    for module, parts in modules.items():
+        if "lora_a" not in parts or "lora_b" not in parts:
+            raise SurgeonError(f"{path / WEIGHT_FILE}: module {module!r} has only one of lora_a and lora_b; the file is incomplete.")
+        a, b, magnitude = parts["lora_a"], parts["lora_b"], parts.get("m")
+        if a.dim() != 2 or b.dim() != 2:
+            raise SurgeonError(f"{path / WEIGHT_FILE}: {module!r} has {a.dim()}-D factors (an mlx-lm MoE switch layer), which surgeon does not read yet.")
+        if _is_embedding(module, a, b, base):
+            if magnitude is not None:
+                raise SurgeonError(f"{path / WEIGHT_FILE}: {module!r} is a DoRA embedding, whose per-token norm surgeon does not model.")
+            up, down, module_type, shape = a, b, "embedding", (a.shape[0], b.shape[1])
+        else:
+            up, down, module_type, shape = b.T, a.T, "linear", (b.shape[1], a.shape[0])
+        rank = trailing_zero_rank(down, up)
+        adapter.add(f"{module}.weight", LowRank(down=down[:rank].contiguous(), up=up[:, :rank].contiguous(), scale=scale,
+                                                shape=shape, magnitude=magnitude), module_type)
+    return adapter
+
+
+def _keys_and_layers(modules: list[str], base) -> tuple[list[str], int, list[str]]:
+    """mlx-lm's ``keys`` and ``num_layers`` for these module paths."""
+    keys, indices, blocks = set(), [], set()
+    for module in modules:
+        match = _BLOCK.match(module)
+        if match:
+            keys.add(match["relative"])
+            indices.append(int(match["index"]))
+            blocks.add(match["blocks"])
+        else:
+            keys.add(module)
+    if len(blocks) > 1:
+        raise SurgeonError(f"cannot write mlx: the adapter targets blocks of several stacks ({', '.join(sorted(blocks))}); mlx-lm wraps one.")
+    if not indices:
+        return sorted(keys), 0, []
+    layers = (base.config() if base is not None else {}).get("num_hidden_layers")
+    if layers is not None:
+        return sorted(keys), int(layers) - min(indices), []
+    if min(indices) == 0:
+        return sorted(keys), -1, []
+    return sorted(keys), -1, [f"num_layers is -1 (all blocks): without --base the model's block count is unknown, so blocks below "
+                              f"{min(indices)} get LoRA branches too, with zero factors that change nothing."]
+
+
+def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
+    """Write an mlx-lm adapter directory that ``mlx_lm.tuner.utils.load_adapters`` loads."""
+    targets = lora_targets(adapter, NAME, ("linear", "embedding"), allow_dora=True)
+    dora = {t.delta.is_dora for t in targets}
+    if len(dora) > 1:
+        raise SurgeonError("cannot write mlx: some modules are DoRA and some are not, and mlx-lm's fine_tune_type is one for the adapter.")
+    for t in targets:
+        if t.delta.is_dora and (t.module_type != "linear" or t.delta.magnitude_axis != 0):
+            raise SurgeonError(f"cannot write mlx: {t.key!r} is a DoRA {t.module_type} update, and mlx-lm normalises DoRA only per output row of a Linear.")
+    rank = max(t.delta.rank for t in targets)
+    scale = most_common(t.delta.scale for t in targets)
+    tensors: dict[str, torch.Tensor] = {}
+    padded, folded = 0, 0
+    for t in targets:
+        delta, pad = t.delta, rank - t.delta.rank
+        factor = delta.scale / scale if differs(delta.scale, scale) else 1.0
+        padded, folded = padded + (pad > 0), folded + (factor != 1.0)
+        if t.module_type == "embedding":
+            a, b = delta.up, fold(delta.down, factor)
+        else:
+            a, b = delta.down.T, fold(delta.up, factor).T
+        tensors[f"{t.module}.lora_a"] = torch.nn.functional.pad(a, (0, pad)).contiguous()
+        tensors[f"{t.module}.lora_b"] = torch.nn.functional.pad(b, (0, 0, 0, pad)).contiguous()
+        if delta.magnitude is not None:
+            tensors[f"{t.module}.m"] = delta.magnitude.contiguous()
+    keys, num_layers, notes = _keys_and_layers([t.module for t in targets], base)
+
+    config = dict(adapter.config) if adapter.source_format == NAME else {}
+    if adapter.base_model:
+        config.setdefault("model", adapter.base_model)
+    config["fine_tune_type"] = "dora" if dora == {True} else "lora"
+    config["num_layers"] = num_layers
+    config["lora_parameters"] = {**config.get("lora_parameters", {}), "rank": rank, "scale": scale, "keys": keys}
+    config["lora_parameters"].setdefault("dropout", 0.0)
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, staging / WEIGHT_FILE, metadata={**adapter.metadata, "format": "mlx"})
+
+    notes = combined_note(adapter) + notes
+    if padded:
+        notes.append(f"{padded} of {len(targets)} modules zero-padded to rank {rank}: mlx-lm has one rank per adapter.")
+    if folded:
+        notes.append(f"{folded} of {len(targets)} modules had their own scale, folded into lora_b: mlx-lm has one scale "
+                     f"per adapter ({scale:g}).")
+    return notes
