@@ -28,9 +28,9 @@ from types import ModuleType
 
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
-from surgeon.formats import gguf, mlx, ort, peft
+from surgeon.formats import gguf, mlx, ort, peft, sparse
 
-FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (peft, mlx, gguf, ort)}
+FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (peft, mlx, gguf, ort, sparse)}
 
 
 def get(name: str) -> ModuleType:

@@ -1,0 +1,154 @@
+"""The truncated SVD methods against numpy.linalg.svd: Eckart–Young optimality of the exact and
+Gram paths, the randomized path within 1% of optimal, and rank rules picking the smallest
+admissible rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from surgeon.errors import SurgeonError
+from surgeon.ops.rank import RankRule
+from surgeon.ops.svd import choose_method, factor_split, truncated_svd
+
+
+def spectrum_matrix(m: int, n: int, singular_values: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A random m×n fp32 matrix with the given singular values."""
+    gen = torch.Generator().manual_seed(seed)
+    k = singular_values.numel()
+    u = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q
+    return ((u * singular_values.double()) @ v.T).float()
+
+
+def low_rank_plus_noise(m: int, n: int, rank: int, noise: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen) * 0.02 + noise * torch.randn(m, n, generator=gen)
+
+
+def optimal_error(matrix: torch.Tensor, rank: int) -> float:
+    s = np.linalg.svd(matrix.double().numpy(), compute_uv=False)
+    return float(np.sqrt((s[rank:] ** 2).sum()))
+
+
+def error_of(matrix: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> float:
+    return float(torch.linalg.norm(matrix.double() - left.double() @ right.double()))
+
+
+DECAYING = {
+    "power-1": lambda k: (torch.arange(k) + 1.0) ** -1.0,
+    "power-0.5": lambda k: (torch.arange(k) + 1.0) ** -0.5,
+    "exponential": lambda k: torch.exp(-torch.arange(k) / 20.0),
+}
+
+
+@pytest.mark.parametrize("method", ["exact", "gram"])
+@pytest.mark.parametrize("shape", [(96, 160), (160, 96)])
+def test_full_spectrum_methods_are_optimal(method, shape):
+    matrix = spectrum_matrix(*shape, DECAYING["power-0.5"](min(shape)))
+    reference = np.linalg.svd(matrix.double().numpy(), compute_uv=False)
+    for rank in (1, 7, 40):
+        found = truncated_svd(matrix, rank, method=method)
+        assert found.rank == rank
+        np.testing.assert_allclose(found.s.double().numpy(), reference[:rank], rtol=1e-5)
+        np.testing.assert_allclose(found.spectrum.numpy()[: len(reference)], reference[: found.spectrum.numel()], rtol=1e-4, atol=1e-6 * reference[0])
+        left, right = factor_split(found.u, found.s, found.vh)
+        assert error_of(matrix, left, right) == pytest.approx(optimal_error(matrix, rank), rel=1e-4)
+
+
+def test_fp64_precision_reaches_fp64_round_off():
+    matrix = spectrum_matrix(64, 48, DECAYING["exponential"](48)).double()
+    found = truncated_svd(matrix, 48, method="exact", precision=torch.float64)
+    assert found.u.dtype == torch.float64
+    assert error_of(matrix, found.u * found.s, found.vh) < 1e-12 * float(torch.linalg.norm(matrix))
+
+
+@pytest.mark.parametrize("name", sorted(DECAYING))
+@pytest.mark.parametrize("rank", [4, 16, 48])
+def test_randomized_within_one_percent_of_optimal(name, rank):
+    matrix = spectrum_matrix(256, 384, DECAYING[name](256), seed=rank)
+    found = truncated_svd(matrix, rank, method="randomized", generator=torch.Generator().manual_seed(0))
+    assert found.rank == rank
+    assert error_of(matrix, found.u * found.s, found.vh) <= 1.01 * optimal_error(matrix, rank)
+
+
+@pytest.mark.parametrize("rank", [4, 16])
+def test_randomized_on_low_rank_plus_noise(rank):
+    """A fine-tune-like delta: a rank-32 signal in noise, truncated inside and beyond the signal."""
+    matrix = low_rank_plus_noise(384, 512, 32, 0.01, seed=rank)
+    found = truncated_svd(matrix, rank, method="randomized", generator=torch.Generator().manual_seed(0))
+    assert error_of(matrix, found.u * found.s, found.vh) <= 1.01 * optimal_error(matrix, rank)
+
+
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized"])
+def test_exact_low_rank_matrix_recovered_to_round_off(method):
+    matrix = low_rank_plus_noise(300, 200, 12, 0.0)
+    found = truncated_svd(matrix, 12, method=method, generator=torch.Generator().manual_seed(0))
+    left, right = factor_split(found.u, found.s, found.vh)
+    assert error_of(matrix, left, right) < 1e-5 * float(torch.linalg.norm(matrix))
+
+
+def test_rank_beyond_numerical_rank_is_cut():
+    matrix = low_rank_plus_noise(80, 70, 5, 0.0)
+    for method in ("exact", "gram"):
+        assert truncated_svd(matrix, 30, method=method).rank == 5
+
+
+def test_zero_matrix_has_rank_zero():
+    found = truncated_svd(torch.zeros(20, 30), 4, method="exact")
+    assert found.rank == 0 and found.u.shape == (20, 0) and found.vh.shape == (0, 30)
+
+
+@pytest.mark.parametrize("method", ["exact", "gram"])
+def test_energy_rule_picks_smallest_admissible_rank(method):
+    singular = DECAYING["power-1"](60)
+    matrix = spectrum_matrix(90, 60, singular)
+    reference = np.linalg.svd(matrix.double().numpy(), compute_uv=False)
+    kept = np.cumsum(reference**2) / (reference**2).sum()
+    for energy in (0.5, 0.8, 0.9, 0.99):
+        found = truncated_svd(matrix, RankRule(energy=energy), method=method)
+        r = found.rank
+        assert kept[r - 1] >= energy - 1e-9
+        assert r == 1 or kept[r - 2] < energy
+
+
+@pytest.mark.parametrize("method", ["exact", "gram"])
+def test_max_error_rule_picks_smallest_admissible_rank(method):
+    matrix = spectrum_matrix(90, 60, DECAYING["power-0.5"](60))
+    total = float(torch.linalg.norm(matrix.double()))
+    for budget in (0.3, 0.5, 0.7):
+        found = truncated_svd(matrix, RankRule(max_error=budget), method=method)
+        r = found.rank
+        assert optimal_error(matrix, r) / total <= budget + 1e-6
+        assert optimal_error(matrix, r - 1) / total > budget
+
+
+def test_rank_bounds_clamp_the_rule():
+    matrix = spectrum_matrix(90, 60, DECAYING["power-0.5"](60))
+    assert truncated_svd(matrix, RankRule(energy=0.999, max_rank=10)).rank == 10
+    assert truncated_svd(matrix, RankRule(energy=0.01, min_rank=6)).rank == 6
+
+
+def test_randomized_refuses_an_energy_budget():
+    with pytest.raises(SurgeonError, match="fixed --rank"):
+        truncated_svd(torch.randn(300, 300), RankRule(energy=0.9), method="randomized")
+
+
+def test_factor_splits_multiply_back():
+    found = truncated_svd(spectrum_matrix(50, 40, DECAYING["power-1"](40)), 10, method="exact")
+    product = (found.u * found.s) @ found.vh
+    for split in ("balanced", "left", "right"):
+        left, right = factor_split(found.u, found.s, found.vh, split)
+        torch.testing.assert_close(left @ right, product, rtol=1e-5, atol=1e-6)
+    left, right = factor_split(found.u, found.s, found.vh, "balanced")
+    torch.testing.assert_close(left.norm(dim=0), right.norm(dim=1), rtol=1e-4, atol=1e-6)  # each side carries √σ
+    left, right = factor_split(found.u, found.s, found.vh, "right")
+    torch.testing.assert_close(left.T @ left, torch.eye(10), rtol=0, atol=1e-5)  # orthonormal side
+
+
+def test_auto_method_choice():
+    assert choose_method((4096, 4096), RankRule(rank=64)) == "randomized"
+    assert choose_method((4096, 4096), RankRule(energy=0.9)) == "gram"
+    assert choose_method((512, 512), RankRule(rank=256)) == "gram"
+    assert choose_method((32, 4096), RankRule(rank=8)) == "exact"
