@@ -76,7 +76,7 @@ class _Layout:
 
     def __init__(self, base, where: str):
         if base is None:
-            raise SurgeonError(f"{where}: GGUF needs the base model (--base BASE): tensor names and llama's q/k permutation come from its config.json.")
+            raise SurgeonError(f"{where}: GGUF needs the base model (surgeon convert --base BASE; surgeon merge BASE ...): tensor names and llama's q/k permutation come from its config.json.")
         config = base.config()
         config = {**config, **config.get("text_config", {})}
         architecture = (config.get("architectures") or [None])[0]
