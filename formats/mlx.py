@@ -98,8 +98,9 @@ def read(path: Path, base=None) -> Adapter:
     return adapter
 
 
-def _keys_and_layers(modules: list[str], base) -> tuple[list[str], int, list[str]]:
-    """mlx-lm's ``keys`` and ``num_layers`` for these module paths."""
+def _keys_and_layers(modules: list[str], base, source_layers: int | None) -> tuple[list[str], int, list[str]]:
+    """mlx-lm's ``keys`` and ``num_layers`` for these module paths; without a base, an mlx
+    source's own ``num_layers`` is kept, since its producer knew the block count."""
     keys, indices, blocks = set(), [], set()
     for module in modules:
         match = _BLOCK.match(module)
@@ -116,6 +117,8 @@ def _keys_and_layers(modules: list[str], base) -> tuple[list[str], int, list[str
     layers = (base.config() if base is not None else {}).get("num_hidden_layers")
     if layers is not None:
         return sorted(keys), int(layers) - min(indices), []
+    if source_layers is not None:
+        return sorted(keys), int(source_layers), []
     if min(indices) == 0:
         return sorted(keys), -1, []
     return sorted(keys), -1, [f"num_layers is -1 (all blocks): without --base the model's block count is unknown, so blocks below "
@@ -147,9 +150,8 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
         tensors[f"{t.module}.lora_b"] = torch.nn.functional.pad(b, (0, 0, 0, pad)).contiguous()
         if delta.magnitude is not None:
             tensors[f"{t.module}.m"] = delta.magnitude.contiguous()
-    keys, num_layers, notes = _keys_and_layers([t.module for t in targets], base)
-
     config = dict(adapter.config) if adapter.source_format == NAME else {}
+    keys, num_layers, notes = _keys_and_layers([t.module for t in targets], base, config.get("num_layers"))
     if adapter.base_model:
         config.setdefault("model", adapter.base_model)
     config["fine_tune_type"] = "dora" if dora == {True} else "lora"

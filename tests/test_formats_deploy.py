@@ -136,6 +136,10 @@ def test_mlx_reads_an_adapter_mlx_lm_made(tmp_path):
     assert sorted(adapter.deltas) == sorted(fused) == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
     for key, linear in fused.items():
         assert_close_relative(adapter.deltas[key][0].materialize(), torch.from_numpy(np.array(linear.weight)) - base[key], key)
+    for base_path, where in ((None, tmp_path / "again"), (BASE, tmp_path / "again-with-base")):
+        formats.write_adapter(adapter, where, "mlx", base=Checkpoint(base_path) if base_path else None)
+        config = json.loads((where / "adapter_config.json").read_text())
+        assert config["num_layers"] == 1 and sorted(config["lora_parameters"]["keys"]) == sorted(parameters["keys"])
 
 
 # ---------------------------------------------------------------- GGUF for llama.cpp
