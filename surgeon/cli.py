@@ -244,3 +244,4 @@ def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_
 # (one import per module, below)
 from surgeon import cli_compose  # noqa: E402,F401
 from surgeon import cli_convert  # noqa: E402,F401
+from surgeon import cli_extract  # noqa: E402,F401

@@ -1,0 +1,396 @@
+"""Extracting an adapter from a full fine-tune: ΔW = tuned − base, factored tensor by tensor.
+
+Every weight whose delta is non-zero becomes a :class:`LowRank` of the rank its spectrum earns
+(:class:`RankRule`), optionally followed by a :class:`Sparse` residual holding the largest
+entries of what the low-rank part missed. Keeping the k largest entries of the residual R cuts
+the squared error by exactly the sum of their squares, so the report can say what the sparse
+part buys. Changed tensors that are not targeted (1-D norms and biases, embeddings left out,
+excluded keys, integer buffers) are listed in the report with the norm of their change: nothing
+that differs is dropped without a line saying so.
+
+One pair of tensors is held at a time on CPU. On a GPU a reader thread keeps the next pair
+loaded (a queue of ``prefetch`` pairs) while the current one is factored, so disk reading and
+the SVD overlap; the same code runs with ``prefetch`` on CPU, where the tests exercise it.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from surgeon.checkpoint import Checkpoint
+from surgeon.delta import Adapter, LowRank, Replace, Sparse
+from surgeon.errors import SurgeonError
+from surgeon.formats.sparse import index_dtype
+from surgeon.ops.rank import RankRule
+from surgeon.ops.svd import factor_split, truncated_svd
+
+EMBEDDING_CHOICES = ("skip", "lora", "full")
+SPLIT_CHOICES = ("balanced", "up", "down")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How to factor each delta; see ``surgeon extract --help`` for the user-facing meaning."""
+
+    rule: RankRule
+    method: str = "auto"
+    precision: torch.dtype = torch.float32
+    split: str = "balanced"
+    alpha: float | None = None
+    sparse_density: float = 0.0
+    embeddings: str = "skip"
+    keep_changed_1d: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    factor_dtype: torch.dtype | None = None
+    device: torch.device = torch.device("cpu")
+    prefetch: int | None = None
+    power_iters: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparse_density <= 1.0:
+            raise SurgeonError(f"--sparse-density must be in [0, 1]; got {self.sparse_density}.")
+        if self.rule.rank == 0 and self.sparse_density == 0.0:
+            raise SurgeonError("--rank 0 keeps no low-rank part; give --sparse-density for a pure sparse diff.")
+        if self.embeddings not in EMBEDDING_CHOICES:
+            raise SurgeonError(f"--embeddings must be one of {', '.join(EMBEDDING_CHOICES)}; got {self.embeddings!r}.")
+        if self.split not in SPLIT_CHOICES:
+            raise SurgeonError(f"--split must be one of {', '.join(SPLIT_CHOICES)}; got {self.split!r}.")
+        if self.alpha is not None and self.alpha <= 0:
+            raise SurgeonError(f"--alpha must be positive; got {self.alpha}.")
+        for pattern in (*self.include, *self.exclude):
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise SurgeonError(f"--include/--exclude pattern {pattern!r} is not a valid regular expression ({error}).") from None
+
+
+@dataclass
+class Row:
+    """One changed tensor: what was done with it and how well."""
+
+    key: str
+    action: str  # lora, sparse, replace, skipped
+    module_type: str
+    shape: list[int]
+    delta_norm: float
+    rank: int = 0
+    energy_kept: float | None = None
+    relative_error: float | None = None
+    sparse_entries: int = 0
+    relative_error_with_sparse: float | None = None
+    params: int = 0
+    method: str = ""
+    reason: str = ""
+
+
+@dataclass
+class Extraction:
+    """The result: low-rank deltas (PEFT-writable), sparse deltas, and the per-tensor rows."""
+
+    lora: Adapter
+    sparse: Adapter
+    rows: list[Row] = field(default_factory=list)
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: int = 0
+    unchanged: int = 0
+    full_delta_bytes: int = 0
+    seconds: float = 0.0
+    module_types_source: str = ""
+
+    def report(self) -> dict:
+        targets = [r for r in self.rows if r.action in ("lora", "sparse")]
+        errors = [r.relative_error_with_sparse if r.relative_error_with_sparse is not None else r.relative_error for r in targets]
+        ranks = [r.rank for r in targets if r.action == "lora"]
+        return {
+            "tensors": self.tensors,
+            "unchanged": self.unchanged,
+            "changed": len(self.rows),
+            "targets": len(targets),
+            "replaced": sum(r.action == "replace" for r in self.rows),
+            "skipped": sum(r.action == "skipped" for r in self.rows),
+            "rank": {"min": min(ranks), "max": max(ranks), "mean": sum(ranks) / len(ranks)} if ranks else None,
+            "mean_relative_error": sum(errors) / len(errors) if errors else None,
+            "max_relative_error": max(errors) if errors else None,
+            "adapter_params": self.lora.num_params() + self.sparse.num_params(),
+            "adapter_bytes": self.lora.num_bytes() + self.sparse.num_bytes(),
+            "full_delta_bytes": self.full_delta_bytes,
+            "seconds": self.seconds,
+            "module_types": self.module_types_source,
+            "modules": [asdict(r) for r in self.rows],
+        }
+
+
+def check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
+    """Same keys and shapes, or an error naming the first difference."""
+    base_keys, tuned_keys = set(base.keys()), set(tuned.keys())
+    if base_keys != tuned_keys:
+        only_base, only_tuned = sorted(base_keys - tuned_keys), sorted(tuned_keys - base_keys)
+        parts = []
+        if only_base:
+            parts.append(f"{len(only_base)} only in {base.path} (e.g. {only_base[0]!r})")
+        if only_tuned:
+            parts.append(f"{len(only_tuned)} only in {tuned.path} (e.g. {only_tuned[0]!r})")
+        raise SurgeonError(f"base and tuned checkpoints hold different tensors: {'; '.join(parts)}; extract needs a fine-tune of this very base.")
+    for key in base.keys():
+        if base.info(key).shape != tuned.info(key).shape:
+            raise SurgeonError(
+                f"{key!r} is {base.info(key).shape} in {base.path} but {tuned.info(key).shape} in {tuned.path}; "
+                "extract needs a fine-tune of this very base (same architecture and vocabulary)."
+            )
+
+
+def module_types(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], str]:
+    """(module type per weight key, keys of input/output embeddings, how it was found).
+
+    The model class named in ``config.json`` is instantiated on the meta device (no memory,
+    no weights) and its modules are read off: that is the only reliable way to tell a GPT-2
+    ``Conv1D`` (in×out) from a Linear of the transposed shape. Without transformers or a config,
+    names and ranks are used: 4-D is conv, ``embed``/``wte``/``wpe`` names are embeddings.
+    """
+    found = _types_from_model(checkpoint)
+    if found is not None:
+        return found
+    types, embeddings = {}, set()
+    for key in checkpoint.keys():
+        dims = len(checkpoint.info(key).shape)
+        if dims >= 3:
+            types[key] = "conv"
+        elif dims == 2 and re.search(r"(embed|\bwte\b|\bwpe\b|\.shared\.)", key):
+            types[key] = "embedding"
+            embeddings.add(key)
+        elif dims == 2:
+            types[key] = "linear"
+            if re.search(r"(^|\.)lm_head\.", key):
+                embeddings.add(key)
+    return types, embeddings, "guessed from tensor names (no config.json or transformers)"
+
+
+def _types_from_model(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], str] | None:
+    config = checkpoint.config()
+    architectures = config.get("architectures") or []
+    if not architectures or checkpoint.directory is None:
+        return None
+    try:
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    cls = getattr(transformers, architectures[0], None)
+    if cls is None:
+        return None
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its config warnings are about the model, not this run
+    try:
+        model_config = transformers.AutoConfig.from_pretrained(checkpoint.directory)
+        with torch.device("meta"):
+            model = cls._from_config(model_config)
+    except Exception:  # an architecture this transformers cannot build: fall back to names
+        return None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    kinds = ((torch.nn.Embedding, "embedding"), (Conv1D, "conv1d"), (torch.nn.modules.conv._ConvNd, "conv"), (torch.nn.Linear, "linear"))
+    by_module = {}
+    for name, module in model.named_modules():
+        for cls_, kind in kinds:
+            if isinstance(module, cls_):
+                by_module[name + ".weight"] = kind
+                break
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_names = {n + ".weight" for n, m in model.named_modules() if output is not None and m is output}
+    types, embeddings = {}, set()
+    for key in checkpoint.keys():
+        match = by_module.get(key) or next((t for name, t in by_module.items() if key.endswith("." + name) or name.endswith("." + key)), None)
+        dims = len(checkpoint.info(key).shape)
+        types[key] = match or ("conv" if dims >= 3 else "linear" if dims == 2 else "other")
+        if types[key] == "embedding" or any(key == n or key.endswith("." + n) or n.endswith("." + key) for n in output_names):
+            embeddings.add(key)
+    return types, embeddings, f"read from {architectures[0]} (transformers)"
+
+
+def _pairs(base: Checkpoint, tuned: Checkpoint, keys: list[str], prefetch: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(key, base tensor, tuned tensor) on ``device``, read ``prefetch`` pairs ahead by a thread."""
+    if prefetch <= 0:
+        for key in keys:
+            yield key, base.get(key).to(device), tuned.get(key).to(device)
+        return
+    slots: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for key in keys:
+                if not offer((key, base.get(key).to(device, non_blocking=True), tuned.get(key).to(device, non_blocking=True))):
+                    return
+            offer(None)
+        except BaseException as error:  # handed to the consumer, which raises it
+            offer(error)
+
+    thread = threading.Thread(target=reader, name="surgeon-extract-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _matches(key: str, options: ExtractOptions) -> bool:
+    if options.include and not any(re.search(p, key) for p in options.include):
+        return False
+    return not any(re.search(p, key) for p in options.exclude)
+
+
+def _top_entries(residual: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (ascending) and values of the ⌈density·n⌉ largest-magnitude entries."""
+    flat = residual.reshape(-1)
+    count = min(flat.numel(), math.ceil(density * flat.numel()))
+    if count == flat.numel():
+        indices = torch.arange(flat.numel(), device=flat.device)
+    else:
+        indices = torch.topk(flat.abs(), count, sorted=False).indices.sort().values
+    return indices, flat[indices]
+
+
+def _sparse_of(residual: torch.Tensor, density: float, shape: tuple[int, ...]) -> Sparse:
+    indices, values = _top_entries(residual, density)
+    return Sparse(indices.to(index_dtype(shape)).cpu(), values.to(torch.float32).cpu(), shape)
+
+
+def _factor(key: str, delta: torch.Tensor, module_type: str, shape: tuple[int, ...], options: ExtractOptions, out_dtype: torch.dtype,
+            generator: torch.Generator) -> tuple[LowRank | None, torch.Tensor, object]:
+    """The low-rank part of one delta (or None at rank 0), the residual, and the factorization."""
+    matrix = delta.reshape(shape[0], -1)
+    found = truncated_svd(matrix, options.rule, method=options.method, precision=options.precision,
+                          power_iters=options.power_iters, generator=generator)
+    if found.rank == 0:
+        return None, delta, found
+    scale = options.alpha / found.rank if options.alpha is not None else 1.0
+    # "up" is PEFT's lora_B: the left factor for Linear and conv, the right one where the base
+    # layout is transposed (GPT-2 Conv1D in×out, embeddings), as formats/peft.py writes them.
+    transposed = module_type in ("conv1d", "embedding")
+    side = {"balanced": "balanced", "up": "right" if transposed else "left", "down": "left" if transposed else "right"}[options.split]
+    left, right = factor_split(found.u, found.s / scale, found.vh, side)
+    left, right = left.to(out_dtype), right.to(out_dtype)
+    residual = matrix.addmm(left.to(matrix.dtype), right.to(matrix.dtype), alpha=-scale).reshape(shape)
+    low_rank = LowRank(down=right.cpu().contiguous(), up=left.cpu().contiguous(), scale=scale, shape=shape)
+    return low_rank, residual, found
+
+
+def extract(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    options: ExtractOptions,
+    on_tensor: Callable[[str], None] | None = None,
+    keep_spectra: bool = False,
+) -> Extraction:
+    """Factor ``tuned − base`` tensor by tensor. Nothing is written here; the caller writes
+    ``lora`` as PEFT and ``sparse`` as a sparse diff."""
+    started = time.perf_counter()
+    check_pair(base, tuned)
+    types, embeddings, types_source = module_types(base)
+    pure_sparse = options.rule.rank == 0
+    lora = Adapter(source_format="extract", base_model=str(base.path))
+    sparse = Adapter(source_format="extract", base_model=str(base.path))
+    result = Extraction(lora=lora, sparse=sparse)
+    result.module_types_source = types_source
+    generator = torch.Generator().manual_seed(options.seed)
+    prefetch = options.prefetch if options.prefetch is not None else (1 if options.device.type == "cuda" else 0)
+    keys = base.keys()
+    result.tensors = len(keys)
+    for key, old, new in _pairs(base, tuned, keys, prefetch, options.device):
+        if on_tensor is not None:
+            on_tensor(key)
+        if torch.equal(old, new):
+            result.unchanged += 1
+            continue
+        shape = tuple(old.shape)
+        module_type = types.get(key, "other")
+        if not (old.is_floating_point() and new.is_floating_point()):
+            result.rows.append(Row(key, "skipped", module_type, list(shape), float("nan"), reason="not a float tensor; it cannot carry a delta"))
+            continue
+        delta = new.to(options.precision) - old.to(options.precision)
+        row = Row(key, "skipped", module_type, list(shape), float(torch.linalg.vector_norm(delta)))
+        result.rows.append(row)
+        if not _matches(key, options):
+            row.reason = "excluded by --include/--exclude"
+            continue
+        if delta.dim() <= 1:
+            if options.keep_changed_1d:
+                row.action, row.params = "replace", new.numel()
+                (sparse if pure_sparse else lora).add(key, Replace(new.cpu()), "other")
+            else:
+                row.reason = "1-D (norm or bias); keep it with --keep-changed-1d"
+            continue
+        if key in embeddings and options.embeddings != "lora":
+            if options.embeddings == "full":
+                row.action, row.params = "replace", new.numel()
+                (sparse if pure_sparse else lora).add(key, Replace(new.cpu()), "other")
+            else:
+                row.reason = "embedding or lm_head; extract it with --embeddings lora or full"
+            continue
+        if module_type == "other":
+            module_type = row.module_type = "conv" if delta.dim() > 2 else "linear"
+        out_dtype = options.factor_dtype or (new.dtype if new.is_floating_point() else torch.float32)
+        result.full_delta_bytes += delta.numel() * new.element_size()
+        residual = delta
+        if not pure_sparse:
+            low_rank, residual, found = _factor(key, delta, module_type, shape, options, out_dtype, generator)
+            row.method, row.energy_kept = found.method, found.energy_kept
+            if keep_spectra and found.spectrum.numel():
+                result.spectra[key] = (found.spectrum / found.spectrum[0]).float()
+            if low_rank is not None:
+                lora.add(key, low_rank, module_type)
+                row.action, row.rank, row.params = "lora", low_rank.rank, low_rank.up.numel() + low_rank.down.numel()
+        residual_norm = float(torch.linalg.vector_norm(residual))
+        row.relative_error = residual_norm / row.delta_norm
+        if options.sparse_density > 0:
+            part = _sparse_of(residual, options.sparse_density, shape)
+            sparse.add(key, part, module_type)
+            kept = float(torch.linalg.vector_norm(part.values.double()))
+            row.sparse_entries = part.indices.numel()
+            row.params += part.indices.numel()
+            row.relative_error_with_sparse = math.sqrt(max(0.0, residual_norm**2 - kept**2)) / row.delta_norm
+            if row.action == "skipped":
+                row.action = "sparse"
+        if row.action == "skipped":
+            row.reason = "the rank rule kept nothing"
+        del delta, residual
+    if not result.rows:
+        raise SurgeonError(f"{base.path} and {tuned.path} are identical: no tensor differs, so there is nothing to extract; nothing was written.")
+    if not lora.low_ranks():  # no LoRA to write: whole replacements go with the sparse diff
+        for key, deltas in lora.items():
+            for d in deltas:
+                sparse.add(key, d, "other")
+        lora.deltas.clear()
+    if not len(lora) and not len(sparse):
+        first = result.rows[0]
+        raise SurgeonError(
+            f"{len(result.rows)} tensors differ but none was extracted (e.g. {first.key!r}: {first.reason}); nothing was written."
+        )
+    result.seconds = time.perf_counter() - started
+    return result
