@@ -245,3 +245,5 @@ def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_
 from surgeon import cli_compose  # noqa: E402,F401
 from surgeon import cli_convert  # noqa: E402,F401
 from surgeon import cli_extract  # noqa: E402,F401
+from surgeon import cli_hub  # noqa: E402,F401
+from surgeon import cli_export  # noqa: E402,F401

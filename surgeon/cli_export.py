@@ -1,0 +1,104 @@
+"""``surgeon export-onnx``: a checkpoint (with adapters merged first, if given) to an ONNX graph that
+has been checked against torch before it is called done."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from surgeon.checkpoint import Checkpoint
+from surgeon.cli import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, Progress, emit, friendly, main, provenance,
+                         read_adapter_arg)
+from surgeon.errors import SurgeonError
+from surgeon.onnx_export import EXPORTERS, LEGACY_OPSET, TASKS, export
+from surgeon.output import check_destination
+from surgeon.summary import human_bytes
+
+
+def _merged_copy(base: Path, adapters: tuple[Path, ...], weights, format_name, device: str, scratch: Path) -> Path:
+    """Merge the adapters into a scratch copy of the base, streaming as ``surgeon merge`` does."""
+    from surgeon.ops.merge import merge, resolve_device
+
+    checkpoint = Checkpoint(base)
+    loaded = [(read_adapter_arg(a, format_name, base=checkpoint), str(a)) for a in adapters]
+    merged = scratch / "merged"
+    merged.mkdir()
+    with Progress(len(checkpoint), "merge") as tick:
+        merge(checkpoint, loaded, merged, weights=list(weights) or None, device=resolve_device(device), on_tensor=tick)
+    return merged
+
+
+def _text(report) -> str:
+    lines = [
+        f"exported {report.source}{' + ' + ', '.join(report.adapters) if report.adapters else ''} "
+        f"({report.architecture}, {report.task} -> {report.graph_output}) with the {report.exporter} exporter, "
+        f"opset {report.opset}, in {report.export_seconds:.1f}s -> {report.output} ({human_bytes(report.bytes)}"
+        f"{', external data' if report.external_data else ''})"
+    ]
+    check = report.verification
+    if check is None:
+        lines.append("not verified (--no-verify)")
+    else:
+        shapes = ", ".join(f"{c['batch']}x{c['sequence']}" for c in check["cases"])
+        lines.append(
+            f"{'verified' if check['passed'] else 'FAILED verification'} against torch with {check['runtime']} on batch x sequence "
+            f"{shapes} (one padded row each; {check['compared_values']:,} unmasked values): max abs diff "
+            f"{check['max_abs_diff']:.3g}, max relative diff {check['max_relative_diff']:.3g} (atol {check['atol']:g})"
+        )
+    return "\n".join(lines)
+
+
+@main.command("export-onnx")
+@click.argument("checkpoint", type=INPUT)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .onnx file to write; weights over 2 GB go to OUTPUT.data beside it.")
+@click.option("--adapter", "adapters", multiple=True, type=INPUT, help="Merge this adapter into CHECKPOINT first (repeat for several; applied in order).")
+@click.option("-w", "--weight", "weights", multiple=True, type=float, help="Scale for each --adapter, in order (default 1).")
+@click.option("--task", type=click.Choice(list(TASKS)), default=None, help="Which head to export; default from config.json's architectures (causal LM -> logits, encoder -> last hidden state).")
+@click.option("--opset", type=int, default=None, help=f"ONNX opset (default: the exporter's own; {LEGACY_OPSET} for legacy).")
+@click.option("--exporter", type=click.Choice(EXPORTERS), default="auto", show_default=True, help="auto is dynamo (needs onnxscript), falling back to legacy (TorchScript) if dynamo fails.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest absolute difference between onnxruntime and torch that passes.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-torch check (the graph is still run through onnx.checker).")
+@FROM_OPTION
+@DEVICE_OPTION
+@FORCE_OPTION
+@JSON_OPTION
+@friendly
+def export_onnx(checkpoint, output, adapters, weights, task, opset, exporter, atol, no_verify, format_name, device, force, as_json) -> None:
+    """Export a transformers CHECKPOINT (or CHECKPOINT with --adapter merged in) to ONNX, and verify it.
+
+    The model is built from the checkpoint's config.json by transformers (pip install
+    'peft-surgeon[onnx]'), exported in fp32 without KV cache, with dynamic batch and sequence
+    axes, checked with onnx.checker, then run in onnxruntime and in torch on the same inputs
+    (batch and sequence >= 2, one padded row): only unmasked positions are compared. Above --atol
+    the command fails and leaves the graph as OUTPUT.unverified, never at OUTPUT. The command
+    and its report are recorded in the graph's metadata_props.
+
+    \b
+    Examples:
+      surgeon export-onnx merged/ -o merged.onnx
+      surgeon export-onnx fixtures/tiny-llama --adapter fixtures/tiny-llama-lora -o merged.onnx
+      surgeon export-onnx hf://org/base --adapter hf://org/adapter -o model.onnx --json
+    """
+    check_destination(output, [checkpoint, *adapters], force)
+    options = dict(task=task, opset=opset, exporter=exporter, atol=atol, check=not no_verify, force=force,
+                   provenance=provenance(), adapters=[str(a) for a in adapters])
+    if adapters:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{output.name}.merge-", dir=output.parent) as scratch:
+            merged = _merged_copy(checkpoint, adapters, weights, format_name, device, Path(scratch))
+            report = export(merged, output, **options)
+    elif weights:
+        raise SurgeonError("--weight scales an --adapter; give it only together with --adapter.")
+    else:
+        report = export(checkpoint, output, **options)
+    report.source = str(checkpoint)
+    emit(asdict(report), as_json, _text(report))
+    if report.verified is False:
+        check = report.verification
+        raise SurgeonError(
+            f"{output}: onnxruntime and torch differ by up to {check['max_abs_diff']:.3g} at unmasked positions, above --atol "
+            f"{atol:g}; the graph is kept as {report.output} for inspection, not at {output}."
+        )
