@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+import torch
 
 from surgeon.cli import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, OUTPUT_OPTION, SHARD_OPTION,
                          Progress, emit, friendly, main, provenance, read_adapter_arg)
@@ -37,28 +38,47 @@ def rank_rule(rank, energy, max_error, min_rank, max_rank, required: bool) -> Ra
     return RankRule(rank=rank, energy=energy, max_error=max_error, min_rank=min_rank, max_rank=max_rank)
 
 
-def _peft_holds(adapter: Adapter) -> bool:
-    """Whether every additive delta is one PEFT LoRA can store (a factor pair, or a LoRA bias)."""
+#: Where a result's sparse part goes when it also has a LoRA part (extract's layout, which
+#: `surgeon merge BASE OUT OUT/sparse` applies).
+SPARSE_SUBDIR = "sparse"
+
+
+def split_result(adapter: Adapter) -> tuple[Adapter, Adapter]:
+    """(the part PEFT LoRA can store, the part only a sparse diff can): factor pairs, LoRA biases and
+    replacements go to the first; sparse deltas, and dense ones as sparse at density 1, to the second.
+    Without any factor pair everything goes to the sparse diff, which holds replacements too."""
     low_modules = {k.rpartition(".")[0] for k, ds in adapter.items() for d in ds if isinstance(d, LowRank)}
-    return not any(
-        isinstance(d, Sparse) or (isinstance(d, Dense) and k.rpartition(".")[0] not in low_modules)
-        for k, ds in adapter.items() for d in ds
-    )
+    lora = Adapter(source_format=adapter.source_format, base_model=adapter.base_model, config=adapter.config, metadata=adapter.metadata)
+    sparse = Adapter(source_format="compose", base_model=adapter.base_model, metadata=adapter.metadata)
+    for key, deltas in adapter.items():
+        module_type = adapter.module_types.get(key, "linear")
+        for delta in deltas:
+            if isinstance(delta, Dense) and key.rpartition(".")[0] not in low_modules:
+                values = delta.delta.reshape(-1)
+                delta = Sparse(torch.arange(values.numel()), values, delta.shape)
+            if isinstance(delta, Sparse) or not low_modules:
+                sparse.add(key, delta, module_type)
+            else:
+                lora.add(key, delta, module_type)
+    return lora, sparse
 
 
-def write_result(adapter: Adapter, staging: Path) -> str:
-    """Write a composed adapter as PEFT LoRA, or in surgeon's sparse format when it holds sparse or
-    dense deltas that a LoRA cannot; returns the format's name."""
-    from surgeon import formats
+def write_result(adapter: Adapter, staging: Path, output: Path) -> list[str]:
+    """Write a composed adapter: its LoRA part as PEFT at ``output``, its sparse part as surgeon's
+    sparse diff (at ``output``/sparse beside a LoRA, else at ``output``); returns what was written."""
+    from surgeon.formats import peft, sparse
 
-    if _peft_holds(adapter):
-        formats.write_adapter(adapter, staging, "peft")
-        return "peft"
-    if "sparse" not in formats.FORMATS:
-        raise SurgeonError("the result holds sparse or dense deltas, which only surgeon's sparse format can store, "
-                           "and this installation lacks it; use --as lora.")
-    formats.write_adapter(adapter, staging, "sparse")
-    return "sparse"
+    lora, residual = split_result(adapter)
+    written = []
+    if len(lora):
+        peft.write(lora, staging)
+        written.append(str(output))
+    if len(residual):
+        sparse.write(residual, staging / SPARSE_SUBDIR if len(lora) else staging)
+        written.append(str(output / SPARSE_SUBDIR) if len(lora) else str(output))
+    if not written:
+        raise SurgeonError("the composed adapter is empty (every module cancelled out or was cut to rank 0); nothing written.")
+    return written
 
 
 def _summary(report: ComposeReport) -> str:
@@ -68,8 +88,8 @@ def _summary(report: ComposeReport) -> str:
     return f"{len(report.modules)} modules, {rank_text}{error}, in {report.seconds:.2f}s -> {report.output}"
 
 
-def _report_dict(report: ComposeReport, written_as: str) -> dict:
-    return {**asdict(report), "max_relative_error": report.max_relative_error, "format": written_as}
+def _report_dict(report: ComposeReport, written: list[str]) -> dict:
+    return {**asdict(report), "max_relative_error": report.max_relative_error, "written": written}
 
 
 @main.command()
@@ -112,6 +132,8 @@ def compose(adapters, output, weights, method, negate, rank, energy, max_error, 
     or keep the nonzeros (--as sparse) or every entry (--as dense). Sparse and dense inputs
     (sparse diffs) are summed exactly alongside the LoRA part by cat, svd and linear.
     Targets are unioned; adapters for different base models are refused (--force overrides).
+    The LoRA part is written as PEFT at -o, a sparse part as surgeon's sparse diff in -o/sparse
+    (apply both: surgeon merge BASE OUT OUT/sparse); a result with no LoRA part is a sparse diff.
 
     \b
     Examples:
@@ -119,6 +141,7 @@ def compose(adapters, output, weights, method, negate, rank, energy, max_error, 
       surgeon compose A B --method svd --rank 32 -o mix32/
       surgeon compose A B --method ties --density 0.2 --rank 32 -o ties/
       surgeon compose A --negate -o forget/                        # task negation
+      surgeon compose A diff/ --method cat -o mixed/               # LoRA + sparse diff
       surgeon compose --base BASE T1 T2 --method ties --density 0.2 -o merged/
     """
     weights = [-w for w in (weights or [1.0] * len(adapters))] if negate else list(weights)
@@ -139,9 +162,9 @@ def compose(adapters, output, weights, method, negate, rank, energy, max_error, 
         with Progress(len({k for a, _ in loaded for k in a.deltas}), method) as tick:
             result, report = compose_op(loaded, weights or None, options, force=force, on_key=tick)
         result.metadata = provenance()
-        written_as = write_result(result, staging)
-    report.output = str(output)
-    emit(_report_dict(report, written_as), as_json, f"composed {len(adapters)} adapter(s) by {method}: {_summary(report)}")
+        written = write_result(result, staging, output)
+    report.output = " + ".join(written)
+    emit(_report_dict(report, written), as_json, f"composed {len(adapters)} adapter(s) by {method}: {_summary(report)}")
 
 
 def _compose_checkpoints(base, tuned, output, weights, options, dtype, shard_size, force, as_json) -> None:
@@ -192,6 +215,6 @@ def resize(adapter, output, rank, energy, max_error, min_rank, max_rank, device,
         with Progress(len(loaded), "resize") as tick:
             result, report = resize_op(loaded, rule, resolve_device(device), on_key=tick)
         result.metadata = {**loaded.metadata, **provenance()}
-        written_as = write_result(result, staging)
-    report.output = str(output)
-    emit(_report_dict(report, written_as), as_json, f"resized {adapter}: {_summary(report)}")
+        written = write_result(result, staging, output)
+    report.output = " + ".join(written)
+    emit(_report_dict(report, written), as_json, f"resized {adapter}: {_summary(report)}")

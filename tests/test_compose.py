@@ -332,3 +332,54 @@ def test_task_arithmetic_on_full_checkpoints_matches_merge_and_peft_ties(tmp_pat
         expected = original.get(key) + ties(deltas, torch.tensor([0.5, 0.5]), 0.3, "total")
         torch.testing.assert_close(tied.get(key), expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(tied.get("model.norm.weight"), original.get("model.norm.weight"))
+
+
+# --- sparse diffs in and out -------------------------------------------------------------------
+
+
+def test_cli_composes_a_lora_with_a_sparse_diff_and_merge_applies_both(tmp_path):
+    from surgeon.checkpoint import Checkpoint
+    from surgeon.formats import sparse as sparse_format
+
+    lora = read(LORA_A)
+    diff = Adapter(base_model=lora.base_model)
+    generator = torch.Generator().manual_seed(0)
+    for key in list(lora.deltas)[:3] + ["model.norm.weight"]:
+        shape = lora.deltas[key][0].shape if key in lora.deltas else (64,)
+        positions = torch.randperm(math.prod(shape), generator=generator)[:40]
+        diff.add(key, Sparse(positions, torch.randn(40, generator=generator), shape), "other")
+    sparse_format.write(diff, tmp_path / "diff")
+    runner = CliRunner()
+    result = runner.invoke(main, ["compose", str(LORA_A), str(tmp_path / "diff"), "-w", "0.5", "-w", "2", "-o", str(tmp_path / "mixed")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "mixed" / "adapter_config.json").is_file() and (tmp_path / "mixed" / "sparse" / "sparse_config.json").is_file()
+    for args, out in (([str(tmp_path / "mixed"), str(tmp_path / "mixed" / "sparse")], "m1"),
+                      ([str(LORA_A), str(tmp_path / "diff"), "-w", "0.5", "-w", "2"], "m2")):
+        merged = runner.invoke(main, ["merge", str(LLAMA), *args, "-o", str(tmp_path / out)])
+        assert merged.exit_code == 0, merged.output
+    first, second = Checkpoint(tmp_path / "m1"), Checkpoint(tmp_path / "m2")
+    for key in second.keys():
+        torch.testing.assert_close(first.get(key), second.get(key), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_ties_kept_sparse_or_dense_is_peft_ties_of_the_deltas(tmp_path, lora_b, kind):
+    from peft.utils.merge_utils import ties
+
+    out = tmp_path / kind
+    result = CliRunner().invoke(main, ["compose", str(LORA_A), str(lora_b), "-w", "1", "-w", "0.4", "--method", "ties",
+                                       "--density", "0.25", "--as", kind, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    got = peft_format_any(out)
+    adapters = [read(LORA_A), read(lora_b)]
+    for key in adapters[0].deltas:
+        expected = ties([delta_of(a, key).float() for a in adapters], torch.tensor([1.0, 0.4]), 0.25, "total")
+        torch.testing.assert_close(delta_of(got, key).float(), expected, rtol=1e-5, atol=1e-7)
+        stored = got.deltas[key][0]
+        assert isinstance(stored, Sparse) and stored.indices.numel() == (int((expected != 0).sum()) if kind == "sparse" else expected.numel())
+
+
+def peft_format_any(path: Path) -> Adapter:
+    from surgeon import formats
+
+    return formats.read_adapter(path)

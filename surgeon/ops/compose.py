@@ -24,6 +24,7 @@ import torch
 from surgeon.delta import Adapter, Delta, Dense, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
 from surgeon.ops.rank import RankRule, tail_error
+from surgeon.ops.svd import factor_split, numerical_rank, truncated_svd
 
 #: Methods that combine the factors and never form a dense ΔW.
 FACTORED_METHODS = ("cat", "svd", "linear")
@@ -105,18 +106,6 @@ def factored_svd(ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor], coe
     q_down, r_down = torch.linalg.qr(down.T)
     u_core, s, vh_core = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
     return q_up @ u_core, s, vh_core @ q_down.T
-
-
-def split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) = (U·S^½, S^½·Vᵀ) truncated to ``rank``: balanced factors, so that neither
-    carries the whole scale (better conditioned for further training)."""
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
-
-
-def dense_svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The thin SVD of a 2-D dense delta."""
-    return torch.linalg.svd(delta, full_matrices=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +205,11 @@ def check_compatible(adapters: Sequence[tuple[Adapter, str]], force: bool = Fals
                     seen[key] = (tuple(delta.shape), kind, where)
                     continue
                 shape, other_kind, other = seen[key]
-                if tuple(delta.shape) != shape or kind != other_kind:
+                if kind == "other":  # a format that cannot tell (a sparse diff) agrees with any
+                    kind = other_kind
+                elif other_kind == "other":
+                    seen[key] = (shape, kind, where)
+                if tuple(delta.shape) != shape or kind != seen[key][1]:
                     raise SurgeonError(
                         f"{where}: {key!r} is a {kind} delta of shape {tuple(delta.shape)} but in {other} a {other_kind} "
                         f"delta of shape {shape}; the adapters were made for different models."
@@ -279,20 +272,17 @@ def _linear(terms: Sequence[tuple[LowRank, float]], key: str, shape) -> LowRank:
     return LowRank(down=down.to(dtype), up=up.to(dtype), scale=1.0, shape=shape)
 
 
-def _chosen_rank(options: ComposeOptions, spectrum: torch.Tensor, ranks_in: Sequence[int]) -> int:
-    if options.rule is None:
-        return min(max(ranks_in, default=0), spectrum.numel())
-    return options.rule.choose(spectrum)
+def _rule(options: ComposeOptions, ranks_in: Sequence[int]) -> RankRule:
+    """The rank rule of a module: the one asked for, or PEFT's default of the largest input rank."""
+    return options.rule if options.rule is not None else RankRule(rank=max(ranks_in, default=0), min_rank=0)
 
 
-def _truncated(u, s, vh, options: ComposeOptions, ranks_in, shape, dtype, magnitude=None, axis=0) -> tuple[LowRank | None, int, float]:
-    rank = _chosen_rank(options, s, ranks_in)
-    error = tail_error(s, rank)
-    if rank == 0:
-        return None, 0, error
-    up, down = split_factors(u, s, vh, rank)
+def _low_rank(u, s, vh, shape, dtype, magnitude=None, axis=0) -> LowRank | None:
+    if s.numel() == 0:
+        return None
+    up, down = factor_split(u, s, vh, "balanced")
     return LowRank(down=down.to(dtype).cpu().contiguous(), up=up.to(dtype).cpu().contiguous(), shape=shape,
-                   magnitude=magnitude, magnitude_axis=axis), rank, error
+                   magnitude=magnitude, magnitude_axis=axis)
 
 
 def _dora(terms: Sequence[tuple[LowRank, float]], key: str) -> tuple[torch.Tensor | None, int]:
@@ -341,8 +331,10 @@ def _compose_dense(key: str, parts: Sequence[_Part], shape, options: ComposeOpti
         flat = merged.reshape(-1)
         indices = flat.nonzero().reshape(-1)
         return [Sparse(indices.cpu(), flat[indices].to(dtype).cpu(), shape)], report
-    u, s, vh = dense_svd(merged.reshape(shape[0], -1))
-    low, report.rank, report.relative_error = _truncated(u, s, vh, options, ranks_in, shape, dtype)
+    # a randomized SVD (picked for a fixed rank on large modules) is seeded too, so runs repeat
+    found = truncated_svd(merged.reshape(shape[0], -1), _rule(options, ranks_in), generator=torch.Generator().manual_seed(options.seed))
+    report.rank, report.relative_error = found.rank, math.sqrt(max(0.0, 1.0 - found.energy_kept))
+    low = _low_rank(found.u, found.s, found.vh, shape, dtype)
     return ([low] if low is not None else []), report
 
 
@@ -364,7 +356,10 @@ def _compose_factored(key: str, parts: Sequence[_Part], shape, options: ComposeO
             u, s, vh = factored_svd([low.up.to(options.device) for low, _ in terms],
                                     [low.down.to(options.device) for low, _ in terms],
                                     [w * low.scale for low, w in terms], work)
-            low, report.rank, report.relative_error = _truncated(u, s, vh, options, ranks_in, shape, dtype, magnitude, axis)
+            spectrum = s.double().cpu()
+            rank = min(_rule(options, ranks_in).choose(spectrum), numerical_rank(spectrum, (u.shape[0], vh.shape[1]), work))
+            report.rank, report.relative_error = rank, tail_error(spectrum, rank)
+            low = _low_rank(u[:, :rank], s[:rank], vh[:rank], shape, dtype, magnitude, axis)
             found.extend([low] if low is not None else [])
     return found + _sum_exact(parts, shape), report
 
@@ -392,7 +387,7 @@ def compose(adapters: Sequence[tuple[Adapter, str]], weights: Sequence[float] | 
     keys = list(dict.fromkeys(k for adapter, _ in adapters for k in adapter.deltas))
     for key in keys:
         parts = [(_Part.of(a.deltas[key], w), where) for (a, where), w in zip(adapters, weights) if key in a.deltas]
-        module_type = next(a.module_types.get(key, "linear") for a, _ in adapters if key in a.deltas)
+        module_type = min((a.module_types.get(key, "linear") for a, _ in adapters if key in a.deltas), key=lambda t: t == "other")
         shape = tuple(next(iter(parts[0][0].low + parts[0][0].sparse + parts[0][0].dense + parts[0][0].replace)).shape)
         for delta in _replacements(key, parts):
             result.add(key, delta, module_type)
