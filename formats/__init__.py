@@ -28,9 +28,9 @@ from types import ModuleType
 
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
-from surgeon.formats import gguf, mlx, ort, peft, sparse
+from surgeon.formats import diffusers, gguf, kohya, lycoris, mlx, ort, peft, sparse
 
-FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (peft, mlx, gguf, ort, sparse)}
+FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (peft, mlx, gguf, ort, diffusers, lycoris, kohya, sparse)}
 
 
 def get(name: str) -> ModuleType:

@@ -44,10 +44,10 @@ def provenance() -> dict[str, str]:
     return {"surgeon_version": __version__, "surgeon_command": shlex.join(["surgeon", *sys.argv[1:]])}
 
 
-def read_adapter_arg(path: str | Path, format_name: str | None):
+def read_adapter_arg(path: str | Path, format_name: str | None, base=None):
     from surgeon import formats
 
-    return formats.read_adapter(Path(path), format_name)
+    return formats.read_adapter(Path(path), format_name, base=base)
 
 
 class InputPath(click.ParamType):
@@ -151,7 +151,7 @@ def _run_transform(operation, base: str, adapters: tuple[str, ...], output: Path
     from surgeon.ops.merge import resolve_device
 
     checkpoint = Checkpoint(base)
-    loaded = [(read_adapter_arg(a, format_name), a) for a in adapters]
+    loaded = [(read_adapter_arg(a, format_name, base=checkpoint), a) for a in adapters]
     device_obj = resolve_device(device)
     inputs = [Path(base), *map(Path, adapters)]
     with atomic_output(output, inputs=inputs, force=force) as staging:

@@ -1,0 +1,211 @@
+"""kohya / sd-scripts LoRA: one ``.safetensors`` whose keys are ``<name>.lora_down.weight``
+(r×in, a convolution's r×in×kh×kw), ``<name>.lora_up.weight`` (out×r, a convolution's
+out×r×1×1) and a scalar ``<name>.alpha``; ΔW = alpha/r · up @ down with r = lora_down's first
+dimension, and a missing or zero alpha meaning alpha = r (sd-scripts ``networks/lora.py``).
+
+Names are the module path with ``.`` turned into ``_`` behind ``lora_unet_``, ``lora_te_``,
+``lora_te1_``/``lora_te2_`` (SDXL) or ``lora_te3_`` (T5): they are matched against the base
+checkpoint's keys (:mod:`surgeon.formats.kohya_names`), so reading needs the base. LyCORIS's
+LoCon extensions read here too: a Tucker ``lora_mid`` core, and a ``dora_scale`` whose norm axis
+is told by its shape ([out, 1] normalises rows, [1, in] columns, as ComfyUI decides). Header
+metadata (``ss_*`` training fields, ``modelspec.*``) is kept and written back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from surgeon.delta import Adapter, LowRank
+from surgeon.errors import SurgeonError
+from surgeon.formats.kohya_names import PREFIXES, kohya_names, resolve, split_prefix
+from surgeon.formats.lora_only import combined_note, lora_targets
+
+NAME = "kohya"
+DESCRIPTION = "kohya / sd-scripts LoRA (one .safetensors, lora_unet_… / lora_te_… names)"
+LOOKS_FOR = "a .safetensors file with <lora_unet_|lora_te_…name>.lora_down.weight, .lora_up.weight and .alpha keys"
+WRITES_FILE = True
+
+LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale")
+_KEPT_METADATA = ("ss_", "modelspec.")
+# Fields that describe the exact bytes of the file they were computed from.
+_STALE_METADATA = ("modelspec.hash_sha256",)
+
+
+def header_keys(path: Path) -> list[str] | None:
+    """The tensor names of a safetensors file, or None if ``path`` is not one (for sniffing)."""
+    if not path.is_file() or path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return list(handle.keys())
+    except Exception:  # not safetensors, or corrupt: not ours to judge here
+        return None
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+    except Exception as error:  # safetensors raises its own types for corrupt headers
+        raise SurgeonError(f"{path}: not a readable safetensors file ({error}).") from error
+
+
+def kohya_style(keys: list[str]) -> bool:
+    """Every key is ``<prefixed underscored name>.<part>``."""
+    return bool(keys) and all("." in k and split_prefix(k.partition(".")[0]) is not None for k in keys)
+
+
+def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{name: {part: tensor}} for keys ``name.part``."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        stem, _, part = key.partition(".")
+        modules.setdefault(stem, {})[part] = tensor
+    return modules
+
+
+def sniff(path: Path) -> bool:
+    keys = header_keys(path)
+    return bool(keys) and kohya_style(keys) and any(k.endswith(".lora_down.weight") for k in keys) \
+        and all(k.partition(".")[2] in LORA_PARTS for k in keys)
+
+
+def scale_of(alpha: torch.Tensor | None, rank: int) -> float:
+    """alpha/rank, where a missing or zero alpha means alpha = rank (sd-scripts, LyCORIS)."""
+    value = float(alpha) if alpha is not None else 0.0
+    return (value if value != 0 else rank) / rank
+
+
+def dora_magnitude(scale: torch.Tensor, shape: tuple[int, ...], where: str) -> tuple[torch.Tensor, int]:
+    """A LyCORIS ``dora_scale`` as (magnitude, axis): [out, 1, …] norms each output row (LyCORIS ≥ 3.2's
+    default), [1, in, …] each input column (older files)."""
+    if scale.shape[0] == shape[0] and scale.numel() == shape[0]:
+        return scale.reshape(-1).float(), 0
+    if len(shape) > 1 and scale.numel() == shape[1]:
+        return scale.reshape(-1).float(), 1
+    raise SurgeonError(f"{where}: dora_scale has shape {tuple(scale.shape)}, which fits neither the rows nor the columns of the {shape} weight.")
+
+
+def lora_delta(parts: dict[str, torch.Tensor], shape: tuple[int, ...], where: str) -> LowRank:
+    """One LoRA/LoCon module as a low-rank delta on a weight of ``shape``. A Tucker core folds into
+    the down factor exactly: ΔW[o, i, k] = Σ up[o, a]·mid[a, b, k]·down[b, i]."""
+    down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+    if down is None or up is None:
+        raise SurgeonError(f"{where}: has only one of lora_down/lora_up; the file is incomplete.")
+    rank = int(down.shape[0])
+    mid = parts.get("lora_mid.weight")
+    if mid is not None:
+        down = torch.einsum("a b ..., b i -> a i ...", mid.float(), down.float().reshape(rank, -1))
+    down, up = down.reshape(rank, -1), up.reshape(up.shape[0], -1)
+    if up.shape[1] != rank or up.shape[0] * down.shape[1] != math.prod(shape):
+        raise SurgeonError(
+            f"{where}: lora_up {tuple(parts['lora_up.weight'].shape)} and lora_down {tuple(parts['lora_down.weight'].shape)} "
+            f"do not make a ΔW for the base weight of shape {shape}; the adapter was made for another model."
+        )
+    magnitude, axis = (None, 0) if "dora_scale" not in parts else dora_magnitude(parts["dora_scale"], shape, where)
+    return LowRank(down=down, up=up, scale=scale_of(parts.get("alpha"), rank), shape=shape, magnitude=magnitude, magnitude_axis=axis)
+
+
+def module_type(shape: tuple[int, ...]) -> str:
+    return "conv" if len(shape) > 2 else "linear" if len(shape) == 2 else "other"
+
+
+def read_modules(path: Path, base, known_parts: tuple[str, ...], format_name: str):
+    """The file's modules grouped by name, each with its base module path, and a fresh adapter
+    that records the names (for writing them back). Parts outside ``known_parts`` are refused."""
+    tensors, metadata = load(path)
+    modules = group(tensors)
+    for stem, parts in modules.items():
+        unknown = sorted(set(parts) - set(known_parts))
+        if unknown:
+            raise SurgeonError(
+                f"{path}: module {stem!r} has parts {', '.join(unknown)} that a {format_name} file does not hold"
+                + ("; read it with --from lycoris." if format_name == NAME else "; surgeon does not read them.")
+            )
+    resolved = resolve(modules, base, str(path))
+    adapter = Adapter(source_format=format_name, base_model=metadata.get("ss_sd_model_name"), metadata=metadata)
+    adapter.config = {
+        "kohya_names": {module: stem for stem, (_, module) in resolved.items()},
+        "components": {module: [PREFIXES[split_prefix(stem)[0]], module[len(prefix):]] for stem, (prefix, module) in resolved.items()},
+    }
+    return [(stem, resolved[stem][1], parts) for stem, parts in modules.items()], adapter
+
+
+def read(path: Path, base=None) -> Adapter:
+    """A kohya LoRA as low-rank deltas keyed by the base checkpoint's parameter names."""
+    path = Path(path)
+    modules, adapter = read_modules(path, base, LORA_PARTS, NAME)
+    for stem, module, parts in modules:
+        key = module + ".weight"
+        shape = tuple(base.info(key).shape)
+        adapter.add(key, lora_delta(parts, shape, f"{path}: {stem}"), module_type(shape))
+    return adapter
+
+
+def _factors(delta: LowRank) -> tuple[torch.Tensor, torch.Tensor]:
+    rank, shape = delta.rank, delta.shape
+    if len(shape) > 2:
+        return delta.down.reshape(rank, *shape[1:]), delta.up.reshape(shape[0], rank, *([1] * (len(shape) - 2)))
+    return delta.down, delta.up
+
+
+def _dora_scale(delta: LowRank) -> torch.Tensor:
+    shape = [1] * len(delta.shape)
+    shape[delta.magnitude_axis] = -1
+    return delta.magnitude.reshape(shape).contiguous()
+
+
+def _summary(values: list[float]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else "Dynamic"
+
+
+def _metadata(adapter: Adapter, ranks: dict[bool, list[int]], alphas: dict[bool, list[float]]) -> tuple[dict[str, str], list[str]]:
+    """Kept ``ss_*``/``modelspec.*`` fields with the network fields set to what is written.
+    ``ss_network_dim``/``_alpha`` describe the linear (and 1×1) modules, k×k convolutions go in
+    ``ss_network_args`` as sd-scripts does; "Dynamic" where modules differ, as its resize tool writes."""
+    kept = {k: v for k, v in adapter.metadata.items() if k.startswith(_KEPT_METADATA) and k not in _STALE_METADATA}
+    dropped = sorted(set(adapter.metadata) - set(kept) - {"format"})
+    linear = ranks[False] or ranks[True]
+    kept["ss_network_module"] = adapter.metadata.get("ss_network_module", "networks.lora")
+    kept["ss_network_dim"] = _summary([int(r) for r in linear])
+    kept["ss_network_alpha"] = _summary([float(a) for a in (alphas[False] or alphas[True])])
+    if ranks[True] and "ss_network_args" not in kept:
+        kept["ss_network_args"] = json.dumps({"conv_dim": _summary(ranks[True]), "conv_alpha": _summary(alphas[True])})
+    notes = [f"{len(dropped)} metadata entries that kohya files do not carry were dropped ({', '.join(dropped[:5])})."] if dropped else []
+    return kept, notes
+
+
+def write(adapter: Adapter, staging: Path) -> list[str]:
+    """Write ``adapter`` as one kohya LoRA file. Each module's scale becomes its own alpha
+    (alpha = scale·r, float32), so per-module ranks, alphas and rsLoRA scales survive as they are."""
+    targets = lora_targets(adapter, NAME, ("linear", "conv"), allow_dora=True)
+    names = kohya_names(adapter, [t.module for t in targets])
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[bool, list[int]] = {False: [], True: []}
+    alphas: dict[bool, list[float]] = {False: [], True: []}
+    notes = combined_note(adapter)
+    for target in targets:
+        delta, stem = target.delta, names[target.module]
+        down, up = _factors(delta)
+        alpha = delta.scale * delta.rank
+        if alpha == 0:  # alpha 0 reads as alpha = rank: a zero scale must live in the factor instead
+            up, alpha = torch.zeros_like(up), float(delta.rank)
+        tensors[f"{stem}.lora_down.weight"] = down.contiguous()
+        tensors[f"{stem}.lora_up.weight"] = up.contiguous()
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if delta.magnitude is not None:
+            tensors[f"{stem}.dora_scale"] = _dora_scale(delta)
+        kernel = math.prod(delta.shape[2:]) > 1
+        ranks[kernel].append(delta.rank)
+        alphas[kernel].append(alpha)
+    if any(t.delta.magnitude is not None for t in targets):
+        notes.append("DoRA magnitudes were written as LyCORIS dora_scale tensors, which ComfyUI and LyCORIS apply; sd-scripts itself ignores them.")
+    metadata, dropped = _metadata(adapter, ranks, alphas)
+    save_file(tensors, staging, metadata=metadata)
+    return notes + dropped
