@@ -65,11 +65,12 @@ def pattern_key(patterns: dict, module: str) -> str | None:
     return None
 
 
-def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
+def module_rank_alpha(config: dict, module: str, alpha_field: str = "lora_alpha") -> tuple[int, float]:
+    """r and alpha of one module; LoHa and LoKr configs call alpha ``alpha``."""
     rank_key = pattern_key(config.get("rank_pattern") or {}, module)
     alpha_key = pattern_key(config.get("alpha_pattern") or {}, module)
     rank = config["rank_pattern"][rank_key] if rank_key is not None else config.get("r", 8)
-    alpha = config["alpha_pattern"][alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
+    alpha = config["alpha_pattern"][alpha_key] if alpha_key is not None else config.get(alpha_field, 8)
     return int(rank), float(alpha)
 
 
@@ -94,7 +95,11 @@ def read(path: Path, base=None) -> Adapter:
     config = json.loads((path / CONFIG_FILE).read_text())
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise SurgeonError(f"{path / CONFIG_FILE}: peft_type {peft_type!r} is not supported yet; surgeon reads PEFT LoRA and DoRA.")
+        from surgeon.formats import peft_tuners
+
+        if peft_type in peft_tuners.PARTS:
+            return peft_tuners.read(path, config, base)
+        raise SurgeonError(f"{path / CONFIG_FILE}: peft_type {peft_type!r} is not supported yet; surgeon reads PEFT LoRA, DoRA, LoHa, LoKr, IA3 and VeRA.")
     for option, label in _UNSUPPORTED.items():
         if config.get(option) not in (None, False, [], {}):
             raise SurgeonError(f"{path / CONFIG_FILE}: uses {label} ({option}), which surgeon does not support yet.")
