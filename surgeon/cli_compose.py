@@ -172,6 +172,11 @@ def _compose_checkpoints(base, tuned, output, weights, options, dtype, shard_siz
     from surgeon.ops.merge import DTYPES
     from surgeon.ops.task_arithmetic import task_arithmetic
 
+    from surgeon import formats
+
+    for path in tuned:
+        if formats.detect(path) is not None:
+            raise SurgeonError(f"{path}: is an adapter, but --base takes full fine-tuned checkpoints; drop --base to compose adapters.")
     checkpoint = Checkpoint(base)
     with atomic_output(output, inputs=[Path(base), *map(Path, tuned)], force=force) as staging:
         with Progress(len(checkpoint), options.method) as tick:

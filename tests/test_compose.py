@@ -290,6 +290,8 @@ def test_refusals(lora_c):
         ComposeOptions(method="ties")
     with pytest.raises(SurgeonError, match="method svd"):
         ComposeOptions(method="cat", rule=RankRule(rank=4))
+    result = CliRunner().invoke(main, ["compose", "--base", str(LLAMA), str(LORA_A), "-o", "unused"])
+    assert result.exit_code == 1 and "drop --base" in result.output
 
 
 def test_dora_resizes_alone_but_does_not_add(tmp_path):
