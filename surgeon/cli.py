@@ -119,20 +119,26 @@ def main() -> None:
 
 @main.command()
 @click.argument("path", type=INPUT)
+@click.option("--base", type=INPUT, default=None, help="The base checkpoint, for formats whose names only it resolves (kohya, LyCORIS).")
 @FROM_OPTION
 @JSON_OPTION
 @friendly
-def inspect(path: Path, format_name: str | None, as_json: bool) -> None:
+def inspect(path: Path, base: Path | None, format_name: str | None, as_json: bool) -> None:
     """Say what PATH is (an adapter and its format, or a checkpoint) and summarise it.
 
     For an adapter: format, rank, alpha, scale, targets grouped by layer, parameters and bytes.
     For a checkpoint: files, tensors, parameters, dtypes and architecture.
+
+    \b
+    Examples:
+      surgeon inspect fixtures/tiny-llama-lora
+      surgeon inspect my_lora.safetensors --base sd15/unet --json
     """
     from surgeon import formats
 
     module = formats.get(format_name) if format_name else formats.detect(path)
     if module is not None:
-        summary = adapter_summary(module.read(path), path, module.DESCRIPTION)
+        summary = adapter_summary(module.read(path, base=Checkpoint(base) if base else None), path, module.DESCRIPTION)
     else:
         try:
             summary = checkpoint_summary(Checkpoint(path))
@@ -244,6 +250,6 @@ def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_
 # (one import per module, below)
 from surgeon import cli_compose  # noqa: E402,F401
 from surgeon import cli_convert  # noqa: E402,F401
-from surgeon import cli_extract  # noqa: E402,F401
 from surgeon import cli_hub  # noqa: E402,F401
 from surgeon import cli_export  # noqa: E402,F401
+from surgeon import cli_extract  # noqa: E402,F401

@@ -144,3 +144,16 @@ def test_installed_package_imports_formats_outside_the_repo(tmp_path):
                              check=True, capture_output=True, text=True, cwd=tmp_path).stdout
     assert located.strip() == "peft"
     assert subprocess.run(["surgeon", "--help"], capture_output=True, cwd=tmp_path).returncode == 0
+
+
+def test_inspect_resolves_kohya_names_with_base(fixtures_dir, tmp_path):
+    runner = CliRunner()
+    kohya_file = tmp_path / "lora.safetensors"
+    assert runner.invoke(main, ["convert", str(fixtures_dir / "tiny-llama-lora"), "--to", "kohya", "-o", str(kohya_file)]).exit_code == 0
+    without = runner.invoke(main, ["inspect", str(kohya_file)])
+    assert without.exit_code == 1 and "--base" in without.output
+    summary = json.loads(runner.invoke(main, ["inspect", str(kohya_file), "--base", str(fixtures_dir / "tiny-llama"), "--json"]).output)
+    peft_summary = json.loads(runner.invoke(main, ["inspect", str(fixtures_dir / "tiny-llama-lora"), "--json"]).output)
+    assert summary["format"] == "kohya"
+    assert {m["target"] for m in summary["modules"]} == {m["target"] for m in peft_summary["modules"]}
+    assert (summary["rank"], summary["scale"], summary["params"]) == (peft_summary["rank"], peft_summary["scale"], peft_summary["params"])
