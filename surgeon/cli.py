@@ -147,6 +147,17 @@ def inspect(path: Path, base: Path | None, format_name: str | None, as_json: boo
     emit(summary, as_json, render(summary))
 
 
+def _transform_options(command):
+    """The options merge and unmerge share, in the order --help lists them."""
+    for option in reversed([
+        click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+                     help="Output dtype of float tensors; auto keeps each tensor's own."),
+        DEVICE_OPTION, SHARD_OPTION, FROM_OPTION, FORCE_OPTION, NONFINITE_OPTION, JSON_OPTION,
+    ]):
+        command = option(command)
+    return friendly(command)
+
+
 def _dtype_option(value: str):
     from surgeon.ops.merge import DTYPES
 
@@ -176,14 +187,7 @@ def _run_transform(operation, base: str, adapters: tuple[str, ...], output: Path
 @click.argument("adapters", nargs=-1, required=True, type=INPUT)
 @OUTPUT_OPTION
 @click.option("-w", "--weight", "weights", multiple=True, type=float, help="Scale for each adapter, in order (repeat once per adapter; default 1).")
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Output dtype of float tensors; auto keeps each tensor's own.")
-@DEVICE_OPTION
-@SHARD_OPTION
-@FROM_OPTION
-@FORCE_OPTION
-@NONFINITE_OPTION
-@JSON_OPTION
-@friendly
+@_transform_options
 def merge(base, adapters, output, weights, dtype, device, shard_size, format_name, force, allow_nonfinite, as_json) -> None:
     """Merge ADAPTERS into the BASE checkpoint and write a full checkpoint to -o.
 
@@ -208,14 +212,7 @@ def merge(base, adapters, output, weights, dtype, device, shard_size, format_nam
 @OUTPUT_OPTION
 @click.option("-w", "--weight", "weights", multiple=True, type=float, help="The weights the adapters were merged with.")
 @click.option("--check", "check_base", type=INPUT, default=None, help="The real base: report how far the restored checkpoint is from it.")
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Output dtype of float tensors.")
-@DEVICE_OPTION
-@SHARD_OPTION
-@FROM_OPTION
-@FORCE_OPTION
-@NONFINITE_OPTION
-@JSON_OPTION
-@friendly
+@_transform_options
 def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_size, format_name, force, allow_nonfinite, as_json) -> None:
     """Subtract ADAPTERS from a MERGED checkpoint, recovering the base: the inverse of merge.
 

@@ -131,6 +131,13 @@ def transform_checkpoint(
     return report
 
 
+def _one_weight_each(weights: Sequence[float] | None, adapters: Sequence) -> list[float]:
+    weights = list(weights) if weights else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise SurgeonError(f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter or none.")
+    return weights
+
+
 def merge(
     base: Checkpoint,
     adapters: Sequence[tuple[Adapter, str]],
@@ -141,9 +148,7 @@ def merge(
     **options,
 ) -> MergeReport:
     """Merge adapters into ``base``, in the order given, each scaled by its weight (default 1)."""
-    weights = list(weights) if weights else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise SurgeonError(f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter or none.")
+    weights = _one_weight_each(weights, adapters)
     bound = prepare(adapters, base, allow_nonfinite)
     for adapter, weight, (_, where) in zip(bound, weights, adapters):
         if weight != 1.0 and any(isinstance(d, LowRank) and d.is_dora for ds in adapter.deltas.values() for d in ds):
@@ -161,7 +166,7 @@ def unmerge(
     **options,
 ) -> MergeReport:
     """Take adapters back off a merged checkpoint: the inverse of :func:`merge` with the same arguments."""
-    weights = list(weights) if weights else [1.0] * len(adapters)
+    weights = _one_weight_each(weights, adapters)
     for adapter, where in adapters:
         if adapter.config.get("computed_from_base"):
             raise SurgeonError(f"cannot unmerge {where}: it scales base weights ((IA)³), and its ΔW was computed from the merged weights given, "
