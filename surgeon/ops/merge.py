@@ -8,6 +8,7 @@ taken back off. Peak memory is then the largest tensor a few times over, whateve
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -84,6 +85,25 @@ def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None) -> None
         config.write_text(json.dumps(data, indent=2) + "\n")
 
 
+class _Scratch:
+    """Two buffers, sized once for the largest changed tensor and reused for every one: fresh
+    multi-hundred-MB allocations per tensor cost more in page faults than the arithmetic does."""
+
+    def __init__(self, changed: list[TensorInfo], device: torch.device):
+        largest = max((math.prod(i.shape) for i in changed), default=0)
+        widest = max((i.dtype.itemsize for i in changed), default=1)
+        self._work = torch.empty(largest, dtype=torch.float32, device=device)
+        self._result = torch.empty(largest * widest, dtype=torch.uint8)
+
+    def work(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An fp32 tensor of ``shape`` on the compute device (contents undefined)."""
+        return self._work[: math.prod(shape)].view(shape)
+
+    def result(self, info: TensorInfo) -> torch.Tensor:
+        """A CPU tensor of ``info``'s shape and dtype, to hold what is written (contents undefined)."""
+        return self._result[: info.num_bytes].view(info.dtype).view(info.shape)
+
+
 def transform_checkpoint(
     base: Checkpoint,
     plan: dict[str, list[tuple[Delta, float]]],
@@ -108,17 +128,19 @@ def transform_checkpoint(
         return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
 
     specs = [(key, TensorInfo(base.info(key).shape, out_dtype(base.info(key)))) for key in base.keys()]
+    for key in plan:
+        if not base.info(key).dtype.is_floating_point:
+            raise SurgeonError(f"{base.path}: {key!r} is {base.info(key).dtype}; deltas apply to float weights only.")
+    scratch = _Scratch([TensorInfo(base.info(k).shape, out_dtype(base.info(k))) for k in plan], device)
     report = MergeReport(output=str(out), device=str(device))
     with StreamingWriter(out, specs, shard_size=shard_size, metadata=metadata) as writer:
         for key, info in specs:
             tensor = base.get(key)
             deltas = plan.get(key)
             if deltas:
-                if not tensor.dtype.is_floating_point:
-                    raise SurgeonError(f"{base.path}: {key!r} is {tensor.dtype}; deltas apply to float weights only.")
-                work = tensor.to(device=device, dtype=torch.float32, copy=True)
+                work = scratch.work(info.shape).copy_(tensor)
                 work = remove_deltas(work, deltas) if undo else apply_deltas(work, deltas)
-                tensor = work
+                tensor = scratch.result(info).copy_(work)
                 report.changed += 1
             writer.write(key, tensor.to(dtype=info.dtype).cpu())
             report.tensors += 1
