@@ -301,6 +301,34 @@ def _factor(key: str, delta: torch.Tensor, module_type: str, shape: tuple[int, .
     return low_rank, residual, found
 
 
+def _extract_matrix(row: Row, delta: torch.Tensor, module_type: str, options: ExtractOptions, out_dtype: torch.dtype,
+                    generator: torch.Generator, result: Extraction, keep_spectra: bool) -> None:
+    """Factor one targeted delta into ``result`` (low rank, then the sparse residual) and fill its row."""
+    key, shape = row.key, tuple(row.shape)
+    residual = delta
+    if options.rule.rank != 0:
+        low_rank, residual, found = _factor(key, delta, module_type, shape, options, out_dtype, generator)
+        row.method, row.energy_kept = found.method, found.energy_kept
+        if keep_spectra and found.spectrum.numel():
+            result.spectra[key] = (found.spectrum / found.spectrum[0]).float()
+        if low_rank is not None:
+            result.lora.add(key, low_rank, module_type)
+            row.action, row.rank, row.params = "lora", low_rank.rank, low_rank.up.numel() + low_rank.down.numel()
+    residual_norm = float(torch.linalg.vector_norm(residual))
+    row.relative_error = residual_norm / row.delta_norm
+    if options.sparse_density > 0:
+        part = _sparse_of(residual, options.sparse_density, shape)
+        result.sparse.add(key, part, module_type)
+        kept = float(torch.linalg.vector_norm(part.values.double()))
+        row.sparse_entries = part.indices.numel()
+        row.params += part.indices.numel()
+        row.relative_error_with_sparse = math.sqrt(max(0.0, residual_norm**2 - kept**2)) / row.delta_norm
+        if row.action == "skipped":
+            row.action = "sparse"
+    if row.action == "skipped":
+        row.reason = "the rank rule kept nothing"
+
+
 def extract(
     base: Checkpoint,
     tuned: Checkpoint,
@@ -339,47 +367,22 @@ def extract(
         if not _matches(key, options):
             row.reason = "excluded by --include/--exclude"
             continue
+        whole = None
         if delta.dim() <= 1:
-            if options.keep_changed_1d:
-                row.action, row.params = "replace", new.numel()
-                (sparse if pure_sparse else lora).add(key, Replace(new.cpu()), "other")
-            else:
-                row.reason = "1-D (norm or bias); keep it with --keep-changed-1d"
-            continue
-        if key in embeddings and options.embeddings != "lora":
-            if options.embeddings == "full":
-                row.action, row.params = "replace", new.numel()
-                (sparse if pure_sparse else lora).add(key, Replace(new.cpu()), "other")
-            else:
-                row.reason = "embedding or lm_head; extract it with --embeddings lora or full"
+            whole = options.keep_changed_1d or "1-D (norm or bias); keep it with --keep-changed-1d"
+        elif key in embeddings and options.embeddings != "lora":
+            whole = options.embeddings == "full" or "embedding or lm_head; extract it with --embeddings lora or full"
+        if whole is True:
+            row.action, row.params = "replace", new.numel()
+            (sparse if pure_sparse else lora).add(key, Replace(new.cpu()), "other")
+        elif whole:
+            row.reason = whole
+        if whole is not None:
             continue
         if module_type == "other":
             module_type = row.module_type = "conv" if delta.dim() > 2 else "linear"
-        out_dtype = options.factor_dtype or (new.dtype if new.is_floating_point() else torch.float32)
         result.full_delta_bytes += delta.numel() * new.element_size()
-        residual = delta
-        if not pure_sparse:
-            low_rank, residual, found = _factor(key, delta, module_type, shape, options, out_dtype, generator)
-            row.method, row.energy_kept = found.method, found.energy_kept
-            if keep_spectra and found.spectrum.numel():
-                result.spectra[key] = (found.spectrum / found.spectrum[0]).float()
-            if low_rank is not None:
-                lora.add(key, low_rank, module_type)
-                row.action, row.rank, row.params = "lora", low_rank.rank, low_rank.up.numel() + low_rank.down.numel()
-        residual_norm = float(torch.linalg.vector_norm(residual))
-        row.relative_error = residual_norm / row.delta_norm
-        if options.sparse_density > 0:
-            part = _sparse_of(residual, options.sparse_density, shape)
-            sparse.add(key, part, module_type)
-            kept = float(torch.linalg.vector_norm(part.values.double()))
-            row.sparse_entries = part.indices.numel()
-            row.params += part.indices.numel()
-            row.relative_error_with_sparse = math.sqrt(max(0.0, residual_norm**2 - kept**2)) / row.delta_norm
-            if row.action == "skipped":
-                row.action = "sparse"
-        if row.action == "skipped":
-            row.reason = "the rank rule kept nothing"
-        del delta, residual
+        _extract_matrix(row, delta, module_type, options, options.factor_dtype or new.dtype, generator, result, keep_spectra)
     if not result.rows:
         raise SurgeonError(f"{base.path} and {tuned.path} are identical: no tensor differs, so there is nothing to extract; nothing was written.")
     if not lora.low_ranks():  # no LoRA to write: whole replacements go with the sparse diff
