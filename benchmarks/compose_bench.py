@@ -80,10 +80,12 @@ PEFT_CHILD = textwrap.dedent("""
 """).format(HIDDEN=HIDDEN, INTERMEDIATE=INTERMEDIATE, HEADS=HEADS, KV_HEADS=KV_HEADS, VOCAB=VOCAB)
 
 
-def run_measured(command: list[str]) -> dict:
-    """Run ``command``: its wall time, its own peak RSS (reaped with wait4) and the JSON it prints."""
+def run_measured(command: list[str], threads: int | None) -> dict:
+    """Run ``command`` (with ``threads`` intra-op threads when given): its wall time, its own peak
+    RSS (reaped with wait4) and the JSON it prints."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     out_chunks: list[str] = []
     err_chunks: list[str] = []
 
@@ -133,6 +135,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=None, help="Where the adapters go (default: a temporary directory).")
     parser.add_argument("--peft-layers", type=int, default=None, help="Run PEFT on the first N layers only and scale its time to --layers.")
+    parser.add_argument("--threads", type=int, default=None, help="Intra-op threads of both tools (default: torch's). "
+                        "On a loaded machine 1 avoids OpenMP oversubscription, which hurts surgeon's many small QRs most.")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-error", action="store_true", help="Do not measure the errors (saves the dense SVDs).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
@@ -142,11 +146,11 @@ def main() -> None:
     adapters = [make_adapter(work / "a", args.layers, args.rank, 2 * args.rank, 0),
                 make_adapter(work / "b", args.layers, args.rank, args.rank, 1)]
     figures: dict = {"layers": args.layers, "rank": args.rank, "modules": args.layers * len(PROJECTIONS),
-                     "threads": torch.get_num_threads(), "torch": torch.__version__}
+                     "threads": args.threads or torch.get_num_threads(), "load_average": os.getloadavg()[0], "torch": torch.__version__}
 
     out = work / "surgeon-out"
     surgeon = run_measured([sys.executable, "-c", "from surgeon.cli import main; main()", "compose", *map(str, adapters), "--method", "svd", "--rank",
-                            str(args.rank), "--device", "cpu", "-o", str(out), "--force", "--json"])
+                            str(args.rank), "--device", "cpu", "-o", str(out), "--force", "--json"], args.threads)
     figures["surgeon"] = {"wall_seconds": surgeon["wall_seconds"], "compose_seconds": surgeon["report"]["seconds"],
                           "peak_rss_mb": surgeon["peak_rss_mb"]}
     if not args.skip_peft:
@@ -155,7 +159,7 @@ def main() -> None:
         peft_out = work / "peft-out"
         peft_layers = min(args.peft_layers or args.layers, args.layers)
         # PEFT loads the adapters into a model of peft_layers blocks and ignores the layers it lacks
-        result = run_measured([sys.executable, "-c", PEFT_CHILD, *map(str, adapters), str(peft_out), str(peft_layers), str(args.rank)])
+        result = run_measured([sys.executable, "-c", PEFT_CHILD, *map(str, adapters), str(peft_out), str(peft_layers), str(args.rank)], args.threads)
         scale = args.layers / peft_layers
         figures["peft"] = {"version": peft.__version__, "layers_run": peft_layers, "compose_seconds_measured": result["report"]["compose_seconds"],
                            "compose_seconds": result["report"]["compose_seconds"] * scale, "extrapolated": scale != 1,
