@@ -7,6 +7,7 @@ each fine-tune's copy of it), so a model of any size merges within a few times i
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Sequence
 
@@ -38,23 +39,31 @@ def check_same_layout(base: Checkpoint, tuned: Sequence[Checkpoint]) -> None:
                 )
 
 
-class _MergedDeltas:
-    """The plan :func:`transform_checkpoint` asks for, computed key by key as it is asked:
-    ``get(key)`` reads that tensor from the base and every fine-tune, and returns their merged
-    delta (None where no fine-tune changed it), so nothing is computed ahead of the writer."""
+class _MergedDeltas(Mapping):
+    """The plan :func:`transform_checkpoint` takes, computed key by key as it is asked: its keys
+    are the base's float tensors, and looking one up reads that tensor from the base and every
+    fine-tune and returns their merged delta (empty where no fine-tune changed it), so nothing
+    is computed ahead of the writer."""
 
     def __init__(self, base: Checkpoint, tuned: Sequence[Checkpoint], weights: Sequence[float], options: ComposeOptions):
         self.base, self.tuned, self.weights, self.options = base, tuned, weights, options
+        self._float_keys = [k for k in base.keys() if base.info(k).dtype.is_floating_point]
 
-    def get(self, key: str, default=None) -> list[tuple[Dense, float]] | None:
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._float_keys)
+
+    def __len__(self) -> int:
+        return len(self._float_keys)
+
+    def __getitem__(self, key: str) -> list[tuple[Dense, float]]:
         if not self.base.info(key).dtype.is_floating_point:
-            return default
+            raise KeyError(key)
         device = self.options.device
         base = self.base.get(key).to(device=device, dtype=torch.float32)
         deltas = [t.get(key).to(device=device, dtype=torch.float32) - base for t in self.tuned]
         del base
         if not any(bool(d.any()) for d in deltas):
-            return default
+            return []
         if self.options.method in SUM_METHODS:
             merged = sum(d * w for d, w in zip(deltas, self.weights))
         else:
@@ -83,4 +92,4 @@ def task_arithmetic(
         raise SurgeonError(f"got {len(weights)} --weight values for {len(tuned)} fine-tuned checkpoints; give one per checkpoint or none.")
     check_same_layout(base, tuned)
     plan = _MergedDeltas(base, tuned, weights, options)
-    return transform_checkpoint(base, plan, out, device=options.device, **write_options)  # type: ignore[arg-type]
+    return transform_checkpoint(base, plan, out, device=options.device, **write_options)
