@@ -11,6 +11,8 @@ import json
 import math
 import shutil
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -86,22 +88,25 @@ def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None) -> None
 
 
 class _Scratch:
-    """Two buffers, sized once for the largest changed tensor and reused for every one: fresh
-    multi-hundred-MB allocations per tensor cost more in page faults than the arithmetic does."""
+    """Buffers sized once for the largest changed tensor and reused for every one: fresh
+    multi-hundred-MB allocations per tensor cost more in page faults than the arithmetic does.
+    Results alternate between two slots so that one can be written while the next is computed."""
+
+    SLOTS = 2
 
     def __init__(self, changed: list[TensorInfo], device: torch.device):
         largest = max((math.prod(i.shape) for i in changed), default=0)
         widest = max((i.dtype.itemsize for i in changed), default=1)
         self._work = torch.empty(largest, dtype=torch.float32, device=device)
-        self._result = torch.empty(largest * widest, dtype=torch.uint8)
+        self._results = [torch.empty(largest * widest, dtype=torch.uint8) for _ in range(self.SLOTS)]
 
     def work(self, shape: tuple[int, ...]) -> torch.Tensor:
         """An fp32 tensor of ``shape`` on the compute device (contents undefined)."""
         return self._work[: math.prod(shape)].view(shape)
 
-    def result(self, info: TensorInfo) -> torch.Tensor:
-        """A CPU tensor of ``info``'s shape and dtype, to hold what is written (contents undefined)."""
-        return self._result[: info.num_bytes].view(info.dtype).view(info.shape)
+    def result(self, info: TensorInfo, slot: int) -> torch.Tensor:
+        """A CPU tensor of ``info``'s shape and dtype in result slot ``slot`` (contents undefined)."""
+        return self._results[slot % self.SLOTS][: info.num_bytes].view(info.dtype).view(info.shape)
 
 
 def transform_checkpoint(
@@ -133,19 +138,26 @@ def transform_checkpoint(
             raise SurgeonError(f"{base.path}: {key!r} is {base.info(key).dtype}; deltas apply to float weights only.")
     scratch = _Scratch([TensorInfo(base.info(k).shape, out_dtype(base.info(k))) for k in plan], device)
     report = MergeReport(output=str(out), device=str(device))
-    with StreamingWriter(out, specs, shard_size=shard_size, metadata=metadata) as writer:
+    # Writing is as costly as computing, so one thread writes tensor i while this one computes i+1;
+    # at most one write is in flight when a result slot is filled, and it uses the other slot.
+    with StreamingWriter(out, specs, shard_size=shard_size, metadata=metadata) as writer, ThreadPoolExecutor(1) as io:
+        in_flight: deque[Future] = deque()
         for key, info in specs:
             tensor = base.get(key)
             deltas = plan.get(key)
+            while len(in_flight) > 1:
+                in_flight.popleft().result()
             if deltas:
                 work = scratch.work(info.shape).copy_(tensor)
                 work = remove_deltas(work, deltas) if undo else apply_deltas(work, deltas)
-                tensor = scratch.result(info).copy_(work)
+                tensor = scratch.result(info, slot=report.changed).copy_(work)
                 report.changed += 1
-            writer.write(key, tensor.to(dtype=info.dtype).cpu())
+            in_flight.append(io.submit(writer.write, key, tensor.to(dtype=info.dtype).cpu()))
             report.tensors += 1
             if on_tensor is not None:
                 on_tensor(key)
+        for write in in_flight:
+            write.result()
         report.files = writer.file_names
     _copy_extras(base, out, dtype)
     report.dtype = ", ".join(sorted({str(i.dtype).removeprefix("torch.") for _, i in specs}))
