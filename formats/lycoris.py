@@ -29,11 +29,11 @@ from __future__ import annotations
 import math
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
-from surgeon.delta import Adapter, Dense, LowRank
+from surgeon.delta import Adapter, Dense, LazyDense, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.formats import kohya
 from surgeon.formats.kohya import dora_magnitude, header_keys, kohya_style, lora_delta, module_type, read_modules, scale_of
@@ -53,31 +53,6 @@ _REFUSED = {
     "lambda_layer": "T-LoRA, whose rank depends on the diffusion timestep",
     "bias_indices": "a sparse residual from lycoris extract_diff, which no LyCORIS loader applies",
 }
-
-
-class LazyDense(Dense):
-    """A dense ΔW computed only when it is used, from the file's own factors (or the base weight
-    it scales): reading a LoKr or (IA)³ adapter then holds what the file holds, and a merge
-    materialises one target at a time instead of a whole model's worth of ΔW up front."""
-
-    def __init__(self, compute: Callable[[], torch.Tensor], shape: Iterable[int], tensors: Iterable[torch.Tensor]):
-        object.__setattr__(self, "_compute", compute)
-        object.__setattr__(self, "_shape", tuple(int(d) for d in shape))
-        object.__setattr__(self, "_tensors", list(tensors))
-
-    @property
-    def delta(self) -> torch.Tensor:
-        return self._compute().reshape(self._shape)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._shape
-
-    def tensors(self) -> list[torch.Tensor]:
-        return self._tensors
-
-    def materialize(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.delta.to(device=device, dtype=dtype)
 
 
 def sniff(path: Path) -> bool:

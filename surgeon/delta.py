@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Callable, Iterable, Union
 
 import torch
 
@@ -89,6 +89,31 @@ class Dense:
 
     def materialize(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.delta.to(device=device, dtype=dtype, copy=True)
+
+
+class LazyDense(Dense):
+    """A dense ΔW computed only when it is used, from a format's own factors (LoKr's Kronecker
+    product, the base weight an (IA)³ vector scales): reading such an adapter holds what the file
+    holds, and a merge materialises one target at a time instead of a model's worth up front."""
+
+    def __init__(self, compute: Callable[[], torch.Tensor], shape: Iterable[int], tensors: Iterable[torch.Tensor]):
+        object.__setattr__(self, "_compute", compute)
+        object.__setattr__(self, "_shape", tuple(int(d) for d in shape))
+        object.__setattr__(self, "_tensors", list(tensors))
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self._compute().reshape(self._shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self._tensors
+
+    def materialize(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.delta.to(device=device, dtype=dtype)
 
 
 @dataclass(frozen=True, eq=False)
