@@ -36,11 +36,11 @@ TRUE_RANK, RANK, DELTA_STD, NOISE_STD = 32, 64, 0.002, 0.0001
 INPUTS_VERSION = 1
 SURGEON_IMPORTS = "import torch, safetensors, transformers, surgeon.cli, surgeon.ops.extract, surgeon.formats"
 MERGEKIT_IMPORTS = "import torch, transformers, mergekit.scripts.extract_lora"
-READ_BOTH = """import sys, time, torch
+READ_BOTH = """import sys, torch
 from surgeon.checkpoint import Checkpoint
 base, tuned = Checkpoint(sys.argv[1]), Checkpoint(sys.argv[2])
 for key in base.keys():
-    delta = tuned.get(key).float() - base.get(key).float()
+    torch.equal(base.get(key), tuned.get(key))
 """
 
 
@@ -142,8 +142,9 @@ def report(results: dict) -> str:
         baseline = results["import_rss"].get(name.split("-")[0])
         rows.append([name, f"{run['wall_s']:.1f}", f"{run['cpu_s']:.1f}", mib(run["peak_rss"]),
                      mib(run["peak_rss"] - baseline) if baseline else "-",
-                     f"{error['mean_relative_error']:.4f}" if error else "-", f"{error['max_relative_error']:.4f}" if error else "-"])
-    lines = [table(["", "wall s", "CPU s", "peak RSS", "working memory", "mean rel. error", "max rel. error"], rows)]
+                     f"{error['mean_relative_error']:.4f}" if error else "-", f"{error['max_relative_error']:.4f}" if error else "-",
+                     mib(results["adapter_bytes"][name]) if name in results.get("adapter_bytes", {}) else "-"])
+    lines = [table(["", "wall s", "CPU s", "peak RSS", "working memory", "mean rel. error", "max rel. error", "adapter"], rows)]
     if "mergekit" in results["runs"]:
         mergekit = results["runs"]["mergekit"]
         for name, run in results["runs"].items():
@@ -214,6 +215,7 @@ def main() -> None:
     pairs = [str(x) for name, path in outputs.items() for x in (name, path)]
     measured = subprocess.run(child("errors", base, tuned, *pairs), capture_output=True, text=True, check=True)
     results["errors"] = json.loads(measured.stdout.strip().splitlines()[-1])
+    results["adapter_bytes"] = {name: sum(f.stat().st_size for f in path.rglob("*.safetensors")) for name, path in outputs.items()}
     for out in outputs.values():
         shutil.rmtree(out, ignore_errors=True)
     if not args.keep:
