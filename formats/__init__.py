@@ -60,6 +60,8 @@ def read_adapter(path: str | Path, format_name: str | None = None, base=None) ->
     module = get(format_name) if format_name else detect(path)
     if module is None:
         raise SurgeonError(f"{path}: not an adapter surgeon recognises; looked for {looked_for()}.")
+    if format_name and not module.sniff(path):
+        raise SurgeonError(f"{path}: not a {module.NAME} adapter; that format is {module.LOOKS_FOR}.")
     return module.read(path, base=base)
 
 

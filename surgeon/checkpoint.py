@@ -53,7 +53,7 @@ def parse_size(text: str | int) -> int:
         value = float(number)
     except ValueError:
         value = -1.0
-    if unit not in units or value <= 0:
+    if unit not in units or not math.isfinite(value) or value <= 0:
         raise SurgeonError(f"cannot read the size {text!r}; write it like 5GB, 500MB or 2GiB.")
     return int(value * units[unit])
 
@@ -199,7 +199,10 @@ def _weight_files(path: Path) -> list[Path]:
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = path / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise SurgeonError(f"{index}: not a valid shard index ({error}); regenerate it or remove it.") from None
             files = sorted({path / name for name in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:

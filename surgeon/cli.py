@@ -138,7 +138,8 @@ def inspect(path: Path, base: Path | None, format_name: str | None, as_json: boo
 
     module = formats.get(format_name) if format_name else formats.detect(path)
     if module is not None:
-        summary = adapter_summary(module.read(path, base=Checkpoint(base) if base else None), path, module.DESCRIPTION)
+        adapter = formats.read_adapter(path, format_name, base=Checkpoint(base) if base else None)
+        summary = adapter_summary(adapter, path, module.DESCRIPTION)
     else:
         try:
             summary = checkpoint_summary(Checkpoint(path))

@@ -112,12 +112,13 @@ def _equals_base(weight: torch.Tensor, base: Checkpoint, key: str) -> bool:
 def _read_back(module, staging: Path, base: Checkpoint | None, source: Adapter) -> tuple[dict | None, str | None]:
     try:
         written = module.read(staging, base=base)
-    except SurgeonError as error:
+    except SurgeonError:
         if base is None:
-            return None, f"not read back for checking: {error}"
+            return None, ("not read back for checking: this format names parameters in a way only the base model "
+                          "resolves; pass --base to have the output checked")
         raise
-    if base is not None:
-        written = bind_to_base(written, base.keys(), "the written adapter")
+    # A writer may add a prefix the source had not (diffusers' component): match keys the way merge does.
+    written = bind_to_base(written, base.keys() if base is not None else source.deltas.keys(), "the written adapter")
     return verify_round_trip(source, written), None
 
 
@@ -182,7 +183,8 @@ def convert(source: Path, target_format: str, output: Path, base_path: Path | No
 
     The format of SOURCE is detected from its layout (--from overrides). Every conversion goes
     through surgeon's canonical deltas, and the written adapter is read back and compared with
-    SOURCE, target by target, before it is put in place. Where the target format cannot hold
+    SOURCE, target by target, before it is put in place (for kohya and LyCORIS names, only
+    when --base is given: only the base resolves them). Where the target format cannot hold
     the adapter as it is (one scale for all modules, one rank, no metadata), the change made
     is listed as a note; what it cannot represent at all (DoRA in GGUF) is refused.
 

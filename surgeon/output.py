@@ -32,6 +32,8 @@ def check_destination(dest: Path, inputs: Iterable[Path], force: bool) -> None:
         source = Path(source).resolve()
         if source == target or target in source.parents:
             raise SurgeonError(f"{dest}: the output would overwrite the input {source}; choose another output path.")
+        if source.is_dir() and source in target.parents:
+            raise SurgeonError(f"{dest}: the output would be written inside the input {source}, changing it; choose a path outside it.")
     if dest.exists() and not force:
         raise SurgeonError(f"{dest}: already exists; pass --force to replace it, or choose another output path.")
 
@@ -49,7 +51,10 @@ def atomic_output(dest: str | Path, *, inputs: Iterable[Path] = (), force: bool 
     to ``dest`` when the block ends cleanly, and delete it when it does not."""
     dest = Path(dest)
     check_destination(dest, inputs, force)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SurgeonError(f"{dest.parent}: cannot create the output's folder ({error.strerror}).") from None
     prefix = f".{dest.name}.surgeon-"
     if directory:
         staging = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))

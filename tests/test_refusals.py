@@ -167,3 +167,50 @@ def test_truncated_safetensors_is_named(tmp_path):
     broken = tmp_path / "model.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     assert_refused(run("inspect", broken), str(broken), "not a readable safetensors file")
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--device", "gpu"], "unknown --device"),
+    (["--shard-size", "inf"], "cannot read the size"),
+    (["--shard-size", "nan"], "cannot read the size"),
+    (["--from", "sparse"], "not a sparse adapter"),
+])
+def test_bad_options_are_one_line_errors(extra, fragment, fixtures_dir, tmp_path):
+    result = run("merge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-o", tmp_path / "o", *extra)
+    assert_refused(result, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_inside_an_input_directory_is_refused(fixtures_dir, tmp_path):
+    base = shutil.copytree(fixtures_dir / "tiny-llama", tmp_path / "base")
+    assert_refused(run("merge", base, fixtures_dir / "tiny-llama-lora", "-o", base / "merged"), "inside the input")
+    assert sorted(p.name for p in base.iterdir()) == sorted(p.name for p in (fixtures_dir / "tiny-llama").iterdir())
+
+
+def test_output_under_a_file_is_refused(fixtures_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert_refused(run("merge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-o", tmp_path / "file" / "o"),
+                   "cannot create the output's folder")
+
+
+def test_corrupt_shard_index_is_named(fixtures_dir, tmp_path):
+    base = shutil.copytree(fixtures_dir / "tiny-llama", tmp_path / "base")
+    (base / "model.safetensors.index.json").write_text("{not json")
+    assert_refused(run("inspect", base), "model.safetensors.index.json", "not a valid shard index")
+
+
+def test_rank_bounds_are_checked(fixtures_dir, tmp_path):
+    assert_refused(run("resize", fixtures_dir / "tiny-llama-lora", "--rank", "2", "--max-rank", "-1", "-o", tmp_path / "o"), "--max-rank")
+
+
+def test_convert_to_diffusers_of_a_bare_model_round_trips(fixtures_dir, tmp_path):
+    """diffusers files name a pipeline component; a bare model's keys go under the denoiser's, and
+    the read-back check matches them the way merge does."""
+    result = run("convert", fixtures_dir / "tiny-llama-lora", "--to", "diffusers", "-o", tmp_path / "d.safetensors")
+    assert result.exit_code == 0, result.output
+    merged = run("merge", fixtures_dir / "tiny-llama", tmp_path / "d.safetensors", "-o", tmp_path / "m")
+    assert merged.exit_code == 0, merged.output
+    reference = run("merge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-o", tmp_path / "r")
+    assert reference.exit_code == 0
+    ours, theirs = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "r" / "model.safetensors")
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)

@@ -23,6 +23,7 @@ import torch
 
 from surgeon.delta import Adapter, Delta, Dense, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
+from surgeon.ops.merge import one_weight_each
 from surgeon.ops.rank import RankRule, tail_error
 from surgeon.ops.svd import factor_split, numerical_rank, truncated_svd
 
@@ -374,9 +375,7 @@ def compose(adapters: Sequence[tuple[Adapter, str]], weights: Sequence[float] | 
     are, whatever the weight, and refused when two adapters replace one module differently.
     """
     started = time.perf_counter()
-    weights = [float(w) for w in weights] if weights else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise SurgeonError(f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter or none.")
+    weights = one_weight_each(weights, adapters)
     if not adapters:
         raise SurgeonError("give at least one adapter to compose.")
     check_compatible(adapters, force)

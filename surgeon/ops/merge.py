@@ -46,7 +46,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SurgeonError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu.")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SurgeonError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N.") from None
 
 
 def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_nonfinite: bool) -> list[Adapter]:
@@ -165,10 +168,11 @@ def transform_checkpoint(
     return report
 
 
-def _one_weight_each(weights: Sequence[float] | None, adapters: Sequence) -> list[float]:
-    weights = list(weights) if weights else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise SurgeonError(f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter or none.")
+def one_weight_each(weights: Sequence[float] | None, inputs: Sequence, what: str = "adapters") -> list[float]:
+    """The -w values, one per input (default 1 each), or an error when their counts differ."""
+    weights = [float(w) for w in weights] if weights else [1.0] * len(inputs)
+    if len(weights) != len(inputs):
+        raise SurgeonError(f"got {len(weights)} --weight values for {len(inputs)} {what}; give one per input or none.")
     return weights
 
 
@@ -182,7 +186,7 @@ def merge(
     **options,
 ) -> MergeReport:
     """Merge adapters into ``base``, in the order given, each scaled by its weight (default 1)."""
-    weights = _one_weight_each(weights, adapters)
+    weights = one_weight_each(weights, adapters)
     bound = prepare(adapters, base, allow_nonfinite)
     for adapter, weight, (_, where) in zip(bound, weights, adapters):
         if weight != 1.0 and any(isinstance(d, LowRank) and d.is_dora for ds in adapter.deltas.values() for d in ds):
@@ -200,7 +204,7 @@ def unmerge(
     **options,
 ) -> MergeReport:
     """Take adapters back off a merged checkpoint: the inverse of :func:`merge` with the same arguments."""
-    weights = _one_weight_each(weights, adapters)
+    weights = one_weight_each(weights, adapters)
     for adapter, where in adapters:
         if adapter.config.get("computed_from_base"):
             raise SurgeonError(f"cannot unmerge {where}: it scales base weights ((IA)³), and its ΔW was computed from the merged weights given, "

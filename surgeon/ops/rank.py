@@ -34,6 +34,10 @@ class RankRule:
             raise SurgeonError(f"--max-error must be in [0, 1); got {self.max_error}.")
         if self.rank is not None and self.rank < 0:
             raise SurgeonError(f"--rank must be 0 or more; got {self.rank}.")
+        if self.min_rank < 0:
+            raise SurgeonError(f"--min-rank must be 0 or more; got {self.min_rank}.")
+        if self.max_rank is not None and (self.max_rank < 1 or self.max_rank < self.min_rank):
+            raise SurgeonError(f"--max-rank must be at least 1 and at least --min-rank ({self.min_rank}); got {self.max_rank}.")
 
     def choose(self, singular_values: torch.Tensor) -> int:
         """The smallest admissible rank for this spectrum (sorted, descending)."""

@@ -17,7 +17,7 @@ from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Dense
 from surgeon.errors import SurgeonError
 from surgeon.ops.compose import DENSE_METHODS, ComposeOptions, combine_dense, module_generator
-from surgeon.ops.merge import MergeReport, transform_checkpoint
+from surgeon.ops.merge import MergeReport, one_weight_each, transform_checkpoint
 
 #: With full deltas cat and linear both mean the plain weighted sum.
 SUM_METHODS = ("cat", "linear")
@@ -87,9 +87,7 @@ def task_arithmetic(
                            "(then `surgeon extract` to get a low-rank adapter of the result).")
     if options.rule is not None or options.keep != "lora":
         raise SurgeonError("--rank, --energy, --max-error and --as shape an adapter; with --base the output is a full checkpoint.")
-    weights = [float(w) for w in weights] if weights else [1.0] * len(tuned)
-    if len(weights) != len(tuned):
-        raise SurgeonError(f"got {len(weights)} --weight values for {len(tuned)} fine-tuned checkpoints; give one per checkpoint or none.")
+    weights = one_weight_each(weights, tuned, "fine-tuned checkpoints")
     check_same_layout(base, tuned)
     plan = _MergedDeltas(base, tuned, weights, options)
     return transform_checkpoint(base, plan, out, device=options.device, **write_options)
