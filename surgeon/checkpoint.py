@@ -169,7 +169,11 @@ class Checkpoint:
 
 
 def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
-    """A legacy PyTorch pickle, loaded without running any code it may carry."""
+    """A legacy PyTorch pickle, loaded without running any code it may carry.
+
+    Zip-format pickles are memory-mapped, so tensors are paged in as they are used; but unlike a
+    safetensors file the mapping lasts as long as the checkpoint, so a .bin input can grow the
+    resident set towards its size. Convert large .bin models to safetensors first."""
     try:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

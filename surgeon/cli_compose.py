@@ -77,7 +77,7 @@ def write_result(adapter: Adapter, staging: Path, output: Path) -> list[str]:
         sparse.write(residual, staging / SPARSE_SUBDIR if len(lora) else staging)
         written.append(str(output / SPARSE_SUBDIR) if len(lora) else str(output))
     if not written:
-        raise SurgeonError("the composed adapter is empty (every module cancelled out or was cut to rank 0); nothing written.")
+        raise SurgeonError("the result is empty (every module cancelled out or was cut to rank 0); nothing written.")
     return written
 
 

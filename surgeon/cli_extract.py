@@ -14,7 +14,6 @@ from surgeon.errors import SurgeonError
 from surgeon.output import atomic_output
 
 SPARSE_SUBDIR = "sparse"
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @main.command()
@@ -69,14 +68,14 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     from surgeon.formats import peft, sparse
     from surgeon.ops.extract import ExtractOptions
     from surgeon.ops.extract import extract as extract_op
-    from surgeon.ops.merge import resolve_device
+    from surgeon.ops.merge import DTYPES, resolve_device
     from surgeon.ops.rank import RankRule
 
     options = ExtractOptions(
         rule=RankRule(rank=rank, energy=energy, max_error=max_error, min_rank=min_rank, max_rank=max_rank),
         method=method, precision=torch.float64 if precision == "fp64" else torch.float32, split=split, alpha=alpha,
         sparse_density=sparse_density, embeddings=embeddings, keep_changed_1d=keep_changed_1d, include=include, exclude=exclude,
-        factor_dtype=_DTYPES.get(dtype), device=resolve_device(device),
+        factor_dtype=DTYPES.get(dtype), device=resolve_device(device),
     )
     if plot_path is not None:
         _require_matplotlib()

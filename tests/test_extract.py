@@ -53,8 +53,9 @@ def run_cli(*args: str) -> dict:
 
 
 def cli_error(*args: str) -> str:
+    """A refusal: exit code 1 and one `Error:` line, never a traceback."""
     result = CliRunner().invoke(main, ["extract", *map(str, args)])
-    assert result.exit_code != 0
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output, result.output
     return result.output
 
 
