@@ -140,7 +140,7 @@ def ia3_delta(base, key: str, scaling: torch.Tensor) -> LazyDense:
     def compute() -> torch.Tensor:
         weight = base.get(key).float()
         return weight * scaling.float() - weight
-    return LazyDense(compute, base.info(key).shape, [scaling])
+    return LazyDense(compute, base.info(key).shape, [scaling], reads_base=True)
 
 
 def _ia3(parts: dict[str, torch.Tensor], base, key: str, where: str) -> LazyDense:
@@ -212,8 +212,6 @@ def read(path: Path, base=None) -> Adapter:
         key = module + ".weight"
         shape = tuple(base.info(key).shape)
         delta = _weight_delta(parts, shape, base, key, where)
-        if "on_input" in parts or "weight" in parts:
-            adapter.config.setdefault("computed_from_base", []).append(key)
         if delta is not None:
             adapter.add(key, delta, module_type(shape))
         bias = parts.get("diff_b", parts.get("b_norm"))

@@ -184,7 +184,6 @@ def read(path: Path, config: dict, base=None) -> Adapter:
             delta = _vera(parts, shape, projections, fan_in_fan_out, where)
         else:
             delta, is_feedforward = _ia3(parts, config, module, base, where, base_key)
-            adapter.config.setdefault("computed_from_base", []).append(key)
             bias_key = _base_key(base, module + ".bias")
             if not is_feedforward and bias_key is not None:
                 scaling = parts["ia3_l"].float().reshape(base.info(bias_key).shape)

@@ -94,9 +94,14 @@ class Dense:
 class LazyDense(Dense):
     """A dense ΔW computed only when it is used, from a format's own factors (LoKr's Kronecker
     product, the base weight an (IA)³ vector scales): reading such an adapter holds what the file
-    holds, and a merge materialises one target at a time instead of a model's worth up front."""
+    holds, and a merge materialises one target at a time instead of a model's worth up front.
 
-    def __init__(self, compute: Callable[[], torch.Tensor], shape: Iterable[int], tensors: Iterable[torch.Tensor]):
+    ``reads_base`` marks a ΔW computed from the base weight itself ((IA)³'s W ⊙ (s − 1)): given a
+    merged file in its place it comes out wrong, so such a delta cannot be unmerged."""
+
+    def __init__(self, compute: Callable[[], torch.Tensor], shape: Iterable[int], tensors: Iterable[torch.Tensor],
+                 reads_base: bool = False):
+        object.__setattr__(self, "reads_base", reads_base)
         object.__setattr__(self, "_compute", compute)
         object.__setattr__(self, "_shape", tuple(int(d) for d in shape))
         object.__setattr__(self, "_tensors", list(tensors))

@@ -55,6 +55,11 @@ def _is_dora(delta: Delta) -> bool:
 
 def unmerge_refusal(key: str, deltas: list[Delta]) -> str | None:
     """Why the deltas on ``key`` cannot be taken back off a merged weight, or None if they can."""
+    if any(getattr(d, "reads_base", False) for d in deltas):
+        return (
+            f"{key!r} has an (IA)³ update, which scales the base weight; its ΔW would be computed from the merged "
+            "weight instead of the original one, so it cannot be taken back off this way"
+        )
     if any(_is_dora(d) for d in deltas):
         return (
             f"{key!r} has a DoRA update, which rescales each row by its magnitude over the norm of the unmerged "

@@ -205,10 +205,6 @@ def unmerge(
 ) -> MergeReport:
     """Take adapters back off a merged checkpoint: the inverse of :func:`merge` with the same arguments."""
     weights = one_weight_each(weights, adapters)
-    for adapter, where in adapters:
-        if adapter.config.get("computed_from_base"):
-            raise SurgeonError(f"cannot unmerge {where}: it scales base weights ((IA)³), and its ΔW was computed from the merged weights given, "
-                               "not the original ones; an (IA)³ update cannot be taken back off this way.")
     bound = prepare(adapters, merged, allow_nonfinite)
     plan = _deltas_by_key(bound, weights)
     for key, deltas in plan.items():
