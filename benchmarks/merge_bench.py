@@ -28,7 +28,7 @@ import sysconfig
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import REPO, MiB, Run, bench_parser, import_baseline, load_average, mib, own_peak_rss, run_measured, table, tidy  # noqa: E402
+from _measure import MiB, Run, bench_parser, import_baseline, load_average, mib, own_peak_rss, run_measured, table, tidy  # noqa: E402
 
 HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 32, 4
 RANK, ALPHA = 16, 32
