@@ -20,6 +20,7 @@ from surgeon.cli import main
 from surgeon.delta import LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
 from surgeon.formats import detect, peft, sparse
+from surgeon.ops import extract as extract_module
 from surgeon.ops.extract import ExtractOptions, extract
 from surgeon.ops.rank import RankRule
 
@@ -223,6 +224,39 @@ def test_prefetch_thread_gives_the_same_result(llama_pair):
     assert list(results[0].lora.deltas) == list(results[1].lora.deltas)
     for key, (delta,) in results[0].lora.items():
         torch.testing.assert_close(results[1].lora.deltas[key][0].materialize(), delta.materialize(), rtol=0, atol=0)
+
+
+def test_worker_threads_do_not_change_the_result(llama_pair, monkeypatch):
+    """Matrices are factored by several workers at once; each draws its own seeded sketch, so
+    the adapter and the report's order are those of a single worker."""
+    base, tuned, _ = llama_pair
+    options = ExtractOptions(rule=RankRule(rank=3), method="randomized")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        results = {}
+        for workers in (1, 4):
+            monkeypatch.setattr(extract_module, "MAX_WORKERS", workers)
+            assert extract_module.parallelism(torch.device("cpu"))[0] == min(workers, torch.get_num_threads())
+            results[workers] = extract(Checkpoint(base), Checkpoint(tuned), options)
+    finally:
+        torch.set_num_threads(threads)
+    one, many = results[1], results[4]
+    assert [r.key for r in one.rows] == [r.key for r in many.rows] and list(one.lora.deltas) == list(many.lora.deltas)
+    for key, (delta,) in one.lora.items():
+        torch.testing.assert_close(many.lora.deltas[key][0].materialize(), delta.materialize(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_workspace_delta_is_the_difference_of_the_casts(dtype, monkeypatch):
+    monkeypatch.setattr(extract_module._Workspace, "SLICE", 1000)  # several slices and a short last one
+    gen = torch.Generator().manual_seed(0)
+    old = torch.randn(37, 101, generator=gen).to(dtype)
+    new = (old.double() + 0.01 * torch.randn(37, 101, generator=gen, dtype=torch.float64)).to(dtype)
+    workspace = extract_module._Workspace(torch.float32, torch.device("cpu"))
+    assert torch.equal(workspace.delta(old[:2], new[:2]), new[:2].float() - old[:2].float())
+    assert torch.equal(workspace.delta(old, new), new.float() - old.float())  # grown
+    assert torch.equal(workspace.delta(old[0], new[0]), new[0].float() - old[0].float())  # 1-D, reused
 
 
 def test_conv_weights_flattened_and_loaded_by_peft(tmp_path):

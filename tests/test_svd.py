@@ -10,7 +10,8 @@ import torch
 
 from surgeon.errors import SurgeonError
 from surgeon.ops.rank import RankRule
-from surgeon.ops.svd import choose_method, factor_split, truncated_svd
+from surgeon.ops.norms import frobenius_norm
+from surgeon.ops.svd import KRYLOV_DIMENSIONS, choose_method, factor_split, truncated_svd
 
 
 def spectrum_matrix(m: int, n: int, singular_values: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -79,6 +80,25 @@ def test_randomized_on_low_rank_plus_noise(rank):
     matrix = low_rank_plus_noise(384, 512, 32, 0.01, seed=rank)
     found = truncated_svd(matrix, rank, method="randomized", generator=torch.Generator().manual_seed(0))
     assert error_of(matrix, found.u * found.s, found.vh) <= 1.01 * optimal_error(matrix, rank)
+
+
+@pytest.mark.parametrize("shape", [(1024, 768), (768, 1024)])
+def test_randomized_on_a_flat_noise_tail_is_within_a_hundredth_of_a_percent(shape):
+    """The hard case for sketching: a rank-16 signal in white noise truncated at rank 32, where
+    the 16 noise directions to keep barely stand out from the rest of the noise. Halko's subspace
+    iteration (r + r/2 columns, 3 power iterations) is 0.28% above optimal here, 0.1% with 6."""
+    matrix = low_rank_plus_noise(*shape, 16, 0.002, seed=3)
+    found = truncated_svd(matrix, 32, method="randomized", generator=torch.Generator().manual_seed(0))
+    assert found.rank == 32
+    assert error_of(matrix, found.u * found.s, found.vh) <= 1.0001 * optimal_error(matrix, 32)
+
+
+def test_randomized_stops_early_on_a_decaying_spectrum():
+    """A fast-decaying spectrum converges in a few Krylov steps; the basis stays well under its cap."""
+    matrix = spectrum_matrix(1024, 768, DECAYING["exponential"](768))
+    found = truncated_svd(matrix, 32, method="randomized", generator=torch.Generator().manual_seed(0))
+    assert found.spectrum.numel() < KRYLOV_DIMENSIONS * 32
+    assert error_of(matrix, found.u * found.s, found.vh) <= 1.0001 * optimal_error(matrix, 32)
 
 
 @pytest.mark.parametrize("method", ["exact", "gram", "randomized"])
@@ -152,3 +172,14 @@ def test_auto_method_choice():
     assert choose_method((4096, 4096), RankRule(energy=0.9)) == "gram"
     assert choose_method((512, 512), RankRule(rank=256)) == "gram"
     assert choose_method((32, 4096), RankRule(rank=8)) == "exact"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_frobenius_norm_is_accurate_where_a_naive_fp32_sum_is_not(dtype):
+    values = (torch.randn(3 * 4096 * 1000 + 8, generator=torch.Generator().manual_seed(0)) * 0.002 + 0.001).to(dtype)
+    exact = float(torch.linalg.vector_norm(values.double()))
+    assert frobenius_norm(values) == pytest.approx(exact, rel=1e-6)
+    assert frobenius_norm(values.reshape(-1, 8).T) == pytest.approx(exact, rel=1e-6)  # any layout
+    if dtype == torch.float32:  # what the helper is for: torch's own fp32 norm is off in the 4th digit here
+        assert abs(float(torch.linalg.vector_norm(values)) / exact - 1) > 1e-5
+    assert frobenius_norm(torch.zeros(0)) == 0.0

@@ -15,40 +15,46 @@ Three methods, all returning the leading singular triplets of ``A`` (m×n, k = m
     in fp64, far under fp32 round-off of the weights, and it is 2–3× faster than ``exact`` on CPU
     and about as fast as ``gesvda`` on a GPU. Full spectrum, like ``exact``.
 ``randomized``
-    Halko, Martinsson & Tropp (2011), Algorithm 4.4: a Gaussian sketch of r + p columns,
-    ``power_iters`` (3) rounds of subspace iteration re-orthonormalised each half step (through
-    the fp64 Gram matrix of the q columns, several times cheaper than Householder QR on CPU),
-    then an exact SVD of the small (r+p)×n projection. Cost O(mn(r+p)) instead of O(mnk): ~15–30×
-    faster at rank 64 on 2k–4k matrices. It needs the rank up front and yields only the top r+p
-    singular values, so it serves fixed ``--rank`` only.
+    A randomized block Krylov method (Musco & Musco 2015; Halko, Martinsson & Tropp 2011 §4.6):
+    block Golub–Kahan–Lanczos from a Gaussian start, blocks of r/2 columns (at least 16), full
+    reorthogonalisation, Rayleigh–Ritz on the Krylov basis. Cost O(mn·d) for a basis of d ≤ 6r
+    columns instead of O(mnk). On a flat noise tail (the hard case: rank-32 signal plus noise,
+    rank 64) it is within 0.01% of the Eckart–Young error where Halko's subspace iteration with
+    the same number of matrix products is 0.2% above it. It stops when a step no longer adds
+    ``KRYLOV_TOLERANCE`` of the residual energy, so decaying spectra cost fewer steps. It needs
+    the rank up front and yields only the top d singular values, so it serves fixed ``--rank``.
+    Exactly repeated singular values wider than a block are the one thing block Krylov methods
+    cannot separate; fine-tuning deltas do not have them.
 
-``auto`` picks ``randomized`` for a fixed rank small against the matrix (4·(r+p) ≤ k, k ≥ 256,
-where the sketch is both much cheaper and, with 3 power iterations and p = max(10, r/2), within 1% of the
-Eckart–Young error on the decaying spectra of fine-tuning deltas: tests check it), and ``gram``
-otherwise (energy / error budgets need the whole spectrum). Small matrices (k < 64) go to
-``exact``, where speed does not matter and it is the reference.
+``auto`` picks ``randomized`` for a fixed rank small against the matrix (8r ≤ k, k ≥ 256, where
+the Krylov basis is much smaller than the matrix) and ``gram`` otherwise (energy / error budgets
+need the whole spectrum). Small matrices (k < 64) go to ``exact``, where speed does not matter
+and it is the reference.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from surgeon.errors import SurgeonError
+from surgeon.ops.norms import frobenius_norm
 from surgeon.ops.rank import RankRule
 
 METHODS = ("auto", "exact", "gram", "randomized")
 SPLITS = ("balanced", "left", "right")
-DEFAULT_POWER_ITERS = 3
+KRYLOV_TOLERANCE = 3e-5  # stop when a step adds less than this fraction of the residual energy
+KRYLOV_DIMENSIONS = 6  # the Krylov basis holds at most this many times the rank
 
 
 @dataclass
 class Factorization:
     """The kept triplets of A ≈ u·diag(s)·vh, with what is needed to judge them.
 
-    ``spectrum`` holds every singular value the method computed (all k for exact/gram, the top
-    r+p for randomized), descending, in fp64 on the CPU; ``total_energy`` is ‖A‖²_F.
+    ``spectrum`` holds every singular value the method computed (all k for exact/gram, the Ritz
+    values of the Krylov basis for randomized), descending, in fp64 on the CPU; ``total_energy`` is ‖A‖²_F.
     """
 
     u: torch.Tensor
@@ -69,18 +75,12 @@ class Factorization:
         return min(1.0, kept / self.total_energy) if self.total_energy else 1.0
 
 
-def oversampling(rank: int) -> int:
-    """Extra sketch columns for the randomized method: Halko et al. recommend p ≈ 5–10; more
-    for larger ranks costs little and keeps the 1% bound on slowly decaying spectra."""
-    return max(10, rank // 2)
-
-
 def choose_method(shape: tuple[int, int], rule: RankRule) -> str:
     """The method ``auto`` resolves to for a matrix of ``shape`` (see the module docstring)."""
     k = min(shape)
     if k < 64:
         return "exact"
-    if rule.rank is not None and k >= 256 and 4 * (rule.rank + oversampling(rule.rank)) <= k:
+    if rule.rank is not None and k >= 256 and 8 * rule.rank <= k:
         return "randomized"
     return "gram"
 
@@ -90,7 +90,7 @@ def truncated_svd(
     rule: RankRule | int,
     method: str = "auto",
     precision: torch.dtype = torch.float32,
-    power_iters: int = DEFAULT_POWER_ITERS,
+    tolerance: float = KRYLOV_TOLERANCE,
     generator: torch.Generator | None = None,
 ) -> Factorization:
     """The leading singular triplets of a 2-D ``matrix``, as many as ``rule`` admits.
@@ -107,11 +107,11 @@ def truncated_svd(
     if method == "auto":
         method = choose_method(tuple(matrix.shape), rule)
     a = matrix.to(precision)
-    total = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
+    total = frobenius_norm(a) ** 2
     if method == "randomized":
         if rule.rank is None:
             raise SurgeonError("the randomized SVD needs a fixed --rank; use --method exact or gram with --energy or --max-error.")
-        u, s, vh = _randomized(a, rule.rank, power_iters, generator)
+        u, s, vh = _randomized(a, rule.rank, total, generator, tolerance)
     elif method == "gram":
         u, s, vh = _gram(a)
     else:
@@ -170,29 +170,125 @@ def _gram(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
 
 
-def _orthonormal(y: torch.Tensor, passes: int = 1) -> torch.Tensor:
-    """An orthonormal basis of y's columns from the eigen-decomposition of its q×q Gram matrix
-    in fp64 (CholeskyQR's idea): matrix products only, several times cheaper than Householder
-    QR on a tall-skinny matrix on CPU. One pass spans the right subspace (what a power
-    iteration needs); a second pass makes the basis orthonormal to working precision."""
-    for _ in range(passes):
-        x = y.double()
-        values, vectors = torch.linalg.eigh(x.T @ x)
-        keep = values > values[-1].clamp_min(0) * 1e-13
-        y = (x @ (vectors[:, keep] / values[keep].sqrt())).to(y.dtype)
+def _orthonormal_block(y: torch.Tensor, basis: torch.Tensor, recent: int, floor: float) -> torch.Tensor:
+    """An orthonormal basis of the part of y's columns orthogonal to ``basis`` (orthonormal
+    columns), leaving out directions shorter than ``floor``: those are round-off, and keeping
+    them would fill the basis with noise.
+
+    In exact arithmetic a Lanczos block is orthogonal to all of the basis but its ``recent``
+    last columns; projecting those out first leaves only round-off for the one pass against the
+    whole basis. The block itself is made orthonormal by CholeskyQR2: twice, the eigen-
+    decomposition of its small Gram matrix (matrix products only, several times cheaper than
+    Householder QR on CPU). When the block came out much shorter than it went in, scaling it
+    magnified what round-off left of the basis in it, so the second round projects again.
+    """
+    if recent:
+        last = basis[:, -recent:]
+        y = y - last @ (last.T @ y)
+    before = float(torch.linalg.vector_norm(y, dim=0).max()) if y.numel() else 0.0
+    if basis.shape[1]:
+        y = y - basis @ (basis.T @ y)
+    for round_ in range(2):
+        values, vectors = torch.linalg.eigh((y.T @ y).double())
+        keep = values > floor**2
+        if not keep.any():
+            return y[:, :0]
+        shortest = float(values[keep][0]) ** 0.5
+        y = y @ (vectors[:, keep] / values[keep].sqrt()).to(y.dtype)
+        if round_ == 0 and basis.shape[1] and shortest < 1e-2 * before:
+            y = y - basis @ (basis.T @ y)
+        floor = 0.5  # the second round sees an almost orthonormal block: only a collapse is dropped
     return y
 
 
-def _randomized(a: torch.Tensor, rank: int, power_iters: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def krylov_block(rank: int) -> int:
+    """Columns per Krylov block: half the rank (at least 16). Halko et al.'s subspace iteration
+    uses r + p columns and few steps; more, narrower steps reach a given error with far fewer
+    matrix products, since the polynomial degree is what counts on a flat spectral tail."""
+    return max(16, -(-rank // 2))
+
+
+class _Convergence:
+    """When to stop the Krylov iteration: once a step adds less than ``tolerance`` of the
+    residual energy to the top-r Ritz values.
+
+    Each test is an eigenvalue decomposition of the growing Gram matrix (a third of a step's
+    cost at rank 64), so tests are spaced: gains fall about geometrically, and two tests on
+    consecutive steps give the rate at which to predict the step where the gain will reach the
+    tolerance; testing resumes there. Until the basis holds 3r columns no test is made: every
+    step gains much there.
+    """
+
+    def __init__(self, rank: int, block: int, total_energy: float, tolerance: float):
+        self.rank, self.block, self.total, self.tolerance = rank, block, total_energy, tolerance
+        self.next_test, self.captured, self.last_gain, self.last_columns = 3 * rank, None, None, None
+
+    def converged(self, gram: torch.Tensor) -> bool:
+        columns = gram.shape[0]
+        if columns < self.next_test:
+            return False
+        captured = float(torch.linalg.eigvalsh(gram)[-self.rank :].sum())
+        target = self.tolerance * max(self.total - captured, 0.0)
+        gain = None if self.captured is None else captured - self.captured
+        if gain is not None and gain <= target:
+            return True
+        self.next_test = columns + self.block
+        consecutive = self.last_columns is not None and columns - self.last_columns <= self.block
+        if gain is not None and consecutive and self.last_gain and 0 < gain < self.last_gain and target > 0:
+            rate = gain / self.last_gain
+            self.next_test = columns + self.block * max(1, math.ceil(math.log(target / gain) / math.log(rate)) - 1)
+        self.captured, self.last_gain, self.last_columns = captured, gain, columns
+        return False
+
+
+def _randomized(a: torch.Tensor, rank: int, total_energy: float, generator: torch.Generator | None,
+                tolerance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized block Krylov SVD: block Golub–Kahan–Lanczos from a Gaussian start with full
+    reorthogonalisation, then Rayleigh–Ritz on the left Krylov basis Q.
+
+    Every step costs one product with A and one with Aᵀ on a block of b columns; the products
+    AᵀQᵢ are the rows of B = QᵀA, so the projection needs no pass of its own. It stops once a
+    step adds less than ``tolerance`` of the residual energy ‖A‖² − Σθᵢ² to the top-r Ritz
+    values θ (early on decaying spectra, later on flat noise tails), at a basis of
+    ``KRYLOV_DIMENSIONS``·r columns, or when the Krylov space is invariant (A of low rank).
+    """
     m, n = a.shape
-    q = min(rank + oversampling(rank), m, n)
-    if q == 0:
+    if rank == 0:
         return a.new_zeros(m, 0), a.new_zeros(0), a.new_zeros(0, n)
-    sketch = torch.randn(n, q, dtype=a.dtype, device="cpu", generator=generator).to(a.device)
-    basis = _orthonormal(a @ sketch)
-    for _ in range(power_iters):
-        basis = _orthonormal(a @ _orthonormal(a.T @ basis))
-    basis = _orthonormal(basis, passes=2)
-    # SVD of the small q×n projection, taken of its transpose: LAPACK is faster on tall matrices
-    small_v, s, small_uh = torch.linalg.svd((basis.T @ a).T, full_matrices=False)
-    return basis @ small_uh.T, s, small_v.T
+    if m < n:  # the tall orientation keeps the Gram matrices small (n×n at most)
+        v, s, uh = _randomized(a.T, rank, total_energy, generator, tolerance)
+        return uh.T, s, v.T
+    block = min(krylov_block(rank), n)
+    width = min(KRYLOV_DIMENSIONS * max(rank, block), n)
+    left = a.new_empty(m, width)  # Q: the left Krylov basis
+    right = a.new_empty(n, width)  # the right Krylov basis
+    rows = torch.empty(n, width, dtype=torch.float64, device=a.device)  # Bᵀ = AᵀQ
+    gram = torch.zeros(width, width, dtype=torch.float64, device=a.device)  # B·Bᵀ, grown a block at a time
+    start = torch.randn(n, block, dtype=a.dtype, device="cpu", generator=generator).to(a.device)
+    v = _orthonormal_block(start, right[:, :0], 0, 0.0)
+    floor, done_left, done_right = 0.0, 0, 0
+    convergence = _Convergence(rank, block, total_energy, tolerance)
+    while v.shape[1] and done_left < width:
+        v = v[:, : width - done_right]
+        right[:, done_right : done_right + v.shape[1]] = v
+        done_right += v.shape[1]
+        y = a @ v
+        if not done_left:  # directions shorter than ε·max(m, n)·σ₁ are round-off
+            floor = float(torch.linalg.matrix_norm(y, 2)) * torch.finfo(a.dtype).eps * m
+        u = _orthonormal_block(y, left[:, :done_left], u.shape[1] if done_left else 0, floor)[:, : width - done_left]
+        if not u.shape[1]:
+            break
+        step = slice(done_left, done_left + u.shape[1])
+        w = (u.T @ a).T  # as uᵀA: MKL is ~25% faster on this layout than on Aᵀu
+        left[:, step], rows[:, step] = u, w
+        gram[step, : step.stop] = rows[:, step].T @ rows[:, : step.stop]
+        gram[: step.stop, step] = gram[step, : step.stop].T
+        done_left = step.stop
+        if convergence.converged(gram[:done_left, :done_left]):
+            break
+        v = _orthonormal_block(w, right[:, :done_right], v.shape[1], floor)
+    values, vectors = torch.linalg.eigh(gram[:done_left, :done_left])
+    s = values.flip(0).clamp_min(0).sqrt()
+    top = vectors.flip(1)[:, :rank]
+    vh = ((rows[:, :done_left] @ top) / s[: top.shape[1]].clamp_min(torch.finfo(torch.float64).tiny)).T
+    return left[:, :done_left] @ top.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
