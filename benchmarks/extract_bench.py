@@ -142,14 +142,16 @@ def report(results: dict) -> str:
         baseline = results["import_rss"].get(name.split("-")[0])
         rows.append([name, f"{run['wall_s']:.1f}", f"{run['cpu_s']:.1f}", mib(run["peak_rss"]),
                      mib(run["peak_rss"] - baseline) if baseline else "-",
-                     f"{error['mean_relative_error']:.4f}" if error else "-", f"{error['max_relative_error']:.4f}" if error else "-",
+                     f"{error['mean_relative_error']:.6f}" if error else "-", f"{error['max_relative_error']:.6f}" if error else "-",
                      mib(results["adapter_bytes"][name]) if name in results.get("adapter_bytes", {}) else "-"])
     lines = [table(["", "wall s", "CPU s", "peak RSS", "working memory", "mean rel. error", "max rel. error", "adapter"], rows)]
     if "mergekit" in results["runs"]:
-        mergekit = results["runs"]["mergekit"]
+        mergekit, theirs = results["runs"]["mergekit"], results["errors"]["mergekit"]["mean_relative_error"]
         for name, run in results["runs"].items():
             if name.startswith("surgeon"):
-                lines.append(f"{name}: {mergekit['wall_s'] / run['wall_s']:.1f}× less wall time, {mergekit['cpu_s'] / run['cpu_s']:.1f}× less CPU time than mergekit")
+                ours = results["errors"][name]["mean_relative_error"]
+                lines.append(f"{name}: {mergekit['wall_s'] / run['wall_s']:.1f}× less wall time, {mergekit['cpu_s'] / run['cpu_s']:.1f}× less CPU time "
+                             f"than mergekit; mean error {100 * (ours / theirs - 1):+.4f}% relative to mergekit's")
     lines.append(f"largest tensor {mib(results['largest_tensor_bytes'])} (bf16); {results['modules']} targets at rank {RANK}; "
                  f"load average before / after: {results['load_before']} / {results['load_after']} ({os.cpu_count()} CPUs)")
     return "\n".join(lines)

@@ -33,7 +33,8 @@ SPARSE_SUBDIR = "sparse"
 @click.option("--include", multiple=True, help="Only base keys matching this regex (repeatable).")
 @click.option("--exclude", multiple=True, help="Leave out base keys matching this regex (repeatable).")
 @click.option("--method", type=click.Choice(["auto", "exact", "gram", "randomized"]), default="auto", show_default=True,
-              help="SVD method; auto: randomized for small fixed ranks, Gram-eigen otherwise (see surgeon/ops/svd.py).")
+              help="SVD method; auto: randomized block Krylov for a fixed rank up to 1/8 of the matrix's smaller side, "
+                   "Gram-eigen otherwise (see surgeon/ops/svd.py).")
 @click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True, help="Precision of the delta and its SVD.")
 @click.option("--split", type=click.Choice(["balanced", "up", "down"]), default="balanced", show_default=True,
               help="Where the singular values go: √S on each factor, all in up (lora_B), or all in down (lora_A).")
