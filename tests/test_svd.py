@@ -93,6 +93,16 @@ def test_randomized_on_a_flat_noise_tail_is_within_a_hundredth_of_a_percent(shap
     assert error_of(matrix, found.u * found.s, found.vh) <= 1.0001 * optimal_error(matrix, 32)
 
 
+@pytest.mark.parametrize(("shape", "rank"), [((500, 10), 4), ((300, 40), 50), ((100, 900), 20), ((100, 1), 3)])
+def test_randomized_on_narrow_matrices_and_ranks_beyond_them(shape, rank):
+    """Blocks wider than the matrix, ranks above its smaller side: the Krylov basis fills the
+    space and the result is the exact truncation."""
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    found = truncated_svd(matrix, rank, method="randomized", generator=torch.Generator().manual_seed(0))
+    assert found.rank == min(rank, *shape)
+    assert error_of(matrix, found.u * found.s, found.vh) <= 1.0001 * optimal_error(matrix, found.rank) + 1e-5 * float(matrix.norm())
+
+
 def test_randomized_stops_early_on_a_decaying_spectrum():
     """A fast-decaying spectrum converges in a few Krylov steps; the basis stays well under its cap."""
     matrix = spectrum_matrix(1024, 768, DECAYING["exponential"](768))
