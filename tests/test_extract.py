@@ -228,7 +228,7 @@ def test_prefetch_thread_gives_the_same_result(llama_pair):
 
 def test_worker_threads_do_not_change_the_result(llama_pair, monkeypatch):
     """Matrices are factored by several workers at once; each draws its own seeded sketch, so
-    the adapter and the report's order are those of a single worker."""
+    the report's order is a single worker's and the adapter equal to round-off."""
     base, tuned, _ = llama_pair
     options = ExtractOptions(rule=RankRule(rank=3), method="randomized")
     threads = torch.get_num_threads()
@@ -257,6 +257,31 @@ def test_workspace_delta_is_the_difference_of_the_casts(dtype, monkeypatch):
     assert torch.equal(workspace.delta(old[:2], new[:2]), new[:2].float() - old[:2].float())
     assert torch.equal(workspace.delta(old, new), new.float() - old.float())  # grown
     assert torch.equal(workspace.delta(old[0], new[0]), new[0].float() - old[0].float())  # 1-D, reused
+    exact = float(torch.linalg.vector_norm(new.double() - old.double()))
+    assert workspace.difference_norm(old, new) == pytest.approx(exact, rel=1e-3 if dtype in (torch.bfloat16, torch.float16) else 1e-6)
+
+
+def test_reported_only_tensors_do_not_grow_the_workspace():
+    """An embedding left out is only reported: its delta norm is taken a slice at a time."""
+    old = torch.randn(3000, 64)
+    new = old + 0.01
+    workspace = extract_module._Workspace(torch.float32, torch.device("cpu"))
+    options = ExtractOptions(rule=RankRule(rank=4))
+    outcome = extract_module._changed_tensor("embed.weight", old, new, "embedding", True, options, workspace, False)
+    assert outcome.row.action == "skipped" and "embedding" in outcome.row.reason and not outcome.parts
+    assert outcome.row.delta_norm == pytest.approx(0.01 * (3000 * 64) ** 0.5, rel=1e-4)
+    assert workspace._flat.numel() == 0
+
+
+def test_a_non_finite_delta_is_named(llama_pair, tmp_path):
+    base, tuned, _ = llama_pair
+    broken = tmp_path / "broken"
+    shutil.copytree(tuned, broken)
+    state = load_file(broken / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, broken / "model.safetensors")
+    message = cli_error(base, broken, "-o", tmp_path / "x", "--rank", "4")
+    assert "'model.layers.1.mlp.up_proj.weight'" in message and "NaN" in message and not (tmp_path / "x").exists()
 
 
 def test_conv_weights_flattened_and_loaded_by_peft(tmp_path):

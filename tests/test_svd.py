@@ -103,6 +103,28 @@ def test_randomized_on_narrow_matrices_and_ranks_beyond_them(shape, rank):
     assert error_of(matrix, found.u * found.s, found.vh) <= 1.0001 * optimal_error(matrix, found.rank) + 1e-5 * float(matrix.norm())
 
 
+@pytest.mark.parametrize("spread", [1e-2, 0.0])
+def test_randomized_when_the_krylov_space_turns_invariant(spread):
+    """A spike over a tail flat to within ``spread`` (0: 511 equal singular values): the Krylov
+    space stops growing long before the rank is reached, and the method must go on from fresh
+    random directions instead of returning fewer triplets (it once kept 33 of 64, 3.5% off)."""
+    tail = 0.004 * (1 + spread * torch.rand(511, generator=torch.Generator().manual_seed(1))).sort(descending=True).values
+    matrix = spectrum_matrix(2048, 512, torch.cat([torch.ones(1), tail]))
+    found = truncated_svd(matrix, 64, method="randomized", generator=torch.Generator().manual_seed(0))
+    assert found.rank == 64
+    assert error_of(matrix, found.u * found.s, found.vh) <= 1.0001 * optimal_error(matrix, 64)
+
+
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized"])
+def test_tall_matrices_keep_small_but_real_singular_values(method):
+    """On a 20000-row matrix, torch.linalg.matrix_rank's cut (σ₁·max(m, n)·ε) is 0.24% of σ₁ and
+    would drop σ₆₄ = 0.2% of σ₁ as noise; it is real signal and must be kept."""
+    matrix = spectrum_matrix(20000, 256, DECAYING["power-1"](256) ** 1.5)
+    found = truncated_svd(matrix, 64, method=method, generator=torch.Generator().manual_seed(0))
+    assert found.rank == 64
+    assert error_of(matrix, found.u * found.s, found.vh) <= 1.001 * optimal_error(matrix, 64)
+
+
 def test_randomized_stops_early_on_a_decaying_spectrum():
     """A fast-decaying spectrum converges in a few Krylov steps; the basis stays well under its cap."""
     matrix = spectrum_matrix(1024, 768, DECAYING["exponential"](768))

@@ -9,7 +9,8 @@ excluded keys, integer buffers) are listed in the report with the norm of their 
 that differs is dropped without a line saying so.
 
 On CPU a few worker threads factor one pair each (see :func:`parallelism`); the reading
-thread stays at most one pair ahead of them, so memory holds a delta per worker, not a model.
+thread stays at most one pair ahead of them, so memory holds a delta per worker, not a model
+(tensors that are only reported are differenced a slice at a time).
 Reports and adapters come out in checkpoint order whatever the workers' timing, and each
 matrix's random sketch is seeded by its key. On a GPU one worker factors while a reader thread
 keeps the next pair loaded (a queue of ``prefetch`` pairs), so disk reading and the SVD
@@ -280,6 +281,18 @@ class _Workspace:
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self._flat = torch.empty(0, dtype=dtype, device=device)
         self._slice = torch.empty(self.SLICE, dtype=dtype, device=device)
+        self._other = torch.empty(self.SLICE, dtype=dtype, device=device)
+
+    def difference_norm(self, old: torch.Tensor, new: torch.Tensor) -> float:
+        """‖new − old‖_F, a slice at a time: tensors that are only reported (embeddings left
+        out, norms, excluded keys) never grow the workspace to their size."""
+        old, new = old.reshape(-1), new.reshape(-1)
+        energy = 0.0
+        for start in range(0, old.numel(), self.SLICE):
+            size = min(self.SLICE, old.numel() - start)
+            piece = self._other[:size].copy_(new[start : start + size]).sub_(self._slice[:size].copy_(old[start : start + size]))
+            energy += frobenius_norm(piece) ** 2
+        return math.sqrt(energy)
 
     def delta(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """new − old, computed in the workspace's dtype; valid until the next call."""
@@ -383,28 +396,32 @@ def _changed_tensor(key: str, old: torch.Tensor, new: torch.Tensor, module_type:
     shape = tuple(old.shape)
     if not (old.is_floating_point() and new.is_floating_point()):
         return _Outcome(Row(key, "skipped", module_type, list(shape), float("nan"), reason="not a float tensor; it cannot carry a delta"))
-    delta = workspace.delta(old, new)
-    row = Row(key, "skipped", module_type, list(shape), frobenius_norm(delta))
+    row = Row(key, "skipped", module_type, list(shape), 0.0)
     outcome = _Outcome(row)
+    whole = None
     if not _matches(key, options):
         row.reason = "excluded by --include/--exclude"
-        return outcome
-    whole = None
-    if delta.dim() <= 1:
+    elif len(shape) <= 1:
         whole = options.keep_changed_1d or "1-D (norm or bias); keep it with --keep-changed-1d"
     elif is_embedding and options.embeddings != "lora":
         whole = options.embeddings == "full" or "embedding or lm_head; extract it with --embeddings lora or full"
-    if whole is True:
-        row.action, row.params = "replace", new.numel()
-        outcome.parts.append(("sparse" if options.rule.rank == 0 else "lora", Replace(new.cpu()), "other"))
-    elif whole:
-        row.reason = whole
-    if whole is not None:
+    if row.reason or whole is not None:
+        row.delta_norm = workspace.difference_norm(old, new)
+        if whole is True:
+            row.action, row.params = "replace", new.numel()
+            outcome.parts.append(("sparse" if options.rule.rank == 0 else "lora", Replace(new.cpu()), "other"))
+        elif whole:
+            row.reason = whole
         return outcome
+    delta = workspace.delta(old, new)
+    row.delta_norm = frobenius_norm(delta)
+    if not math.isfinite(row.delta_norm):
+        raise SurgeonError(f"{key!r} changes by NaN or Inf (or overflows {options.precision}) between the two checkpoints; "
+                           "extract needs finite weights: check the fine-tune that wrote them.")
     if module_type == "other":
         module_type = row.module_type = "conv" if delta.dim() > 2 else "linear"
     outcome.delta_bytes = delta.numel() * new.element_size()
-    generator = torch.Generator().manual_seed(options.seed * 2**32 + zlib.crc32(key.encode()))  # the same whatever the thread order
+    generator = torch.Generator().manual_seed((options.seed * 2**32 + zlib.crc32(key.encode())) % 2**63)  # the same whatever the thread order
     _extract_matrix(row, delta, module_type, options, options.factor_dtype or new.dtype, generator, outcome, keep_spectra)
     return outcome
 
@@ -415,13 +432,14 @@ def parallelism(device: torch.device) -> tuple[int, int]:
     On CPU whole matrices go to up to ``MAX_WORKERS`` workers, splitting torch's threads among
     them: much of a Krylov step is small operations that keep one core busy at most, and two
     matrices at once fill the gaps (1.2–1.3× on 2 cores). Memory grows by a delta per worker.
-    A GPU takes one matrix at a time; a reader thread keeps it fed instead.
+    torch's thread count is process-wide: :func:`extract` sets it for its duration and restores
+    it. A GPU takes one matrix at a time; a reader thread keeps it fed instead.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu":
         return 1, threads
-    workers = max(1, min(MAX_WORKERS, threads))
-    return workers, max(1, threads // workers)
+    workers = max(w for w in range(1, MAX_WORKERS + 1) if threads % w == 0)  # every thread busy
+    return workers, threads // workers
 
 
 @contextmanager
@@ -461,27 +479,39 @@ def extract(
             local.workspace = _Workspace(options.precision, options.device)
         return _changed_tensor(key, old, new, types.get(key, "other"), key in embeddings, options, local.workspace, keep_spectra)
 
-    def collect(outcome: _Outcome) -> None:
+    pending: deque[tuple[str, Future]] = deque()
+
+    def collect_first() -> None:
+        """Add the oldest pending tensor's outcome to the result: checkpoint order, whatever the workers' timing."""
+        key, future = pending.popleft()
+        outcome = future.result()
         result.rows.append(outcome.row)
         for output, delta, module_type in outcome.parts:
-            (lora if output == "lora" else sparse).add(outcome.row.key, delta, module_type)
+            (lora if output == "lora" else sparse).add(key, delta, module_type)
         if outcome.spectrum is not None:
-            result.spectra[outcome.row.key] = outcome.spectrum
+            result.spectra[key] = outcome.spectrum
         result.full_delta_bytes += outcome.delta_bytes
+        if on_tensor is not None:
+            on_tensor(key)
 
-    with _intra_op_threads(threads), ThreadPoolExecutor(workers, thread_name_prefix="surgeon-extract") as pool:
-        pending: deque[Future] = deque()
-        for key, old, new in _pairs(base, tuned, keys, prefetch, options.device):
-            if on_tensor is not None:
-                on_tensor(key)
-            if torch.equal(old, new):
-                result.unchanged += 1
-                continue
-            pending.append(pool.submit(job, key, old, new))
-            while len(pending) > workers:  # at most one tensor waits for a worker: memory stays bounded
-                collect(pending.popleft().result())
-        while pending:
-            collect(pending.popleft().result())
+    with _intra_op_threads(threads):
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="surgeon-extract")
+        try:
+            for key, old, new in _pairs(base, tuned, keys, prefetch, options.device):
+                if torch.equal(old, new):
+                    result.unchanged += 1
+                    if on_tensor is not None:
+                        on_tensor(key)
+                    continue
+                pending.append((key, pool.submit(job, key, old, new)))
+                while len(pending) > workers:  # at most one tensor waits for a worker: memory stays bounded
+                    collect_first()
+            while pending:
+                collect_first()
+        except BaseException:  # an error or Ctrl-C: drop the queued work instead of finishing it
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     if not result.rows:
         raise SurgeonError(f"{base.path} and {tuned.path} are identical: no tensor differs, so there is nothing to extract; nothing was written.")
     if not lora.low_ranks():  # no LoRA to write: whole replacements go with the sparse diff

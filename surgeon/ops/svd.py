@@ -17,14 +17,14 @@ Three methods, all returning the leading singular triplets of ``A`` (m×n, k = m
 ``randomized``
     A randomized block Krylov method (Musco & Musco 2015; Halko, Martinsson & Tropp 2011 §4.6):
     block Golub–Kahan–Lanczos from a Gaussian start, blocks of r/2 columns (at least 16), full
-    reorthogonalisation, Rayleigh–Ritz on the Krylov basis. Cost O(mn·d) for a basis of d ≤ 6r
-    columns instead of O(mnk). On a flat noise tail (the hard case: rank-32 signal plus noise,
-    rank 64) it is within 0.01% of the Eckart–Young error where Halko's subspace iteration with
-    the same number of matrix products is 0.2% above it. It stops when a step no longer adds
-    ``KRYLOV_TOLERANCE`` of the residual energy, so decaying spectra cost fewer steps. It needs
-    the rank up front and yields only the top d singular values, so it serves fixed ``--rank``.
-    Exactly repeated singular values wider than a block are the one thing block Krylov methods
-    cannot separate; fine-tuning deltas do not have them.
+    reorthogonalisation, Rayleigh–Ritz on the Krylov basis. Cost O(mn·d) for a basis of
+    d ≤ 6·max(r, 16) columns instead of O(mnk). On a flat noise tail (the hard case: rank-32 signal
+    plus noise, rank 64) it is within 0.01% of the Eckart–Young error where Halko's subspace
+    iteration with the same number of matrix products is 0.2% above it. It stops when a step no
+    longer adds ``KRYLOV_TOLERANCE`` of the residual energy, so decaying spectra cost fewer steps;
+    where the Krylov space turns invariant early (repeated singular values) it continues from
+    fresh random directions. It needs the rank up front and yields only the top d singular values,
+    so it serves fixed ``--rank``.
 
 ``auto`` picks ``randomized`` for a fixed rank small against the matrix (8r ≤ k, k ≥ 256, where
 the Krylov basis is much smaller than the matrix) and ``gram`` otherwise (energy / error budgets
@@ -117,7 +117,7 @@ def truncated_svd(
     else:
         u, s, vh = _exact(a)
     spectrum = s.detach().double().cpu()
-    rank = min(rule.choose(spectrum), numerical_rank(spectrum, tuple(a.shape), precision))
+    rank = min(rule.choose(spectrum), numerical_rank(spectrum, tuple(a.shape), precision, squared=method != "exact"))
     return Factorization(u[:, :rank].contiguous(), s[:rank].contiguous(), vh[:rank].contiguous(), spectrum, total, method)
 
 
@@ -138,13 +138,25 @@ def factor_split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, split: str 
     raise SurgeonError(f"unknown factor split {split!r}; choose one of {', '.join(SPLITS)}.")
 
 
-def numerical_rank(spectrum: torch.Tensor, shape: tuple[int, int], precision: torch.dtype) -> int:
-    """How many singular values stand above round-off, by ``torch.linalg.matrix_rank``'s rule
-    (σ > σ₁·max(m, n)·eps): triplets below it are noise, and a fixed rank above the numerical
-    rank is cut to it rather than filled with noise."""
+def round_off(shape: tuple[int, int], precision: torch.dtype, squared: bool = False) -> float:
+    """The relative level, against σ₁, below which a computed singular value is round-off.
+
+    A backward-stable SVD of an m×n matrix in precision ε perturbs it by about ε·√max(m, n)·σ₁;
+    this takes four times that. (``torch.linalg.matrix_rank``'s ε·max(m, n) is a worst case that
+    reaches 1.5% of σ₁ on a 128k-row lm_head and would discard real signal.) Methods that square
+    the spectrum (``gram``, ``randomized``) resolve σ only down to √(ε₆₄·max(m, n))·σ₁, which
+    matters with fp64 precision only.
+    """
+    level = 4 * torch.finfo(precision).eps * max(shape) ** 0.5
+    return max(level, (torch.finfo(torch.float64).eps * max(shape)) ** 0.5) if squared else level
+
+
+def numerical_rank(spectrum: torch.Tensor, shape: tuple[int, int], precision: torch.dtype, squared: bool = False) -> int:
+    """How many singular values stand above :func:`round_off`: triplets below it are noise, and a
+    fixed rank above the numerical rank is cut to it rather than filled with noise."""
     if spectrum.numel() == 0 or float(spectrum[0]) == 0.0:
         return 0
-    return int((spectrum > spectrum[0] * max(shape) * torch.finfo(precision).eps).sum())
+    return int((spectrum > spectrum[0] * round_off(shape, precision, squared)).sum())
 
 
 def _exact(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,7 +175,7 @@ def _gram(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     values, vectors = torch.linalg.eigh(x.T @ x)
     values, vectors = values.flip(0), vectors.flip(1)  # descending
     s = values.clamp_min(0).sqrt()
-    keep = numerical_rank(s.cpu(), tuple(a.shape), a.dtype)
+    keep = numerical_rank(s.cpu(), tuple(a.shape), a.dtype, squared=True)
     s, vectors = s[:keep], vectors[:, :keep]
     left = (x @ vectors) / s
     u, vh = (vectors, left.T) if wide else (left, vectors.T)
@@ -177,10 +189,11 @@ def _orthonormal_block(y: torch.Tensor, basis: torch.Tensor, recent: int, floor:
 
     In exact arithmetic a Lanczos block is orthogonal to all of the basis but its ``recent``
     last columns; projecting those out first leaves only round-off for the one pass against the
-    whole basis. The block itself is made orthonormal by CholeskyQR2: twice, the eigen-
-    decomposition of its small Gram matrix (matrix products only, several times cheaper than
-    Householder QR on CPU). When the block came out much shorter than it went in, scaling it
-    magnified what round-off left of the basis in it, so the second round projects again.
+    whole basis. The block itself is orthonormalised twice through the eigen-decomposition of its
+    small Gram matrix (SVQB: matrix products only, several times cheaper than Householder QR on
+    CPU; the second round repairs what the first lost to round-off). When the block came out much
+    shorter than it went in, scaling it magnified what round-off left of the basis in it, so the
+    second round projects again.
     """
     if recent:
         last = basis[:, -recent:]
@@ -189,11 +202,15 @@ def _orthonormal_block(y: torch.Tensor, basis: torch.Tensor, recent: int, floor:
     if basis.shape[1]:
         y = y - basis @ (basis.T @ y)
     for round_ in range(2):
+        scale = float(y.abs().max()) if y.numel() else 0.0
+        if scale == 0.0:
+            return y[:, :0]
+        y = y / scale  # the Gram matrix is formed in the working precision: keep it clear of overflow and underflow
         values, vectors = torch.linalg.eigh((y.T @ y).double())
-        keep = values > floor**2
+        keep = values > (floor / scale) ** 2
         if not keep.any():
             return y[:, :0]
-        shortest = float(values[keep][0]) ** 0.5
+        shortest = scale * float(values[keep][0]) ** 0.5
         y = y @ (vectors[:, keep] / values[keep].sqrt()).to(y.dtype)
         if round_ == 0 and basis.shape[1] and shortest < 1e-2 * before:
             y = y - basis @ (basis.T @ y)
@@ -250,7 +267,9 @@ def _randomized(a: torch.Tensor, rank: int, total_energy: float, generator: torc
     AᵀQᵢ are the rows of B = QᵀA, so the projection needs no pass of its own. It stops once a
     step adds less than ``tolerance`` of the residual energy ‖A‖² − Σθᵢ² to the top-r Ritz
     values θ (early on decaying spectra, later on flat noise tails), at a basis of
-    ``KRYLOV_DIMENSIONS``·r columns, or when the Krylov space is invariant (A of low rank).
+    ``KRYLOV_DIMENSIONS``·max(r, b) columns, or when the basis holds all but ``tolerance`` of ‖A‖².
+    Where the Krylov space turns invariant before that (repeated or nearly equal singular values
+    in a cluster wider than a block), the next block is filled up with fresh random directions.
     """
     m, n = a.shape
     if rank == 0:
@@ -264,20 +283,32 @@ def _randomized(a: torch.Tensor, rank: int, total_energy: float, generator: torc
     right = a.new_empty(n, width)  # the right Krylov basis
     rows = torch.empty(n, width, dtype=torch.float64, device=a.device)  # Bᵀ = AᵀQ
     gram = torch.zeros(width, width, dtype=torch.float64, device=a.device)  # B·Bᵀ, grown a block at a time
-    start = torch.randn(n, block, dtype=a.dtype, device="cpu", generator=generator).to(a.device)
-    v = _orthonormal_block(start, right[:, :0], 0, 0.0)
-    floor, done_left, done_right = 0.0, 0, 0
+    v = a.new_empty(n, 0)
+    floor, done_left, done_right, fresh = 0.0, 0, 0, False
     convergence = _Convergence(rank, block, total_energy, tolerance)
-    while v.shape[1] and done_left < width:
+    while done_left < width and done_right < width:
+        if v.shape[1] < block:  # part of the Krylov space is invariant (or this is the start): go on from random directions
+            outside = total_energy - float(gram.diagonal()[:done_left].sum())  # ‖A‖² − ‖QᵀA‖²
+            if done_left and outside <= tolerance * total_energy:
+                break
+            random = torch.randn(n, block - v.shape[1], dtype=a.dtype, device="cpu", generator=generator).to(a.device)
+            v = torch.cat([v, _orthonormal_block(random, torch.cat([right[:, :done_right], v], 1), 0, 0.0)], 1)
+            fresh = True
         v = v[:, : width - done_right]
+        if not v.shape[1]:
+            break
         right[:, done_right : done_right + v.shape[1]] = v
         done_right += v.shape[1]
         y = a @ v
-        if not done_left:  # directions shorter than ε·max(m, n)·σ₁ are round-off
-            floor = float(torch.linalg.matrix_norm(y, 2)) * torch.finfo(a.dtype).eps * m
-        u = _orthonormal_block(y, left[:, :done_left], u.shape[1] if done_left else 0, floor)[:, : width - done_left]
+        if not done_left:  # directions shorter than this are round-off
+            floor = float(torch.linalg.matrix_norm(y, 2)) * round_off((m, n), a.dtype)
+        u = _orthonormal_block(y, left[:, :done_left], block if done_left else 0, floor)[:, : width - done_left]
         if not u.shape[1]:
-            break
+            if fresh:  # even random directions add nothing above round-off
+                break
+            v = v[:, :0]
+            continue
+        fresh = False
         step = slice(done_left, done_left + u.shape[1])
         w = (u.T @ a).T  # as uᵀA: MKL is ~25% faster on this layout than on Aᵀu
         left[:, step], rows[:, step] = u, w
