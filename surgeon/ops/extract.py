@@ -289,25 +289,27 @@ class _Workspace:
         old, new = old.reshape(-1), new.reshape(-1)
         energy = 0.0
         for start in range(0, old.numel(), self.SLICE):
-            size = min(self.SLICE, old.numel() - start)
-            piece = self._other[:size].copy_(new[start : start + size]).sub_(self._slice[:size].copy_(old[start : start + size]))
-            energy += frobenius_norm(piece) ** 2
+            part = slice(start, start + self.SLICE)
+            energy += frobenius_norm(self._difference(self._other[: old[part].numel()], old[part], new[part])) ** 2
         return math.sqrt(energy)
 
     def delta(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """new − old, computed in the workspace's dtype; valid until the next call."""
-        size, shape = old.numel(), old.shape
+        size = old.numel()
         if self._flat.numel() < size:
             self._flat = torch.empty(0, dtype=self._flat.dtype, device=self._flat.device)  # free before growing
             self._flat = torch.empty(size, dtype=self._flat.dtype, device=self._flat.device)
-        delta = self._flat[:size].copy_(new.reshape(-1))
-        old = old.reshape(-1)
-        if old.dtype == delta.dtype:
-            return delta.sub_(old).view(shape)
-        for start in range(0, size, self.SLICE):
+        return self._difference(self._flat[:size], old.reshape(-1), new.reshape(-1)).view(old.shape)
+
+    def _difference(self, out: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """``out`` (flat) filled with new − old (flat, as long as ``out``)."""
+        out.copy_(new)
+        if old.dtype == out.dtype:
+            return out.sub_(old)
+        for start in range(0, out.numel(), self.SLICE):
             part = old[start : start + self.SLICE]
-            delta[start : start + part.numel()].sub_(self._slice[: part.numel()].copy_(part))
-        return delta.view(shape)
+            out[start : start + part.numel()].sub_(self._slice[: part.numel()].copy_(part))
+        return out
 
 
 def _matches(key: str, options: ExtractOptions) -> bool:
