@@ -23,29 +23,15 @@ from safetensors.torch import save_file
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
+from surgeon.formats.layouts import KOHYA_PARTS as LORA_PARTS
 from surgeon.formats.kohya_names import PREFIXES, kohya_names, resolve, split_prefix
 from surgeon.formats.lora_only import combined_note, lora_targets
 
 NAME = "kohya"
-DESCRIPTION = "kohya / sd-scripts LoRA (one .safetensors, lora_unet_… / lora_te_… names)"
-LOOKS_FOR = "a .safetensors file with <lora_unet_|lora_te_…name>.lora_down.weight, .lora_up.weight and .alpha keys"
-WRITES_FILE = True
 
-LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale")
 _KEPT_METADATA = ("ss_", "modelspec.")
 # Fields that describe the exact bytes of the file they were computed from.
 _STALE_METADATA = ("modelspec.hash_sha256",)
-
-
-def header_keys(path: Path) -> list[str] | None:
-    """The tensor names of a safetensors file, or None if ``path`` is not one (for sniffing)."""
-    if not path.is_file() or path.suffix != ".safetensors":
-        return None
-    try:
-        with safe_open(path, framework="pt") as handle:
-            return list(handle.keys())
-    except Exception:  # not safetensors, or corrupt: not ours to judge here
-        return None
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -56,11 +42,6 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise SurgeonError(f"{path}: not a readable safetensors file ({error}).") from error
 
 
-def kohya_style(keys: list[str]) -> bool:
-    """Every key is ``<prefixed underscored name>.<part>``."""
-    return bool(keys) and all("." in k and split_prefix(k.partition(".")[0]) is not None for k in keys)
-
-
 def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """{name: {part: tensor}} for keys ``name.part``."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -68,12 +49,6 @@ def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
         stem, _, part = key.partition(".")
         modules.setdefault(stem, {})[part] = tensor
     return modules
-
-
-def sniff(path: Path) -> bool:
-    keys = header_keys(path)
-    return bool(keys) and kohya_style(keys) and any(k.endswith(".lora_down.weight") for k in keys) \
-        and all(k.partition(".")[2] in LORA_PARTS for k in keys)
 
 
 def scale_of(alpha: torch.Tensor | None, rank: int) -> float:

@@ -36,31 +36,16 @@ import torch
 from surgeon.delta import Adapter, Dense, LazyDense, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.formats import kohya
-from surgeon.formats.kohya import dora_magnitude, header_keys, kohya_style, lora_delta, module_type, read_modules, scale_of
+from surgeon.formats.kohya import dora_magnitude, lora_delta, module_type, read_modules, scale_of
+from surgeon.formats.layouts import LYCORIS_REFUSED as _REFUSED
+from surgeon.formats.layouts import header_keys
 
 NAME = "lycoris"
-DESCRIPTION = "LyCORIS LoHa / LoKr / (IA)³ / full / LoCon (one .safetensors, kohya-style names)"
-LOOKS_FOR = "a .safetensors file with kohya-style names and hada_w1_a, lokr_w1(_a), diff, w_norm or on_input parts (or lycoris_ names)"
 
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 OTHER_PARTS = ("weight", "on_input", "diff", "diff_b", "w_norm", "b_norm")
 PARTS = kohya.LORA_PARTS + LOHA_PARTS + LOKR_PARTS + OTHER_PARTS
-_DETECTING = ("hada_w1_a", "lokr_w1", "lokr_w1_a", "on_input", "diff", "w_norm")
-_REFUSED = {
-    "a1.weight": "GLoRA, whose update multiplies the base weight by learned factors",
-    "oft_blocks": "OFT/BOFT, which rotates the base weight rather than adding to it",
-    "lambda_layer": "T-LoRA, whose rank depends on the diffusion timestep",
-    "bias_indices": "a sparse residual from lycoris extract_diff, which no LyCORIS loader applies",
-}
-
-
-def sniff(path: Path) -> bool:
-    keys = header_keys(path)
-    if not keys or not kohya_style(keys):
-        return False
-    parts = {k.partition(".")[2] for k in keys}
-    return bool(parts & set(_DETECTING) or parts & set(_REFUSED)) or any(k.startswith("lycoris_") for k in keys)
 
 
 def khatri_rao(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

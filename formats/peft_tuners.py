@@ -26,7 +26,8 @@ import torch
 from surgeon.delta import Adapter, LowRank, Replace
 from surgeon.errors import SurgeonError
 from surgeon.formats.lycoris import LOHA_PARTS, LOKR_PARTS, ia3_delta, loha_delta, loha_factors, lokr_delta, lokr_weight
-from surgeon.formats.peft import CONFIG_FILE, PREFIX, _load_tensors, module_rank_alpha
+from surgeon.formats.peft import CONFIG_FILE, _load_tensors
+from surgeon.formats.peft_rules import PREFIX, module_rank_alpha
 
 PARTS = {
     "LOHA": LOHA_PARTS,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, missing_extra
 
 # task -> (transformers auto class, the output the graph returns)
 TASKS = {
@@ -51,7 +51,7 @@ def require_extra(exporter: str) -> None:
     needed = ["transformers", "onnxruntime"] + (["onnxscript"] if exporter != "legacy" else [])
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
-        raise SurgeonError(f"export-onnx needs {', '.join(missing)}, which is not installed; run: pip install 'peft-surgeon[onnx]'.")
+        raise SurgeonError(missing_extra("onnx", missing, "export-onnx"))
 
 
 def default_task(config: dict) -> str:

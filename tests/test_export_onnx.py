@@ -153,7 +153,7 @@ def test_missing_extra_names_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(onnx_export.importlib.util, "find_spec", lambda name: None if name == "onnxscript" else real(name))
     result = CliRunner().invoke(main, ["export-onnx", str(FIXTURES / "tiny-llama"), "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 1
-    assert "onnxscript" in result.output and "pip install 'peft-surgeon[onnx]'" in result.output
+    assert "onnxscript" in result.output and "pip install '.[onnx]'" in result.output
 
 
 def test_existing_output_is_refused_before_any_work(tmp_path):

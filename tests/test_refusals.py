@@ -154,7 +154,9 @@ def test_non_lora_peft_type_is_refused(fixtures_dir, tmp_path):
 
 def test_unknown_path_lists_what_was_looked_for(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    assert_refused(run("inspect", tmp_path), "adapter_config.json", "model.safetensors")
+    assert_refused(run("inspect", tmp_path), "a directory of 1 entries", "neither an adapter nor a checkpoint")
+    verbose = run("-v", "inspect", tmp_path)
+    assert verbose.exit_code == 1 and "adapter_config.json" in verbose.output and "sparse_config.json" in verbose.output
 
 
 def test_missing_path_is_a_usage_error(tmp_path):
@@ -165,7 +167,7 @@ def test_missing_path_is_a_usage_error(tmp_path):
 def test_truncated_safetensors_is_named(tmp_path):
     broken = tmp_path / "model.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    assert_refused(run("inspect", broken), str(broken), "not a readable safetensors file")
+    assert_refused(run("inspect", broken), str(broken), "not a valid safetensors file")
 
 
 @pytest.mark.parametrize("extra, fragment", [
@@ -199,7 +201,10 @@ def test_corrupt_shard_index_is_named(fixtures_dir, tmp_path):
 
 
 def test_rank_bounds_are_checked(fixtures_dir, tmp_path):
-    assert_refused(run("resize", fixtures_dir / "tiny-llama-lora", "--rank", "2", "--max-rank", "-1", "-o", tmp_path / "o"), "--max-rank")
+    result = run("resize", fixtures_dir / "tiny-llama-lora", "--rank", "2", "--max-rank", "-1", "-o", tmp_path / "o")
+    assert result.exit_code == 2 and "--max-rank" in result.output and not (tmp_path / "o").exists()
+    assert_refused(run("resize", fixtures_dir / "tiny-llama-lora", "--rank", "2", "--energy", "0.5", "-o", tmp_path / "o"),
+                   "exactly one of --rank, --energy, --max-error")
 
 
 def test_convert_to_diffusers_of_a_bare_model_round_trips(fixtures_dir, tmp_path):
