@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -267,15 +268,44 @@ class ExportReport:
     verified: bool | None = None
 
 
+@contextlib.contextmanager
+def dependencies_quiet(verbose: bool):
+    """Silence transformers' loading bars and the exporter's notes about optional operators
+    (torchvision's, which no language model uses) unless asked for: the report says what matters."""
+    if verbose:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    level, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    exporter_log = logging.getLogger("torch.onnx")
+    exporter_level = exporter_log.level
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
+        if bars:
+            transformers_logging.enable_progress_bar()
+        exporter_log.setLevel(exporter_level)
+
+
 def export(source: Path, output: Path, *, task: str | None = None, opset: int | None = None, exporter: str = "auto",
            atol: float = 1e-4, check: bool = True, force: bool = False, provenance: dict[str, str] | None = None,
-           adapters: list[str] | None = None) -> ExportReport:
+           adapters: list[str] | None = None, verbose: bool = False) -> ExportReport:
     """Export the checkpoint at ``source`` to ``output`` and verify it (unless ``check`` is off).
 
     A graph that fails verification is kept beside the output as ``<output>.unverified`` (with
     ``.unverified.data``), never at the output path; the report says so with ``verified: False``.
     ``provenance`` (how the export was asked for) and the report go into the graph's metadata_props.
     """
+    with dependencies_quiet(verbose):
+        return _export(source, output, task, opset, exporter, atol, check, force, provenance, adapters)
+
+
+def _export(source, output, task, opset, exporter, atol, check, force, provenance, adapters) -> ExportReport:
     from surgeon.checkpoint import Checkpoint
     from surgeon.output import check_destination
 

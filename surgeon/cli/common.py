@@ -28,6 +28,11 @@ def _one_line_os_error(error: OSError) -> str:
     return f"{where}: {error.strerror or error}."
 
 
+def verbose_asked() -> bool:
+    """Whether the user gave ``surgeon --verbose``."""
+    return bool((click.get_current_context().find_root().obj or {}).get("verbose"))
+
+
 def friendly(command):
     """Turn SurgeonError and OS errors (permissions, a full disk) into click's one-line error
     instead of a traceback; ``--verbose`` adds an error's details."""
@@ -37,8 +42,7 @@ def friendly(command):
         try:
             return command(*args, **kwargs)
         except SurgeonError as error:
-            verbose = (click.get_current_context().find_root().obj or {}).get("verbose")
-            details = f"\n{error.details}" if verbose and error.details else ""
+            details = f"\n{error.details}" if verbose_asked() and error.details else ""
             raise click.ClickException(f"{error}{details}") from None
         except OSError as error:
             raise click.ClickException(_one_line_os_error(error)) from None

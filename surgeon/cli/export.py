@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from surgeon.cli.common import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, Progress, emit, friendly,
-                                provenance, read_adapter_arg)
+                                provenance, read_adapter_arg, verbose_asked)
 from surgeon.errors import SurgeonError
 from surgeon.summary import human_bytes
 
@@ -89,7 +89,7 @@ def export_onnx(checkpoint, output, adapters, weights, task, opset, exporter, at
 
     check_destination(output, [checkpoint, *adapters], force)
     options = dict(task=task, opset=opset, exporter=exporter, atol=atol, check=not no_verify, force=force,
-                   provenance=provenance(), adapters=[str(a) for a in adapters])
+                   provenance=provenance(), adapters=[str(a) for a in adapters], verbose=verbose_asked())
     if adapters:
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{output.name}.merge-", dir=output.parent) as scratch:

@@ -45,8 +45,8 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
             exclude, method, precision, split, alpha, dtype, device, report_path, plot_path, force, as_json) -> None:
     """Extract a LoRA adapter from a full fine-tune: ΔW = TUNED − BASE, factored per module.
 
-    Give exactly one of --rank (the same rank everywhere), --energy or --max-error (each
-    module's smallest rank that keeps that much of its spectrum, or stays under that error).
+    Give exactly one of --rank, --energy or --max-error: the same rank everywhere, or each
+    module's smallest rank that keeps that much of its spectrum or stays under that error.
 
     Every 2-D (and, flattened, 4-D conv) weight that changed is factored by truncated SVD and
     written as a PEFT adapter to OUTPUT, with rank_pattern/alpha_pattern when the ranks differ.
