@@ -17,13 +17,13 @@ import click
 
 from surgeon import __version__
 from surgeon.checkpoint import Checkpoint, parse_size
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, describe_os_error
 from surgeon.output import atomic_output, install_signal_cleanup
 from surgeon.summary import adapter_summary, checkpoint_summary, render
 
 
 def friendly(command):
-    """Turn SurgeonError into click's one-line error instead of a traceback."""
+    """Turn SurgeonError, and an OSError (the path and why), into click's one-line error instead of a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -31,6 +31,8 @@ def friendly(command):
             return command(*args, **kwargs)
         except SurgeonError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:
+            raise click.ClickException(describe_os_error(error)) from None
 
     return wrapper
 
@@ -67,8 +69,11 @@ class InputPath(click.ParamType):
             except SurgeonError as error:
                 self.fail(str(error), param, ctx)
         path = Path(value)
-        if not path.exists():
-            self.fail(f"{value}: no such file or directory.", param, ctx)
+        try:
+            path.stat()
+        except OSError as error:  # not only a missing path: a folder we may not enter, a link loop
+            reason = "no such file or directory" if isinstance(error, FileNotFoundError) else error.strerror
+            self.fail(f"{value}: {reason}.", param, ctx)
         return path
 
 
@@ -212,7 +217,9 @@ def merge(base, adapters, output, weights, dtype, device, shard_size, format_nam
 @click.argument("adapters", nargs=-1, required=True, type=INPUT)
 @OUTPUT_OPTION
 @click.option("-w", "--weight", "weights", multiple=True, type=float, help="The weights the adapters were merged with.")
-@click.option("--check", "check_base", type=INPUT, default=None, help="The real base: report how far the restored checkpoint is from it.")
+@click.option("--check", "check_base", type=INPUT, default=None,
+              help="The real base: report how far the restored checkpoint is from it (refused before anything is written "
+                   "when its tensors differ).")
 @_transform_options
 def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_size, format_name, force, allow_nonfinite, as_json) -> None:
     """Subtract ADAPTERS from a MERGED checkpoint, recovering the base: the inverse of merge.
@@ -225,9 +232,11 @@ def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_
     Example:
       surgeon unmerge merged/ fixtures/tiny-llama-lora -o restored/ --check fixtures/tiny-llama
     """
-    from surgeon.ops.merge import compare
+    from surgeon.ops.merge import check_comparable, compare
     from surgeon.ops.merge import unmerge as unmerge_op
 
+    if check_base:  # refused before anything is written, so a failed --check leaves no output
+        check_comparable(Checkpoint(merged), Checkpoint(check_base))
     report = asdict(_run_transform(unmerge_op, merged, adapters, output, weights, format_name, dtype, device, shard_size, force, allow_nonfinite))
     text = f"unmerged {len(adapters)} adapter(s) from {report['changed']} of {report['tensors']} tensors in {report['seconds']:.2f}s -> {output}"
     if check_base:
