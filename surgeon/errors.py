@@ -21,3 +21,11 @@ def missing_extra(extra: str, packages: list[str], what: str) -> str:
     names = " ".join(packages)
     return (f"{what} needs {', '.join(packages)}, which is not installed; run pip install {names} "
             f"(or, in surgeon's checkout, pip install '.[{extra}]').")
+
+
+def describe_os_error(error: OSError) -> str:
+    """An operating-system failure (permission denied, disk full, read-only folder) as one line:
+    the path it happened on and the system's reason, for the CLI to print instead of a traceback."""
+    reason = error.strerror or str(error)
+    paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}." if paths else f"{reason}."

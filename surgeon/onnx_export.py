@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -301,16 +300,18 @@ def export(source: Path, output: Path, *, task: str | None = None, opset: int | 
     ``.unverified.data``), never at the output path; the report says so with ``verified: False``.
     ``provenance`` (how the export was asked for) and the report go into the graph's metadata_props.
     """
-    with dependencies_quiet(verbose):
-        return _export(source, output, task, opset, exporter, atol, check, force, provenance, adapters)
-
-
-def _export(source, output, task, opset, exporter, atol, check, force, provenance, adapters) -> ExportReport:
-    from surgeon.checkpoint import Checkpoint
-    from surgeon.output import check_destination
+    from surgeon.output import claimed, scratch_beside
 
     require_extra(exporter)
-    check_destination(output, [source], force)
+    with dependencies_quiet(verbose), claimed(output, inputs=[source], force=force, directory=False), \
+            scratch_beside(output) as staging:
+        return _export_in(staging, source, output, task, opset, exporter, atol, check, provenance, adapters)
+
+
+def _export_in(staging: Path, source: Path, output: Path, task, opset, exporter, atol, check, provenance,
+               adapters) -> ExportReport:
+    from surgeon.checkpoint import Checkpoint
+
     checkpoint = Checkpoint(source)
     config = checkpoint.config()
     if not config:
@@ -319,23 +320,18 @@ def _export(source, output, task, opset, exporter, atol, check, force, provenanc
     report = ExportReport(str(source), str(output), task, TASKS[task][1], (config.get("architectures") or [None])[0], adapters=adapters or [])
     report.external_data = checkpoint.num_params() * 4 > EXTERNAL_DATA_ABOVE  # exported in fp32
     head, full_config = load_head(source, task)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.surgeon-", dir=output.parent))
-    try:
-        staged = staging / output.name
-        started = time.perf_counter()
-        report.exporter = export_graph(head, full_config, staged, exporter, opset, report.external_data)
-        report.export_seconds = round(time.perf_counter() - started, 3)
-        report.opset = check_graph(staged)
-        if check:
-            result = verify(staged, head, full_config, atol)
-            report.verification, report.verified = asdict(result), result.passed
-        final = output if report.verified is not False else output.with_name(output.name + ".unverified")
-        report.output = str(final)
-        summary = {k: v for k, v in asdict(report).items() if k not in ("files", "bytes")}  # not known until written
-        written = finish(staged, final, {**(provenance or {}), "surgeon_report": json.dumps(summary)})
-        report.files = [str(p) for p in written]
-        report.bytes = sum(p.stat().st_size for p in written)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    staged = staging / output.name
+    started = time.perf_counter()
+    report.exporter = export_graph(head, full_config, staged, exporter, opset, report.external_data)
+    report.export_seconds = round(time.perf_counter() - started, 3)
+    report.opset = check_graph(staged)
+    if check:
+        result = verify(staged, head, full_config, atol)
+        report.verification, report.verified = asdict(result), result.passed
+    final = output if report.verified is not False else output.with_name(output.name + ".unverified")
+    report.output = str(final)
+    summary = {k: v for k, v in asdict(report).items() if k not in ("files", "bytes")}  # not known until written
+    written = finish(staged, final, {**(provenance or {}), "surgeon_report": json.dumps(summary)})
+    report.files = [str(p) for p in written]
+    report.bytes = sum(p.stat().st_size for p in written)
     return report

@@ -15,17 +15,12 @@ from pathlib import Path
 import click
 
 from surgeon import __version__
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, describe_os_error
 from surgeon.formats import FORMATS
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 #: Suffixes that name a file; an output that is a directory must not carry one.
 FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".onnx_adapter", ".json", ".npz")
-
-
-def _one_line_os_error(error: OSError) -> str:
-    where = error.filename or "surgeon"
-    return f"{where}: {error.strerror or error}."
 
 
 def verbose_asked() -> bool:
@@ -45,7 +40,7 @@ def friendly(command):
             details = f"\n{error.details}" if verbose_asked() and error.details else ""
             raise click.ClickException(f"{error}{details}") from None
         except OSError as error:
-            raise click.ClickException(_one_line_os_error(error)) from None
+            raise click.ClickException(describe_os_error(error)) from None
 
     return wrapper
 
@@ -82,8 +77,11 @@ class InputPath(click.ParamType):
             except SurgeonError as error:
                 self.fail(str(error), param, ctx)
         path = Path(value)
-        if not path.exists():
-            self.fail(f"{value}: no such file or directory.", param, ctx)
+        try:
+            path.stat()
+        except OSError as error:  # not only a missing path: a folder we may not enter, a link loop
+            reason = "no such file or directory" if isinstance(error, FileNotFoundError) else error.strerror
+            self.fail(f"{value}: {reason}.", param, ctx)
         return path
 
 

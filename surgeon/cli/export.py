@@ -3,7 +3,6 @@ has been checked against torch before it is called done."""
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -85,15 +84,15 @@ def export_onnx(checkpoint, output, adapters, weights, task, opset, exporter, at
       surgeon export-onnx hf://org/base --adapter hf://org/adapter -o model.onnx --json
     """
     from surgeon.onnx_export import export
-    from surgeon.output import check_destination
+    from surgeon.output import check_destination, claimed, scratch_beside
 
-    check_destination(output, [checkpoint, *adapters], force)
+    check_destination(output, [checkpoint, *adapters], force, directory=False)
     options = dict(task=task, opset=opset, exporter=exporter, atol=atol, check=not no_verify, force=force,
                    provenance=provenance(), adapters=[str(a) for a in adapters], verbose=verbose_asked())
     if adapters:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{output.name}.merge-", dir=output.parent) as scratch:
-            merged = _merged_copy(checkpoint, adapters, weights, format_name, device, Path(scratch))
+        with claimed(output, inputs=[checkpoint, *adapters], force=force, directory=False), \
+                scratch_beside(output) as scratch:
+            merged = _merged_copy(checkpoint, adapters, weights, format_name, device, scratch)
             report = export(merged, output, **options)
     elif weights:
         raise SurgeonError("--weight scales an --adapter; give it only together with --adapter.")

@@ -70,7 +70,7 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     from surgeon.ops.extract import ExtractOptions
     from surgeon.ops.extract import extract as extract_op
     from surgeon.ops.merge import DTYPES, resolve_device
-    from surgeon.output import atomic_output
+    from surgeon.output import atomic_output, check_destination
     from surgeon.recognise import refuse_swapped
 
     refuse_swapped(base, [], "BASE")
@@ -84,7 +84,10 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     if plot_path is not None:
         _require_matplotlib()
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
-    with atomic_output(output, inputs=[Path(base), Path(tuned)], force=force) as staging:
+    inputs = [Path(base), Path(tuned)]
+    for path in filter(None, (report_path, plot_path)):  # refused now, not after the work
+        check_destination(path, [*inputs, output], force, directory=False)
+    with atomic_output(output, inputs=inputs, force=force) as staging:
         with Progress(len(base_ckpt), "extract") as tick:
             result = extract_op(base_ckpt, tuned_ckpt, options, on_tensor=tick, keep_spectra=plot_path is not None)
         metadata = provenance()
@@ -101,9 +104,11 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     report = {"base": str(base), "tuned": str(tuned), "output": str(output), "written": written,
               "merge_command": f"surgeon merge {base} {' '.join(written)} -o merged/", **result.report()}
     if report_path is not None:
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        with atomic_output(report_path, inputs=inputs, force=force, directory=False) as staged:
+            staged.write_text(json.dumps(report, indent=2) + "\n")
     if plot_path is not None:
-        plot_spectra(result, plot_path)
+        with atomic_output(plot_path, inputs=inputs, force=force, directory=False) as staged:
+            plot_spectra(result, staged, plot_path.suffix[1:] or "png")
     emit(report, as_json, render(report))
 
 
@@ -123,7 +128,7 @@ def _require_matplotlib():
         raise SurgeonError(missing_extra("plot", ["matplotlib"], "--plot")) from None
 
 
-def plot_spectra(result, path: Path) -> None:
+def plot_spectra(result, path: Path, image_format: str = "png") -> None:
     """σᵢ/σ₁ against i for every factored module (log scale), coloured by module name, with the
     kept rank marked: where the spectra flatten is where more rank stops paying."""
     import matplotlib
@@ -150,7 +155,7 @@ def plot_spectra(result, path: Path) -> None:
     if colours:
         axes.legend(fontsize="small", ncol=2)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, format=image_format)
     plt.close(figure)
 
 

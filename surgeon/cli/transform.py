@@ -93,7 +93,9 @@ def _check_against(report: dict, output: Path, check_base: Path) -> str:
 @click.argument("adapters", nargs=-1, required=True, type=INPUT)
 @OUTPUT_OPTION
 @click.option("-w", "--weight", "weights", multiple=True, type=float, help="The weights the adapters were merged with.")
-@click.option("--check", "check_base", type=INPUT, default=None, help="The real base: report how far the restored checkpoint is from it.")
+@click.option("--check", "check_base", type=INPUT, default=None,
+              help="The real base: report how far the restored checkpoint is from it (refused before anything is written "
+                   "when its tensors differ).")
 @_transform_options
 def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_size, format_name, force, allow_nonfinite,
             as_json) -> None:
@@ -107,8 +109,12 @@ def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_
     Example:
       surgeon unmerge out/merged fixtures/tiny-llama-lora -o out/restored --check fixtures/tiny-llama
     """
+    from surgeon.checkpoint import Checkpoint
+    from surgeon.ops.merge import check_comparable
     from surgeon.ops.merge import unmerge as unmerge_op
 
+    if check_base:  # refused before anything is written, so a failed --check leaves no output
+        check_comparable(Checkpoint(merged), Checkpoint(check_base))
     report = asdict(_run_transform(unmerge_op, merged, adapters, output, weights, format_name, dtype, device, shard_size,
                                    force, allow_nonfinite, "MERGED"))
     text = (f"unmerged {len(adapters)} adapter(s) from {report['changed']} of {report['tensors']} tensors "

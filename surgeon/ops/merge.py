@@ -221,17 +221,24 @@ class Difference:
     relative: float
 
 
-def compare(a: Checkpoint, b: Checkpoint) -> list[Difference]:
-    """Per-tensor max absolute and relative Frobenius difference of two checkpoints with the same keys."""
+def check_comparable(a: Checkpoint, b: Checkpoint) -> None:
+    """Refuse two checkpoints that do not hold the same tensors with the same shapes; asked from the
+    headers alone, so that ``unmerge --check`` can refuse a wrong base before writing anything."""
     if set(a.keys()) != set(b.keys()):
         only = sorted(set(a.keys()) ^ set(b.keys()))
         raise SurgeonError(f"{a.path} and {b.path} hold different tensors (e.g. {only[0]!r}); they cannot be compared.")
+    for key in a.keys():
+        if a.info(key).shape != b.info(key).shape:
+            raise SurgeonError(f"{key!r} is {a.info(key).shape} in {a.path} but {b.info(key).shape} in {b.path}.")
+
+
+def compare(a: Checkpoint, b: Checkpoint) -> list[Difference]:
+    """Per-tensor max absolute and relative Frobenius difference of two checkpoints with the same keys."""
+    check_comparable(a, b)
     found = []
     for key in a.keys():
         x = a.get(key).to(torch.float64)
         y = b.get(key).to(torch.float64)
-        if x.shape != y.shape:
-            raise SurgeonError(f"{key!r} is {tuple(x.shape)} in {a.path} but {tuple(y.shape)} in {b.path}.")
         diff = x - y
         norm = float(torch.linalg.vector_norm(y))
         found.append(Difference(key, float(diff.abs().max()) if diff.numel() else 0.0,
