@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from surgeon.checkpoint import load_pickle_weights
+from surgeon.checkpoint import load_pickle_weights, read_safetensors
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.formats import kohya_names
-from surgeon.formats.kohya import header_keys, load
+from surgeon.formats.kohya import header_keys
 from surgeon.formats.lora_only import combined_note, lora_targets
 from surgeon.formats.peft import _factors, _rank_alpha_config, _read_module
 
@@ -74,7 +74,7 @@ def sniff(path: Path) -> bool:
 def _load(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if file.suffix == ".bin":
         return load_pickle_weights(file), {}
-    return load(file)
+    return read_safetensors(file)
 
 
 def _component_configs(metadata: dict[str, str], file: Path) -> dict[str, dict]:

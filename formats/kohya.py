@@ -18,9 +18,9 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from surgeon.checkpoint import open_safetensors, read_safetensors
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.formats.kohya_names import PREFIXES, kohya_names, resolve, split_prefix
@@ -42,18 +42,10 @@ def header_keys(path: Path) -> list[str] | None:
     if not path.is_file() or path.suffix != ".safetensors":
         return None
     try:
-        with safe_open(path, framework="pt") as handle:
+        with open_safetensors(path) as handle:
             return list(handle.keys())
-    except Exception:  # not safetensors, or corrupt: not ours to judge here
+    except SurgeonError:  # not safetensors, or corrupt: not ours to judge here
         return None
-
-
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safe_open(path, framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
-    except Exception as error:  # safetensors raises its own types for corrupt headers
-        raise SurgeonError(f"{path}: not a readable safetensors file ({error}).") from error
 
 
 def kohya_style(keys: list[str]) -> bool:
@@ -119,7 +111,7 @@ def module_type(shape: tuple[int, ...]) -> str:
 def read_modules(path: Path, base, known_parts: tuple[str, ...], format_name: str):
     """The file's modules grouped by name, each with its base module path, and a fresh adapter
     that records the names (for writing them back). Parts outside ``known_parts`` are refused."""
-    tensors, metadata = load(path)
+    tensors, metadata = read_safetensors(path)
     modules = group(tensors)
     for stem, parts in modules.items():
         unknown = sorted(set(parts) - set(known_parts))

@@ -16,9 +16,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from surgeon.checkpoint import read_safetensors
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.formats.lora_only import (combined_note, differs, fold, lora_targets, most_common,
@@ -68,9 +68,8 @@ def read(path: Path, base=None) -> Adapter:
     if "scale" not in parameters:
         raise SurgeonError(f"{path / CONFIG_FILE}: lora_parameters has no scale, which mlx-lm requires; the config is incomplete.")
     scale = float(parameters["scale"])
-    with safe_open(path / WEIGHT_FILE, framework="pt") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        metadata = {k: v for k, v in (handle.metadata() or {}).items() if k != "format"}
+    tensors, metadata = read_safetensors(path / WEIGHT_FILE)
+    metadata = {k: v for k, v in metadata.items() if k != "format"}
 
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

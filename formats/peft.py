@@ -18,10 +18,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from surgeon.checkpoint import load_pickle_weights
+from surgeon.checkpoint import load_pickle_weights, read_safetensors
 from surgeon.delta import Adapter, Dense, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
 
@@ -83,8 +82,7 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], 
         file = path / name
         if file.is_file():
             if name.endswith(".safetensors"):
-                with safe_open(file, framework="pt") as handle:
-                    return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {}), file
+                return (*read_safetensors(file), file)
             return load_pickle_weights(file), {}, file
     raise SurgeonError(f"{path}: has {CONFIG_FILE} but no {' or '.join(WEIGHT_FILES)}.")
 

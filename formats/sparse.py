@@ -23,9 +23,9 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from surgeon.checkpoint import read_safetensors
 from surgeon.delta import Adapter, Replace, Sparse
 from surgeon.errors import SurgeonError
 
@@ -66,13 +66,12 @@ def read(path: Path, base=None) -> Adapter:
     if not file.is_file():
         raise SurgeonError(f"{path}: has {CONFIG_FILE} but no {WEIGHT_FILE}.")
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(file, framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        for name in handle.keys():
-            key, _, part = name.rpartition(".")
-            if part not in _PARTS or not key:
-                raise SurgeonError(f"{file}: tensor {name!r} is not a part of a sparse diff (expected a key ending in {', '.join('.' + p for p in _PARTS)}).")
-            parts.setdefault(key, {})[part] = handle.get_tensor(name)
+    tensors, metadata = read_safetensors(file)
+    for name, tensor in tensors.items():
+        key, _, part = name.rpartition(".")
+        if part not in _PARTS or not key:
+            raise SurgeonError(f"{file}: tensor {name!r} is not a part of a sparse diff (expected a key ending in {', '.join('.' + p for p in _PARTS)}).")
+        parts.setdefault(key, {})[part] = tensor
     adapter = Adapter(source_format=NAME, base_model=config.get("base_model_name_or_path"), config=config, metadata=metadata)
     for key, found in parts.items():
         if "replace" in found:
