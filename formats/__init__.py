@@ -62,7 +62,10 @@ def read_adapter(path: str | Path, format_name: str | None = None, base=None) ->
         raise SurgeonError(f"{path}: not an adapter surgeon recognises; looked for {looked_for()}.")
     if format_name and not module.sniff(path):
         raise SurgeonError(f"{path}: not a {module.NAME} adapter; that format is {module.LOOKS_FOR}.")
-    return module.read(path, base=base)
+    adapter = module.read(path, base=base)
+    if not len(adapter):
+        raise SurgeonError(f"{path}: the adapter holds no tensors, so there is nothing to apply (PEFT refuses it too).")
+    return adapter
 
 
 def writers() -> list[str]:

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from surgeon.checkpoint import read_safetensors
-from surgeon.delta import Adapter, LowRank
+from surgeon.checkpoint import read_json, read_safetensors
+from surgeon.delta import FACTOR_DTYPES, Adapter, LowRank
 from surgeon.errors import SurgeonError
+from surgeon.formats.adapter_config import check_mlx
 from surgeon.formats.lora_only import (combined_note, differs, fold, lora_targets, most_common,
                                        trailing_zero_rank)
 
@@ -37,13 +38,8 @@ _PARTS = ("lora_a", "lora_b", "m")
 
 
 def sniff(path: Path) -> bool:
-    if not path.is_dir() or not (path / WEIGHT_FILE).is_file() or not (path / CONFIG_FILE).is_file():
-        return False
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and "lora_parameters" in config
+    """mlx-lm's own file names; the config is judged when read, so that a broken one is reported."""
+    return path.is_dir() and (path / WEIGHT_FILE).is_file() and (path / CONFIG_FILE).is_file()
 
 
 def _is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base) -> bool:
@@ -60,14 +56,11 @@ def _is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base) -> bool:
 def read(path: Path, base=None) -> Adapter:
     """An mlx-lm adapter as canonical deltas; zero-padded ranks are trimmed back."""
     path = Path(path)
-    config = json.loads((path / CONFIG_FILE).read_text())
+    config = read_json(path / CONFIG_FILE)
+    scale = float(check_mlx(config, path / CONFIG_FILE)["scale"])
     fine_tune_type = config.get("fine_tune_type", "lora")
     if fine_tune_type not in ("lora", "dora"):
         raise SurgeonError(f"{path / CONFIG_FILE}: fine_tune_type {fine_tune_type!r} is not a LoRA adapter; surgeon reads mlx-lm lora and dora adapters.")
-    parameters = config.get("lora_parameters") or {}
-    if "scale" not in parameters:
-        raise SurgeonError(f"{path / CONFIG_FILE}: lora_parameters has no scale, which mlx-lm requires; the config is incomplete.")
-    scale = float(parameters["scale"])
     tensors, metadata = read_safetensors(path / WEIGHT_FILE)
     metadata = {k: v for k, v in metadata.items() if k != "format"}
 
@@ -83,6 +76,12 @@ def read(path: Path, base=None) -> Adapter:
         if "lora_a" not in parts or "lora_b" not in parts:
             raise SurgeonError(f"{path / WEIGHT_FILE}: module {module!r} has only one of lora_a and lora_b; the file is incomplete.")
         a, b, magnitude = parts["lora_a"], parts["lora_b"], parts.get("m")
+        if any(t.dtype not in FACTOR_DTYPES for t in parts.values()):
+            raise SurgeonError(f"{path / WEIGHT_FILE}: {module!r} has a {' or '.join(sorted({str(t.dtype) for t in parts.values()}))} "
+                               "factor; LoRA factors must be fp16, bf16, fp32 or fp64.")
+        if a.dim() < 2 or b.dim() < 2:
+            raise SurgeonError(f"{path / WEIGHT_FILE}: {module!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, "
+                               "not matrices; the file is damaged.")
         if a.dim() != 2 or b.dim() != 2:
             raise SurgeonError(f"{path / WEIGHT_FILE}: {module!r} has {a.dim()}-D factors (an mlx-lm MoE switch layer), which surgeon does not read yet.")
         if _is_embedding(module, a, b, base):

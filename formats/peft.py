@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from surgeon.checkpoint import load_pickle_weights, read_safetensors
-from surgeon.delta import Adapter, Dense, LowRank, Replace, Sparse
+from surgeon.delta import FACTOR_DTYPES, Adapter, Dense, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
+from surgeon.formats import adapter_config
 
 NAME = "peft"
 DESCRIPTION = "PEFT LoRA / DoRA (adapter_config.json + adapter_model.safetensors)"
@@ -46,13 +47,9 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_
 
 
 def sniff(path: Path) -> bool:
-    if not path.is_dir() or not (path / CONFIG_FILE).is_file():
-        return False
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and "peft_type" in config and any((path / f).is_file() for f in WEIGHT_FILES)
+    """PEFT's own file names; the config is judged when read, so that a broken one is reported
+    as such instead of the directory passing for something else."""
+    return path.is_dir() and (path / CONFIG_FILE).is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
 
 
 def pattern_key(patterns: dict, module: str) -> str | None:
@@ -90,8 +87,12 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], 
 def read(path: Path, base=None) -> Adapter:
     """A PEFT LoRA/DoRA adapter as canonical deltas keyed by the base model's parameter names."""
     path = Path(path)
-    config = json.loads((path / CONFIG_FILE).read_text())
-    peft_type = str(config.get("peft_type", "")).upper()
+    config = adapter_config.load(path / CONFIG_FILE)
+    if "peft_type" not in config:
+        raise SurgeonError(f"{path / CONFIG_FILE}: has no peft_type, so it is not a PEFT adapter config; "
+                           "restore the file PEFT saved.")
+    adapter_config.check_peft(config, path / CONFIG_FILE)
+    peft_type = config["peft_type"].upper()
     if peft_type != "LORA":
         from surgeon.formats import peft_tuners
 
@@ -113,18 +114,46 @@ def read(path: Path, base=None) -> Adapter:
         key = key[len(PREFIX):]
         match = _LORA_KEY.match(key)
         if match:
+            _check_part(file, PREFIX + key, tensor, 1 if match["part"] == "lora_magnitude_vector" or match["rest"] == ".bias" else 2)
             modules.setdefault(match["module"], {})[match["part"] + (match["rest"] if match["rest"] == ".bias" else "")] = tensor
         elif re.search(r"\.lora_[A-Za-z_]+", key):
             raise SurgeonError(f"{file}: tensor {key!r} is a LoRA part surgeon does not know; refusing rather than dropping it.")
         else:
             whole[key.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = tensor
 
+    _check_modules_match(config, modules, path / CONFIG_FILE)
     adapter = Adapter(source_format=NAME, base_model=config.get("base_model_name_or_path"), config=config, metadata=metadata)
     for key, tensor in whole.items():  # replacements first: LoRA applies on top of them
         adapter.add(key, Replace(tensor), "other")
     for module, parts in modules.items():
         _read_module(adapter, module, parts, config, rslora, fan_in_fan_out, file)
     return adapter
+
+
+def _check_part(file: Path, key: str, tensor: torch.Tensor, least_dims: int) -> None:
+    """A LoRA part must be a float tensor of at least ``least_dims`` dimensions (factors are matrices
+    or convolution kernels, magnitudes and biases vectors)."""
+    if tensor.dtype not in FACTOR_DTYPES:
+        raise SurgeonError(f"{file}: tensor {key!r} is {tensor.dtype}; LoRA parts must be fp16, bf16, fp32 or fp64, "
+                           "and a quantized adapter must be dequantized first.")
+    if tensor.dim() < least_dims:
+        raise SurgeonError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but this LoRA part has at least "
+                           f"{least_dims} dimensions; the file is damaged.")
+
+
+def _check_modules_match(config: dict, modules: dict[str, dict], where: Path) -> None:
+    """What PEFT would load: only modules that ``target_modules`` names get LoRA layers (the other
+    factors are dropped as unexpected keys), and with ``use_dora`` every one needs its magnitude."""
+    targets = config.get("target_modules")
+    if modules and targets not in (None, "all-linear") and not any(_targeted(targets, m) for m in modules):
+        raise SurgeonError(f"{where}: target_modules {targets!r} matches none of the adapter's modules (such as "
+                           f"{next(iter(modules))!r}), so PEFT would load none of its weights; fix target_modules.")
+    dora = bool(config.get("use_dora"))
+    wrong = next((m for m, parts in modules.items() if ("lora_magnitude_vector" in parts) != dora), None)
+    if wrong is not None:
+        has = "has" if not dora else "lacks"
+        raise SurgeonError(f"{where}: use_dora is {str(dora).lower()} but {wrong!r} {has} a lora_magnitude_vector; "
+                           "the config does not belong to these weights.")
 
 
 def _read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslora: bool, fan_in_fan_out: bool, file: Path) -> None:
@@ -275,8 +304,12 @@ def write(adapter: Adapter, staging: Path) -> None:
 def _targets_cover(config: dict, ranks: dict[str, int]) -> bool:
     """Whether PEFT, given the config's target_modules, wraps exactly the modules we hold factors for
     (as far as names alone tell); otherwise the writer lists the modules explicitly."""
-    targets = config.get("target_modules")
+    return all(_targeted(config.get("target_modules") or [], m) for m in ranks)
+
+
+def _targeted(targets: str | list[str], module: str) -> bool:
+    """Whether PEFT wraps ``module`` given ``target_modules``: a regex matches the whole module path,
+    a list entry its name or a dotted suffix."""
     if isinstance(targets, str):
-        return all(re.fullmatch(targets, m) for m in ranks)
-    targets = set(targets or [])
-    return all(m in targets or any(m.endswith("." + t) for t in targets) for m in ranks)
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)

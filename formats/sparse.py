@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from surgeon.checkpoint import read_safetensors
+from surgeon.checkpoint import read_json, read_safetensors
 from surgeon.delta import Adapter, Replace, Sparse
 from surgeon.errors import SurgeonError
 
@@ -40,14 +40,8 @@ _PARTS = ("sparse_indices", "sparse_values", "sparse_shape", "replace")
 
 
 def sniff(path: Path) -> bool:
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
-        return False
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and config.get("format") == FORMAT_TAG
+    """surgeon's own config name; a broken config is reported when read."""
+    return (Path(path) / CONFIG_FILE).is_file()
 
 
 def index_dtype(shape: tuple[int, ...]) -> torch.dtype:
@@ -59,8 +53,12 @@ def index_dtype(shape: tuple[int, ...]) -> torch.dtype:
 def read(path: Path, base=None) -> Adapter:
     """A sparse diff as an adapter of :class:`Sparse` (and :class:`Replace`) deltas."""
     path = Path(path)
-    config = json.loads((path / CONFIG_FILE).read_text())
-    if int(config.get("version", 0)) > VERSION:
+    config = read_json(path / CONFIG_FILE)
+    version = config.get("version", 0)
+    if config.get("format") != FORMAT_TAG or isinstance(version, bool) or not isinstance(version, int):
+        raise SurgeonError(f"{path / CONFIG_FILE}: not a surgeon sparse diff config (format {config.get('format')!r}, "
+                           f"version {version!r}); restore the file surgeon wrote.")
+    if version > VERSION:
         raise SurgeonError(f"{path / CONFIG_FILE}: sparse diff version {config['version']} is newer than this surgeon reads ({VERSION}); upgrade surgeon.")
     file = path / WEIGHT_FILE
     if not file.is_file():

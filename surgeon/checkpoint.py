@@ -59,6 +59,18 @@ def parse_size(text: str | int) -> int:
     return int(value * units[unit])
 
 
+def read_json(file: Path) -> dict:
+    """The JSON object in ``file`` (a config, an index); invalid UTF-8, invalid JSON or a value of
+    another kind is one error naming the file, never a traceback."""
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise SurgeonError(f"{file}: not valid JSON ({error}); fix or regenerate it.") from None
+    if not isinstance(data, dict):
+        raise SurgeonError(f"{file}: holds a JSON {type(data).__name__} where an object was expected; fix or regenerate it.")
+    return data
+
+
 # What a corrupt file makes the safetensors library (and torch, decoding its buffers) raise.
 _CORRUPT = (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError)
 
@@ -183,7 +195,7 @@ class Checkpoint:
         """The checkpoint's ``config.json``, or an empty dict where it has none."""
         if self.directory is None or not (self.directory / "config.json").is_file():
             return {}
-        return json.loads((self.directory / "config.json").read_text())
+        return read_json(self.directory / "config.json")
 
 
 def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:

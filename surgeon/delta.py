@@ -17,6 +17,9 @@ import torch
 from surgeon.errors import SurgeonError
 
 Shape = tuple[int, ...]
+#: The dtypes a low-rank factor may have: an integer, bool or fp8 tensor would be converted by
+#: value into nonsense (a quantized checkpoint's codes, not its weights).
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _shape(value) -> Shape:
@@ -41,6 +44,9 @@ class LowRank:
     magnitude_axis: int = 0
 
     def __post_init__(self) -> None:
+        bad = next((t for t in self.tensors() if t.dtype not in FACTOR_DTYPES), None)
+        if bad is not None:
+            raise SurgeonError(f"a low-rank factor is {bad.dtype}; factors and magnitudes must be fp16, bf16, fp32 or fp64.")
         if self.down.dim() != 2 or self.up.dim() != 2 or self.up.shape[1] != self.down.shape[0]:
             raise SurgeonError(
                 f"low-rank factors do not chain: up is {tuple(self.up.shape)} and down is "
@@ -54,6 +60,14 @@ class LowRank:
             )
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "scale", float(self.scale))
+        if not math.isfinite(self.scale):
+            raise SurgeonError(f"a low-rank delta has the scale {self.scale} (alpha/r); a scale must be a finite number.")
+        axis_size = shape[self.magnitude_axis] if 0 <= self.magnitude_axis < len(shape) else None
+        if self.magnitude is not None and (self.magnitude.dim() != 1 or self.magnitude.numel() != axis_size):
+            raise SurgeonError(
+                f"a DoRA magnitude has shape {tuple(self.magnitude.shape)}, but the {shape} weight has "
+                f"{axis_size} entries on axis {self.magnitude_axis}; the adapter does not fit it."
+            )
 
     @property
     def rank(self) -> int:
@@ -227,10 +241,10 @@ class Adapter:
 
     def nonfinite_keys(self) -> list[str]:
         """Keys with a NaN or Inf in any stored tensor."""
-        return [key for key, ds in self.deltas.items() if not all(_finite(t) for d in ds for t in d.tensors())]
+        return [key for key, ds in self.deltas.items() if not all(all_finite(t) for d in ds for t in d.tensors())]
 
 
-def _finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     """All values finite, in one pass and no temporary: an fp64 sum is NaN or ±Inf exactly when an
     element is (no float32/bf16 values can overflow it)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:

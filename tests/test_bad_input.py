@@ -111,3 +111,100 @@ def test_corrupt_base_file_gets_the_same_error(base, adapter, tmp_path, corrupti
     file = copy / "model.safetensors"
     file.write_bytes(CORRUPTIONS[corruption](file.read_bytes()))
     assert_refused(run("merge", copy, adapter, "-o", tmp_path / "out"), f"{file}: not a valid safetensors file")
+
+
+# -- item 5: nothing non-finite is ever written with exit 0 --------------------------------------------
+
+@pytest.mark.parametrize("weight", ["inf", "-inf", "nan"])
+def test_nonfinite_weight_is_refused_before_any_work(base, adapter, tmp_path, weight):
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out", "-w", weight), f"--weight {weight}", "finite")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("alpha", ["Infinity", "NaN"])
+def test_nonfinite_alpha_is_refused(base, adapter, tmp_path, alpha):
+    text = (adapter / "adapter_config.json").read_text()
+    config = json.loads(text)
+    (adapter / "adapter_config.json").write_text(text.replace(f'"lora_alpha": {config["lora_alpha"]}', f'"lora_alpha": {alpha}'))
+    assert json.loads((adapter / "adapter_config.json").read_text())["lora_alpha"] != config["lora_alpha"]
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "lora_alpha", "finite")
+    assert not (tmp_path / "out").exists()
+
+
+def test_finite_factors_whose_product_overflows_are_refused(base, adapter, tmp_path):
+    def huge(tensors):
+        for key in tensors:
+            if "layers.0.self_attn.q_proj" in key:
+                tensors[key].fill_(1e30)
+    edit_tensors(adapter, huge)
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "model.layers.0.self_attn.q_proj.weight", "overflow fp32")
+    assert not (tmp_path / "out").exists()
+
+
+def test_overflow_on_the_cast_to_fp16_is_refused(base, adapter, tmp_path):
+    result = run("merge", base, adapter, "-o", tmp_path / "out", "-w", "1e6", "--dtype", "fp16")
+    assert_refused(result, "overflows float16 when cast")
+    assert not (tmp_path / "out").exists()
+    assert run("merge", base, adapter, "-o", tmp_path / "out", "-w", "1e6", "--dtype", "fp32").exit_code == 0
+
+
+def test_nonfinite_base_is_refused_unless_allowed(base, adapter, tmp_path):
+    copy = Path(shutil.copytree(base, tmp_path / "base"))
+    tensors = load_file(copy / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("inf")
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    assert_refused(run("merge", copy, adapter, "-o", tmp_path / "out"), "'model.norm.weight' already holds NaN or Inf")
+    assert not (tmp_path / "out").exists()
+    assert run("merge", copy, adapter, "-o", tmp_path / "out", "--allow-nonfinite").exit_code == 0
+
+
+# -- item 6: factors that are not float, targets that match nothing, DoRA without magnitudes ---------
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.float8_e4m3fn])
+def test_non_float_factors_are_refused_by_name(base, adapter, tmp_path, dtype):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    edit_tensors(adapter, lambda t: t.update({key: (t[key] * 1000).to(dtype)}))
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), key, str(dtype))
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_float_factors_of_a_kohya_file_are_refused(base, tmp_path):
+    from fixtures.make_fixtures import make_lora
+    from surgeon.formats import read_adapter, write_adapter
+
+    peft = make_lora("llama", base, tmp_path / "peft")
+    file = tmp_path / "k.safetensors"
+    write_adapter(read_adapter(peft), file, "kohya")
+    tensors = load_file(file)
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key] = (tensors[key] * 1000).to(torch.int32)
+    save_file(tensors, file)
+    assert_refused(run("merge", base, file, "-o", tmp_path / "out"), "torch.int32", "fp16, bf16, fp32 or fp64")
+
+
+@pytest.mark.parametrize("targets", [["nothing_like_this"], "no_match_.*"])
+def test_target_modules_that_match_nothing_are_refused(base, adapter, tmp_path, targets):
+    edit_config(adapter, target_modules=targets)
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "target_modules", "matches none")
+
+
+def test_empty_target_modules_are_refused(base, adapter, tmp_path):
+    edit_config(adapter, target_modules=[])
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "target_modules is empty")
+
+
+def test_use_dora_without_magnitudes_is_refused(base, adapter, tmp_path):
+    edit_config(adapter, use_dora=True)
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "use_dora is true", "lacks a lora_magnitude_vector")
+
+
+def test_adapter_with_zero_tensors_is_refused(base, adapter, tmp_path):
+    save_file({}, adapter / "adapter_model.safetensors")
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "holds no tensors")
+    assert_refused(run("inspect", adapter), "holds no tensors")
+
+
+@pytest.mark.parametrize("config", [b"{not json", b"\xff\xfe{}", b"[1, 2]", b'{"r": 8}'])
+def test_inspect_names_a_broken_adapter_config(adapter, config):
+    (adapter / "adapter_config.json").write_bytes(config)
+    assert_refused(run("inspect", adapter), str(adapter / "adapter_config.json"))

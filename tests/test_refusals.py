@@ -165,7 +165,7 @@ def test_missing_path_is_a_usage_error(tmp_path):
 def test_truncated_safetensors_is_named(tmp_path):
     broken = tmp_path / "model.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    assert_refused(run("inspect", broken), str(broken), "not a readable safetensors file")
+    assert_refused(run("inspect", broken), str(broken), "not a valid safetensors file")
 
 
 @pytest.mark.parametrize("extra, fragment", [

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from surgeon.checkpoint import Checkpoint, StreamingWriter, TensorInfo
-from surgeon.delta import Adapter, Delta, LowRank
+from surgeon.delta import Adapter, Delta, LowRank, all_finite
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
@@ -123,12 +123,14 @@ def transform_checkpoint(
     shard_size: int = 5 * 10**9,
     on_tensor: Callable[[str], None] | None = None,
     metadata: dict[str, str] | None = None,
+    allow_nonfinite: bool = False,
 ) -> MergeReport:
     """Write ``base`` with ``plan``'s deltas applied (or removed, with ``undo``) into ``out``.
 
     Float tensors are computed in fp32 on ``device`` and cast to ``dtype`` (default: each tensor's
     own dtype); tensors without deltas are copied, cast only when ``dtype`` asks for it.
     ``metadata`` goes into every shard's header (surgeon records how the file was made there).
+    Every tensor written is checked to be finite (one fp64 sum), unless ``allow_nonfinite``.
     """
     started = time.perf_counter()
 
@@ -150,12 +152,16 @@ def transform_checkpoint(
             deltas = plan.get(key)
             while len(in_flight) > 1:
                 in_flight.popleft().result()
+            base_tensor, work = tensor, None
             if deltas:
                 work = scratch.work(info.shape).copy_(tensor)
                 work = remove_deltas(work, deltas) if undo else apply_deltas(work, deltas)
                 tensor = scratch.result(info, slot=report.changed).copy_(work)
                 report.changed += 1
-            in_flight.append(io.submit(writer.write, key, tensor.to(dtype=info.dtype).cpu()))
+            tensor = tensor.to(dtype=info.dtype).cpu()
+            if not allow_nonfinite and not all_finite(tensor):
+                raise SurgeonError(_nonfinite_cause(base, key, base_tensor, work, info.dtype))
+            in_flight.append(io.submit(writer.write, key, tensor))
             report.tensors += 1
             if on_tensor is not None:
                 on_tensor(key)
@@ -168,11 +174,28 @@ def transform_checkpoint(
     return report
 
 
+def _nonfinite_cause(base: Checkpoint, key: str, original: torch.Tensor, work: torch.Tensor | None,
+                     dtype: torch.dtype) -> str:
+    """Why the tensor about to be written as ``key`` holds NaN or Inf: the base already did, the
+    fp32 arithmetic overflowed, or the cast to a narrower ``dtype`` did."""
+    if not all_finite(original):
+        return f"{base.path}: {key!r} already holds NaN or Inf; fix the checkpoint or pass --allow-nonfinite."
+    if work is not None and not all_finite(work):
+        return (f"{key!r} comes out NaN or Inf: the deltas applied to it overflow fp32 (weights or scales too "
+                "large?); check the adapter's scale and the weights, or pass --allow-nonfinite.")
+    return (f"{key!r} overflows {str(dtype).removeprefix('torch.')} when cast (a value beyond its largest finite "
+            "number); write a wider dtype (fp32 or bf16) or pass --allow-nonfinite.")
+
+
 def one_weight_each(weights: Sequence[float] | None, inputs: Sequence, what: str = "adapters") -> list[float]:
-    """The -w values, one per input (default 1 each), or an error when their counts differ."""
+    """The -w values, one per input (default 1 each), each a finite number, or an error when their
+    counts differ. (torch's addmm_ treats a NaN alpha as 1, so a NaN weight would merge silently.)"""
     weights = [float(w) for w in weights] if weights else [1.0] * len(inputs)
     if len(weights) != len(inputs):
         raise SurgeonError(f"got {len(weights)} --weight values for {len(inputs)} {what}; give one per input or none.")
+    bad = next((w for w in weights if not math.isfinite(w)), None)
+    if bad is not None:
+        raise SurgeonError(f"--weight {bad} is not a finite number; give each input a finite weight.")
     return weights
 
 
@@ -191,7 +214,7 @@ def merge(
     for adapter, weight, (_, where) in zip(bound, weights, adapters):
         if weight != 1.0 and any(isinstance(d, LowRank) and d.is_dora for ds in adapter.deltas.values() for d in ds):
             raise SurgeonError(f"{where}: a DoRA adapter rescales whole rows, so a weight other than 1 has no defined meaning; drop --weight for it.")
-    return transform_checkpoint(base, _deltas_by_key(bound, weights), out, **options)
+    return transform_checkpoint(base, _deltas_by_key(bound, weights), out, allow_nonfinite=allow_nonfinite, **options)
 
 
 def unmerge(
@@ -211,7 +234,7 @@ def unmerge(
         reason = unmerge_refusal(key, [d for d, _ in deltas])
         if reason:
             raise SurgeonError(f"cannot unmerge: {reason}.")
-    return transform_checkpoint(merged, plan, out, undo=True, **options)
+    return transform_checkpoint(merged, plan, out, undo=True, allow_nonfinite=allow_nonfinite, **options)
 
 
 @dataclass
