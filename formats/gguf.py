@@ -62,13 +62,28 @@ def sniff(path: Path) -> bool:
 def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's ``LlamaModel.permute`` on the rows of ``weight``: within each head, the
     interleaved rotary pairs become two halves."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return weight.reshape(heads, 2, _half_head(weight, heads), *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    rows = weight.shape[0]
-    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return weight.reshape(heads, _half_head(weight, heads), 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _half_head(weight: torch.Tensor, heads: int) -> int:
+    """Half a head's rows; the rows must split into ``heads`` heads of an even size."""
+    if weight.shape[0] % (2 * heads):
+        raise SurgeonError(f"a q/k LoRA factor has {weight.shape[0]} rows, which do not split into {heads} heads of an even "
+                           "size; the base's head counts do not fit the adapter.")
+    return weight.shape[0] // heads // 2
+
+
+def _count(config: dict, field: str, where: str) -> int:
+    """A positive count from the base's config.json (layers, heads): names and permutations depend on it."""
+    value = config.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SurgeonError(f"{where}: the base's config.json has {field} = {value!r}; GGUF needs it as a positive integer, "
+                           "so the base's config is broken or not a transformers config.")
+    return value
 
 
 class _Layout:
@@ -87,9 +102,9 @@ class _Layout:
         member, self.permutes = ARCHITECTURES[architecture]
         self.arch = getattr(gguf.MODEL_ARCH, member)
         self.arch_name = gguf.MODEL_ARCH_NAMES[self.arch]
-        self.names = gguf.get_tensor_name_map(self.arch, int(config["num_hidden_layers"]))
-        self.heads = int(config["num_attention_heads"])
-        self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
+        self.heads = _count(config, "num_attention_heads", where)
+        self.kv_heads = _count(config, "num_key_value_heads", where) if "num_key_value_heads" in config else self.heads
+        self.names = gguf.get_tensor_name_map(self.arch, _count(config, "num_hidden_layers", where))
         self.tied = bool(config.get("tie_word_embeddings", False))
         self.where = where
 

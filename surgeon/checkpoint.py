@@ -192,10 +192,19 @@ class Checkpoint:
         )
 
     def config(self) -> dict:
-        """The checkpoint's ``config.json``, or an empty dict where it has none."""
-        if self.directory is None or not (self.directory / "config.json").is_file():
+        """The checkpoint's ``config.json``, or an empty dict where it has none; the fields every
+        reader of it relies on (``architectures``, ``model_type``, ``text_config``) have their types."""
+        file = self.directory / "config.json" if self.directory is not None else None
+        if file is None or not file.is_file():
             return {}
-        return read_json(self.directory / "config.json")
+        config = read_json(file)
+        architectures = config.get("architectures")
+        if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+            raise SurgeonError(f"{file}: architectures is {architectures!r}, not a list of class names; fix config.json.")
+        for field, kind in (("model_type", str), ("text_config", dict)):
+            if config.get(field) is not None and not isinstance(config[field], kind):
+                raise SurgeonError(f"{file}: {field} is {config[field]!r}, not a {kind.__name__}; fix config.json.")
+        return config
 
 
 def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -212,6 +221,11 @@ def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # torch says "Weights only load failed" both for a pickle that names a global it does not
+        # allow (which only full unpickling could load) and for bytes that are no pickle at all.
+        if "Unsupported global" not in str(error):
+            reason = str(error).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or str(error).split("\n")[0]
+            raise SurgeonError(f"{file}: not a readable PyTorch checkpoint ({reason}); the file is damaged or not a checkpoint.") from None
         raise SurgeonError(
             f"{file}: refusing to load this pickle because it needs full unpickling, which can run arbitrary code; "
             "convert it to safetensors with a tool you trust."
@@ -233,11 +247,7 @@ def _weight_files(path: Path) -> list[Path]:
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise SurgeonError(f"{index}: not a valid shard index ({error}); regenerate it or remove it.") from None
-            files = sorted({path / name for name in weight_map.values()})
+            files = _shard_files(index)
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise SurgeonError(f"{index}: lists shards that are not there: {', '.join(missing)}.")
@@ -252,6 +262,19 @@ def _weight_files(path: Path) -> list[Path]:
         f"{path}: no checkpoint here; looked for {SAFETENSORS_INDEX}, model.safetensors, pytorch_model.bin "
         "and *.safetensors."
     )
+
+
+def _shard_files(index: Path) -> list[Path]:
+    """The shards an index names: plain file names in its own directory (a name with a directory,
+    ``..`` or an absolute path would read files outside the checkpoint, so it is refused)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SurgeonError(f"{index}: weight_map is not a mapping of tensor names to shard file names; regenerate the index or remove it.")
+    outside = next((n for n in weight_map.values() if Path(n).name != n or n in ("", ".", "..") or "\\" in n), None)
+    if outside is not None:
+        raise SurgeonError(f"{index}: names the shard {outside!r}, which is not a file in the checkpoint's directory; "
+                           "an index may name only files beside it.")
+    return sorted({index.parent / name for name in weight_map.values()})
 
 
 def _header_bytes(entries: dict, metadata: dict[str, str]) -> bytes:

@@ -208,3 +208,157 @@ def test_adapter_with_zero_tensors_is_refused(base, adapter, tmp_path):
 def test_inspect_names_a_broken_adapter_config(adapter, config):
     (adapter / "adapter_config.json").write_bytes(config)
     assert_refused(run("inspect", adapter), str(adapter / "adapter_config.json"))
+
+
+# -- item 8: adapter_config.json values are validated up front ----------------------------------------
+
+@pytest.mark.parametrize("changes, fragments", [
+    ({"r": None}, ["r is None", "positive integer"]),
+    ({"r": "8"}, ["r is '8'", "positive integer"]),
+    ({"r": 0}, ["r is 0"]),
+    ({"lora_alpha": "16"}, ["lora_alpha is '16'", "finite number"]),
+    ({"lora_alpha": True}, ["lora_alpha is True"]),
+    ({"rank_pattern": {"q_proj(": 4}}, ["rank_pattern key", "not a valid regex"]),
+    ({"alpha_pattern": {"[q": 4}}, ["alpha_pattern key", "not a valid regex"]),
+    ({"rank_pattern": {"q_proj": "4"}}, ["rank_pattern['q_proj'] is '4'"]),
+    ({"alpha_pattern": ["q_proj"]}, ["alpha_pattern is ['q_proj']"]),
+    ({"use_rslora": "yes"}, ["use_rslora is 'yes'", "true or false"]),
+    ({"target_modules": "(unclosed"}, ["target_modules", "not a valid regex"]),
+    ({"target_modules": 3}, ["target_modules is 3"]),
+    ({"peft_type": 7}, ["peft_type is 7"]),
+])
+def test_bad_config_values_are_named(base, adapter, tmp_path, changes, fragments):
+    edit_config(adapter, **changes)
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "adapter_config.json", *fragments)
+    assert_refused(run("inspect", adapter), *fragments)
+
+
+@pytest.mark.parametrize("shape", [(), (8,)])
+def test_factor_that_is_not_a_matrix_is_named(base, adapter, tmp_path, shape):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    edit_tensors(adapter, lambda t: t.update({key: torch.ones(shape)}))
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), key, f"has shape {shape}")
+
+
+def test_dora_magnitude_of_the_wrong_length_is_refused_before_writing(base, tmp_path):
+    from fixtures.make_fixtures import make_lora
+
+    dora = make_lora("llama", base, tmp_path / "dora", use_dora=True)
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector"
+    edit_tensors(dora, lambda t: t.update({key: t[key][:-3]}))
+    assert_refused(run("merge", base, dora, "-o", tmp_path / "out"), "DoRA magnitude has shape (61,)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_mlx_config_values_are_named(base, tmp_path):
+    from fixtures.make_fixtures import make_lora
+    from surgeon.formats import read_adapter, write_adapter
+
+    mlx = tmp_path / "mlx"
+    write_adapter(read_adapter(make_lora("llama", base, tmp_path / "peft")), mlx, "mlx")
+    config = json.loads((mlx / "adapter_config.json").read_text())
+    for field, value, fragment in [("scale", "2", "lora_parameters.scale is '2'"), ("scale", float("inf"), "is inf"),
+                                   ("rank", -1, "lora_parameters.rank is -1")]:
+        broken = {**config, "lora_parameters": {**config["lora_parameters"], field: value}}
+        (mlx / "adapter_config.json").write_text(json.dumps(broken))
+        assert_refused(run("merge", base, mlx, "-o", tmp_path / "out"), fragment)
+
+
+# -- item 9: base-side metadata -----------------------------------------------------------------------
+
+def _sharded_base(base: Path, tmp_path: Path, weight_map) -> Path:
+    copy = Path(shutil.copytree(base, tmp_path / "base"))
+    (copy / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return copy
+
+
+@pytest.mark.parametrize("weight_map, fragment", [
+    (["model.safetensors"], "weight_map is not a mapping"),
+    ({"model.norm.weight": 3}, "weight_map is not a mapping"),
+    ({"model.norm.weight": "/etc/passwd"}, "'/etc/passwd'"),
+    ({"model.norm.weight": "../tiny-llama/model.safetensors"}, "'../tiny-llama/model.safetensors'"),
+    ({"model.norm.weight": ".."}, "'..'"),
+])
+def test_bad_shard_index_is_refused(base, adapter, tmp_path, weight_map, fragment):
+    copy = _sharded_base(base, tmp_path, weight_map)
+    assert_refused(run("inspect", copy), fragment)
+    assert_refused(run("merge", copy, adapter, "-o", tmp_path / "out"), "model.safetensors.index.json", fragment)
+
+
+@pytest.mark.parametrize("config", [b"{broken", b"\xff", b"[]", b'{"architectures": "LlamaForCausalLM"}'])
+def test_broken_base_config_is_named(base, adapter, tmp_path, config):
+    copy = Path(shutil.copytree(base, tmp_path / "base"))
+    (copy / "config.json").write_bytes(config)
+    assert_refused(run("inspect", copy), "config.json")
+    assert_refused(run("merge", copy, adapter, "-o", tmp_path / "out", "--dtype", "bf16"), "config.json")
+    assert not (tmp_path / "out").exists()
+    assert_refused(run("convert", adapter, "--to", "gguf", "--base", copy, "-o", tmp_path / "a.gguf"), "config.json")
+
+
+@pytest.mark.parametrize("changes", [{"num_attention_heads": 0}, {"num_hidden_layers": None}, {"num_key_value_heads": "2"},
+                                     {"num_attention_heads": 3}])
+def test_gguf_needs_sound_head_and_layer_counts(base, adapter, tmp_path, changes):
+    copy = Path(shutil.copytree(base, tmp_path / "base"))
+    config = json.loads((copy / "config.json").read_text())
+    config.update(changes)
+    if config["num_hidden_layers"] is None:
+        del config["num_hidden_layers"]
+    (copy / "config.json").write_text(json.dumps(config))
+    assert_refused(run("convert", adapter, "--to", "gguf", "--base", copy, "-o", tmp_path / "a.gguf"))
+    assert not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_device_that_cannot_hold_results_is_refused(base, adapter, tmp_path, device):
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out", "--device", device), f"unknown --device {device!r}")
+
+
+# -- item 12: Hub paths stay inside the repository's cache folder ------------------------------------
+
+@pytest.fixture
+def hub_cache(tmp_path, fixtures_dir, monkeypatch) -> Path:
+    """org/lora in an offline Hub cache under tmp_path, and a credentials file beside the cache."""
+    from huggingface_hub import constants
+    from test_hub import folder_files, write_cache
+
+    cache = tmp_path / "hf-home" / "hub"
+    write_cache(cache, "org/lora", folder_files(fixtures_dir / "tiny-llama-lora"), "b" * 40)
+    (tmp_path / "hf-home" / "credentials.json").write_text('{"token": "secret"}')
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.mark.parametrize("uri", ["hf://org/lora/../../..", "hf://org/lora@../../x/y", "hf://org/lora@main/..",
+                                 "hf://org/lora/a\\..\\b"])
+def test_hub_path_that_climbs_out_is_refused(hub_cache, tmp_path, uri):
+    for args in (["pull", uri, "-o", tmp_path / "out"], ["inspect", uri], ["merge", uri, uri, "-o", tmp_path / "out"]):
+        result = run(*args)
+        assert result.exit_code != 0 and "climbs out of the repository" in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_snapshot_link_leading_outside_the_cache_is_refused(hub_cache, tmp_path):
+    assert run("pull", "hf://org/lora", "-o", tmp_path / "fine").exit_code == 0
+    secret = tmp_path / "credentials.json"
+    secret.write_text('{"token": "secret"}')
+    (hub_cache / "models--org--lora" / "snapshots" / ("b" * 40) / "credentials.json").symlink_to(secret)
+    assert_refused(run("pull", "hf://org/lora", "-o", tmp_path / "out"), "leads outside the repository's cache folder")
+    assert not (tmp_path / "out").exists()
+
+
+# -- item 11 (part): messages say what is actually wrong -----------------------------------------------
+
+def test_random_bytes_in_a_bin_are_not_called_a_pickle_needing_unpickling(adapter, base, tmp_path):
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.bin").write_bytes(bytes(range(256)) * 8)
+    result = run("merge", base, adapter, "-o", tmp_path / "out")
+    assert_refused(result, "adapter_model.bin: not a readable PyTorch checkpoint")
+    assert "full unpickling" not in result.output
+
+
+def test_a_pickle_with_foreign_globals_still_needs_full_unpickling(adapter, base, tmp_path):
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save({"weights": Path("x")}, adapter / "adapter_model.bin")
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "needs full unpickling")

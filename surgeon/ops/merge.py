@@ -47,9 +47,12 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SurgeonError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu.")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise SurgeonError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # meta, mps, ...: tensors there cannot be written
+        raise SurgeonError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N.")
+    return device
 
 
 def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_nonfinite: bool) -> list[Adapter]:
@@ -77,17 +80,17 @@ def _deltas_by_key(adapters: Sequence[Adapter], weights: Sequence[float]) -> dic
     return plan
 
 
-def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None) -> None:
+def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None, config: dict) -> None:
+    """The base's other files, beside the weights; ``config`` is the base's config, read (and so
+    checked) before any tensor was written."""
     for path in base.extra_files():
         shutil.copy2(path, out / path.name)
-    config = out / "config.json"
-    if dtype is not None and config.is_file():
+    if dtype is not None and config:
         # The copy must describe the weights next to it; a changed dtype is the one edit we make.
-        data = json.loads(config.read_text())
         for name in ("torch_dtype", "dtype"):
-            if name in data:
-                data[name] = _CONFIG_DTYPE_NAMES[dtype]
-        config.write_text(json.dumps(data, indent=2) + "\n")
+            if name in config:
+                config[name] = _CONFIG_DTYPE_NAMES[dtype]
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 class _Scratch:
@@ -137,6 +140,7 @@ def transform_checkpoint(
     def out_dtype(info: TensorInfo) -> torch.dtype:
         return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
 
+    config = base.config() if dtype is not None else {}
     specs = [(key, TensorInfo(base.info(key).shape, out_dtype(base.info(key)))) for key in base.keys()]
     for key in plan:
         if not base.info(key).dtype.is_floating_point:
@@ -168,7 +172,7 @@ def transform_checkpoint(
         for write in in_flight:
             write.result()
         report.files = writer.file_names
-    _copy_extras(base, out, dtype)
+    _copy_extras(base, out, dtype, config)
     report.dtype = ", ".join(sorted({str(i.dtype).removeprefix("torch.") for _, i in specs}))
     report.seconds = time.perf_counter() - started
     return report
