@@ -70,6 +70,10 @@ def sniff(path: Path) -> bool:
 
 def scale_of(alpha: torch.Tensor | None, rank: int) -> float:
     """alpha/rank, where a missing or zero alpha means alpha = rank (sd-scripts, LyCORIS)."""
+    if rank < 1:
+        raise SurgeonError("a module has a LoRA factor of rank 0, which holds no update; the file is damaged.")
+    if alpha is not None and alpha.numel() != 1:
+        raise SurgeonError(f"a module's alpha has shape {tuple(alpha.shape)} instead of one number; the file is damaged.")
     value = float(alpha) if alpha is not None else 0.0
     return (value if value != 0 else rank) / rank
 

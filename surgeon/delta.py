@@ -245,8 +245,12 @@ class Adapter:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """All values finite, in one pass and no temporary: an fp64 sum is NaN or ±Inf exactly when an
-    element is (no float32/bf16 values can overflow it)."""
+    """All values finite, in one pass and no temporary: a sum is NaN or ±Inf whenever an element is.
+    A sum in the tensor's own dtype (fp32 accumulation inside, as fast as reading it) settles the
+    common case; only when it is not finite, which a large finite sum in fp16 can also be, does an
+    fp64 sum (which no float32/bf16/fp16 values can overflow) decide. fp8 has no sum of its own."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if tensor.dtype.itemsize > 1 and math.isfinite(float(tensor.sum())):
         return True
     return math.isfinite(float(tensor.sum(dtype=torch.float64)))
