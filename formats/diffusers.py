@@ -34,7 +34,8 @@ from surgeon.errors import SurgeonError
 from surgeon.formats import kohya_names
 from surgeon.formats.kohya import header_keys
 from surgeon.formats.lora_only import combined_note, lora_targets
-from surgeon.formats.peft import _factors, _rank_alpha_config, _read_module
+from surgeon.formats.adapter_config import check_peft
+from surgeon.formats.peft import _factors, _rank_alpha_config, _read_module, check_part
 
 NAME = "diffusers"
 DESCRIPTION = "diffusers LoRA (pytorch_lora_weights.safetensors, unet./transformer./text_encoder. prefixes)"
@@ -85,10 +86,14 @@ def _component_configs(metadata: dict[str, str], file: Path) -> dict[str, dict]:
         packed = json.loads(raw)
     except json.JSONDecodeError as error:
         raise SurgeonError(f"{file}: the {METADATA_KEY} header entry is not JSON ({error}).") from None
+    if not isinstance(packed, dict):
+        raise SurgeonError(f"{file}: the {METADATA_KEY} header entry is not a JSON object; the file is damaged.")
     configs: dict[str, dict] = defaultdict(dict)
     for key, value in packed.items():
         component, _, field = key.partition(".")
         configs[component][field] = value
+    for config in configs.values():
+        check_peft({**config, "peft_type": "LORA"}, file)
     return configs
 
 
@@ -122,6 +127,10 @@ def read(path: Path, base=None) -> Adapter:
         if component not in COMPONENTS or not rest:
             raise SurgeonError(f"{file}: tensor {key!r} does not start with a pipeline component ({', '.join(COMPONENTS)}); the file is not a diffusers LoRA.")
         module, part = _normalise(component, rest, file)
+        if part == "alpha" and tensor.numel() != 1:
+            raise SurgeonError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)} instead of one number; the file is damaged.")
+        if part != "alpha":
+            check_part(file, key, tensor, 1 if part in ("lora_magnitude_vector", "lora_B.bias") else 2)
         modules[f"{component}.{module}"][part] = tensor
 
     adapter = Adapter(source_format=NAME, metadata=metadata, config={"components": configs})

@@ -114,7 +114,7 @@ def read(path: Path, base=None) -> Adapter:
         key = key[len(PREFIX):]
         match = _LORA_KEY.match(key)
         if match:
-            _check_part(file, PREFIX + key, tensor, 1 if match["part"] == "lora_magnitude_vector" or match["rest"] == ".bias" else 2)
+            check_part(file, PREFIX + key, tensor, 1 if match["part"] == "lora_magnitude_vector" or match["rest"] == ".bias" else 2)
             modules.setdefault(match["module"], {})[match["part"] + (match["rest"] if match["rest"] == ".bias" else "")] = tensor
         elif re.search(r"\.lora_[A-Za-z_]+", key):
             raise SurgeonError(f"{file}: tensor {key!r} is a LoRA part surgeon does not know; refusing rather than dropping it.")
@@ -130,7 +130,7 @@ def read(path: Path, base=None) -> Adapter:
     return adapter
 
 
-def _check_part(file: Path, key: str, tensor: torch.Tensor, least_dims: int) -> None:
+def check_part(file: Path, key: str, tensor: torch.Tensor, least_dims: int) -> None:
     """A LoRA part must be a float tensor of at least ``least_dims`` dimensions (factors are matrices
     or convolution kernels, magnitudes and biases vectors)."""
     if tensor.dtype not in FACTOR_DTYPES:

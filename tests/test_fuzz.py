@@ -1,5 +1,5 @@
 """Fuzzing the readers: every fixture kind (base safetensors and shard index, PEFT, mlx, GGUF, ONNX
-Runtime, sparse diff, kohya), mutated byte by byte and field by field with a fixed seed, is given to
+Runtime, sparse diff, kohya, diffusers), mutated byte by byte and field by field with a fixed seed, is given to
 ``inspect`` and ``merge`` in-process. Whatever the mutation, the command either succeeds or says
 ``Error: ...`` and exits non-zero: never a traceback, never a hang, nothing left at the output, the
 inputs untouched, and a merge that succeeds writes only finite numbers.
@@ -30,7 +30,7 @@ from surgeon.cli import main
 from surgeon.delta import Adapter, Sparse
 
 SEED = int(os.environ.get("SURGEON_FUZZ_SEED", "20261127"))
-CASES = int(os.environ.get("SURGEON_FUZZ_CASES", "24"))
+CASES = int(os.environ.get("SURGEON_FUZZ_CASES", "40"))
 CASE_SECONDS = 20
 
 
@@ -92,7 +92,7 @@ def kinds(fixtures_dir, tmp_path_factory) -> dict[str, Kind]:
         "sparse": Kind(_sparse(base, root / "sparse"), ".", files("sparse_model.safetensors", "sparse_config.json")),
     }
     for name, to, file in (("gguf", "gguf", "adapter.gguf"), ("ort", "ort", "adapter.onnx_adapter"),
-                           ("kohya", "kohya", "lora.safetensors")):
+                           ("kohya", "kohya", "lora.safetensors"), ("diffusers", "diffusers", "pytorch_lora_weights.safetensors")):
         folder = root / name
         folder.mkdir()
         _convert(lora, to, folder / file, base)
@@ -237,7 +237,7 @@ def _commands(kind: Kind, target: Path, base: Path, lora: Path, out: Path) -> li
     return [["inspect", target, "--base", base], ["merge", base, target, "-o", out]]
 
 
-@pytest.mark.parametrize("name", ["base", "shards", "peft", "mlx", "sparse", "gguf", "ort", "kohya"])
+@pytest.mark.parametrize("name", ["base", "shards", "peft", "mlx", "sparse", "gguf", "ort", "kohya", "diffusers"])
 def test_fuzzed_inputs_never_crash_hang_or_leave_output(kinds, fixtures_dir, tmp_path, name):
     kind = kinds[name]
     rng = random.Random(f"{SEED}-{name}")
