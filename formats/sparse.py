@@ -78,8 +78,15 @@ def read(path: Path, base=None) -> Adapter:
         if sparse and len(sparse) != 3:
             raise SurgeonError(f"{file}: {key!r} has {', '.join(sparse)} but not all three of indices, values and shape; the file is incomplete.")
         if sparse:
-            adapter.add(key, Sparse(found["sparse_indices"], found["sparse_values"], tuple(found["sparse_shape"].tolist())), "other")
+            adapter.add(key, Sparse(found["sparse_indices"], found["sparse_values"], _shape_of(found["sparse_shape"], file, key)), "other")
     return adapter
+
+
+def _shape_of(stored: torch.Tensor, file: Path, key: str) -> tuple[int, ...]:
+    """A parameter's shape as the file stores it: a 1-D tensor of non-negative integers."""
+    if stored.dim() != 1 or stored.is_floating_point() or stored.dtype == torch.bool or bool((stored < 0).any()):
+        raise SurgeonError(f"{file}: {key}.sparse_shape is {stored.dtype} {tuple(stored.shape)}, not a list of sizes; the file is damaged.")
+    return tuple(stored.tolist())
 
 
 def write(adapter: Adapter, staging: Path) -> list[str]:

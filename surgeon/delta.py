@@ -148,6 +148,8 @@ class Sparse:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", _shape(self.shape))
+        if self.indices.is_floating_point() or self.indices.dtype == torch.bool or self.values.dtype not in FACTOR_DTYPES:
+            raise SurgeonError(f"a sparse delta needs integer indices and float values; got {self.indices.dtype} and {self.values.dtype}.")
         if self.indices.dim() != 1 or self.values.shape != self.indices.shape:
             raise SurgeonError(
                 f"a sparse delta needs 1-D indices and values of one length; got {tuple(self.indices.shape)} "
