@@ -97,6 +97,9 @@ def check_peft(config: dict, file: Path) -> None:
     if alpha is not None:
         check_number(config.get(alpha, 8), file, alpha)
         _check_pattern(config, file, "alpha_pattern", check_number)
+    seed = config.get("projection_prng_key", 0)  # VeRA regenerates its projections from it
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise _fail(file, "projection_prng_key", seed, "an integer seed")
     check_modules(config.get("target_modules"), file, "target_modules", allow_empty=False)
     check_modules(config.get("feedforward_modules"), file, "feedforward_modules", allow_empty=True)
 

@@ -164,6 +164,9 @@ def _read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslor
     if a is None or b is None:
         raise SurgeonError(f"{file}: module {module!r} has only one of its LoRA factors; the file is incomplete.")
     rank = int(a.shape[0])
+    if b.shape[1] != rank:
+        raise SurgeonError(f"{file}: {module!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, whose ranks "
+                           "differ; the file is damaged.")
     configured_rank, alpha = module_rank_alpha(config, module)
     if configured_rank != rank:
         raise SurgeonError(

@@ -362,3 +362,9 @@ def test_a_pickle_with_foreign_globals_still_needs_full_unpickling(adapter, base
     (adapter / "adapter_model.safetensors").unlink()
     torch.save({"weights": Path("x")}, adapter / "adapter_model.bin")
     assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "needs full unpickling")
+
+
+def test_factors_whose_ranks_differ_are_named(base, adapter, tmp_path):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    edit_tensors(adapter, lambda t: t.update({key: t[key].T.contiguous()}))
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "'model.layers.0.self_attn.q_proj'", "ranks differ")

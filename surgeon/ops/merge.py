@@ -182,13 +182,14 @@ def _nonfinite_cause(base: Checkpoint, key: str, original: torch.Tensor, work: t
                      dtype: torch.dtype) -> str:
     """Why the tensor about to be written as ``key`` holds NaN or Inf: the base already did, the
     fp32 arithmetic overflowed, or the cast to a narrower ``dtype`` did."""
+    anyway = "merge and unmerge write it anyway with --allow-nonfinite"
     if not all_finite(original):
-        return f"{base.path}: {key!r} already holds NaN or Inf; fix the checkpoint or pass --allow-nonfinite."
+        return f"{base.path}: {key!r} already holds NaN or Inf; fix the checkpoint ({anyway})."
     if work is not None and not all_finite(work):
         return (f"{key!r} comes out NaN or Inf: the deltas applied to it overflow fp32 (weights or scales too "
-                "large?); check the adapter's scale and the weights, or pass --allow-nonfinite.")
+                f"large?); check the adapter's scale and the weights ({anyway}).")
     return (f"{key!r} overflows {str(dtype).removeprefix('torch.')} when cast (a value beyond its largest finite "
-            "number); write a wider dtype (fp32 or bf16) or pass --allow-nonfinite.")
+            f"number); write a wider dtype such as fp32 or bf16 ({anyway}).")
 
 
 def one_weight_each(weights: Sequence[float] | None, inputs: Sequence, what: str = "adapters") -> list[float]:
