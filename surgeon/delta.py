@@ -20,6 +20,8 @@ Shape = tuple[int, ...]
 #: The dtypes a low-rank factor may have: an integer, bool or fp8 tensor would be converted by
 #: value into nonsense (a quantized checkpoint's codes, not its weights).
 FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: The largest scale merge can apply: its arithmetic is fp32, and torch refuses a larger factor.
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _shape(value) -> Shape:
@@ -60,8 +62,9 @@ class LowRank:
             )
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "scale", float(self.scale))
-        if not math.isfinite(self.scale):
-            raise SurgeonError(f"a low-rank delta has the scale {self.scale} (alpha/r); a scale must be a finite number.")
+        if not abs(self.scale) <= FP32_MAX:  # NaN fails this too
+            raise SurgeonError(f"a low-rank delta has the scale {self.scale} (alpha/r); a scale must be a finite number "
+                               "within fp32's range.")
         axis_size = shape[self.magnitude_axis] if 0 <= self.magnitude_axis < len(shape) else None
         if self.magnitude is not None and (self.magnitude.dim() != 1 or self.magnitude.numel() != axis_size):
             raise SurgeonError(

@@ -115,9 +115,9 @@ def test_corrupt_base_file_gets_the_same_error(base, adapter, tmp_path, corrupti
 
 # -- item 5: nothing non-finite is ever written with exit 0 --------------------------------------------
 
-@pytest.mark.parametrize("weight", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize("weight", ["inf", "-inf", "nan", "1e39"])
 def test_nonfinite_weight_is_refused_before_any_work(base, adapter, tmp_path, weight):
-    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out", "-w", weight), f"--weight {weight}", "finite")
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out", "-w", weight), f"--weight {float(weight)}", "finite")
     assert not (tmp_path / "out").exists()
 
 
@@ -129,6 +129,14 @@ def test_nonfinite_alpha_is_refused(base, adapter, tmp_path, alpha):
     assert json.loads((adapter / "adapter_config.json").read_text())["lora_alpha"] != config["lora_alpha"]
     assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "lora_alpha", "finite")
     assert not (tmp_path / "out").exists()
+
+
+def test_weight_times_scale_beyond_fp32_is_refused(base, adapter, tmp_path):
+    edit_config(adapter, lora_alpha=1e30)
+    result = run("merge", base, adapter, "-o", tmp_path / "out", "-w", "1e20")
+    assert_refused(result, "the weight 1e+20 times the delta's scale", "beyond fp32's range")
+    edit_config(adapter, lora_alpha=1e300)
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "within fp32's range")
 
 
 def test_finite_factors_whose_product_overflows_are_refused(base, adapter, tmp_path):
@@ -258,6 +266,7 @@ def test_mlx_config_values_are_named(base, tmp_path):
     write_adapter(read_adapter(make_lora("llama", base, tmp_path / "peft")), mlx, "mlx")
     config = json.loads((mlx / "adapter_config.json").read_text())
     for field, value, fragment in [("scale", "2", "lora_parameters.scale is '2'"), ("scale", float("inf"), "is inf"),
+                                   ("scale", 1e300, "within fp32's range"),
                                    ("rank", -1, "lora_parameters.rank is -1")]:
         broken = {**config, "lora_parameters": {**config["lora_parameters"], field: value}}
         (mlx / "adapter_config.json").write_text(json.dumps(broken))

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from surgeon.checkpoint import Checkpoint, StreamingWriter, TensorInfo
-from surgeon.delta import Adapter, Delta, LowRank, all_finite
+from surgeon.delta import FP32_MAX, Adapter, Delta, LowRank, all_finite
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
@@ -76,6 +76,10 @@ def _deltas_by_key(adapters: Sequence[Adapter], weights: Sequence[float]) -> dic
     plan: dict[str, list[tuple[Delta, float]]] = {}
     for adapter, weight in zip(adapters, weights):
         for key, deltas in adapter.items():
+            scale = next((d.scale for d in deltas if not abs(weight * getattr(d, "scale", 1.0)) <= FP32_MAX), None)
+            if scale is not None:
+                raise SurgeonError(f"{key!r}: the weight {weight:g} times the delta's scale {scale:g} is beyond fp32's range, "
+                                   "in which merge computes; use a smaller weight.")
             plan.setdefault(key, []).extend((d, weight) for d in deltas)
     return plan
 
@@ -198,9 +202,9 @@ def one_weight_each(weights: Sequence[float] | None, inputs: Sequence, what: str
     weights = [float(w) for w in weights] if weights else [1.0] * len(inputs)
     if len(weights) != len(inputs):
         raise SurgeonError(f"got {len(weights)} --weight values for {len(inputs)} {what}; give one per input or none.")
-    bad = next((w for w in weights if not math.isfinite(w)), None)
+    bad = next((w for w in weights if not abs(w) <= FP32_MAX), None)  # NaN fails the comparison too
     if bad is not None:
-        raise SurgeonError(f"--weight {bad} is not a finite number; give each input a finite weight.")
+        raise SurgeonError(f"--weight {bad} is not a finite number within fp32's range; give each input a finite weight.")
     return weights
 
 
