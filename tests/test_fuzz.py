@@ -231,10 +231,12 @@ def _assert_finite_output(out: Path, case: str) -> None:
                 assert torch.isfinite(tensor).all(), f"{case}: merge exited 0 but {key} holds NaN or Inf"
 
 
-def _commands(kind: Kind, target: Path, base: Path, lora: Path, out: Path) -> list[list]:
+def _commands(kind: Kind, target: Path, base: Path, lora: Path, out: Path, dtype: str) -> list[list]:
+    """inspect and merge (in an output dtype that the case picks: casts and the config's rewrite are
+    part of what can fail)."""
     if kind.is_base:
-        return [["inspect", target], ["merge", target, lora, "-o", out]]
-    return [["inspect", target, "--base", base], ["merge", base, target, "-o", out]]
+        return [["inspect", target], ["merge", target, lora, "-o", out, "--dtype", dtype]]
+    return [["inspect", target, "--base", base], ["merge", base, target, "-o", out, "--dtype", dtype]]
 
 
 @pytest.mark.parametrize("name", ["base", "shards", "peft", "mlx", "sparse", "gguf", "ort", "kohya", "diffusers"])
@@ -252,7 +254,8 @@ def test_fuzzed_inputs_never_crash_hang_or_leave_output(kinds, fixtures_dir, tmp
         before = _hashes(inputs)
         out_parent = case_dir / "outputs"
         out_parent.mkdir()
-        for args in _commands(kind, inputs / kind.target, base, lora, out_parent / "out"):
+        dtype = rng.choice(["auto", "auto", "fp16", "bf16"])
+        for args in _commands(kind, inputs / kind.target, base, lora, out_parent / "out", dtype):
             result = _invoke(args)
             _check(result, f"{case}, {args[0]}", out_parent)
             if args[0] == "merge" and result.exit_code == 0:
