@@ -137,7 +137,7 @@ def transform_checkpoint(
     Float tensors are computed in fp32 on ``device`` and cast to ``dtype`` (default: each tensor's
     own dtype); tensors without deltas are copied, cast only when ``dtype`` asks for it.
     ``metadata`` goes into every shard's header (surgeon records how the file was made there).
-    Every tensor written is checked to be finite (one fp64 sum), unless ``allow_nonfinite``.
+    Every tensor written is checked to be finite (one sum: see :func:`all_finite`), unless ``allow_nonfinite``.
     """
     started = time.perf_counter()
 
