@@ -28,16 +28,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from surgeon.checkpoint import load_pickle_weights
+from surgeon.checkpoint import load_pickle_weights, read_safetensors
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.formats import kohya_names
-from surgeon.formats.kohya import load
 from surgeon.formats.layouts import DIFFUSERS_COMPONENTS as COMPONENTS
 from surgeon.formats.layouts import DIFFUSERS_WEIGHTS as WEIGHT_FILES
 from surgeon.formats.layouts import diffusers_file as weight_file
 from surgeon.formats.lora_only import combined_note, lora_targets
-from surgeon.formats.peft import _factors, _rank_alpha_config, _read_module
+from surgeon.formats.adapter_config import check_peft
+from surgeon.formats.peft import _factors, _rank_alpha_config, _read_module, check_part
 
 NAME = "diffusers"
 METADATA_KEY = "lora_adapter_metadata"
@@ -57,7 +57,7 @@ _SIDES = {"down": "lora_A", "up": "lora_B"}
 def _load(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if file.suffix == ".bin":
         return load_pickle_weights(file), {}
-    return load(file)
+    return read_safetensors(file)
 
 
 def _component_configs(metadata: dict[str, str], file: Path) -> dict[str, dict]:
@@ -68,10 +68,14 @@ def _component_configs(metadata: dict[str, str], file: Path) -> dict[str, dict]:
         packed = json.loads(raw)
     except json.JSONDecodeError as error:
         raise SurgeonError(f"{file}: the {METADATA_KEY} header entry is not JSON ({error}).") from None
+    if not isinstance(packed, dict):
+        raise SurgeonError(f"{file}: the {METADATA_KEY} header entry is not a JSON object; the file is damaged.")
     configs: dict[str, dict] = defaultdict(dict)
     for key, value in packed.items():
         component, _, field = key.partition(".")
         configs[component][field] = value
+    for config in configs.values():
+        check_peft({**config, "peft_type": "LORA"}, file)
     return configs
 
 
@@ -105,6 +109,10 @@ def read(path: Path, base=None) -> Adapter:
         if component not in COMPONENTS or not rest:
             raise SurgeonError(f"{file}: tensor {key!r} does not start with a pipeline component ({', '.join(COMPONENTS)}); the file is not a diffusers LoRA.")
         module, part = _normalise(component, rest, file)
+        if part == "alpha" and tensor.numel() != 1:
+            raise SurgeonError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)} instead of one number; the file is damaged.")
+        if part != "alpha":
+            check_part(file, key, tensor, 1 if part in ("lora_magnitude_vector", "lora_B.bias") else 2)
         modules[f"{component}.{module}"][part] = tensor
 
     adapter = Adapter(source_format=NAME, metadata=metadata, config={"components": configs})

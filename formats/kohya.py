@@ -18,9 +18,9 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from surgeon.checkpoint import read_safetensors
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.formats.layouts import KOHYA_PARTS as LORA_PARTS
@@ -34,12 +34,6 @@ _KEPT_METADATA = ("ss_", "modelspec.")
 _STALE_METADATA = ("modelspec.hash_sha256",)
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safe_open(path, framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
-    except Exception as error:  # safetensors raises its own types for corrupt headers
-        raise SurgeonError(f"{path}: not a readable safetensors file ({error}).") from error
 
 
 def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -53,6 +47,10 @@ def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
 
 def scale_of(alpha: torch.Tensor | None, rank: int) -> float:
     """alpha/rank, where a missing or zero alpha means alpha = rank (sd-scripts, LyCORIS)."""
+    if rank < 1:
+        raise SurgeonError("a module has a LoRA factor of rank 0, which holds no update; the file is damaged.")
+    if alpha is not None and alpha.numel() != 1:
+        raise SurgeonError(f"a module's alpha has shape {tuple(alpha.shape)} instead of one number; the file is damaged.")
     value = float(alpha) if alpha is not None else 0.0
     return (value if value != 0 else rank) / rank
 
@@ -94,7 +92,7 @@ def module_type(shape: tuple[int, ...]) -> str:
 def read_modules(path: Path, base, known_parts: tuple[str, ...], format_name: str):
     """The file's modules grouped by name, each with its base module path, and a fresh adapter
     that records the names (for writing them back). Parts outside ``known_parts`` are refused."""
-    tensors, metadata = load(path)
+    tensors, metadata = read_safetensors(path)
     modules = group(tensors)
     for stem, parts in modules.items():
         unknown = sorted(set(parts) - set(known_parts))

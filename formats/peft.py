@@ -18,16 +18,16 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from surgeon.checkpoint import load_pickle_weights
-from surgeon.delta import Adapter, Dense, LowRank, Replace, Sparse
+from surgeon.checkpoint import load_pickle_weights, read_safetensors
+from surgeon.delta import FACTOR_DTYPES, Adapter, Dense, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
+from surgeon.formats import adapter_config
 from surgeon.formats.layouts import PEFT_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import PEFT_WEIGHTS as WEIGHT_FILES
 from surgeon.formats.peft_rules import LORA_KEY as _LORA_KEY
-from surgeon.formats.peft_rules import PREFIX, module_rank_alpha, scale_of
+from surgeon.formats.peft_rules import PREFIX, check_modules_match, module_rank_alpha, scale_of, targeted
 from surgeon.formats.peft_rules import UNSUPPORTED as _UNSUPPORTED
 
 NAME = "peft"
@@ -36,8 +36,7 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], 
         file = path / name
         if file.is_file():
             if name.endswith(".safetensors"):
-                with safe_open(file, framework="pt") as handle:
-                    return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {}), file
+                return (*read_safetensors(file), file)
             return load_pickle_weights(file), {}, file
     raise SurgeonError(f"{path}: has {CONFIG_FILE} but no {' or '.join(WEIGHT_FILES)}.")
 
@@ -45,8 +44,12 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], 
 def read(path: Path, base=None) -> Adapter:
     """A PEFT LoRA/DoRA adapter as canonical deltas keyed by the base model's parameter names."""
     path = Path(path)
-    config = json.loads((path / CONFIG_FILE).read_text())
-    peft_type = str(config.get("peft_type", "")).upper()
+    config = adapter_config.load(path / CONFIG_FILE)
+    if "peft_type" not in config:
+        raise SurgeonError(f"{path / CONFIG_FILE}: has no peft_type, so it is not a PEFT adapter config; "
+                           "restore the file PEFT saved.")
+    adapter_config.check_peft(config, path / CONFIG_FILE)
+    peft_type = config["peft_type"].upper()
     if peft_type != "LORA":
         from surgeon.formats import peft_tuners
 
@@ -68,18 +71,31 @@ def read(path: Path, base=None) -> Adapter:
         key = key[len(PREFIX):]
         match = _LORA_KEY.match(key)
         if match:
+            check_part(file, PREFIX + key, tensor, 1 if match["part"] == "lora_magnitude_vector" or match["rest"] == ".bias" else 2)
             modules.setdefault(match["module"], {})[match["part"] + (match["rest"] if match["rest"] == ".bias" else "")] = tensor
         elif re.search(r"\.lora_[A-Za-z_]+", key):
             raise SurgeonError(f"{file}: tensor {key!r} is a LoRA part surgeon does not know; refusing rather than dropping it.")
         else:
             whole[key.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = tensor
 
+    check_modules_match(config, modules, path / CONFIG_FILE)
     adapter = Adapter(source_format=NAME, base_model=config.get("base_model_name_or_path"), config=config, metadata=metadata)
     for key, tensor in whole.items():  # replacements first: LoRA applies on top of them
         adapter.add(key, Replace(tensor), "other")
     for module, parts in modules.items():
         _read_module(adapter, module, parts, config, rslora, fan_in_fan_out, file)
     return adapter
+
+
+def check_part(file: Path, key: str, tensor: torch.Tensor, least_dims: int) -> None:
+    """A LoRA part must be a float tensor of at least ``least_dims`` dimensions (factors are matrices
+    or convolution kernels, magnitudes and biases vectors)."""
+    if tensor.dtype not in FACTOR_DTYPES:
+        raise SurgeonError(f"{file}: tensor {key!r} is {tensor.dtype}; LoRA parts must be fp16, bf16, fp32 or fp64, "
+                           "and a quantized adapter must be dequantized first.")
+    if tensor.dim() < least_dims:
+        raise SurgeonError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but this LoRA part has at least "
+                           f"{least_dims} dimensions; the file is damaged.")
 
 
 def _read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslora: bool, fan_in_fan_out: bool, file: Path) -> None:
@@ -90,6 +106,9 @@ def _read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslor
     if a is None or b is None:
         raise SurgeonError(f"{file}: module {module!r} has only one of its LoRA factors; the file is incomplete.")
     rank = int(a.shape[0])
+    if b.shape[1] != rank:
+        raise SurgeonError(f"{file}: {module!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, whose ranks "
+                           "differ; the file is damaged.")
     configured_rank, alpha = module_rank_alpha(config, module)
     if configured_rank != rank:
         raise SurgeonError(
@@ -230,8 +249,4 @@ def write(adapter: Adapter, staging: Path) -> None:
 def _targets_cover(config: dict, ranks: dict[str, int]) -> bool:
     """Whether PEFT, given the config's target_modules, wraps exactly the modules we hold factors for
     (as far as names alone tell); otherwise the writer lists the modules explicitly."""
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        return all(re.fullmatch(targets, m) for m in ranks)
-    targets = set(targets or [])
-    return all(m in targets or any(m.endswith("." + t) for t in targets) for m in ranks)
+    return all(targeted(config.get("target_modules") or [], m) for m in ranks)

@@ -17,6 +17,11 @@ import torch
 from surgeon.errors import SurgeonError
 
 Shape = tuple[int, ...]
+#: The dtypes a low-rank factor may have: an integer, bool or fp8 tensor would be converted by
+#: value into nonsense (a quantized checkpoint's codes, not its weights).
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: The largest scale merge can apply: its arithmetic is fp32, and torch refuses a larger factor.
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _shape(value) -> Shape:
@@ -41,6 +46,9 @@ class LowRank:
     magnitude_axis: int = 0
 
     def __post_init__(self) -> None:
+        bad = next((t for t in self.tensors() if t.dtype not in FACTOR_DTYPES), None)
+        if bad is not None:
+            raise SurgeonError(f"a low-rank factor is {bad.dtype}; factors and magnitudes must be fp16, bf16, fp32 or fp64.")
         if self.down.dim() != 2 or self.up.dim() != 2 or self.up.shape[1] != self.down.shape[0]:
             raise SurgeonError(
                 f"low-rank factors do not chain: up is {tuple(self.up.shape)} and down is "
@@ -54,6 +62,15 @@ class LowRank:
             )
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "scale", float(self.scale))
+        if not abs(self.scale) <= FP32_MAX:  # NaN fails this too
+            raise SurgeonError(f"a low-rank delta has the scale {self.scale} (alpha/r); a scale must be a finite number "
+                               "within fp32's range.")
+        axis_size = shape[self.magnitude_axis] if 0 <= self.magnitude_axis < len(shape) else None
+        if self.magnitude is not None and (self.magnitude.dim() != 1 or self.magnitude.numel() != axis_size):
+            raise SurgeonError(
+                f"a DoRA magnitude has shape {tuple(self.magnitude.shape)}, but the {shape} weight has "
+                f"{axis_size} entries on axis {self.magnitude_axis}; the adapter does not fit it."
+            )
 
     @property
     def rank(self) -> int:
@@ -134,6 +151,8 @@ class Sparse:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", _shape(self.shape))
+        if self.indices.is_floating_point() or self.indices.dtype == torch.bool or self.values.dtype not in FACTOR_DTYPES:
+            raise SurgeonError(f"a sparse delta needs integer indices and float values; got {self.indices.dtype} and {self.values.dtype}.")
         if self.indices.dim() != 1 or self.values.shape != self.indices.shape:
             raise SurgeonError(
                 f"a sparse delta needs 1-D indices and values of one length; got {tuple(self.indices.shape)} "
@@ -227,12 +246,16 @@ class Adapter:
 
     def nonfinite_keys(self) -> list[str]:
         """Keys with a NaN or Inf in any stored tensor."""
-        return [key for key, ds in self.deltas.items() if not all(_finite(t) for d in ds for t in d.tensors())]
+        return [key for key, ds in self.deltas.items() if not all(all_finite(t) for d in ds for t in d.tensors())]
 
 
-def _finite(tensor: torch.Tensor) -> bool:
-    """All values finite, in one pass and no temporary: an fp64 sum is NaN or ±Inf exactly when an
-    element is (no float32/bf16 values can overflow it)."""
+def all_finite(tensor: torch.Tensor) -> bool:
+    """All values finite, in one pass and no temporary: a sum is NaN or ±Inf whenever an element is.
+    A sum in the tensor's own dtype (fp32 accumulation inside, as fast as reading it) settles the
+    common case; only when it is not finite, which a large finite sum in fp16 can also be, does an
+    fp64 sum (which no float32/bf16/fp16 values can overflow) decide. fp8 has no sum of its own."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if tensor.dtype.itemsize > 1 and math.isfinite(float(tensor.sum())):
         return True
     return math.isfinite(float(tensor.sum(dtype=torch.float64)))

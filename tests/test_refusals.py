@@ -196,7 +196,7 @@ def test_output_under_a_file_is_refused(fixtures_dir, tmp_path):
 def test_corrupt_shard_index_is_named(fixtures_dir, tmp_path):
     base = shutil.copytree(fixtures_dir / "tiny-llama", tmp_path / "base")
     (base / "model.safetensors.index.json").write_text("{not json")
-    assert_refused(run("inspect", base), "model.safetensors.index.json", "not a valid shard index")
+    assert_refused(run("inspect", base), "model.safetensors.index.json", "not valid JSON")
 
 
 def test_rank_bounds_are_checked(fixtures_dir, tmp_path):

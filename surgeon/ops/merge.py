@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from surgeon.checkpoint import Checkpoint, StreamingWriter, TensorInfo
-from surgeon.delta import Adapter, Delta, LowRank
+from surgeon.delta import FP32_MAX, Adapter, Delta, LowRank, all_finite
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
@@ -47,9 +47,12 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SurgeonError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu.")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise SurgeonError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # meta, mps, ...: tensors there cannot be written
+        raise SurgeonError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N.")
+    return device
 
 
 def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_nonfinite: bool) -> list[Adapter]:
@@ -73,21 +76,25 @@ def _deltas_by_key(adapters: Sequence[Adapter], weights: Sequence[float]) -> dic
     plan: dict[str, list[tuple[Delta, float]]] = {}
     for adapter, weight in zip(adapters, weights):
         for key, deltas in adapter.items():
+            scale = next((d.scale for d in deltas if not abs(weight * getattr(d, "scale", 1.0)) <= FP32_MAX), None)
+            if scale is not None:
+                raise SurgeonError(f"{key!r}: the weight {weight:g} times the delta's scale {scale:g} is beyond fp32's range, "
+                                   "in which merge computes; use a smaller weight.")
             plan.setdefault(key, []).extend((d, weight) for d in deltas)
     return plan
 
 
-def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None) -> None:
+def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None, config: dict) -> None:
+    """The base's other files, beside the weights; ``config`` is the base's config, read (and so
+    checked) before any tensor was written."""
     for path in base.extra_files():
         shutil.copy2(path, out / path.name)
-    config = out / "config.json"
-    if dtype is not None and config.is_file():
+    if dtype is not None and config:
         # The copy must describe the weights next to it; a changed dtype is the one edit we make.
-        data = json.loads(config.read_text())
         for name in ("torch_dtype", "dtype"):
-            if name in data:
-                data[name] = _CONFIG_DTYPE_NAMES[dtype]
-        config.write_text(json.dumps(data, indent=2) + "\n")
+            if name in config:
+                config[name] = _CONFIG_DTYPE_NAMES[dtype]
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 class _Scratch:
@@ -123,18 +130,21 @@ def transform_checkpoint(
     shard_size: int = 5 * 10**9,
     on_tensor: Callable[[str], None] | None = None,
     metadata: dict[str, str] | None = None,
+    allow_nonfinite: bool = False,
 ) -> MergeReport:
     """Write ``base`` with ``plan``'s deltas applied (or removed, with ``undo``) into ``out``.
 
     Float tensors are computed in fp32 on ``device`` and cast to ``dtype`` (default: each tensor's
     own dtype); tensors without deltas are copied, cast only when ``dtype`` asks for it.
     ``metadata`` goes into every shard's header (surgeon records how the file was made there).
+    Every tensor written is checked to be finite (one sum: see :func:`all_finite`), unless ``allow_nonfinite``.
     """
     started = time.perf_counter()
 
     def out_dtype(info: TensorInfo) -> torch.dtype:
         return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
 
+    config = base.config() if dtype is not None else {}
     specs = [(key, TensorInfo(base.info(key).shape, out_dtype(base.info(key)))) for key in base.keys()]
     for key in plan:
         if not base.info(key).dtype.is_floating_point:
@@ -150,29 +160,51 @@ def transform_checkpoint(
             deltas = plan.get(key)
             while len(in_flight) > 1:
                 in_flight.popleft().result()
+            base_tensor, work = tensor, None
             if deltas:
                 work = scratch.work(info.shape).copy_(tensor)
                 work = remove_deltas(work, deltas) if undo else apply_deltas(work, deltas)
                 tensor = scratch.result(info, slot=report.changed).copy_(work)
                 report.changed += 1
-            in_flight.append(io.submit(writer.write, key, tensor.to(dtype=info.dtype).cpu()))
+            tensor = tensor.to(dtype=info.dtype).cpu()
+            if not allow_nonfinite and not all_finite(tensor):
+                raise SurgeonError(_nonfinite_cause(base, key, base_tensor, work, info.dtype))
+            in_flight.append(io.submit(writer.write, key, tensor))
             report.tensors += 1
             if on_tensor is not None:
                 on_tensor(key)
         for write in in_flight:
             write.result()
         report.files = writer.file_names
-    _copy_extras(base, out, dtype)
+    _copy_extras(base, out, dtype, config)
     report.dtype = ", ".join(sorted({str(i.dtype).removeprefix("torch.") for _, i in specs}))
     report.seconds = time.perf_counter() - started
     return report
 
 
+def _nonfinite_cause(base: Checkpoint, key: str, original: torch.Tensor, work: torch.Tensor | None,
+                     dtype: torch.dtype) -> str:
+    """Why the tensor about to be written as ``key`` holds NaN or Inf: the base already did, the
+    fp32 arithmetic overflowed, or the cast to a narrower ``dtype`` did."""
+    anyway = "merge and unmerge write it anyway with --allow-nonfinite"
+    if not all_finite(original):
+        return f"{base.path}: {key!r} already holds NaN or Inf; fix the checkpoint ({anyway})."
+    if work is not None and not all_finite(work):
+        return (f"{key!r} comes out NaN or Inf: the deltas applied to it overflow fp32 (weights or scales too "
+                f"large?); check the adapter's scale and the weights ({anyway}).")
+    return (f"{key!r} overflows {str(dtype).removeprefix('torch.')} when cast (a value beyond its largest finite "
+            f"number); write a wider dtype such as fp32 or bf16 ({anyway}).")
+
+
 def one_weight_each(weights: Sequence[float] | None, inputs: Sequence, what: str = "adapters") -> list[float]:
-    """The -w values, one per input (default 1 each), or an error when their counts differ."""
+    """The -w values, one per input (default 1 each), each a finite number, or an error when their
+    counts differ. (torch's addmm_ treats a NaN alpha as 1, so a NaN weight would merge silently.)"""
     weights = [float(w) for w in weights] if weights else [1.0] * len(inputs)
     if len(weights) != len(inputs):
         raise SurgeonError(f"got {len(weights)} --weight values for {len(inputs)} {what}; give one per input or none.")
+    bad = next((w for w in weights if not abs(w) <= FP32_MAX), None)  # NaN fails the comparison too
+    if bad is not None:
+        raise SurgeonError(f"--weight {bad} is not a finite number within fp32's range; give each input a finite weight.")
     return weights
 
 
@@ -191,7 +223,7 @@ def merge(
     for adapter, weight, (_, where) in zip(bound, weights, adapters):
         if weight != 1.0 and any(isinstance(d, LowRank) and d.is_dora for ds in adapter.deltas.values() for d in ds):
             raise SurgeonError(f"{where}: a DoRA adapter rescales whole rows, so a weight other than 1 has no defined meaning; drop --weight for it.")
-    return transform_checkpoint(base, _deltas_by_key(bound, weights), out, **options)
+    return transform_checkpoint(base, _deltas_by_key(bound, weights), out, allow_nonfinite=allow_nonfinite, **options)
 
 
 def unmerge(
@@ -211,7 +243,7 @@ def unmerge(
         reason = unmerge_refusal(key, [d for d, _ in deltas])
         if reason:
             raise SurgeonError(f"cannot unmerge: {reason}.")
-    return transform_checkpoint(merged, plan, out, undo=True, **options)
+    return transform_checkpoint(merged, plan, out, undo=True, allow_nonfinite=allow_nonfinite, **options)
 
 
 @dataclass
