@@ -6,11 +6,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
-import torch
 
 from surgeon.cli import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, OUTPUT_OPTION, SHARD_OPTION,
                          Progress, emit, friendly, main, provenance, read_adapter_arg)
-from surgeon.delta import Adapter, Dense, LowRank, Sparse
+from surgeon.bundle import write_result
 from surgeon.errors import SurgeonError
 from surgeon.output import atomic_output
 from surgeon.ops.compose import METHODS, RESULT_KINDS, ComposeOptions, ComposeReport
@@ -36,49 +35,6 @@ def rank_rule(rank, energy, max_error, min_rank, max_rank, required: bool) -> Ra
             raise SurgeonError("--max-rank bounds --energy or --max-error; give one of them, or --rank.")
         return None
     return RankRule(rank=rank, energy=energy, max_error=max_error, min_rank=min_rank, max_rank=max_rank)
-
-
-#: Where a result's sparse part goes when it also has a LoRA part (extract's layout, which
-#: `surgeon merge BASE OUT OUT/sparse` applies).
-SPARSE_SUBDIR = "sparse"
-
-
-def split_result(adapter: Adapter) -> tuple[Adapter, Adapter]:
-    """(the part PEFT LoRA can store, the part only a sparse diff can): factor pairs, LoRA biases and
-    replacements go to the first; sparse deltas, and dense ones as sparse at density 1, to the second.
-    Without any factor pair everything goes to the sparse diff, which holds replacements too."""
-    low_modules = {k.rpartition(".")[0] for k, ds in adapter.items() for d in ds if isinstance(d, LowRank)}
-    lora = Adapter(source_format=adapter.source_format, base_model=adapter.base_model, config=adapter.config, metadata=adapter.metadata)
-    sparse = Adapter(source_format="compose", base_model=adapter.base_model, metadata=adapter.metadata)
-    for key, deltas in adapter.items():
-        module_type = adapter.module_types.get(key, "linear")
-        for delta in deltas:
-            if isinstance(delta, Dense) and key.rpartition(".")[0] not in low_modules:
-                values = delta.delta.reshape(-1)
-                delta = Sparse(torch.arange(values.numel()), values, delta.shape)
-            if isinstance(delta, Sparse) or not low_modules:
-                sparse.add(key, delta, module_type)
-            else:
-                lora.add(key, delta, module_type)
-    return lora, sparse
-
-
-def write_result(adapter: Adapter, staging: Path, output: Path) -> list[str]:
-    """Write a composed adapter: its LoRA part as PEFT at ``output``, its sparse part as surgeon's
-    sparse diff (at ``output``/sparse beside a LoRA, else at ``output``); returns what was written."""
-    from surgeon.formats import peft, sparse
-
-    lora, residual = split_result(adapter)
-    written = []
-    if len(lora):
-        peft.write(lora, staging)
-        written.append(str(output))
-    if len(residual):
-        sparse.write(residual, staging / SPARSE_SUBDIR if len(lora) else staging)
-        written.append(str(output / SPARSE_SUBDIR) if len(lora) else str(output))
-    if not written:
-        raise SurgeonError("the result is empty (every module cancelled out or was cut to rank 0); nothing written.")
-    return written
 
 
 def _summary(report: ComposeReport) -> str:

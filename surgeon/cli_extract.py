@@ -13,9 +13,6 @@ from surgeon.cli import DEVICE_OPTION, FORCE_OPTION, INPUT, JSON_OPTION, OUTPUT_
 from surgeon.errors import SurgeonError
 from surgeon.output import atomic_output
 
-SPARSE_SUBDIR = "sparse"
-
-
 @main.command()
 @click.argument("base", type=INPUT)
 @click.argument("tuned", type=INPUT)
@@ -66,7 +63,7 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
       surgeon merge base/ adapter/ adapter/sparse -o merged/     # LoRA, then the residual
       surgeon extract base/ tuned/ -o diff/ --rank 0 --sparse-density 0.01
     """
-    from surgeon.formats import peft, sparse
+    from surgeon.bundle import write_parts
     from surgeon.ops.extract import ExtractOptions
     from surgeon.ops.extract import extract as extract_op
     from surgeon.ops.merge import DTYPES, resolve_device
@@ -84,17 +81,9 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     with atomic_output(output, inputs=[Path(base), Path(tuned)], force=force) as staging:
         with Progress(len(base_ckpt), "extract") as tick:
             result = extract_op(base_ckpt, tuned_ckpt, options, on_tensor=tick, keep_spectra=plot_path is not None)
-        metadata = provenance()
-        written = []
-        if len(result.lora):
-            result.lora.metadata.update(metadata)
-            peft.write(result.lora, staging)
-            written.append(str(output))
-        if len(result.sparse):
-            result.sparse.metadata.update(metadata)
-            sparse_dir = staging / SPARSE_SUBDIR if len(result.lora) else staging
-            sparse.write(result.sparse, sparse_dir)
-            written.append(str(output / SPARSE_SUBDIR) if len(result.lora) else str(output))
+        result.lora.metadata.update(provenance())
+        result.sparse.metadata.update(provenance())
+        written = write_parts(result.lora, result.sparse, staging, output)
     report = {"base": str(base), "tuned": str(tuned), "output": str(output), "written": written,
               "merge_command": f"surgeon merge {base} {' '.join(written)} -o merged/", **result.report()}
     if report_path is not None:

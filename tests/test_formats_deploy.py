@@ -15,7 +15,7 @@ from safetensors import safe_open
 from deploy_variants import BASE, assert_close_relative, base_state, peft_deltas, peft_merged, variant
 from surgeon import formats
 from surgeon.checkpoint import Checkpoint
-from surgeon.cli_convert import convert_adapter
+from surgeon.convert import convert_adapter
 from surgeon.errors import SurgeonError
 
 LLAMA = json.loads((BASE / "config.json").read_text())
