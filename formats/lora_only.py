@@ -15,9 +15,9 @@ from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
 
 _KIND_NAMES = {
-    "Replace": "a whole-weight replacement (PEFT modules_to_save or a trained bias)",
-    "Dense": "a dense ΔW",
-    "Sparse": "a sparse ΔW",
+    "replacement": "a whole-weight replacement (PEFT modules_to_save or a trained bias)",
+    "dense": "a dense ΔW",
+    "sparse": "a sparse ΔW",
 }
 
 
@@ -29,25 +29,13 @@ class Target:
     module_type: str
 
 
-def _combine(key: str, deltas: list[LowRank]) -> LowRank:
-    """Several low-rank deltas on one weight as one, by stacking their ranks: exact, since
-    Σ sᵢ·Bᵢ@Aᵢ = [s₁B₁ … sₙBₙ] @ [A₁; …; Aₙ]."""
-    if len(deltas) == 1:
-        return deltas[0]
-    if any(d.is_dora for d in deltas):
-        raise SurgeonError(f"{key!r} has several DoRA updates, which do not add up to one; merge them into the base first.")
-    scale = deltas[0].scale
-    ups = [fold(d.up, d.scale / scale) for d in deltas]
-    return LowRank(down=torch.cat([d.down for d in deltas]), up=torch.cat(ups, dim=1), scale=scale, shape=deltas[0].shape)
-
-
 def lora_targets(adapter: Adapter, format_name: str, module_types: tuple[str, ...], allow_dora: bool = False) -> list[Target]:
     """One low-rank delta per target, or an error naming the first target ``format_name`` cannot hold."""
     targets = []
     for key, deltas in adapter.items():
-        other = next((d for d in deltas if not isinstance(d, LowRank)), None)
+        other = next((d for d in deltas if d.factored() is None), None)
         if other is not None:
-            kind = _KIND_NAMES.get(type(other).__name__, type(other).__name__)
+            kind = _KIND_NAMES.get(other.kind, other.kind)
             raise SurgeonError(f"cannot write {format_name}: {key!r} has {kind}, and {format_name} holds only LoRA factors; "
                                "merge it into the base instead (surgeon merge).")
         module_type = adapter.module_types.get(key, "linear")
@@ -56,7 +44,7 @@ def lora_targets(adapter: Adapter, format_name: str, module_types: tuple[str, ..
                                f"{format_name} only for {' and '.join(module_types)} modules.")
         if not key.endswith(".weight"):
             raise SurgeonError(f"cannot write {format_name}: the low-rank delta on {key!r} is not on a module weight.")
-        delta = _combine(key, deltas)
+        delta = LowRank.stack(key, [d.factored() for d in deltas])
         if delta.is_dora and not allow_dora:
             raise SurgeonError(f"cannot write {format_name}: {key!r} is a DoRA update, whose magnitude rescaling {format_name} "
                                "cannot express; merge it into the base (surgeon merge) or convert to peft or mlx.")

@@ -20,7 +20,7 @@ taken as the file's meaning:
 Low-rank where exact: LoRA/LoCon always, LoHa as the Khatri–Rao product of its factors (rank r²)
 when that is smaller than the dense ΔW (always under DoRA, which surgeon applies to low-rank
 deltas). LoKr, larger LoHa and (IA)³ are dense ΔWs computed from the factors only when a target
-is used (:class:`LazyDense`), so reading one holds no more than the file. GLoRA, OFT/BOFT, T-LoRA
+is used (:meth:`Dense.lazy`), so reading one holds no more than the file. GLoRA, OFT/BOFT, T-LoRA
 and sparse-bias residuals are refused by name.
 """
 
@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from surgeon.delta import Adapter, Dense, LazyDense, LowRank
+from surgeon.delta import Adapter, Dense, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.formats import kohya
 from surgeon.formats.kohya import dora_magnitude, header_keys, kohya_style, lora_delta, module_type, read_modules, scale_of
@@ -89,7 +89,7 @@ def _hadamard(factors, scale: float) -> torch.Tensor:
 
 
 def loha_delta(factors, scale: float, shape: tuple[int, ...], low_rank: bool):
-    """A LoHa's ΔW: the Khatri–Rao LowRank when ``low_rank`` (or cheaper), else a LazyDense."""
+    """A LoHa's ΔW: the Khatri–Rao LowRank when ``low_rank`` (or cheaper), else a lazy Dense."""
     (u1, d1), (u2, d2) = factors
     rows, cols = u1.shape[0], d1.shape[1]
     if rows * cols != math.prod(shape):
@@ -97,7 +97,7 @@ def loha_delta(factors, scale: float, shape: tuple[int, ...], low_rank: bool):
     if low_rank or u1.shape[1] * u2.shape[1] * (rows + cols) < rows * cols:
         up, down = khatri_rao(u1, d1, u2, d2)
         return LowRank(down=down, up=up, scale=scale, shape=shape)
-    return LazyDense(partial(_hadamard, factors, scale), shape, [u1, d1, u2, d2])
+    return Dense.lazy(partial(_hadamard, factors, scale), shape, [u1, d1, u2, d2])
 
 
 def lokr_weight(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +125,9 @@ def lokr_scale(parts: dict[str, torch.Tensor]) -> float:
 def with_magnitude(delta, magnitude: torch.Tensor, axis: int):
     """A DoRA update on a delta that is not low-rank: written as a LowRank with an identity factor
     on the smaller side, the only delta surgeon applies DoRA's renormalisation to."""
-    if isinstance(delta, LowRank):
-        return LowRank(delta.down, delta.up, delta.scale, delta.shape, magnitude, axis)
+    low = delta.factored()
+    if low is not None:
+        return LowRank(low.down, low.up, low.scale, low.shape, magnitude, axis)
     rows = delta.shape[0]
     flat = delta.delta.reshape(rows, -1)
     if rows <= flat.shape[1]:
@@ -134,16 +135,16 @@ def with_magnitude(delta, magnitude: torch.Tensor, axis: int):
     return LowRank(down=torch.eye(flat.shape[1]), up=flat, shape=delta.shape, magnitude=magnitude, magnitude_axis=axis)
 
 
-def ia3_delta(base, key: str, scaling: torch.Tensor) -> LazyDense:
+def ia3_delta(base, key: str, scaling: torch.Tensor) -> Dense:
     """ΔW = W ⊙ (s − 1) for W' = W ⊙ s, read from the base when used; ``scaling`` broadcasts
     against the weight."""
     def compute() -> torch.Tensor:
         weight = base.get(key).float()
         return weight * scaling.float() - weight
-    return LazyDense(compute, base.info(key).shape, [scaling], reads_base=True)
+    return Dense.lazy(compute, base.info(key).shape, [scaling], reads_base=True)
 
 
-def _ia3(parts: dict[str, torch.Tensor], base, key: str, where: str) -> LazyDense:
+def _ia3(parts: dict[str, torch.Tensor], base, key: str, where: str) -> Dense:
     shape = base.info(key).shape
     vector = parts["weight"].reshape(-1)
     on_input = bool(int(parts["on_input"])) if "on_input" in parts else False
@@ -167,14 +168,14 @@ def _half_size(parts: dict[str, torch.Tensor], half: int) -> int:
 
 
 def lokr_delta(parts: dict[str, torch.Tensor], scale: float, shape: tuple[int, ...], where: str,
-               combine: Callable[[], torch.Tensor] | None = None) -> LazyDense:
-    """kron(w1, w2)·scale as a LazyDense on a weight of ``shape``; ``combine`` replaces the
+               combine: Callable[[], torch.Tensor] | None = None) -> Dense:
+    """kron(w1, w2)·scale as a lazy Dense on a weight of ``shape``; ``combine`` replaces the
     Kronecker product of :func:`lokr_weight` where a producer forms it differently."""
     count = _half_size(parts, 1) * _half_size(parts, 2)
     if count != math.prod(shape):
         raise SurgeonError(f"{where}: the LoKr factors give {count} values, which cannot fill the base weight of shape {shape}.")
     combine = combine or (lambda: torch.kron(*lokr_weight(parts)))
-    return LazyDense(lambda: combine().mul_(scale), shape, [t for k, t in parts.items() if k.startswith("lokr_")])
+    return Dense.lazy(lambda: combine().mul_(scale), shape, [t for k, t in parts.items() if k.startswith("lokr_")])
 
 
 def _weight_delta(parts: dict[str, torch.Tensor], shape: tuple[int, ...], base, key: str, where: str):

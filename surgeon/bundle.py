@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from surgeon.delta import Adapter, Dense, LowRank, Sparse
+from surgeon.delta import Adapter, Sparse
 from surgeon.errors import SurgeonError
 
 #: Where a result's sparse part goes when it also has a LoRA part.
@@ -20,16 +18,16 @@ def split_result(adapter: Adapter) -> tuple[Adapter, Adapter]:
     """(the part PEFT LoRA can store, the part only a sparse diff can): factor pairs, LoRA biases and
     replacements go to the first; sparse deltas, and dense ones as sparse at density 1, to the second.
     Without any factor pair everything goes to the sparse diff, which holds replacements too."""
-    low_modules = {k.rpartition(".")[0] for k, ds in adapter.items() for d in ds if isinstance(d, LowRank)}
+    low_modules = {k.rpartition(".")[0] for k, ds in adapter.items() for d in ds if d.factored() is not None}
     lora = Adapter(source_format=adapter.source_format, base_model=adapter.base_model, config=adapter.config, metadata=adapter.metadata)
     sparse = Adapter(source_format="compose", base_model=adapter.base_model, metadata=adapter.metadata)
     for key, deltas in adapter.items():
         module_type = adapter.module_types.get(key, "linear")
         for delta in deltas:
-            if isinstance(delta, Dense) and key.rpartition(".")[0] not in low_modules:
-                values = delta.delta.reshape(-1)
-                delta = Sparse(torch.arange(values.numel()), values, delta.shape)
-            if isinstance(delta, Sparse) or not low_modules:
+            loose = delta.additive and delta.factored() is None
+            if loose and (delta.sparse_form() is not None or key.rpartition(".")[0] not in low_modules):
+                sparse.add(key, Sparse.of(delta), module_type)
+            elif not low_modules:
                 sparse.add(key, delta, module_type)
             else:
                 lora.add(key, delta, module_type)

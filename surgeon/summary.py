@@ -8,20 +8,13 @@ from collections import Counter
 from pathlib import Path
 
 from surgeon.checkpoint import Checkpoint
-from surgeon.delta import Adapter, LowRank
+from surgeon.delta import Adapter
 
 _LAYER_NUMBER = re.compile(r"\.\d+\.")
 
 
 def _group_name(key: str) -> str:
     return _LAYER_NUMBER.sub(".*.", key)
-
-
-def _delta_label(delta) -> str:
-    if isinstance(delta, LowRank):
-        kind = "DoRA" if delta.is_dora else "LoRA"
-        return f"{kind} r={delta.rank} scale={delta.scale:g}"
-    return type(delta).__name__.lower()
 
 
 def _describe(values) -> object:
@@ -39,7 +32,7 @@ def adapter_summary(adapter: Adapter, path: Path, format_description: str) -> di
     groups: Counter = Counter()
     for key, deltas in adapter.items():
         for delta in deltas:
-            groups[(_group_name(key), _delta_label(delta))] += 1
+            groups[(_group_name(key), delta.label)] += 1
     return {
         "path": str(path),
         "kind": "adapter",

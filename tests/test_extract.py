@@ -196,7 +196,7 @@ def test_sparse_format_round_trip(tmp_path):
     torch.testing.assert_close(part.materialize(), adapter.deltas["a.weight"][0].materialize())
     torch.testing.assert_close(back.deltas["b.bias"][0].weight, torch.arange(4.0))
     assert sparse.index_dtype((2**16, 2**16)) == torch.int64
-    with pytest.raises(SurgeonError, match="LowRank"):
+    with pytest.raises(SurgeonError, match="LoRA delta"):
         bad = Adapter()
         bad.add("c.weight", LowRank(torch.ones(1, 2), torch.ones(2, 1)))
         sparse.write(bad, tmp_path / "bad")

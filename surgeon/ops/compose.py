@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
 
-from surgeon.delta import Adapter, Delta, Dense, LowRank, Replace, Sparse
+from surgeon.delta import Adapter, Delta, Dense, LowRank, Sparse, exact_sum, promoted_dtype
 from surgeon.errors import SurgeonError
 from surgeon.ops.merge import one_weight_each
 from surgeon.ops.rank import RankRule, tail_error
@@ -164,20 +164,37 @@ def combine_dense(deltas: Sequence[torch.Tensor], weights: Sequence[float], opti
 
 @dataclass
 class _Part:
-    """One adapter's deltas on one key, sorted by kind."""
+    """One adapter's deltas on one key, by what they are: low-rank factors, other additive deltas
+    (summed exactly), whole replacements, and updates that are none of these (DoRA)."""
 
     weight: float
     low: list[LowRank] = field(default_factory=list)
-    sparse: list[Sparse] = field(default_factory=list)
-    dense: list[Dense] = field(default_factory=list)
-    replace: list[Replace] = field(default_factory=list)
+    exact: list[Delta] = field(default_factory=list)
+    replace: list[Delta] = field(default_factory=list)
 
     @classmethod
     def of(cls, deltas: Sequence[Delta], weight: float) -> "_Part":
         part = cls(weight)
         for delta in deltas:
-            {LowRank: part.low, Sparse: part.sparse, Dense: part.dense, Replace: part.replace}[type(delta)].append(delta)
+            if delta.replaces:
+                part.replace.append(delta)
+            elif delta.factored() is not None:
+                part.low.append(delta.factored())
+            else:
+                part.exact.append(delta)
         return part
+
+    @property
+    def additive(self) -> list[Delta]:
+        return [*self.low, *self.exact]
+
+    @property
+    def sparse(self) -> list[Delta]:
+        return [d for d in self.exact if d.sparse_form() is not None]
+
+    @property
+    def dense(self) -> list[Delta]:
+        return [d for d in self.exact if d.sparse_form() is None]
 
 
 def _model_name(base: str) -> str:
@@ -217,11 +234,8 @@ def check_compatible(adapters: Sequence[tuple[Adapter, str]], force: bool = Fals
                     )
 
 
-def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
+def _common_dtype(deltas: Sequence[Delta]) -> torch.dtype:
+    return promoted_dtype(d.stored_dtype for d in deltas)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -229,17 +243,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _sum_exact(parts: Sequence[_Part], key_shape: tuple[int, ...]) -> list[Delta]:
-    """Σ wᵢ·(sparse and dense deltas) kept exactly: sparse ones concatenated (duplicates add)."""
-    found: list[Delta] = []
-    sparse = [(s, p.weight) for p in parts for s in p.sparse]
-    if sparse:
-        found.append(Sparse(torch.cat([s.indices for s, _ in sparse]),
-                            torch.cat([s.values * w for s, w in sparse]), key_shape))
-    dense = [(d, p.weight) for p in parts for d in p.dense]
-    if dense:
-        total = sum(d.delta.to(_compute_dtype(d.delta.dtype)) * w for d, w in dense)
-        found.append(Dense(total.to(_common_dtype([d.delta for d, _ in dense]))))
-    return found
+    """Σ wᵢ·(additive deltas that are not low-rank), kept exactly."""
+    terms = [(d, p.weight) for p in parts for d in p.exact]
+    return [exact_sum(terms, key_shape)] if terms else []
 
 
 def _low_terms(parts: Sequence[_Part]) -> list[tuple[LowRank, float]]:
@@ -255,7 +261,7 @@ def _concat(terms: Sequence[tuple[LowRank, float]], shape, magnitude, axis) -> L
         factors, scale = [math.copysign(1.0, c) for c in coefficients], common
     else:
         factors, scale = coefficients, 1.0
-    dtype = _common_dtype([t for low, _ in terms for t in (low.up, low.down)])
+    dtype = _common_dtype([low for low, _ in terms])
     up = torch.cat([low.up.to(dtype) for low, _ in terms], dim=1)
     down = torch.cat([(low.down.to(_compute_dtype(dtype)) * f).to(dtype) for (low, _), f in zip(terms, factors)], dim=0)
     return LowRank(down=down, up=up, scale=scale, shape=shape, magnitude=magnitude, magnitude_axis=axis)
@@ -266,7 +272,7 @@ def _linear(terms: Sequence[tuple[LowRank, float]], key: str, shape) -> LowRank:
     if len({low.rank for low, _ in terms}) > 1:
         ranks = ", ".join(str(low.rank) for low, _ in terms)
         raise SurgeonError(f"--method linear adds the factors themselves, so it needs equal ranks, but {key!r} has ranks {ranks}; use cat or svd.")
-    dtype = _common_dtype([t for low, _ in terms for t in (low.up, low.down)])
+    dtype = _common_dtype([low for low, _ in terms])
     work = _compute_dtype(dtype)
     up = sum(low.up.to(work) * math.sqrt(abs(w * low.scale)) for low, w in terms)
     down = sum(low.down.to(work) * math.copysign(math.sqrt(abs(w * low.scale)), w * low.scale) for low, w in terms)
@@ -302,8 +308,8 @@ def _dora(terms: Sequence[tuple[LowRank, float]], key: str) -> tuple[torch.Tenso
 
 def _materialize_part(part: _Part, shape, device, dtype) -> torch.Tensor:
     total = torch.zeros(shape, device=device, dtype=dtype)
-    for delta in [*part.low, *part.sparse, *part.dense]:
-        if isinstance(delta, LowRank) and delta.is_dora:
+    for delta in part.additive:
+        if not delta.additive:
             raise SurgeonError("a DoRA update has no additive ΔW for --method ties/dare/magnitude_prune to act on; resize it instead.")
         total += delta.materialize(device, dtype)
     return total
@@ -319,11 +325,13 @@ def module_generator(options: ComposeOptions, key: str) -> torch.Generator:
 
 def _compose_dense(key: str, parts: Sequence[_Part], shape, options: ComposeOptions) -> tuple[list[Delta], ModuleReport]:
     ranks_in = [low.rank for p in parts for low in p.low]
-    tensors = [t for p in parts for d in (*p.low, *p.sparse, *p.dense) for t in d.tensors() if t.is_floating_point()]
-    dtype = _common_dtype(tensors)
+    dtype = _common_dtype([d for p in parts for d in p.additive])
     work = _compute_dtype(dtype)
     deltas = [_materialize_part(p, shape, options.device, work) for p in parts]
-    merged = combine_dense(deltas, [p.weight for p in parts], options, module_generator(options, key))
+    if options.method in DENSE_METHODS:
+        merged = combine_dense(deltas, [p.weight for p in parts], options, module_generator(options, key))
+    else:  # svd of a module with dense parts: the weighted sum, factored to the rank asked for
+        merged = sum(d * p.weight for d, p in zip(deltas, parts))
     del deltas
     report = ModuleReport(key, ranks_in, None)
     if options.keep == "dense" or (merged.dim() < 2 and options.keep == "lora"):
@@ -340,6 +348,10 @@ def _compose_dense(key: str, parts: Sequence[_Part], shape, options: ComposeOpti
 
 
 def _compose_factored(key: str, parts: Sequence[_Part], shape, options: ComposeOptions) -> tuple[list[Delta], ModuleReport]:
+    if options.method == "svd" and options.rule is not None and any(p.dense for p in parts):
+        # dense ΔWs (LoKr, a large LoHa) are factored with the LoRA terms; sparse diffs stay exact
+        found, report = _compose_dense(key, [replace(p, exact=p.dense) for p in parts], shape, options)
+        return found + _sum_exact([replace(p, low=[], exact=p.sparse) for p in parts], shape), report
     terms = _low_terms(parts)
     ranks_in = [low.rank for low, _ in terms]
     report = ModuleReport(key, ranks_in, sum(ranks_in) if terms else None)
@@ -352,7 +364,7 @@ def _compose_factored(key: str, parts: Sequence[_Part], shape, options: ComposeO
             found.append(_linear(terms, key, shape))
             report.rank = ranks_in[0]
         else:
-            dtype = _common_dtype([t for low, _ in terms for t in (low.up, low.down)])
+            dtype = _common_dtype([low for low, _ in terms])
             work = _compute_dtype(dtype)
             u, s, vh = factored_svd([low.up.to(options.device) for low, _ in terms],
                                     [low.down.to(options.device) for low, _ in terms],
@@ -387,16 +399,16 @@ def compose(adapters: Sequence[tuple[Adapter, str]], weights: Sequence[float] | 
     for key in keys:
         parts = [(_Part.of(a.deltas[key], w), where) for (a, where), w in zip(adapters, weights) if key in a.deltas]
         module_type = min((a.module_types.get(key, "linear") for a, _ in adapters if key in a.deltas), key=lambda t: t == "other")
-        shape = tuple(next(iter(parts[0][0].low + parts[0][0].sparse + parts[0][0].dense + parts[0][0].replace)).shape)
+        shape = tuple(next(iter(a.deltas[key][0] for a, _ in adapters if key in a.deltas)).shape)
         for delta in _replacements(key, parts):
             result.add(key, delta, module_type)
-        additive = [p for p, _ in parts if p.low or p.sparse or p.dense]
+        additive = [p for p, _ in parts if p.additive]
         if additive:
             combine = _compose_dense if options.method in DENSE_METHODS else _compose_factored
             deltas, module = combine(key, additive, shape, options)
             for delta in deltas:
                 result.add(key, delta, module_type)
-            if module.ranks_in:
+            if module.ranks_in or module.rank is not None:
                 report.modules.append(module)
         if on_key is not None:
             on_key(key)
@@ -404,14 +416,14 @@ def compose(adapters: Sequence[tuple[Adapter, str]], weights: Sequence[float] | 
     return result, report
 
 
-def _replacements(key: str, parts: Sequence[tuple[_Part, str]]) -> list[Replace]:
+def _replacements(key: str, parts: Sequence[tuple[_Part, str]]) -> list[Delta]:
     """A whole-module replacement (modules_to_save, or the saved base layer of a targeted embedding)
     is not a delta: weights do not scale it, and it is carried over as it is. Two adapters may
     carry the same one (the base layer both saved); two different ones cannot be combined."""
     holders = [(p, where) for p, where in parts if p.replace]
     for part, where in holders[1:]:
         if len(part.replace) != len(holders[0][0].replace) or not all(
-                torch.equal(a.weight, b.weight) for a, b in zip(part.replace, holders[0][0].replace)):
+                torch.equal(a.materialize(dtype=a.stored_dtype), b.materialize(dtype=b.stored_dtype)) for a, b in zip(part.replace, holders[0][0].replace)):
             raise SurgeonError(
                 f"{where}: replaces {key!r} whole (modules_to_save) with other values than {holders[0][1]} does; "
                 "two replacements cannot be combined, so drop that module from one adapter."

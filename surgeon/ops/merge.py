@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from surgeon.checkpoint import Checkpoint, StreamingWriter, TensorInfo
-from surgeon.delta import Adapter, Delta, LowRank
+from surgeon.delta import Adapter, Delta
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
@@ -189,7 +189,7 @@ def merge(
     weights = one_weight_each(weights, adapters)
     bound = prepare(adapters, base, allow_nonfinite)
     for adapter, weight, (_, where) in zip(bound, weights, adapters):
-        if weight != 1.0 and any(isinstance(d, LowRank) and d.is_dora for ds in adapter.deltas.values() for d in ds):
+        if weight != 1.0 and not all(d.scalable for ds in adapter.deltas.values() for d in ds):
             raise SurgeonError(f"{where}: a DoRA adapter rescales whole rows, so a weight other than 1 has no defined meaning; drop --weight for it.")
     return transform_checkpoint(base, _deltas_by_key(bound, weights), out, **options)
 
