@@ -33,7 +33,7 @@ from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.formats import kohya_names
 from surgeon.formats.kohya import header_keys, load
-from surgeon.formats.lora_only import combined_note, lora_targets
+from surgeon.formats.lora_only import pick_targets
 from surgeon.formats.peft import _factors, _rank_alpha_config, _read_module
 
 NAME = "diffusers"
@@ -143,7 +143,8 @@ def read(path: Path, base=None) -> Adapter:
 def write(adapter: Adapter, staging: Path) -> list[str]:
     """Write ``adapter`` as a diffusers LoRA file in the PEFT layout, with each component's
     ranks and alphas in ``lora_adapter_metadata`` so that diffusers applies the same scales."""
-    targets = lora_targets(adapter, NAME, ("linear", "conv"), allow_dora=True)
+    picked = pick_targets(adapter, NAME, ("linear", "conv"), allow_dora=True)
+    targets = picked.targets
     where = kohya_names.components(adapter, [t.module for t in targets])
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, list]] = defaultdict(lambda: {"ranks": {}, "scales": {}, "dora": False})
@@ -164,7 +165,7 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
         packed.update({f"{component}.{k}": v for k, v in config.items()})
     dropped = sorted(k for k in adapter.metadata if k not in ("format", METADATA_KEY))
     save_file(tensors, staging, metadata={"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)})
-    notes = combined_note(adapter)
+    notes = picked.notes
     if dropped:
         notes.append(f"{len(dropped)} metadata entries of the source ({', '.join(dropped[:5])}) were dropped: diffusers files keep only the LoRA config.")
     return notes

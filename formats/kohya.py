@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.formats.kohya_names import PREFIXES, kohya_names, resolve, split_prefix
-from surgeon.formats.lora_only import combined_note, lora_targets
+from surgeon.formats.lora_only import pick_targets
 
 NAME = "kohya"
 DESCRIPTION = "kohya / sd-scripts LoRA (one .safetensors, lora_unet_… / lora_te_… names)"
@@ -184,12 +184,13 @@ def _metadata(adapter: Adapter, ranks: dict[bool, list[int]], alphas: dict[bool,
 def write(adapter: Adapter, staging: Path) -> list[str]:
     """Write ``adapter`` as one kohya LoRA file. Each module's scale becomes its own alpha
     (alpha = scale·r, float32), so per-module ranks, alphas and rsLoRA scales survive as they are."""
-    targets = lora_targets(adapter, NAME, ("linear", "conv"), allow_dora=True)
+    picked = pick_targets(adapter, NAME, ("linear", "conv"), allow_dora=True)
+    targets = picked.targets
     names = kohya_names(adapter, [t.module for t in targets])
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[bool, list[int]] = {False: [], True: []}
     alphas: dict[bool, list[float]] = {False: [], True: []}
-    notes = combined_note(adapter)
+    notes = picked.notes
     for target in targets:
         delta, stem = target.delta, names[target.module]
         down, up = _factors(delta)

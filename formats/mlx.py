@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
-from surgeon.formats.lora_only import (combined_note, differs, fold, lora_targets, most_common,
+from surgeon.formats.lora_only import (differs, fold, pick_targets, most_common,
                                        trailing_zero_rank)
 
 NAME = "mlx"
@@ -127,7 +127,8 @@ def _keys_and_layers(modules: list[str], base, source_layers: int | None) -> tup
 
 def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     """Write an mlx-lm adapter directory that ``mlx_lm.tuner.utils.load_adapters`` loads."""
-    targets = lora_targets(adapter, NAME, ("linear", "embedding"), allow_dora=True)
+    picked = pick_targets(adapter, NAME, ("linear", "embedding"), allow_dora=True)
+    targets = picked.targets
     dora = {t.delta.is_dora for t in targets}
     if len(dora) > 1:
         raise SurgeonError("cannot write mlx: some modules are DoRA and some are not, and mlx-lm's fine_tune_type is one for the adapter.")
@@ -162,7 +163,7 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, staging / WEIGHT_FILE, metadata={**adapter.metadata, "format": "mlx"})
 
-    notes = combined_note(adapter) + notes
+    notes = picked.notes + notes
     if padded:
         notes.append(f"{padded} of {len(targets)} modules zero-padded to rank {rank}: mlx-lm has one rank per adapter.")
     if folded:

@@ -15,6 +15,7 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,8 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from surgeon.checkpoint import load_pickle_weights
-from surgeon.delta import Adapter, Dense, LowRank, Replace, Sparse
+from surgeon.delta import MODULE_TYPES, Adapter, Dense, LowRank, Replace
 from surgeon.errors import SurgeonError
+from surgeon.formats.lora_only import pick_targets, refusal
 
 NAME = "peft"
 DESCRIPTION = "PEFT LoRA / DoRA (adapter_config.json + adapter_model.safetensors)"
@@ -208,27 +210,40 @@ def _rank_alpha_config(ranks: dict[str, int], scales: dict[str, float], rslora: 
     }
 
 
-def write(adapter: Adapter, staging: Path) -> None:
+def _one_model(adapter: Adapter) -> tuple[Adapter, list[str]]:
+    """A diffusers adapter's keys start with the pipeline component they patch (``unet.``), which
+    is no module of the model PEFT loads the adapter into: the prefix is dropped, and an adapter
+    for several components, which no single model holds, is refused."""
+    if adapter.source_format != "diffusers":
+        return adapter, []
+    components = sorted({key.partition(".")[0] for key in adapter.deltas})
+    if len(components) > 1:
+        raise SurgeonError(f"cannot write PEFT LoRA: the adapter patches several pipeline components ({', '.join(components)}) "
+                           "and a PEFT adapter loads into one model; convert it to diffusers or kohya instead.")
+    cut = len(components[0]) + 1 if components else 0
+    stripped = replace(adapter, deltas={k[cut:]: v for k, v in adapter.deltas.items()},
+                       module_types={k[cut:]: v for k, v in adapter.module_types.items()})
+    return stripped, [f"the pipeline component prefix '{components[0]}.' was dropped: PEFT loads the adapter into that model itself."]
+
+
+def write(adapter: Adapter, staging: Path) -> list[str]:
     """Write ``adapter`` as a PEFT LoRA adapter directory that ``PeftModel.from_pretrained`` loads."""
     source = adapter.config if adapter.source_format == NAME else {}
+    adapter, notes = _one_model(adapter)
+    picked = pick_targets(adapter, "PEFT LoRA", MODULE_TYPES, allow_dora=True, keeps=("replacement", "dense"))
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     scales: dict[str, float] = {}
     types: dict[str, str] = {}
     magnitudes: dict[str, bool] = {}
-    for key, deltas in adapter.items():
-        for delta in deltas:
-            if isinstance(delta, LowRank):
-                module, param = _module_of(key)
-                if param != "weight":
-                    raise SurgeonError(f"cannot write PEFT LoRA: the low-rank delta on {key!r} is not on a module weight.")
-                module_type = adapter.module_types.get(key, "linear")
-                for part, tensor in _factors(key, delta, module_type).items():
-                    tensors[f"{PREFIX}{module}.{part}"] = tensor.contiguous()
-                if delta.magnitude is not None:
-                    tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = delta.magnitude.contiguous()
-                ranks[module], scales[module], types[module] = delta.rank, delta.scale, module_type
-                magnitudes[module] = delta.magnitude is not None
+    for target in picked.targets:
+        module, delta = target.module, target.delta
+        for part, tensor in _factors(target.key, delta, target.module_type).items():
+            tensors[f"{PREFIX}{module}.{part}"] = tensor.contiguous()
+        if delta.magnitude is not None:
+            tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = delta.magnitude.contiguous()
+        ranks[module], scales[module], types[module] = delta.rank, delta.scale, target.module_type
+        magnitudes[module] = delta.magnitude is not None
     if len(set(magnitudes.values())) > 1:
         raise SurgeonError("cannot write PEFT LoRA: some modules are DoRA and some are not, and PEFT's use_dora is all or nothing.")
     if len({t == "conv1d" for t in types.values() if t != "embedding"}) > 1:
@@ -236,27 +251,21 @@ def write(adapter: Adapter, staging: Path) -> None:
 
     modules_to_save = set(source.get("modules_to_save") or [])
     trains_bias = source.get("bias", "none") != "none"
-    for key, deltas in adapter.items():
+    for key, delta in picked.kept:
         module, param = _module_of(key)
-        for delta in deltas:
-            if isinstance(delta, LowRank):
-                continue
-            if isinstance(delta, Dense) and param == "bias" and module in ranks:
-                tensors[f"{PREFIX}{module}.lora_B.bias"] = (delta.delta / scales[module]).contiguous()
-            elif isinstance(delta, Replace):
-                if module in ranks:
-                    tensors[f"{PREFIX}{module}.base_layer.{param}"] = delta.weight.contiguous()
-                else:
-                    tensors[f"{PREFIX}{key}"] = delta.weight.contiguous()
-                    listed = any(module == m or module.endswith("." + m) for m in modules_to_save)
-                    if not listed and not (trains_bias and param == "bias"):
-                        modules_to_save.add(module)
+        if delta.replaces:
+            weight = delta.materialize(dtype=delta.stored_dtype).contiguous()
+            if module in ranks:
+                tensors[f"{PREFIX}{module}.base_layer.{param}"] = weight
             else:
-                kind = "sparse" if isinstance(delta, Sparse) else "dense"
-                raise SurgeonError(
-                    f"cannot write PEFT LoRA: {key!r} has a {kind} delta, which a LoRA adapter cannot hold; "
-                    "factor it first (surgeon resize / extract) or write it in surgeon's sparse format."
-                )
+                tensors[f"{PREFIX}{key}"] = weight
+                listed = any(module == m or module.endswith("." + m) for m in modules_to_save)
+                if not listed and not (trains_bias and param == "bias"):
+                    modules_to_save.add(module)
+        elif param == "bias" and module in ranks:
+            tensors[f"{PREFIX}{module}.lora_B.bias"] = (delta.materialize(dtype=delta.stored_dtype) / scales[module]).contiguous()
+        else:
+            raise refusal("PEFT LoRA", key, delta)
 
     config = dict(source) if source else {"peft_type": "LORA", "task_type": None, "bias": "none", "lora_dropout": 0.0, "inference_mode": True}
     rslora = bool(config.get("use_rslora", False))
@@ -272,6 +281,7 @@ def write(adapter: Adapter, staging: Path) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, staging / WEIGHT_FILES[0], metadata={"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}})
+    return picked.notes + notes
 
 
 def _targets_cover(config: dict, ranks: dict[str, int]) -> bool:

@@ -17,13 +17,15 @@ import math
 import time
 import zlib
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter, Delta, Dense, LowRank, Sparse, exact_sum, promoted_dtype
 from surgeon.errors import SurgeonError
-from surgeon.ops.merge import one_weight_each
+from surgeon.ops.merge import one_weight_each, prepare
 from surgeon.ops.rank import RankRule, tail_error
 from surgeon.ops.svd import factor_split, numerical_rank, truncated_svd
 
@@ -429,6 +431,19 @@ def _replacements(key: str, parts: Sequence[tuple[_Part, str]]) -> list[Delta]:
                 "two replacements cannot be combined, so drop that module from one adapter."
             )
     return holders[0][0].replace if holders else []
+
+
+def read_adapters(paths: Sequence[str | Path], format_name: str | None = None,
+                  base: Checkpoint | None = None) -> list[tuple[Adapter, str]]:
+    """The adapters at ``paths`` for :func:`compose` and :func:`resize`, each with where it came
+    from. With ``base`` they are read against it and named by its keys: kohya, LyCORIS and GGUF
+    names resolve only against the base, and an (IA)³ ΔW is computed from its weights."""
+    from surgeon import formats
+
+    loaded = [(formats.read_adapter(Path(p), format_name, base=base), str(p)) for p in paths]
+    if base is None:
+        return loaded
+    return list(zip(prepare(loaded, base, allow_nonfinite=True), [where for _, where in loaded]))
 
 
 def resize(adapter: Adapter, rule: RankRule, device: torch.device = torch.device("cpu"),

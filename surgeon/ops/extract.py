@@ -36,12 +36,15 @@ import torch
 from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter, Delta, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
+from surgeon.layout import paired_keys
 from surgeon.formats.sparse import index_dtype
 from surgeon.ops.norms import frobenius_norm
 from surgeon.ops.rank import RankRule
 from surgeon.ops.svd import factor_split, truncated_svd
 
 EMBEDDING_CHOICES = ("skip", "lora", "full")
+#: Why a key that only one checkpoint holds is left out (see surgeon/layout.py).
+_ONE_SIDED = "in one checkpoint only, and not a float parameter (a buffer such as position_ids)"
 SPLIT_CHOICES = ("balanced", "up", "down")
 MAX_WORKERS = 4
 
@@ -137,25 +140,6 @@ class Extraction:
             "module_types": self.module_types_source,
             "modules": [asdict(r) for r in self.rows],
         }
-
-
-def check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
-    """Same keys and shapes, or an error naming the first difference."""
-    base_keys, tuned_keys = set(base.keys()), set(tuned.keys())
-    if base_keys != tuned_keys:
-        only_base, only_tuned = sorted(base_keys - tuned_keys), sorted(tuned_keys - base_keys)
-        parts = []
-        if only_base:
-            parts.append(f"{len(only_base)} only in {base.path} (e.g. {only_base[0]!r})")
-        if only_tuned:
-            parts.append(f"{len(only_tuned)} only in {tuned.path} (e.g. {only_tuned[0]!r})")
-        raise SurgeonError(f"base and tuned checkpoints hold different tensors: {'; '.join(parts)}; extract needs a fine-tune of this very base.")
-    for key in base.keys():
-        if base.info(key).shape != tuned.info(key).shape:
-            raise SurgeonError(
-                f"{key!r} is {base.info(key).shape} in {base.path} but {tuned.info(key).shape} in {tuned.path}; "
-                "extract needs a fine-tune of this very base (same architecture and vocabulary)."
-            )
 
 
 def module_types(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], str]:
@@ -464,15 +448,15 @@ def extract(
     """Factor ``tuned − base`` tensor by tensor. Nothing is written here; the caller writes
     ``lora`` as PEFT and ``sparse`` as a sparse diff."""
     started = time.perf_counter()
-    check_pair(base, tuned)
+    keys, one_sided = paired_keys(base, tuned, "extract needs a fine-tune of this very base")
     types, embeddings, types_source = module_types(base)
     lora = Adapter(source_format="extract", base_model=str(base.path))
     sparse = Adapter(source_format="extract", base_model=str(base.path))
     result = Extraction(lora=lora, sparse=sparse)
     result.module_types_source = types_source
     prefetch = options.prefetch if options.prefetch is not None else (1 if options.device.type == "cuda" else 0)
-    keys = base.keys()
-    result.tensors = len(keys)
+    result.tensors = len(keys) + len(one_sided)
+    result.rows += [Row(k, "skipped", "other", [], 0.0, reason=_ONE_SIDED) for k in one_sided]
     workers, threads = parallelism(options.device)
     local = threading.local()
 
@@ -514,7 +498,7 @@ def extract(
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
-    if not result.rows:
+    if all(r.reason == _ONE_SIDED for r in result.rows):
         raise SurgeonError(f"{base.path} and {tuned.path} are identical: no tensor differs, so there is nothing to extract; nothing was written.")
     if not lora.low_ranks():  # no LoRA to write: whole replacements go with the sparse diff
         for key, deltas in lora.items():

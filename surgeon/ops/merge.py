@@ -23,6 +23,7 @@ from surgeon.checkpoint import Checkpoint, StreamingWriter, TensorInfo
 from surgeon.delta import Adapter, Delta
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
+from surgeon.layout import paired_keys
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -222,16 +223,13 @@ class Difference:
 
 
 def compare(a: Checkpoint, b: Checkpoint) -> list[Difference]:
-    """Per-tensor max absolute and relative Frobenius difference of two checkpoints with the same keys."""
-    if set(a.keys()) != set(b.keys()):
-        only = sorted(set(a.keys()) ^ set(b.keys()))
-        raise SurgeonError(f"{a.path} and {b.path} hold different tensors (e.g. {only[0]!r}); they cannot be compared.")
+    """Per-tensor max absolute and relative Frobenius difference of two checkpoints of one model
+    (non-float tensors that only one holds are left out, see :mod:`surgeon.layout`)."""
+    keys, _ = paired_keys(a, b, "they are not the same model and cannot be compared")
     found = []
-    for key in a.keys():
+    for key in keys:
         x = a.get(key).to(torch.float64)
         y = b.get(key).to(torch.float64)
-        if x.shape != y.shape:
-            raise SurgeonError(f"{key!r} is {tuple(x.shape)} in {a.path} but {tuple(y.shape)} in {b.path}.")
         diff = x - y
         norm = float(torch.linalg.vector_norm(y))
         found.append(Difference(key, float(diff.abs().max()) if diff.numel() else 0.0,

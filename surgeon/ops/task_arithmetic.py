@@ -16,6 +16,7 @@ import torch
 from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Dense
 from surgeon.errors import SurgeonError
+from surgeon.layout import paired_keys
 from surgeon.ops.compose import DENSE_METHODS, ComposeOptions, combine_dense, module_generator
 from surgeon.ops.merge import MergeReport, one_weight_each, transform_checkpoint
 
@@ -24,19 +25,9 @@ SUM_METHODS = ("cat", "linear")
 
 
 def check_same_layout(base: Checkpoint, tuned: Sequence[Checkpoint]) -> None:
-    """Every fine-tune must hold exactly the base's tensors, with the base's shapes."""
+    """Every fine-tune must hold the base's float tensors, with the base's shapes."""
     for checkpoint in tuned:
-        missing = [k for k in base.keys() if k not in checkpoint]
-        extra = [k for k in checkpoint.keys() if k not in base]
-        if missing or extra:
-            key, where = (missing[0], "lacks") if missing else (extra[0], "has, and the base lacks,")
-            raise SurgeonError(f"{checkpoint.path}: {where} {key!r}; a fine-tune must hold the base's tensors to be merged with it.")
-        for key in base.keys():
-            if checkpoint.info(key).shape != base.info(key).shape:
-                raise SurgeonError(
-                    f"{checkpoint.path}: {key!r} is {checkpoint.info(key).shape} but {base.info(key).shape} in the base "
-                    f"{base.path}; it was not fine-tuned from this base (a resized vocabulary?)."
-                )
+        paired_keys(base, checkpoint, "a fine-tune must hold the base's tensors to be merged with it")
 
 
 class _MergedDeltas(Mapping):
