@@ -33,8 +33,8 @@ from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.formats import kohya_names
 from surgeon.formats.kohya import header_keys, load
-from surgeon.formats.lora_only import pick_targets
-from surgeon.formats.peft import _factors, _rank_alpha_config, _read_module
+from surgeon.formats.lora_only import metadata_note, pick_targets
+from surgeon.formats.peft import peft_factors, rank_alpha_config, read_module
 
 NAME = "diffusers"
 DESCRIPTION = "diffusers LoRA (pytorch_lora_weights.safetensors, unet./transformer./text_encoder. prefixes)"
@@ -136,7 +136,7 @@ def read(path: Path, base=None) -> Adapter:
             config = configs[component]
         else:
             config = {"r": rank, "lora_alpha": rank}
-        _read_module(adapter, module, parts, config, bool(config.get("use_rslora", False)), False, file)
+        read_module(adapter, module, parts, config, bool(config.get("use_rslora", False)), False, file)
     return adapter
 
 
@@ -151,7 +151,7 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
     for target in targets:
         component, local = where[target.module]
         component = component or "unet"
-        for part, tensor in _factors(target.key, target.delta, target.module_type).items():
+        for part, tensor in peft_factors(target.key, target.delta, target.module_type).items():
             tensors[f"{component}.{local}.{part}"] = tensor.contiguous()
         if target.delta.magnitude is not None:
             tensors[f"{component}.{local}.lora_magnitude_vector"] = target.delta.magnitude.contiguous()
@@ -160,12 +160,8 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
         entry["dora"] = entry["dora"] or target.delta.magnitude is not None
     packed = {}
     for component, entry in per_component.items():
-        config = _rank_alpha_config(entry["ranks"], entry["scales"], False)
+        config = rank_alpha_config(entry["ranks"], entry["scales"], False)
         config.update(target_modules=sorted(entry["ranks"]), use_dora=entry["dora"], lora_bias=False)
         packed.update({f"{component}.{k}": v for k, v in config.items()})
-    dropped = sorted(k for k in adapter.metadata if k not in ("format", METADATA_KEY))
     save_file(tensors, staging, metadata={"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)})
-    notes = picked.notes
-    if dropped:
-        notes.append(f"{len(dropped)} metadata entries of the source ({', '.join(dropped[:5])}) were dropped: diffusers files keep only the LoRA config.")
-    return notes
+    return picked.notes + metadata_note(adapter, "a diffusers file (it keeps only the LoRA config)", {METADATA_KEY})

@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.formats.kohya_names import PREFIXES, kohya_names, resolve, split_prefix
-from surgeon.formats.lora_only import pick_targets
+from surgeon.formats.lora_only import metadata_note, pick_targets
+from surgeon.lycoris_math import dora_magnitude, scale_of
 
 NAME = "kohya"
 DESCRIPTION = "kohya / sd-scripts LoRA (one .safetensors, lora_unet_… / lora_te_… names)"
@@ -74,22 +75,6 @@ def sniff(path: Path) -> bool:
     keys = header_keys(path)
     return bool(keys) and kohya_style(keys) and any(k.endswith(".lora_down.weight") for k in keys) \
         and all(k.partition(".")[2] in LORA_PARTS for k in keys)
-
-
-def scale_of(alpha: torch.Tensor | None, rank: int) -> float:
-    """alpha/rank, where a missing or zero alpha means alpha = rank (sd-scripts, LyCORIS)."""
-    value = float(alpha) if alpha is not None else 0.0
-    return (value if value != 0 else rank) / rank
-
-
-def dora_magnitude(scale: torch.Tensor, shape: tuple[int, ...], where: str) -> tuple[torch.Tensor, int]:
-    """A LyCORIS ``dora_scale`` as (magnitude, axis): [out, 1, …] norms each output row (LyCORIS ≥ 3.2's
-    default), [1, in, …] each input column (older files)."""
-    if scale.shape[0] == shape[0] and scale.numel() == shape[0]:
-        return scale.reshape(-1).float(), 0
-    if len(shape) > 1 and scale.numel() == shape[1]:
-        return scale.reshape(-1).float(), 1
-    raise SurgeonError(f"{where}: dora_scale has shape {tuple(scale.shape)}, which fits neither the rows nor the columns of the {shape} weight.")
 
 
 def lora_delta(parts: dict[str, torch.Tensor], shape: tuple[int, ...], where: str) -> LowRank:
@@ -170,15 +155,13 @@ def _metadata(adapter: Adapter, ranks: dict[bool, list[int]], alphas: dict[bool,
     ``ss_network_dim``/``_alpha`` describe the linear (and 1×1) modules, k×k convolutions go in
     ``ss_network_args`` as sd-scripts does; "Dynamic" where modules differ, as its resize tool writes."""
     kept = {k: v for k, v in adapter.metadata.items() if k.startswith(_KEPT_METADATA) and k not in _STALE_METADATA}
-    dropped = sorted(set(adapter.metadata) - set(kept) - {"format"})
     linear = ranks[False] or ranks[True]
     kept["ss_network_module"] = adapter.metadata.get("ss_network_module", "networks.lora")
     kept["ss_network_dim"] = _summary([int(r) for r in linear])
     kept["ss_network_alpha"] = _summary([float(a) for a in (alphas[False] or alphas[True])])
     if ranks[True] and "ss_network_args" not in kept:
         kept["ss_network_args"] = json.dumps({"conv_dim": _summary(ranks[True]), "conv_alpha": _summary(alphas[True])})
-    notes = [f"{len(dropped)} metadata entries that kohya files do not carry were dropped ({', '.join(dropped[:5])})."] if dropped else []
-    return kept, notes
+    return kept, metadata_note(adapter, "a kohya file", set(kept))
 
 
 def write(adapter: Adapter, staging: Path) -> list[str]:

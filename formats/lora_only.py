@@ -105,8 +105,10 @@ def differs(a: float, b: float) -> bool:
     return not math.isclose(a, b, rel_tol=1e-6)
 
 
-def metadata_note(adapter: Adapter, format_name: str) -> list[str]:
-    dropped = sorted(k for k in adapter.metadata if k != "format")
+def metadata_note(adapter: Adapter, format_name: str, kept=()) -> list[str]:
+    """The one note for metadata entries of the source that ``format_name`` does not carry
+    (``kept``: the entries it does)."""
+    dropped = sorted(k for k in adapter.metadata if k != "format" and k not in kept)
     if not dropped:
         return []
     shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")

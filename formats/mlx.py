@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
+from surgeon.keys import embedding_name
 from surgeon.formats.lora_only import (differs, fold, pick_targets, most_common,
                                        trailing_zero_rank)
 
@@ -54,7 +55,7 @@ def _is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base) -> bool:
         linear, embedding = (b.shape[1], a.shape[0]), (a.shape[0], b.shape[1])
         if (shape == linear) != (shape == embedding):
             return shape == embedding
-    return bool(re.search(r"(embed|wte|wpe)", module.rsplit(".", 1)[-1]))
+    return embedding_name(module)
 
 
 def read(path: Path, base=None) -> Adapter:

@@ -80,7 +80,7 @@ def scale_of(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
     for name in WEIGHT_FILES:
         file = path / name
         if file.is_file():
@@ -105,7 +105,7 @@ def read(path: Path, base=None) -> Adapter:
     for option, label in _UNSUPPORTED.items():
         if config.get(option) not in (None, False, [], {}):
             raise SurgeonError(f"{path / CONFIG_FILE}: uses {label} ({option}), which surgeon does not support yet.")
-    tensors, metadata, file = _load_tensors(path)
+    tensors, metadata, file = load_tensors(path)
     rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
 
@@ -127,11 +127,11 @@ def read(path: Path, base=None) -> Adapter:
     for key, tensor in whole.items():  # replacements first: LoRA applies on top of them
         adapter.add(key, Replace(tensor), "other")
     for module, parts in modules.items():
-        _read_module(adapter, module, parts, config, rslora, fan_in_fan_out, file)
+        read_module(adapter, module, parts, config, rslora, fan_in_fan_out, file)
     return adapter
 
 
-def _read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslora: bool, fan_in_fan_out: bool, file: Path) -> None:
+def read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslora: bool, fan_in_fan_out: bool, file: Path) -> None:
     key = module + ".weight"
     embedding = "lora_embedding_A" in parts
     a = parts.get("lora_embedding_A" if embedding else "lora_A")
@@ -169,7 +169,7 @@ def _module_of(key: str) -> tuple[str, str]:
     return module, param
 
 
-def _factors(key: str, delta: LowRank, module_type: str) -> dict[str, torch.Tensor]:
+def peft_factors(key: str, delta: LowRank, module_type: str) -> dict[str, torch.Tensor]:
     """PEFT's tensors for one low-rank delta, from the canonical orientation."""
     if module_type == "embedding":
         return {"lora_embedding_A": delta.up.T, "lora_embedding_B": delta.down.T}
@@ -197,7 +197,7 @@ def _mode(values):
     return Counter(values).most_common(1)[0][0]
 
 
-def _rank_alpha_config(ranks: dict[str, int], scales: dict[str, float], rslora: bool) -> dict:
+def rank_alpha_config(ranks: dict[str, int], scales: dict[str, float], rslora: bool) -> dict:
     alphas = {m: scales[m] * (math.sqrt(r) if rslora else r) for m, r in ranks.items()}
     alphas = {m: round(a) if math.isclose(a, round(a), rel_tol=1e-9) else a for m, a in alphas.items()}
     r, alpha = _mode(ranks.values()), _mode(alphas.values())
@@ -238,7 +238,7 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
     magnitudes: dict[str, bool] = {}
     for target in picked.targets:
         module, delta = target.module, target.delta
-        for part, tensor in _factors(target.key, delta, target.module_type).items():
+        for part, tensor in peft_factors(target.key, delta, target.module_type).items():
             tensors[f"{PREFIX}{module}.{part}"] = tensor.contiguous()
         if delta.magnitude is not None:
             tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = delta.magnitude.contiguous()
@@ -270,7 +270,7 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
     config = dict(source) if source else {"peft_type": "LORA", "task_type": None, "bias": "none", "lora_dropout": 0.0, "inference_mode": True}
     rslora = bool(config.get("use_rslora", False))
     if not (source and _config_reproduces(source, ranks, scales) and _targets_cover(source, ranks)):
-        config.update(_rank_alpha_config(ranks, scales, rslora))
+        config.update(rank_alpha_config(ranks, scales, rslora))
         config["target_modules"] = sorted(ranks)
     config["peft_type"] = "LORA"
     config["base_model_name_or_path"] = adapter.base_model or config.get("base_model_name_or_path")

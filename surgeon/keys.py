@@ -9,8 +9,12 @@ one consistent prefix is added or removed, never a guess per key.
 from __future__ import annotations
 
 import difflib
+import re
+import zlib
 from dataclasses import replace
 from typing import Collection
+
+import torch
 
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
@@ -73,3 +77,20 @@ def check_shapes(adapter: Adapter, shape_of, where: str) -> None:
                     f"{where}: the delta for {key!r} has shape {tuple(delta.shape)} but the base parameter is "
                     f"{expected}; the adapter was made for a different model."
                 )
+
+
+_EMBEDDING_NAME = re.compile(r"embed|^wte$|^wpe$|^shared$")
+
+
+def embedding_name(module: str) -> bool:
+    """Whether a module's own name says it is an embedding (``embed_tokens``, ``word_embeddings``,
+    GPT-2's ``wte``/``wpe``, T5's ``shared``): the one rule used where the model class is not at hand."""
+    return bool(_EMBEDDING_NAME.search(module.rsplit(".", 1)[-1]))
+
+
+def key_generator(seed: int, key: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A random generator for one tensor, seeded from ``seed`` and its key: what is drawn for a key
+    does not depend on which other keys are processed, nor in which order (threads, subsets)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 0x9E3779B1 + zlib.crc32(key.encode())) % 2**63)
+    return generator

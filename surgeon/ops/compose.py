@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +24,7 @@ import torch
 from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter, Delta, Dense, LowRank, Sparse, exact_sum, promoted_dtype
 from surgeon.errors import SurgeonError
+from surgeon.keys import key_generator
 from surgeon.ops.merge import one_weight_each, prepare
 from surgeon.ops.rank import RankRule, tail_error
 from surgeon.ops.svd import factor_split, numerical_rank, truncated_svd
@@ -317,21 +317,13 @@ def _materialize_part(part: _Part, shape, device, dtype) -> torch.Tensor:
     return total
 
 
-def module_generator(options: ComposeOptions, key: str) -> torch.Generator:
-    """A generator per module, seeded from --seed and the key, so a module's DARE mask does not
-    depend on which other modules are composed."""
-    generator = torch.Generator(device=options.device)
-    generator.manual_seed((options.seed * 0x9E3779B1 + zlib.crc32(key.encode())) % 2**63)
-    return generator
-
-
 def _compose_dense(key: str, parts: Sequence[_Part], shape, options: ComposeOptions) -> tuple[list[Delta], ModuleReport]:
     ranks_in = [low.rank for p in parts for low in p.low]
     dtype = _common_dtype([d for p in parts for d in p.additive])
     work = _compute_dtype(dtype)
     deltas = [_materialize_part(p, shape, options.device, work) for p in parts]
     if options.method in DENSE_METHODS:
-        merged = combine_dense(deltas, [p.weight for p in parts], options, module_generator(options, key))
+        merged = combine_dense(deltas, [p.weight for p in parts], options, key_generator(options.seed, key, options.device))
     else:  # svd of a module with dense parts: the weighted sum, factored to the rank asked for
         merged = sum(d * p.weight for d, p in zip(deltas, parts))
     del deltas

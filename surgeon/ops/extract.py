@@ -24,7 +24,6 @@ import queue
 import re
 import threading
 import time
-import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ import torch
 from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter, Delta, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
+from surgeon.keys import embedding_name, key_generator
 from surgeon.layout import paired_keys
 from surgeon.formats.sparse import index_dtype
 from surgeon.ops.norms import frobenius_norm
@@ -158,7 +158,7 @@ def module_types(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], str]
         dims = len(checkpoint.info(key).shape)
         if dims >= 3:
             types[key] = "conv"
-        elif dims == 2 and re.search(r"(embed|\bwte\b|\bwpe\b|\.shared\.)", key):
+        elif dims == 2 and embedding_name(key.rpartition(".")[0]):
             types[key] = "embedding"
             embeddings.add(key)
         elif dims == 2:
@@ -407,7 +407,7 @@ def _changed_tensor(key: str, old: torch.Tensor, new: torch.Tensor, module_type:
     if module_type == "other":
         module_type = row.module_type = "conv" if delta.dim() > 2 else "linear"
     outcome.delta_bytes = delta.numel() * new.element_size()
-    generator = torch.Generator().manual_seed((options.seed * 2**32 + zlib.crc32(key.encode())) % 2**63)  # the same whatever the thread order
+    generator = key_generator(options.seed, key)
     _extract_matrix(row, delta, module_type, options, options.factor_dtype or new.dtype, generator, outcome, keep_spectra)
     return outcome
 

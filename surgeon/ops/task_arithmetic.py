@@ -16,8 +16,9 @@ import torch
 from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Dense
 from surgeon.errors import SurgeonError
+from surgeon.keys import key_generator
 from surgeon.layout import paired_keys
-from surgeon.ops.compose import DENSE_METHODS, ComposeOptions, combine_dense, module_generator
+from surgeon.ops.compose import DENSE_METHODS, ComposeOptions, combine_dense
 from surgeon.ops.merge import MergeReport, one_weight_each, transform_checkpoint
 
 #: With full deltas cat and linear both mean the plain weighted sum.
@@ -58,7 +59,7 @@ class _MergedDeltas(Mapping):
         if self.options.method in SUM_METHODS:
             merged = sum(d * w for d, w in zip(deltas, self.weights))
         else:
-            merged = combine_dense(deltas, self.weights, self.options, module_generator(self.options, key))
+            merged = combine_dense(deltas, self.weights, self.options, key_generator(self.options.seed, key, self.options.device))
         return [(Dense(merged), 1.0)]
 
 
