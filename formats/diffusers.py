@@ -42,7 +42,7 @@ LOOKS_FOR = "a .safetensors file (or a directory with pytorch_lora_weights.safet
 WRITES_FILE = True
 WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 METADATA_KEY = "lora_adapter_metadata"
-COMPONENTS = ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
+COMPONENTS = kohya_names.COMPONENTS
 
 _PART = re.compile(
     r"^(?P<module>.+?)\.(?:(?P<peft>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector(?:\.weight)?)"

@@ -32,7 +32,8 @@ PREFIXES = {
 }
 # Longest first, so that ``lora_te1_…`` is not read as ``lora_te`` + ``1_…``.
 _BY_LENGTH = sorted(PREFIXES, key=len, reverse=True)
-_COMPONENTS = ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
+#: The pipeline components a diffusers or kohya file can patch, as its keys name them.
+COMPONENTS = ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 _SHOWN = 5
 
@@ -121,7 +122,7 @@ def component_of(module: str) -> tuple[str, str]:
     leading component (``unet.``, ``text_encoder_2.``); a bare path is the denoiser's, except a
     bare CLIP text model's (``text_model.``)."""
     head, _, rest = module.partition(".")
-    if head in _COMPONENTS and rest:
+    if head in COMPONENTS and rest:
         return head, rest
     return ("text_encoder" if head == "text_model" else "unet"), module
 

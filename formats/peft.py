@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from surgeon.checkpoint import load_pickle_weights
 from surgeon.delta import MODULE_TYPES, Adapter, Dense, LowRank, Replace
 from surgeon.errors import SurgeonError
+from surgeon.formats.kohya_names import COMPONENTS
 from surgeon.formats.lora_only import pick_targets, refusal
 
 NAME = "peft"
@@ -213,17 +214,18 @@ def rank_alpha_config(ranks: dict[str, int], scales: dict[str, float], rslora: b
 def _one_model(adapter: Adapter) -> tuple[Adapter, list[str]]:
     """A diffusers adapter's keys start with the pipeline component they patch (``unet.``), which
     is no module of the model PEFT loads the adapter into: the prefix is dropped, and an adapter
-    for several components, which no single model holds, is refused."""
-    if adapter.source_format != "diffusers":
+    for several components, which no single model holds, is refused. Keys already named by a
+    base checkpoint's own are kept."""
+    heads = sorted({key.partition(".")[0] for key in adapter.deltas})
+    if adapter.source_format != "diffusers" or not heads or not set(heads) <= set(COMPONENTS):
         return adapter, []
-    components = sorted({key.partition(".")[0] for key in adapter.deltas})
-    if len(components) > 1:
-        raise SurgeonError(f"cannot write PEFT LoRA: the adapter patches several pipeline components ({', '.join(components)}) "
+    if len(heads) > 1:
+        raise SurgeonError(f"cannot write PEFT LoRA: the adapter patches several pipeline components ({', '.join(heads)}) "
                            "and a PEFT adapter loads into one model; convert it to diffusers or kohya instead.")
-    cut = len(components[0]) + 1 if components else 0
+    cut = len(heads[0]) + 1
     stripped = replace(adapter, deltas={k[cut:]: v for k, v in adapter.deltas.items()},
                        module_types={k[cut:]: v for k, v in adapter.module_types.items()})
-    return stripped, [f"the pipeline component prefix '{components[0]}.' was dropped: PEFT loads the adapter into that model itself."]
+    return stripped, [f"the pipeline component prefix '{heads[0]}.' was dropped: PEFT loads the adapter into that model itself."]
 
 
 def write(adapter: Adapter, staging: Path) -> list[str]:

@@ -91,8 +91,8 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
     tensors: dict[str, torch.Tensor] = {}
     entries = 0
     for key, deltas in adapter.items():
-        sparse = [d.sparse_form() for d in deltas if d.sparse_form() is not None]
-        others = [d for d in deltas if not d.replaces and d.sparse_form() is None]
+        sparse = [Sparse.of(d) for d in deltas if d.additive and d.factored() is None]
+        others = [d for d in deltas if not d.replaces and d.factored() is not None]
         if others:
             raise SurgeonError(
                 f"cannot write a sparse diff: {key!r} has a {others[0].kind} delta; "

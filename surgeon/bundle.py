@@ -16,7 +16,7 @@ SPARSE_SUBDIR = "sparse"
 
 def split_result(adapter: Adapter) -> tuple[Adapter, Adapter]:
     """(the part PEFT LoRA can store, the part only a sparse diff can): factor pairs, LoRA biases and
-    replacements go to the first; sparse deltas, and dense ones as sparse at density 1, to the second.
+    replacements go to the first; sparse deltas, and other dense ones as sparse at density 1, to the second.
     Without any factor pair everything goes to the sparse diff, which holds replacements too."""
     low_modules = {k.rpartition(".")[0] for k, ds in adapter.items() for d in ds if d.factored() is not None}
     lora = Adapter(source_format=adapter.source_format, base_model=adapter.base_model, config=adapter.config, metadata=adapter.metadata)
@@ -24,8 +24,8 @@ def split_result(adapter: Adapter) -> tuple[Adapter, Adapter]:
     for key, deltas in adapter.items():
         module_type = adapter.module_types.get(key, "linear")
         for delta in deltas:
-            loose = delta.additive and delta.factored() is None
-            if loose and (delta.sparse_form() is not None or key.rpartition(".")[0] not in low_modules):
+            lora_bias = key.endswith(".bias") and key.rpartition(".")[0] in low_modules
+            if delta.additive and delta.factored() is None and not (lora_bias and delta.sparse_form() is None):
                 sparse.add(key, Sparse.of(delta), module_type)
             elif not low_modules:
                 sparse.add(key, delta, module_type)

@@ -21,7 +21,9 @@ from surgeon.errors import SurgeonError
 
 
 def _prefix_shift(missing: list[str], base_keys: Collection[str]) -> tuple[str, str] | None:
-    """A (remove, add) prefix pair that maps every missing key onto a base key, if there is one."""
+    """A (remove, add) prefix pair that maps every missing key onto a base key, if there is one:
+    a prefix added, one removed, or one leading component swapped for another
+    (``unet.layers.0…`` → ``model.layers.0…``, a component named differently in the base)."""
     probe = missing[0]
     candidates: set[tuple[str, str]] = set()
     for key in base_keys:
@@ -31,7 +33,11 @@ def _prefix_shift(missing: list[str], base_keys: Collection[str]) -> tuple[str, 
     for cut in range(1, len(parts)):
         if ".".join(parts[cut:]) in base_keys:
             candidates.add((".".join(parts[:cut]) + ".", ""))
-    for remove, add in sorted(candidates, key=lambda c: len(c[0]) + len(c[1])):
+    rest = ".".join(parts[1:])
+    for key in base_keys:
+        if key.endswith("." + rest) and key.count(".") == rest.count(".") + 1:
+            candidates.add((parts[0] + ".", key[: -len(rest)]))
+    for remove, add in sorted(candidates, key=lambda c: (len(c[0]) + len(c[1]), c)):
         if all(k.startswith(remove) and add + k[len(remove):] in base_keys for k in missing):
             return remove, add
     return None

@@ -216,6 +216,7 @@ def check_compatible(adapters: Sequence[tuple[Adapter, str]], force: bool = Fals
             f"{second}: made for base {other!r} but {first} for {one!r}; adapters for different bases do not add up "
             "(pass --force if they are the same model under two names)."
         )
+    _check_one_namespace(adapters)
     seen: dict[str, tuple[tuple[int, ...], str, str]] = {}
     for adapter, where in adapters:
         for key, deltas in adapter.items():
@@ -234,6 +235,20 @@ def check_compatible(adapters: Sequence[tuple[Adapter, str]], force: bool = Fals
                         f"{where}: {key!r} is a {kind} delta of shape {tuple(delta.shape)} but in {other} a {other_kind} "
                         f"delta of shape {shape}; the adapters were made for different models."
                     )
+
+
+def _check_one_namespace(adapters: Sequence[tuple[Adapter, str]]) -> None:
+    """Two adapters that name one parameter differently (``unet.model.x`` in a diffusers file,
+    ``model.x`` in a PEFT one) would be summed as two targets: refused, as the base names both."""
+    for adapter, where in adapters:
+        for other, other_where in adapters:
+            keys = other.deltas.keys()
+            for key in adapter.deltas:
+                parts = key.split(".")
+                shorter = next((".".join(parts[i:]) for i in range(1, len(parts)) if ".".join(parts[i:]) in keys), None)
+                if shorter is not None and key not in keys:
+                    raise SurgeonError(f"{where}: names {key!r} where {other_where} names {shorter!r}; "
+                                       "give the base checkpoint so that both are named by its keys.")
 
 
 def _common_dtype(deltas: Sequence[Delta]) -> torch.dtype:
