@@ -340,7 +340,7 @@ def test_bad_inputs(llama_pair, tmp_path):
     message = cli_error(base, wide, "-o", tmp_path / "x", "--rank", "4")
     assert "'lm_head.weight'" in message and "(256, 64)" in message and not (tmp_path / "x").exists()
     assert "exactly one of" in cli_error(base, tuned, "-o", tmp_path / "x", "--rank", "4", "--energy", "0.9")
-    assert "--sparse-density" in cli_error(base, tuned, "-o", tmp_path / "x", "--rank", "0")
+    assert "sparse_density" in cli_error(base, tuned, "-o", tmp_path / "x", "--rank", "0")
     only_norms = tmp_path / "norms"
     tune(base, only_norms, lambda k: 1, one_d=0.1, select=lambda k: False)
     assert "none was extracted" in cli_error(base, only_norms, "-o", tmp_path / "x", "--rank", "4")

@@ -80,16 +80,16 @@ class ComposeOptions:
         if self.keep not in RESULT_KINDS:
             raise SurgeonError(f"unknown result kind {self.keep!r}; choose one of {', '.join(RESULT_KINDS)}.")
         if self.majority_sign not in ("total", "frequency"):
-            raise SurgeonError(f"--majority-sign must be total or frequency; got {self.majority_sign!r}.")
+            raise SurgeonError(f"majority_sign must be total or frequency; got {self.majority_sign!r}.")
         if self.method in DENSE_METHODS:
             if self.density is None or not 0 < self.density <= 1:
-                raise SurgeonError(f"--method {self.method} needs --density in (0, 1], the fraction of each delta's entries to keep.")
+                raise SurgeonError(f"method {self.method} needs a density in (0, 1], the fraction of each delta's entries to keep.")
         elif self.density is not None:
-            raise SurgeonError(f"--density applies to {', '.join(DENSE_METHODS)}, not to --method {self.method}.")
+            raise SurgeonError(f"density applies to {', '.join(DENSE_METHODS)}, not to method {self.method}.")
         if self.method in ("cat", "linear") and self.rule is not None:
-            raise SurgeonError(f"--method {self.method} keeps the ranks it is given; use --method svd to choose a rank.")
+            raise SurgeonError(f"method {self.method} keeps the ranks it is given; use method svd to choose a rank.")
         if self.method in FACTORED_METHODS and self.keep != "lora":
-            raise SurgeonError(f"--as {self.keep} applies to {', '.join(DENSE_METHODS)}; --method {self.method} gives a LoRA.")
+            raise SurgeonError(f"keeping the result as {self.keep} applies to {', '.join(DENSE_METHODS)}; method {self.method} gives a LoRA.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def check_compatible(adapters: Sequence[tuple[Adapter, str]], force: bool = Fals
         (first, one), (second, other) = bases[0], differing[0]
         raise SurgeonError(
             f"{second}: made for base {other!r} but {first} for {one!r}; adapters for different bases do not add up "
-            "(pass --force if they are the same model under two names)."
+            "(force it if they are the same model under two names)."
         )
     _check_one_namespace(adapters)
     seen: dict[str, tuple[tuple[int, ...], str, str]] = {}
@@ -288,7 +288,7 @@ def _linear(terms: Sequence[tuple[LowRank, float]], key: str, shape) -> LowRank:
     """PEFT's ``linear``: up = Σ √|cᵢ|·upᵢ and down = Σ sign(cᵢ)·√|cᵢ|·downᵢ, scale 1."""
     if len({low.rank for low, _ in terms}) > 1:
         ranks = ", ".join(str(low.rank) for low, _ in terms)
-        raise SurgeonError(f"--method linear adds the factors themselves, so it needs equal ranks, but {key!r} has ranks {ranks}; use cat or svd.")
+        raise SurgeonError(f"method linear adds the factors themselves, so it needs equal ranks, but {key!r} has ranks {ranks}; use cat or svd.")
     dtype = _common_dtype([low for low, _ in terms])
     work = _compute_dtype(dtype)
     up = sum(low.up.to(work) * math.sqrt(abs(w * low.scale)) for low, w in terms)
@@ -327,7 +327,7 @@ def _materialize_part(part: _Part, shape, device, dtype) -> torch.Tensor:
     total = torch.zeros(shape, device=device, dtype=dtype)
     for delta in part.additive:
         if not delta.additive:
-            raise SurgeonError("a DoRA update has no additive ΔW for --method ties/dare/magnitude_prune to act on; resize it instead.")
+            raise SurgeonError("a DoRA update has no additive ΔW for the ties, dare and magnitude_prune methods to act on; resize it instead.")
         total += delta.materialize(device, dtype)
     return total
 

@@ -70,20 +70,20 @@ class ExtractOptions:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparse_density <= 1.0:
-            raise SurgeonError(f"--sparse-density must be in [0, 1]; got {self.sparse_density}.")
+            raise SurgeonError(f"sparse_density must be in [0, 1]; got {self.sparse_density}.")
         if self.rule.rank == 0 and self.sparse_density == 0.0:
-            raise SurgeonError("--rank 0 keeps no low-rank part; give --sparse-density for a pure sparse diff.")
+            raise SurgeonError("rank 0 keeps no low-rank part; give a sparse_density for a pure sparse diff.")
         if self.embeddings not in EMBEDDING_CHOICES:
-            raise SurgeonError(f"--embeddings must be one of {', '.join(EMBEDDING_CHOICES)}; got {self.embeddings!r}.")
+            raise SurgeonError(f"embeddings must be one of {', '.join(EMBEDDING_CHOICES)}; got {self.embeddings!r}.")
         if self.split not in SPLIT_CHOICES:
-            raise SurgeonError(f"--split must be one of {', '.join(SPLIT_CHOICES)}; got {self.split!r}.")
+            raise SurgeonError(f"split must be one of {', '.join(SPLIT_CHOICES)}; got {self.split!r}.")
         if self.alpha is not None and self.alpha <= 0:
-            raise SurgeonError(f"--alpha must be positive; got {self.alpha}.")
+            raise SurgeonError(f"alpha must be positive; got {self.alpha}.")
         for pattern in (*self.include, *self.exclude):
             try:
                 re.compile(pattern)
             except re.error as error:
-                raise SurgeonError(f"--include/--exclude pattern {pattern!r} is not a valid regular expression ({error}).") from None
+                raise SurgeonError(f"include/exclude pattern {pattern!r} is not a valid regular expression ({error}).") from None
 
 
 @dataclass

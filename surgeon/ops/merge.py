@@ -46,11 +46,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SurgeonError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu.")
+        raise SurgeonError("device cuda was asked for, but torch sees no CUDA device; use device cpu.")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise SurgeonError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+        raise SurgeonError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from None
 
 
 def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_nonfinite: bool) -> list[Adapter]:
@@ -64,7 +64,7 @@ def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_non
             if bad:
                 raise SurgeonError(
                     f"{where}: the delta for {bad[0]!r} holds NaN or Inf ({len(bad)} such keys); "
-                    "fix the adapter or pass --allow-nonfinite."
+                    "fix the adapter or allow non-finite values."
                 )
         bound.append(adapter)
     return bound
@@ -173,7 +173,7 @@ def one_weight_each(weights: Sequence[float] | None, inputs: Sequence, what: str
     """The -w values, one per input (default 1 each), or an error when their counts differ."""
     weights = [float(w) for w in weights] if weights else [1.0] * len(inputs)
     if len(weights) != len(inputs):
-        raise SurgeonError(f"got {len(weights)} --weight values for {len(inputs)} {what}; give one per input or none.")
+        raise SurgeonError(f"got {len(weights)} weights for {len(inputs)} {what}; give one per input or none.")
     return weights
 
 
@@ -191,7 +191,7 @@ def merge(
     bound = prepare(adapters, base, allow_nonfinite)
     for adapter, weight, (_, where) in zip(bound, weights, adapters):
         if weight != 1.0 and not all(d.scalable for ds in adapter.deltas.values() for d in ds):
-            raise SurgeonError(f"{where}: a DoRA adapter rescales whole rows, so a weight other than 1 has no defined meaning; drop --weight for it.")
+            raise SurgeonError(f"{where}: a DoRA adapter rescales whole rows, so a weight other than 1 has no defined meaning; give it weight 1.")
     return transform_checkpoint(base, _deltas_by_key(bound, weights), out, **options)
 
 

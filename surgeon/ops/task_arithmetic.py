@@ -75,10 +75,10 @@ def task_arithmetic(
     rules for ties, dare_* and magnitude_prune. ``write_options`` are transform_checkpoint's
     (dtype, shard_size, on_tensor, metadata)."""
     if options.method not in SUM_METHODS + DENSE_METHODS:
-        raise SurgeonError(f"--method {options.method} needs adapters; with --base use one of {', '.join(SUM_METHODS + DENSE_METHODS)} "
+        raise SurgeonError(f"method {options.method} needs adapters; with a base use one of {', '.join(SUM_METHODS + DENSE_METHODS)} "
                            "(then `surgeon extract` to get a low-rank adapter of the result).")
     if options.rule is not None or options.keep != "lora":
-        raise SurgeonError("--rank, --energy, --max-error and --as shape an adapter; with --base the output is a full checkpoint.")
+        raise SurgeonError("rank, energy, max_error and the result kind shape an adapter; with a base the output is a full checkpoint.")
     weights = one_weight_each(weights, tuned, "fine-tuned checkpoints")
     check_same_layout(base, tuned)
     plan = _MergedDeltas(base, tuned, weights, options)
