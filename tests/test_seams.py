@@ -206,3 +206,15 @@ def test_a_float_parameter_on_one_side_only_is_still_refused(bert_pair, tmp_path
     result = run("extract", base, tmp_path / "cut", "--rank", 2, "-o", tmp_path / "x")
     assert result.exit_code == 1 and "pooler.dense.bias" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_compose_refuses_two_names_for_one_parameter_without_the_base(tmp_path):
+    """A diffusers file names ``unet.model.x`` what a PEFT adapter names ``model.x``: summed as two
+    targets they would be silently wrong, so compose asks for the base, which names both alike."""
+    lora = ROOT / "fixtures" / "tiny-llama-lora"
+    assert run("convert", lora, "--to", "diffusers", "-o", tmp_path / "d.safetensors").exit_code == 0
+    result = run("compose", tmp_path / "d.safetensors", lora, "-o", tmp_path / "mix")
+    assert result.exit_code == 1 and "base checkpoint" in result.output and len(result.output.strip().splitlines()) == 1
+    loaded = read_adapters([tmp_path / "d.safetensors", lora], base=Checkpoint(ROOT / "fixtures" / "tiny-llama"))
+    composed, _ = compose(loaded, [1.0, -1.0])
+    assert max(float(v.abs().max()) for v in dense(composed).values()) < 1e-6
