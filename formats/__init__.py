@@ -1,82 +1,126 @@
 """Adapter formats: each module reads its on-disk layout into a :class:`surgeon.delta.Adapter`
 and, where it makes sense, writes one back. Nothing converts between two formats directly.
 
-A format module exposes ``NAME``, ``DESCRIPTION``, ``LOOKS_FOR`` (what :func:`detect` checks,
-for the error when nothing matches), ``sniff(path) -> bool``, ``read(path, base=None)`` and
-optionally ``write(adapter, staging_path)``. ``base`` is the base model's
-:class:`~surgeon.checkpoint.Checkpoint` when the user gave one; a reader that cannot work without
-it says so.
+:data:`FORMATS` is the registry: one :class:`Format` per format, in the order detection tries
+them (the more specific layout first: LyCORIS files are kohya-named too). An entry says what a
+format is and can do without importing its module, which is loaded the first time it reads or
+writes; detection (:mod:`surgeon.formats.layouts`) needs no torch.
 
-Writers declare two things about themselves:
-
-- ``WRITES_FILE = True`` when the format is a single file (``adapter.gguf``), so that the caller
-  stages a file rather than a directory (the default, ``False``, is a directory);
-- ``WRITE_USES_BASE = True`` when ``write`` takes the base (or None) as the keyword ``base=``
-  (mlx-lm's ``num_layers`` counts from the model's last block), and ``WRITE_NEEDS_BASE = True``
-  when it cannot work without it (GGUF takes tensor names and head counts from the base's config).
-
-``write`` returns a list of notes, one sentence each, saying what the target format could not
-hold as it was and what was done about it (scales folded into a factor, ranks zero-padded,
-metadata dropped); ``None`` means nothing. Anything a format cannot represent at all (DoRA in
-GGUF) is refused with a :class:`SurgeonError`, never dropped.
+A format module has ``read(path, base=None) -> Adapter`` and, if writable, ``write(adapter,
+staging[, base=...])`` returning notes: one sentence each on what the target could not hold as
+it was (scales folded into a factor, ranks zero-padded, metadata dropped). What a format cannot
+represent at all (DoRA in GGUF) is refused with a :class:`SurgeonError`, never dropped.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Callable
 
-from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
-from surgeon.formats import diffusers, gguf, kohya, lycoris, mlx, ort, peft, sparse
+from surgeon.formats import layouts
 
-FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (peft, mlx, gguf, ort, diffusers, lycoris, kohya, sparse)}
+if TYPE_CHECKING:
+    from surgeon.delta import Adapter
 
 
-def get(name: str) -> ModuleType:
+@dataclass(frozen=True)
+class Format:
+    """One adapter format: its name, how to recognise it, and what its writer needs."""
+
+    name: str
+    description: str
+    looks_for: str
+    sniff: Callable[[Path], bool]
+    writable: bool = False
+    writes_file: bool = False  # a single file (adapter.gguf) rather than a directory
+    write_needs_base: bool = False  # names or head counts come from the base's config (GGUF)
+    write_uses_base: bool = False  # uses the base where given (mlx-lm counts layers from the last)
+    needs_base_to_read: bool = False  # names only the base resolves (kohya, LyCORIS)
+
+    @property
+    def module(self) -> ModuleType:
+        return importlib.import_module(f"surgeon.formats.{self.name}")
+
+    def read(self, path: Path, base=None) -> "Adapter":
+        return self.module.read(path, base=base)
+
+    def write(self, adapter: "Adapter", staging: Path, base=None) -> list[str]:
+        if not self.writable:
+            raise SurgeonError(f"surgeon reads {self.name} but does not write it; it writes {', '.join(writers())}.")
+        if self.write_needs_base and base is None:
+            raise SurgeonError(f"writing {self.name} needs the base model's checkpoint directory (config.json beside the weights).")
+        if self.write_needs_base or self.write_uses_base:
+            return list(self.module.write(adapter, staging, base=base) or [])
+        return list(self.module.write(adapter, staging) or [])
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("peft", "PEFT LoRA / DoRA (adapter_config.json + adapter_model.safetensors)",
+           "a directory with adapter_config.json and adapter_model.safetensors or adapter_model.bin",
+           layouts.is_peft, writable=True),
+    Format("mlx", "mlx-lm LoRA / DoRA (adapter_config.json + adapters.safetensors)",
+           "a directory with adapter_config.json (with lora_parameters) and adapters.safetensors",
+           layouts.is_mlx, writable=True, write_uses_base=True),
+    Format("gguf", "GGUF LoRA adapter for llama.cpp (adapter.gguf)", "a file starting with the GGUF magic",
+           layouts.is_gguf, writable=True, writes_file=True, write_needs_base=True),
+    Format("ort", "ONNX Runtime LoRA adapter (.onnx_adapter)",
+           "a file with the ONNX Runtime adapter identifier TORT at byte 4 (.onnx_adapter)",
+           layouts.is_ort, writable=True, writes_file=True),
+    Format("diffusers", "diffusers LoRA (pytorch_lora_weights.safetensors, unet./transformer./text_encoder. prefixes)",
+           "a .safetensors file (or a directory with pytorch_lora_weights.safetensors) whose keys start with unet., "
+           "transformer. or text_encoder. and hold lora_A/lora_B or lora.down/lora.up",
+           layouts.is_diffusers, writable=True, writes_file=True),
+    Format("lycoris", "LyCORIS LoHa / LoKr / (IA)³ / full / LoCon (one .safetensors, kohya-style names)",
+           "a .safetensors file with kohya-style names and hada_w1_a, lokr_w1(_a), diff, w_norm or on_input parts "
+           "(or lycoris_ names)", layouts.is_lycoris, needs_base_to_read=True),
+    Format("kohya", "kohya / sd-scripts LoRA (one .safetensors, lora_unet_… / lora_te_… names)",
+           "a .safetensors file with <lora_unet_|lora_te_…name>.lora_down.weight, .lora_up.weight and .alpha keys",
+           layouts.is_kohya, writable=True, writes_file=True, needs_base_to_read=True),
+    Format("sparse", "surgeon sparse diff (sparse_config.json + sparse_model.safetensors)",
+           "a directory with sparse_config.json (format surgeon-sparse) and sparse_model.safetensors",
+           layouts.is_sparse, writable=True),
+)}
+
+
+def get(name: str) -> Format:
     if name not in FORMATS:
         raise SurgeonError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}.")
     return FORMATS[name]
 
 
-def detect(path: str | Path) -> ModuleType | None:
+def detect(path: str | Path) -> Format | None:
     """The format whose layout ``path`` has, or None."""
     path = Path(path)
-    for module in FORMATS.values():
-        if module.sniff(path):
-            return module
-    return None
+    return next((f for f in FORMATS.values() if f.sniff(path)), None)
 
 
 def looked_for() -> str:
-    return "; ".join(f"{m.NAME}: {m.LOOKS_FOR}" for m in FORMATS.values())
+    return "; ".join(f"{f.name}: {f.looks_for}" for f in FORMATS.values())
 
 
-def read_adapter(path: str | Path, format_name: str | None = None, base=None) -> Adapter:
+def writers() -> list[str]:
+    return [f.name for f in FORMATS.values() if f.writable]
+
+
+def read_adapter(path: str | Path, format_name: str | None = None, base=None) -> "Adapter":
     """Read an adapter in ``format_name``, or in the format detected from its layout."""
     path = Path(path)
     if not path.exists():
         raise SurgeonError(f"{path}: no such file or directory.")
-    module = get(format_name) if format_name else detect(path)
-    if module is None:
-        raise SurgeonError(f"{path}: not an adapter surgeon recognises; looked for {looked_for()}.")
-    if format_name and not module.sniff(path):
-        raise SurgeonError(f"{path}: not a {module.NAME} adapter; that format is {module.LOOKS_FOR}.")
-    return module.read(path, base=base)
+    found = get(format_name) if format_name else detect(path)
+    if found is None:
+        from surgeon.recognise import not_an_adapter
+
+        raise not_an_adapter(path)
+    if format_name and not found.sniff(path):
+        raise SurgeonError(f"{path}: not a {found.name} adapter; that format is {found.looks_for}.")
+    return found.read(path, base=base)
 
 
-def writers() -> list[str]:
-    return [name for name, module in FORMATS.items() if hasattr(module, "write")]
-
-
-def write_adapter(adapter: Adapter, staging: Path, format_name: str, base=None) -> list[str]:
+def write_adapter(adapter: "Adapter", staging: Path, format_name: str, base=None) -> list[str]:
     """Write ``adapter`` in ``format_name`` to ``staging``; returns the writer's notes."""
-    module = get(format_name)
-    if not hasattr(module, "write"):
-        raise SurgeonError(f"surgeon reads {format_name} but does not write it; it writes {', '.join(writers())}.")
-    needs = getattr(module, "WRITE_NEEDS_BASE", False)
-    if needs and base is None:
-        raise SurgeonError(f"writing {format_name} needs the base model; pass --base with the base model's checkpoint directory (config.json beside the weights).")
-    if needs or getattr(module, "WRITE_USES_BASE", False):
-        return list(module.write(adapter, staging, base=base) or [])
-    return list(module.write(adapter, staging) or [])
+    return get(format_name).write(adapter, staging, base=base)

@@ -32,17 +32,15 @@ from surgeon.checkpoint import load_pickle_weights
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.formats import kohya_names
-from surgeon.formats.kohya import header_keys, load
+from surgeon.formats.kohya import load
+from surgeon.formats.layouts import DIFFUSERS_COMPONENTS as COMPONENTS
+from surgeon.formats.layouts import DIFFUSERS_WEIGHTS as WEIGHT_FILES
+from surgeon.formats.layouts import diffusers_file as weight_file
 from surgeon.formats.lora_only import metadata_note, pick_targets
 from surgeon.formats.peft import peft_factors, rank_alpha_config, read_module
 
 NAME = "diffusers"
-DESCRIPTION = "diffusers LoRA (pytorch_lora_weights.safetensors, unet./transformer./text_encoder. prefixes)"
-LOOKS_FOR = "a .safetensors file (or a directory with pytorch_lora_weights.safetensors) whose keys start with unet., transformer. or text_encoder. and hold lora_A/lora_B or lora.down/lora.up"
-WRITES_FILE = True
-WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 METADATA_KEY = "lora_adapter_metadata"
-COMPONENTS = kohya_names.COMPONENTS
 
 _PART = re.compile(
     r"^(?P<module>.+?)\.(?:(?P<peft>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector(?:\.weight)?)"
@@ -54,21 +52,6 @@ _OLD_MODULES = {
     True: {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"},
 }
 _SIDES = {"down": "lora_A", "up": "lora_B"}
-_LAYOUT_HINT = re.compile(r"(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer|_lora\.down|_lora\.up)")
-
-
-def weight_file(path: Path) -> Path | None:
-    if path.is_file():
-        return path
-    if path.is_dir() and not (path / "adapter_config.json").exists():
-        return next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
-    return None
-
-
-def sniff(path: Path) -> bool:
-    file = weight_file(path)
-    keys = header_keys(file) if file is not None else None
-    return bool(keys) and all(k.partition(".")[0] in COMPONENTS for k in keys) and any(_LAYOUT_HINT.search(k) for k in keys)
 
 
 def _load(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

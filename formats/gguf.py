@@ -21,14 +21,10 @@ import numpy as np
 import torch
 
 from surgeon.delta import Adapter, LowRank
-from surgeon.errors import SurgeonError
-from surgeon.formats.lora_only import differs, fold, pick_targets, most_common
+from surgeon.errors import SurgeonError, missing_extra
+from surgeon.formats.lora_only import differs, fold, most_common, pick_targets
 
 NAME = "gguf"
-DESCRIPTION = "GGUF LoRA adapter for llama.cpp (adapter.gguf)"
-LOOKS_FOR = "a file starting with the GGUF magic"
-WRITES_FILE = True
-WRITE_NEEDS_BASE = True
 METADATA_PREFIX = "surgeon.metadata."
 BASE_MODEL_KEY = "surgeon.base_model"
 
@@ -48,15 +44,8 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise SurgeonError("GGUF needs the gguf package: pip install 'peft-surgeon[gguf]'.") from None
+        raise SurgeonError(missing_extra("gguf", ["gguf"], "reading or writing GGUF")) from None
     return gguf
-
-
-def sniff(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as handle:
-        return handle.read(4) == b"GGUF"
 
 
 def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:

@@ -23,30 +23,16 @@ from safetensors.torch import save_file
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
+from surgeon.formats.layouts import KOHYA_PARTS as LORA_PARTS
 from surgeon.formats.kohya_names import PREFIXES, kohya_names, resolve, split_prefix
 from surgeon.formats.lora_only import metadata_note, pick_targets
 from surgeon.lycoris_math import dora_magnitude, scale_of
 
 NAME = "kohya"
-DESCRIPTION = "kohya / sd-scripts LoRA (one .safetensors, lora_unet_… / lora_te_… names)"
-LOOKS_FOR = "a .safetensors file with <lora_unet_|lora_te_…name>.lora_down.weight, .lora_up.weight and .alpha keys"
-WRITES_FILE = True
 
-LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale")
 _KEPT_METADATA = ("ss_", "modelspec.")
 # Fields that describe the exact bytes of the file they were computed from.
 _STALE_METADATA = ("modelspec.hash_sha256",)
-
-
-def header_keys(path: Path) -> list[str] | None:
-    """The tensor names of a safetensors file, or None if ``path`` is not one (for sniffing)."""
-    if not path.is_file() or path.suffix != ".safetensors":
-        return None
-    try:
-        with safe_open(path, framework="pt") as handle:
-            return list(handle.keys())
-    except Exception:  # not safetensors, or corrupt: not ours to judge here
-        return None
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -55,11 +41,6 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
     except Exception as error:  # safetensors raises its own types for corrupt headers
         raise SurgeonError(f"{path}: not a readable safetensors file ({error}).") from error
-
-
-def kohya_style(keys: list[str]) -> bool:
-    """Every key is ``<prefixed underscored name>.<part>``."""
-    return bool(keys) and all("." in k and split_prefix(k.partition(".")[0]) is not None for k in keys)
 
 
 def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -71,10 +52,6 @@ def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
     return modules
 
 
-def sniff(path: Path) -> bool:
-    keys = header_keys(path)
-    return bool(keys) and kohya_style(keys) and any(k.endswith(".lora_down.weight") for k in keys) \
-        and all(k.partition(".")[2] in LORA_PARTS for k in keys)
 
 
 def lora_delta(parts: dict[str, torch.Tensor], shape: tuple[int, ...], where: str) -> LowRank:

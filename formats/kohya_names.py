@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from typing import Iterable
 
 from surgeon.errors import SurgeonError
+from surgeon.formats.layouts import DIFFUSERS_COMPONENTS
 
 #: Kohya name prefixes and the diffusers pipeline component each one names. kohya uses
 #: ``lora_unet`` for every denoiser (Flux and SD3 transformers too); ``lora_te3`` is T5.
@@ -32,8 +33,6 @@ PREFIXES = {
 }
 # Longest first, so that ``lora_te1_…`` is not read as ``lora_te`` + ``1_…``.
 _BY_LENGTH = sorted(PREFIXES, key=len, reverse=True)
-#: The pipeline components a diffusers or kohya file can patch, as its keys name them.
-COMPONENTS = ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 _SHOWN = 5
 
@@ -122,7 +121,7 @@ def component_of(module: str) -> tuple[str, str]:
     leading component (``unet.``, ``text_encoder_2.``); a bare path is the denoiser's, except a
     bare CLIP text model's (``text_model.``)."""
     head, _, rest = module.partition(".")
-    if head in COMPONENTS and rest:
+    if head in DIFFUSERS_COMPONENTS and rest:
         return head, rest
     return ("text_encoder" if head == "text_model" else "unet"), module
 

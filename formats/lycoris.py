@@ -33,31 +33,16 @@ import torch
 from surgeon.delta import Adapter, Dense
 from surgeon.errors import SurgeonError
 from surgeon.formats import kohya
-from surgeon.formats.kohya import header_keys, kohya_style, lora_delta, module_type, read_modules
+from surgeon.formats.kohya import lora_delta, module_type, read_modules
+from surgeon.formats.layouts import LYCORIS_REFUSED as _REFUSED
+from surgeon.formats.layouts import header_keys
 from surgeon.lycoris_math import (LOHA_PARTS, LOKR_PARTS, dora_magnitude, ia3_delta, loha_delta, loha_factors, lokr_delta,
                                   lokr_scale, scale_of, with_magnitude)
 
 NAME = "lycoris"
-DESCRIPTION = "LyCORIS LoHa / LoKr / (IA)³ / full / LoCon (one .safetensors, kohya-style names)"
-LOOKS_FOR = "a .safetensors file with kohya-style names and hada_w1_a, lokr_w1(_a), diff, w_norm or on_input parts (or lycoris_ names)"
 
 OTHER_PARTS = ("weight", "on_input", "diff", "diff_b", "w_norm", "b_norm")
 PARTS = kohya.LORA_PARTS + LOHA_PARTS + LOKR_PARTS + OTHER_PARTS
-_DETECTING = ("hada_w1_a", "lokr_w1", "lokr_w1_a", "on_input", "diff", "w_norm")
-_REFUSED = {
-    "a1.weight": "GLoRA, whose update multiplies the base weight by learned factors",
-    "oft_blocks": "OFT/BOFT, which rotates the base weight rather than adding to it",
-    "lambda_layer": "T-LoRA, whose rank depends on the diffusion timestep",
-    "bias_indices": "a sparse residual from lycoris extract_diff, which no LyCORIS loader applies",
-}
-
-
-def sniff(path: Path) -> bool:
-    keys = header_keys(path)
-    if not keys or not kohya_style(keys):
-        return False
-    parts = {k.partition(".")[2] for k in keys}
-    return bool(parts & set(_DETECTING) or parts & set(_REFUSED)) or any(k.startswith("lycoris_") for k in keys)
 
 
 def _ia3(parts: dict[str, torch.Tensor], base, key: str, where: str) -> Dense:

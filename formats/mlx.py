@@ -21,30 +21,16 @@ from safetensors.torch import save_file
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
+from surgeon.formats.layouts import MLX_CONFIG as CONFIG_FILE
+from surgeon.formats.layouts import MLX_WEIGHTS as WEIGHT_FILE
 from surgeon.keys import embedding_name
-from surgeon.formats.lora_only import (differs, fold, pick_targets, most_common,
+from surgeon.formats.lora_only import (differs, fold, most_common, pick_targets,
                                        trailing_zero_rank)
 
 NAME = "mlx"
-DESCRIPTION = "mlx-lm LoRA / DoRA (adapter_config.json + adapters.safetensors)"
-LOOKS_FOR = "a directory with adapter_config.json (with lora_parameters) and adapters.safetensors"
-CONFIG_FILE = "adapter_config.json"
-WEIGHT_FILE = "adapters.safetensors"
-WRITES_FILE = False
-WRITE_USES_BASE = True
 
 _BLOCK = re.compile(r"^(?P<blocks>.+\.layers)\.(?P<index>\d+)\.(?P<relative>.+)$")
 _PARTS = ("lora_a", "lora_b", "m")
-
-
-def sniff(path: Path) -> bool:
-    if not path.is_dir() or not (path / WEIGHT_FILE).is_file() or not (path / CONFIG_FILE).is_file():
-        return False
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and "lora_parameters" in config
 
 
 def _is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base) -> bool:

@@ -18,13 +18,10 @@ import numpy as np
 import torch
 
 from surgeon.delta import Adapter, LowRank
-from surgeon.errors import SurgeonError
-from surgeon.formats.lora_only import fold, pick_targets, metadata_note
+from surgeon.errors import SurgeonError, missing_extra
+from surgeon.formats.lora_only import fold, metadata_note, pick_targets
 
 NAME = "ort"
-DESCRIPTION = "ONNX Runtime LoRA adapter (.onnx_adapter)"
-LOOKS_FOR = "a file with the ONNX Runtime adapter identifier TORT at byte 4 (.onnx_adapter)"
-WRITES_FILE = True
 
 _PARAMETER = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 _BFLOAT16 = 16  # ONNX TensorProto.BFLOAT16
@@ -34,17 +31,10 @@ def _ort():
     try:
         import onnxruntime
     except ImportError:
-        raise SurgeonError("ONNX Runtime adapters need onnxruntime >= 1.20: pip install 'peft-surgeon[onnx]'.") from None
+        raise SurgeonError(missing_extra("onnx", ["onnxruntime>=1.20"], "ONNX Runtime adapters")) from None
     if not hasattr(onnxruntime, "AdapterFormat"):
         raise SurgeonError(f"onnxruntime {onnxruntime.__version__} has no AdapterFormat; ONNX Runtime adapters need onnxruntime >= 1.20.")
     return onnxruntime
-
-
-def sniff(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as handle:
-        return handle.read(8)[4:] == b"TORT"
 
 
 def _to_ort(tensor: torch.Tensor, ort):

@@ -25,60 +25,15 @@ from safetensors.torch import save_file
 from surgeon.checkpoint import load_pickle_weights
 from surgeon.delta import MODULE_TYPES, Adapter, Dense, LowRank, Replace
 from surgeon.errors import SurgeonError
-from surgeon.formats.kohya_names import COMPONENTS
+from surgeon.formats.layouts import DIFFUSERS_COMPONENTS as COMPONENTS
+from surgeon.formats.layouts import PEFT_CONFIG as CONFIG_FILE
+from surgeon.formats.layouts import PEFT_WEIGHTS as WEIGHT_FILES
 from surgeon.formats.lora_only import pick_targets, refusal
+from surgeon.formats.peft_rules import LORA_KEY as _LORA_KEY
+from surgeon.formats.peft_rules import PREFIX, module_rank_alpha, scale_of
+from surgeon.formats.peft_rules import UNSUPPORTED as _UNSUPPORTED
 
 NAME = "peft"
-DESCRIPTION = "PEFT LoRA / DoRA (adapter_config.json + adapter_model.safetensors)"
-LOOKS_FOR = "a directory with adapter_config.json and adapter_model.safetensors or adapter_model.bin"
-CONFIG_FILE = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-PREFIX = "base_model.model."
-
-# Options whose effect on the weights is not a plain (Do)LoRA delta.
-_UNSUPPORTED = {
-    "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable tokens",
-    "alora_invocation_tokens": "activated LoRA (aLoRA), which applies only after its invocation tokens",
-    "use_qalora": "QALoRA",
-    "target_parameters": "LoRA on bare nn.Parameter targets",
-    "arrow_config": "Arrow routing",
-    "use_bdlora": "block-diagonal LoRA",
-}
-
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?P<rest>(\.weight|\.bias)?)$")
-
-
-def sniff(path: Path) -> bool:
-    if not path.is_dir() or not (path / CONFIG_FILE).is_file():
-        return False
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and "peft_type" in config and any((path / f).is_file() for f in WEIGHT_FILES)
-
-
-def pattern_key(patterns: dict, module: str) -> str | None:
-    """The entry of a rank/alpha pattern that applies to ``module``, by PEFT's own rule: the first
-    key that matches a dotted suffix of the module path, as a regex."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
-
-
-def module_rank_alpha(config: dict, module: str, alpha_field: str = "lora_alpha") -> tuple[int, float]:
-    """r and alpha of one module; LoHa and LoKr configs call alpha ``alpha``."""
-    rank_key = pattern_key(config.get("rank_pattern") or {}, module)
-    alpha_key = pattern_key(config.get("alpha_pattern") or {}, module)
-    rank = config["rank_pattern"][rank_key] if rank_key is not None else config.get("r", 8)
-    alpha = config["alpha_pattern"][alpha_key] if alpha_key is not None else config.get(alpha_field, 8)
-    return int(rank), float(alpha)
-
-
-def scale_of(alpha: float, rank: int, rslora: bool) -> float:
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:

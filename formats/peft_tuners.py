@@ -25,7 +25,8 @@ import torch
 
 from surgeon.delta import Adapter, LowRank, Replace
 from surgeon.errors import SurgeonError
-from surgeon.formats.peft import CONFIG_FILE, PREFIX, load_tensors, module_rank_alpha
+from surgeon.formats.peft import CONFIG_FILE, load_tensors
+from surgeon.formats.peft_rules import PREFIX, module_rank_alpha
 from surgeon.lycoris_math import LOHA_PARTS, LOKR_PARTS, ia3_delta, loha_delta, loha_factors, lokr_delta, lokr_weight
 
 PARTS = {

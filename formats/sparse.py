@@ -28,26 +28,13 @@ from safetensors.torch import save_file
 
 from surgeon.delta import Adapter, Replace, Sparse
 from surgeon.errors import SurgeonError
+from surgeon.formats.layouts import SPARSE_CONFIG as CONFIG_FILE
+from surgeon.formats.layouts import SPARSE_TAG as FORMAT_TAG
+from surgeon.formats.layouts import SPARSE_WEIGHTS as WEIGHT_FILE
 
 NAME = "sparse"
-DESCRIPTION = "surgeon sparse diff (sparse_config.json + sparse_model.safetensors)"
-LOOKS_FOR = "a directory with sparse_config.json (format surgeon-sparse) and sparse_model.safetensors"
-CONFIG_FILE = "sparse_config.json"
-WEIGHT_FILE = "sparse_model.safetensors"
-FORMAT_TAG = "surgeon-sparse"
 VERSION = 1
 _PARTS = ("sparse_indices", "sparse_values", "sparse_shape", "replace")
-
-
-def sniff(path: Path) -> bool:
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
-        return False
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and config.get("format") == FORMAT_TAG
 
 
 def index_dtype(shape: tuple[int, ...]) -> torch.dtype:

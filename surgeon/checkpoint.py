@@ -18,11 +18,10 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
+from surgeon.checkpoint_files import SAFETENSORS_INDEX, WEIGHT_SUFFIXES
+from surgeon.checkpoint_files import weight_files as _weight_files
 from surgeon.errors import SurgeonError
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 _DTYPE_NAMES = {
     torch.float64: "F64",
@@ -193,35 +192,6 @@ def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SurgeonError(f"{file}: holds no plain mapping of names to tensors.")
     return state
-
-
-def _weight_files(path: Path) -> list[Path]:
-    if path.is_file():
-        if not path.name.endswith(WEIGHT_SUFFIXES):
-            raise SurgeonError(f"{path}: not a checkpoint file; expected .safetensors or .bin.")
-        return [path]
-    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-        index = path / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise SurgeonError(f"{index}: not a valid shard index ({error}); regenerate it or remove it.") from None
-            files = sorted({path / name for name in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise SurgeonError(f"{index}: lists shards that are not there: {', '.join(missing)}.")
-            return files
-    for name in ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return [path / name]
-    found = sorted(path.glob("*.safetensors"))
-    if found:
-        return found
-    raise SurgeonError(
-        f"{path}: no checkpoint here; looked for {SAFETENSORS_INDEX}, model.safetensors, pytorch_model.bin "
-        "and *.safetensors."
-    )
 
 
 def _header_bytes(entries: dict, metadata: dict[str, str]) -> bytes:

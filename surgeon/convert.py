@@ -1,6 +1,6 @@
-"""Converting an adapter between formats through the canonical model, and checking the result:
-the written file is read back and compared with the source before it is put in place, so a
-conversion either reproduces every ΔW or leaves nothing behind."""
+"""Converting an adapter from one format to another, through the canonical model. The written file is read back and compared with the source before it is put in
+place, so a conversion either reproduces every ΔW or leaves nothing behind.
+"""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def convert_adapter(source: Path, target_format: str, output: Path, format_name:
     else:
         notes = []
     inputs = [source] + ([base_path] if base_path is not None else [])
-    with atomic_output(output, inputs=inputs, force=force, directory=not getattr(target, "WRITES_FILE", False)) as staging:
+    with atomic_output(output, inputs=inputs, force=force, directory=not target.writes_file) as staging:
         notes += formats.write_adapter(adapter, staging, target_format, base=base)
         check, skipped = _read_back(target, staging, base, adapter)
     if skipped:

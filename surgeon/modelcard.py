@@ -91,17 +91,17 @@ def _value(value) -> str:
 
 def adapter_card(directory: Path, module, repo_id: str, base_model: str | None) -> str:
     adapter = module.read(directory)
-    summary = adapter_summary(adapter, directory, module.DESCRIPTION)
+    summary = adapter_summary(adapter, directory, module.description)
     base = hub_model_id(base_model or adapter.base_model)
     kinds = sorted({"dora" if "DoRA" in m["delta"] else m["delta"].split()[0].lower() for m in summary["modules"]})
-    is_peft = module.NAME == "peft"
+    is_peft = module.name == "peft"
     header = _yaml(
         base_model=base, base_model_relation="adapter" if base else None, library_name="peft" if is_peft else None,
         tags=["surgeon", *kinds, *([f"base_model:adapter:{base}"] if base else [])],
     )
     base_text = f"[{base}](https://huggingface.co/{base})" if base else (f"`{adapter.base_model}`" if adapter.base_model else "its base model")
     rows = [
-        ("format", module.DESCRIPTION), ("base model", base_text), ("rank", _value(summary["rank"]) if summary["rank"] else None),
+        ("format", module.description), ("base model", base_text), ("rank", _value(summary["rank"]) if summary["rank"] else None),
         ("alpha", summary["alpha"]), ("scale", _value(summary["scale"]) if summary["scale"] else None),
         ("targets", f"{summary['targets']} weights"), ("parameters", f"{summary['params']:,}"), ("size", human_bytes(summary["bytes"])),
     ]
@@ -115,9 +115,7 @@ def adapter_card(directory: Path, module, repo_id: str, base_model: str | None) 
 
 
 def checkpoint_card(directory: Path, repo_id: str, base_model: str | None) -> str:
-    from surgeon.checkpoint import Checkpoint
-
-    summary = checkpoint_summary(Checkpoint(directory))
+    summary = checkpoint_summary(directory)
     base = hub_model_id(base_model)
     has_config = (directory / "config.json").is_file()
     header = _yaml(base_model=base, library_name="transformers" if has_config else None, tags=["surgeon"])

@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, missing_extra
 
 # task -> (transformers auto class, the output the graph returns)
 TASKS = {
@@ -51,7 +51,7 @@ def require_extra(exporter: str) -> None:
     needed = ["transformers", "onnxruntime"] + (["onnxscript"] if exporter != "legacy" else [])
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
-        raise SurgeonError(f"export-onnx needs {', '.join(missing)}, which is not installed; run: pip install 'peft-surgeon[onnx]'.")
+        raise SurgeonError(missing_extra("onnx", missing, "export-onnx"))
 
 
 def default_task(config: dict) -> str:
@@ -267,20 +267,51 @@ class ExportReport:
     verified: bool | None = None
 
 
+@contextlib.contextmanager
+def dependencies_quiet(verbose: bool):
+    """Silence transformers' loading bars and the exporter's notes about optional operators
+    (torchvision's, which no language model uses) unless asked for: the report says what matters."""
+    if verbose:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    level, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    exporter_log = logging.getLogger("torch.onnx")
+    exporter_level = exporter_log.level
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
+        if bars:
+            transformers_logging.enable_progress_bar()
+        exporter_log.setLevel(exporter_level)
+
+
 def export(source: Path, output: Path, *, task: str | None = None, opset: int | None = None, exporter: str = "auto",
            atol: float = 1e-4, check: bool = True, force: bool = False, provenance: dict[str, str] | None = None,
-           adapters: list[str] | None = None) -> ExportReport:
+           adapters: list[str] | None = None, verbose: bool = False) -> ExportReport:
     """Export the checkpoint at ``source`` to ``output`` and verify it (unless ``check`` is off).
 
     A graph that fails verification is kept beside the output as ``<output>.unverified`` (with
     ``.unverified.data``), never at the output path; the report says so with ``verified: False``.
     ``provenance`` (how the export was asked for) and the report go into the graph's metadata_props.
     """
-    from surgeon.checkpoint import Checkpoint
-    from surgeon.output import check_destination
+    from surgeon.output import claimed, scratch_beside
 
     require_extra(exporter)
-    check_destination(output, [source], force)
+    with dependencies_quiet(verbose), claimed(output, inputs=[source], force=force, directory=False), \
+            scratch_beside(output) as staging:
+        return _export_in(staging, source, output, task, opset, exporter, atol, check, provenance, adapters)
+
+
+def _export_in(staging: Path, source: Path, output: Path, task, opset, exporter, atol, check, provenance,
+               adapters) -> ExportReport:
+    from surgeon.checkpoint import Checkpoint
+
     checkpoint = Checkpoint(source)
     config = checkpoint.config()
     if not config:
@@ -289,23 +320,18 @@ def export(source: Path, output: Path, *, task: str | None = None, opset: int | 
     report = ExportReport(str(source), str(output), task, TASKS[task][1], (config.get("architectures") or [None])[0], adapters=adapters or [])
     report.external_data = checkpoint.num_params() * 4 > EXTERNAL_DATA_ABOVE  # exported in fp32
     head, full_config = load_head(source, task)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.surgeon-", dir=output.parent))
-    try:
-        staged = staging / output.name
-        started = time.perf_counter()
-        report.exporter = export_graph(head, full_config, staged, exporter, opset, report.external_data)
-        report.export_seconds = round(time.perf_counter() - started, 3)
-        report.opset = check_graph(staged)
-        if check:
-            result = verify(staged, head, full_config, atol)
-            report.verification, report.verified = asdict(result), result.passed
-        final = output if report.verified is not False else output.with_name(output.name + ".unverified")
-        report.output = str(final)
-        summary = {k: v for k, v in asdict(report).items() if k not in ("files", "bytes")}  # not known until written
-        written = finish(staged, final, {**(provenance or {}), "surgeon_report": json.dumps(summary)})
-        report.files = [str(p) for p in written]
-        report.bytes = sum(p.stat().st_size for p in written)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    staged = staging / output.name
+    started = time.perf_counter()
+    report.exporter = export_graph(head, full_config, staged, exporter, opset, report.external_data)
+    report.export_seconds = round(time.perf_counter() - started, 3)
+    report.opset = check_graph(staged)
+    if check:
+        result = verify(staged, head, full_config, atol)
+        report.verification, report.verified = asdict(result), result.passed
+    final = output if report.verified is not False else output.with_name(output.name + ".unverified")
+    report.output = str(final)
+    summary = {k: v for k, v in asdict(report).items() if k not in ("files", "bytes")}  # not known until written
+    written = finish(staged, final, {**(provenance or {}), "surgeon_report": json.dumps(summary)})
+    report.files = [str(p) for p in written]
+    report.bytes = sum(p.stat().st_size for p in written)
     return report

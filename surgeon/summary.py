@@ -1,20 +1,43 @@
 """What ``surgeon inspect`` reports: a plain dict per adapter or checkpoint, shared by the table
-and the ``--json`` output so the two never disagree."""
+and the ``--json`` output so the two never disagree.
+
+A safetensors checkpoint, and a PEFT LoRA adapter stored as safetensors, are summarised from
+their headers alone: names, shapes and dtypes are all a summary needs, and reading them takes
+milliseconds where importing torch takes seconds. Everything else is read in full.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from surgeon.checkpoint import Checkpoint
-from surgeon.delta import Adapter
+from surgeon.checkpoint_files import WEIGHT_SUFFIXES, weight_files
+from surgeon.errors import SurgeonError
+from surgeon.header import read_header
+
+if TYPE_CHECKING:
+    from surgeon.delta import Adapter
 
 _LAYER_NUMBER = re.compile(r"\.\d+\.")
+#: The names torch gives safetensors' dtypes, as the summary shows them.
+_TORCH_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
 
 
 def _group_name(key: str) -> str:
     return _LAYER_NUMBER.sub(".*.", key)
+
+
+def _low_rank_label(rank: int, scale: float, dora: bool) -> str:
+    """What the header-only summary calls a low-rank delta: :attr:`surgeon.delta.LowRank.label`'s
+    words, without importing torch."""
+    return f"{'DoRA' if dora else 'LoRA'} r={rank} scale={scale:g}"
 
 
 def _describe(values) -> object:
@@ -24,7 +47,7 @@ def _describe(values) -> object:
     return found[0] if len(found) == 1 else {"min": found[0], "max": found[-1], "distinct": len(found)}
 
 
-def adapter_summary(adapter: Adapter, path: Path, format_description: str) -> dict:
+def adapter_summary(adapter: "Adapter", path: Path, format_description: str) -> dict:
     low_ranks = adapter.low_ranks()
     alphas = [
         adapter.config.get("lora_alpha")
@@ -50,22 +73,154 @@ def adapter_summary(adapter: Adapter, path: Path, format_description: str) -> di
     }
 
 
-def checkpoint_summary(checkpoint: Checkpoint) -> dict:
-    config = checkpoint.config()
-    dtypes = Counter(str(checkpoint.info(k).dtype).removeprefix("torch.") for k in checkpoint.keys())
+def _peft_lora_parts(path: Path) -> tuple[dict, dict] | None:
+    """(config, header entries) of a PEFT LoRA adapter stored as safetensors with none of the
+    options the reader refuses, or None: then the full reader decides, and says what is wrong."""
+    from surgeon.formats.layouts import PEFT_CONFIG, PEFT_WEIGHTS, json_object
+    from surgeon.formats.peft_rules import PREFIX, UNSUPPORTED
+
+    config = json_object(path / PEFT_CONFIG)
+    weights = path / PEFT_WEIGHTS[0]
+    if config is None or str(config.get("peft_type", "")).upper() != "LORA" or not weights.is_file():
+        return None
+    if any(config.get(option) not in (None, False, [], {}) for option in UNSUPPORTED):
+        return None
+    entries = read_header(weights).entries
+    return (config, entries) if all(k.startswith(PREFIX) for k in entries) else None
+
+
+def _peft_lora_deltas(config: dict, entries: dict) -> tuple[dict[str, list[tuple[str, str]]], list[tuple[int, float]]] | None:
+    """key → [(kind, label)] in the order the PEFT reader adds them, and each module's (rank, scale);
+    None where the header holds anything the reader would refuse."""
+    from surgeon.formats.peft_rules import LORA_KEY, PREFIX, module_rank_alpha, scale_of
+
+    modules: dict[str, dict] = {}
+    deltas: dict[str, list[tuple[str, str]]] = {}
+    for name, entry in entries.items():
+        key = name[len(PREFIX):]
+        match = LORA_KEY.match(key)
+        if match:
+            modules.setdefault(match["module"], {})[match["part"] + (match["rest"] if match["rest"] == ".bias" else "")] = entry
+        elif ".lora_" in key:
+            return None
+        else:
+            deltas.setdefault(key.replace(".base_layer.", ".").replace(".modules_to_save.", "."), []).append(("replacement", "replacement"))
+    low = []
+    for module, parts in modules.items():
+        a = parts.get("lora_embedding_A", parts.get("lora_A"))
+        if a is None or parts.get("lora_embedding_B", parts.get("lora_B")) is None or len(a.shape) < 2:
+            return None
+        rank, alpha = module_rank_alpha(config, module)
+        if rank != a.shape[0]:
+            return None
+        scale = scale_of(alpha, rank, bool(config.get("use_rslora", False)))
+        dora = "lora_magnitude_vector" in parts
+        low.append((rank, scale))
+        deltas.setdefault(module + ".weight", []).append(("DoRA" if dora else "LoRA", _low_rank_label(rank, scale, dora)))
+        if "lora_B.bias" in parts:
+            deltas.setdefault(module + ".bias", []).append(("dense", "dense"))
+    return deltas, low
+
+
+def peft_header_summary(path: Path, format_description: str) -> dict | None:
+    """:func:`adapter_summary` of a PEFT LoRA adapter from its header and config alone, or None
+    where only the full reader can tell (a .bin, another PEFT type, anything it would refuse)."""
+    parts = _peft_lora_parts(path)
+    try:
+        planned = _peft_lora_deltas(*parts) if parts is not None else None
+    except (TypeError, ValueError, KeyError, re.error):  # a config value of the wrong kind: the reader explains
+        planned = None
+    if planned is None:
+        return None
+    (config, entries), (deltas, low) = parts, planned
+    groups = Counter((_group_name(key), label) for key, found in deltas.items() for _, label in found)
     return {
-        "path": str(checkpoint.path),
-        "kind": "checkpoint",
-        "format": "safetensors" if all(f.suffix == ".safetensors" for f in checkpoint.files) else "pytorch pickle",
-        "architecture": (config.get("architectures") or [config.get("model_type")])[0] if config else None,
-        "files": [f.name for f in checkpoint.files],
-        "tensors": len(checkpoint),
-        "params": checkpoint.num_params(),
-        "bytes": checkpoint.num_bytes(),
-        "dtypes": dict(dtypes),
-        "largest_tensor_bytes": checkpoint.largest_tensor_bytes(),
-        "metadata": {k: v for k, v in checkpoint.metadata.items() if k != "format"},
+        "path": str(path),
+        "kind": "adapter",
+        "format": "peft",
+        "format_description": format_description,
+        "base_model": config.get("base_model_name_or_path"),
+        "targets": len(deltas),
+        "deltas": dict(Counter(kind for found in deltas.values() for kind, _ in found)),
+        "rank": _describe(rank for rank, _ in low),
+        "alpha": config.get("lora_alpha"),
+        "scale": _describe(round(scale, 6) for _, scale in low),
+        "params": sum(e.numel for e in entries.values()),
+        "bytes": sum(e.num_bytes for e in entries.values()),
+        "modules": [{"target": name, "delta": label, "count": n} for (name, label), n in groups.items()],
     }
+
+
+def _config(directory: Path | None) -> dict:
+    file = directory / "config.json" if directory is not None else None
+    if file is None or not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise SurgeonError(f"{file}: not valid JSON ({error}); fix or remove it.") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _tensor_table(files: list[Path]) -> tuple[dict[str, tuple[str, int, int]], dict[str, str]]:
+    """name → (dtype, elements, bytes) and the header metadata: from headers for safetensors
+    files, from the loaded checkpoint for pickles (which have no header)."""
+    if all(f.suffix == ".safetensors" for f in files):
+        table, metadata = {}, {}
+        for file in files:
+            header = read_header(file)
+            metadata.update(header.metadata)
+            table.update({k: (_TORCH_DTYPE_NAMES[e.dtype], e.numel, e.num_bytes) for k, e in header.entries.items()})
+        return table, metadata
+    from surgeon.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(files[0].parent if len(files) > 1 else files[0])
+    infos = {k: checkpoint.info(k) for k in checkpoint.keys()}
+    return {k: (str(i.dtype).removeprefix("torch."), math.prod(i.shape), i.num_bytes) for k, i in infos.items()}, checkpoint.metadata
+
+
+def checkpoint_summary(path: Path) -> dict:
+    files = weight_files(path)
+    table, metadata = _tensor_table(files)
+    config = _config(path if path.is_dir() else None)
+    return {
+        "path": str(path),
+        "kind": "checkpoint",
+        "format": "safetensors" if all(f.suffix == ".safetensors" for f in files) else "pytorch pickle",
+        "architecture": (config.get("architectures") or [config.get("model_type")])[0] if config else None,
+        "files": [f.name for f in files],
+        "tensors": len(table),
+        "params": sum(n for _, n, _ in table.values()),
+        "bytes": sum(b for _, _, b in table.values()),
+        "dtypes": dict(Counter(d for d, _, _ in table.values())),
+        "largest_tensor_bytes": max((b for _, _, b in table.values()), default=0),
+        "metadata": {k: v for k, v in metadata.items() if k != "format"},
+    }
+
+
+def _adapter_summary(path: Path, found, base: Path | None) -> dict:
+    if found.name == "peft" and base is None:
+        summary = peft_header_summary(path, found.description)
+        if summary is not None:
+            return summary
+    from surgeon.checkpoint import Checkpoint
+
+    adapter = found.read(path, base=Checkpoint(base) if base else None)
+    return adapter_summary(adapter, path, found.description)
+
+
+def summarise(path: Path, format_name: str | None = None, base: Path | None = None) -> dict:
+    """The summary of an adapter or a checkpoint; one sentence when PATH is neither."""
+    from surgeon import formats
+    from surgeon.recognise import describe, is_checkpoint, looked_for
+
+    found = formats.get(format_name) if format_name else formats.detect(path)
+    if found is not None:
+        return _adapter_summary(path, found, base)
+    weights = path.suffix in WEIGHT_SUFFIXES if path.is_file() else any(path.glob("*.safetensors"))
+    if not (weights or is_checkpoint(path)):
+        raise SurgeonError(f"{path}: {describe(path)}; neither an adapter nor a checkpoint.", details=looked_for())
+    return checkpoint_summary(path)
 
 
 def human_bytes(count: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,16 +127,24 @@ def test_merge_json_report_copies_extras_and_records_dtype(fixtures_dir, tmp_pat
 
 
 def test_package_imports_formats_from_a_clean_install(tmp_path):
-    """`pip install .` (not editable) must ship surgeon.formats from the top-level formats/ folder."""
+    """A non-editable install must ship every package, surgeon.formats from the top-level formats/ folder
+    included. Built from a copy of the sources and imported with the running interpreter (whose venv holds
+    the dependencies), the install's folder first on the path and the source tree off it."""
     root = Path(__file__).resolve().parent.parent
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(root)], check=True,
-                   cwd=tmp_path, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
-    probe = "import surgeon.formats, surgeon.formats.peft as p; print(surgeon.formats.__file__)"
-    located = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path).stdout
-    assert str(venv) in located and located.strip().endswith(os.path.join("surgeon", "formats", "__init__.py"))
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "surgeon", "formats"):
+        copy = shutil.copytree if (root / name).is_dir() else shutil.copy2
+        copy(root / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    site = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(source)],
+                             capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    assert install.returncode == 0, install.stderr
+    probe = "import surgeon.cli, surgeon.formats.peft, surgeon.formats; print(surgeon.formats.__file__)"
+    located = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(site)})
+    assert located.returncode == 0, located.stderr
+    assert located.stdout.strip() == str(site / "surgeon" / "formats" / "__init__.py")
 
 
 def test_installed_package_imports_formats_outside_the_repo(tmp_path):

@@ -273,7 +273,7 @@ def test_svd_on_4096_targets_never_allocates_a_dense_matrix():
 # --- refusals ----------------------------------------------------------------------------------
 
 
-def test_refusals(lora_c):
+def test_refusals(lora_c, tmp_path):
     a, c = read(LORA_A), read(lora_c)
     with pytest.raises(SurgeonError, match="equal ranks"):
         compose([(a, "a"), (c, "c")], None, ComposeOptions(method="linear"))
@@ -290,8 +290,8 @@ def test_refusals(lora_c):
         ComposeOptions(method="ties")
     with pytest.raises(SurgeonError, match="method svd"):
         ComposeOptions(method="cat", rule=RankRule(rank=4))
-    result = CliRunner().invoke(main, ["compose", "--base", str(LLAMA), str(LORA_A), "-o", "unused"])
-    assert result.exit_code == 1 and "drop --base" in result.output
+    mixed = CliRunner().invoke(main, ["compose", "--base", str(LLAMA), str(LORA_A), str(LLAMA), "-o", str(tmp_path / "x")])
+    assert mixed.exit_code == 1 and "not both" in mixed.output and not (tmp_path / "x").exists()
 
 
 def test_dora_resizes_alone_but_does_not_add(tmp_path):

@@ -153,7 +153,7 @@ def test_missing_extra_names_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(onnx_export.importlib.util, "find_spec", lambda name: None if name == "onnxscript" else real(name))
     result = CliRunner().invoke(main, ["export-onnx", str(FIXTURES / "tiny-llama"), "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 1
-    assert "onnxscript" in result.output and "pip install 'peft-surgeon[onnx]'" in result.output
+    assert "onnxscript" in result.output and "pip install '.[onnx]'" in result.output
 
 
 def test_existing_output_is_refused_before_any_work(tmp_path):
@@ -162,3 +162,17 @@ def test_existing_output_is_refused_before_any_work(tmp_path):
     result = CliRunner().invoke(main, ["export-onnx", str(FIXTURES / "tiny-gpt2"), "-o", str(out)])
     assert result.exit_code == 1 and "--force" in result.output
     assert out.read_bytes() == b"keep me"
+
+
+def test_dependencies_stay_quiet_unless_verbose(tmp_path):
+    """transformers' loading bars and the exporter's notes about torchvision operators are noise on
+    stderr; a fresh process (they print once per process) shows none of them without --verbose."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-c", "from surgeon.cli import main; main()", "export-onnx", str(root / "fixtures" / "tiny-llama"),
+               "-o", str(tmp_path / "m.onnx"), "--no-verify"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr and "Loading weights" not in done.stderr, done.stderr

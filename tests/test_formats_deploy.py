@@ -45,7 +45,7 @@ ROUND_TRIPS = [(fmt, name) for fmt in ("mlx", "gguf", "ort") for name in ("plain
 @pytest.mark.parametrize(("fmt", "name"), ROUND_TRIPS)
 def test_round_trip_reproduces_peft_delta(fmt, name, variants_root, tmp_path):
     out = converted(name, fmt, variants_root, tmp_path)
-    assert formats.detect(out).NAME == fmt
+    assert formats.detect(out).name == fmt
     back = read_back(out, fmt)
     expected = peft_deltas(variant(name, variants_root))
     got = {key: sum(d.materialize() for d in deltas) for key, deltas in back.items()}
@@ -304,7 +304,7 @@ def test_what_a_format_cannot_hold_is_refused_with_the_reason(fmt, name, reason,
 
 
 def test_gguf_needs_the_base_and_a_known_architecture(variants_root, tmp_path):
-    with pytest.raises(SurgeonError, match="--base"):
+    with pytest.raises(SurgeonError, match="needs the base"):
         convert_adapter(variant("plain", variants_root), "gguf", tmp_path / "a.gguf")
     gpt2 = BASE.parent / "tiny-gpt2"
     with pytest.raises(SurgeonError, match="GPT2LMHeadModel"):
@@ -316,12 +316,13 @@ def test_detection_picks_each_format_and_lists_what_it_looked_for(variants_root,
     for fmt in ("mlx", "gguf", "ort"):
         made[fmt] = converted("plain", fmt, variants_root, tmp_path)
     for fmt, path in made.items():
-        assert formats.detect(path).NAME == fmt
+        assert formats.detect(path).name == fmt
         assert formats.read_adapter(path, base=Checkpoint(BASE)).source_format == fmt
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     (unknown / "weights.bin").write_bytes(b"\0" * 64)
-    with pytest.raises(SurgeonError, match="looked for") as error:
+    with pytest.raises(SurgeonError, match="not an adapter") as error:
         formats.read_adapter(unknown)
-    for module in formats.FORMATS.values():
-        assert module.LOOKS_FOR in str(error.value)
+    assert len(str(error.value)) < 200
+    for found in formats.FORMATS.values():
+        assert found.looks_for in error.value.details

@@ -19,7 +19,7 @@ from surgeon.checkpoint import Checkpoint
 from surgeon.cli import main
 from surgeon.errors import SurgeonError
 from surgeon.formats import diffusers as diffusers_format
-from surgeon.formats import kohya
+from surgeon.formats import kohya, layouts
 from surgeon.ops.apply import apply_deltas
 
 pytest.importorskip("diffusers")
@@ -98,8 +98,8 @@ def _load_in_diffusers(path, metadata: bool = False) -> dict[str, torch.Tensor]:
 
 
 def test_diffusers_file_saved_by_diffusers_reads_as_peft_computes(sd):
-    assert formats.detect(sd["diffusers"]).NAME == "diffusers"
-    assert formats.detect(sd["diffusers"].parent).NAME == "diffusers"
+    assert formats.detect(sd["diffusers"]).name == "diffusers"
+    assert formats.detect(sd["diffusers"].parent).name == "diffusers"
     adapter = formats.read_adapter(sd["diffusers"])
     assert _max_error(_materialised(adapter), sd["truth"]) < 1e-6
 
@@ -146,7 +146,7 @@ def test_kohya_file_from_diffusers_converter_resolves_against_the_base(sd, tmp_p
 
     converted = convert_state_dict_to_kohya(sd["peft_state"])
     save_file({k: v.contiguous() for k, v in converted.items()}, tmp_path / "k.safetensors")
-    assert formats.detect(tmp_path / "k.safetensors").NAME == "kohya"
+    assert formats.detect(tmp_path / "k.safetensors").name == "kohya"
     base = Checkpoint(sd["base"])
     adapter = formats.read_adapter(tmp_path / "k.safetensors", base=base)
     # diffusers writes alpha = rank, so the file means B@A whatever PEFT's alpha was.
@@ -279,9 +279,9 @@ def test_lycoris_kohya_networks_read_as_their_forward_computes(tmp_path, algo, o
     base = Checkpoint(fx.save_combined(tmp_path / "base.safetensors", unet=unet, text_encoder=text_encoder))
     network = fx.lycoris_kohya_network(unet, text_encoder, tmp_path / "l.safetensors", algo, **dict(options))
     if part:
-        assert any(k.endswith("." + part) for k in kohya.header_keys(tmp_path / "l.safetensors"))
+        assert any(k.endswith("." + part) for k in layouts.header_keys(tmp_path / "l.safetensors"))
     expected_format = "kohya" if algo == "locon" else "lycoris"
-    assert formats.detect(tmp_path / "l.safetensors").NAME == expected_format
+    assert formats.detect(tmp_path / "l.safetensors").name == expected_format
     adapter = formats.read_adapter(tmp_path / "l.safetensors", base=base)
     assert len(adapter) == len(network.loras)
     assert adapter.metadata["modelspec.title"] == "fixture"
@@ -297,7 +297,7 @@ def test_lycoris_standalone_networks_read_as_their_forward_computes(tmp_path, al
     model = fx.TinyNet()
     base = Checkpoint(fx.save_module(model, tmp_path / "base"))
     network = fx.lycoris_network(model, tmp_path / "l.safetensors", algo, **dict(options))
-    assert formats.detect(tmp_path / "l.safetensors").NAME == "lycoris"
+    assert formats.detect(tmp_path / "l.safetensors").name == "lycoris"
     adapter = formats.read_adapter(tmp_path / "l.safetensors", base=base)
     assert _lycoris_agrees(network, adapter, base) < 1e-5
 
@@ -341,4 +341,4 @@ def test_unknown_layout_is_refused_with_what_was_looked_for(tmp_path):
     with pytest.raises(SurgeonError) as error:
         formats.read_adapter(tmp_path / "x.safetensors")
     for name in ("kohya", "lycoris", "diffusers", "peft"):
-        assert f"{name}: " in str(error.value)
+        assert f"{name}: " in error.value.details

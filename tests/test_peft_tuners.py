@@ -56,7 +56,7 @@ def test_tuner_merges_as_peft_merge_and_unload(tmp_path, case):
     base = Checkpoint(fx.save_module(model, tmp_path / "base"))
     peft_model = fx.peft_tuner(CASES[case](), model, tmp_path / "adapter")
     reference = peft_model.merge_and_unload().state_dict()
-    assert formats.detect(tmp_path / "adapter").NAME == "peft"
+    assert formats.detect(tmp_path / "adapter").name == "peft"
     adapter = formats.read_adapter(tmp_path / "adapter", base=base)
     assert adapter.source_format == "peft-" + case.split("-")[0]
     assert _worst(_merged_by_surgeon(base, adapter), reference) < 1e-6

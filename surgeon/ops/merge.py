@@ -222,10 +222,17 @@ class Difference:
     relative: float
 
 
+def check_comparable(a: Checkpoint, b: Checkpoint) -> list[str]:
+    """The keys two checkpoints of one model both hold, or an error (:func:`surgeon.layout.paired_keys`);
+    asked from the headers alone, so that ``unmerge --check`` can refuse a wrong base before writing anything."""
+    keys, _ = paired_keys(a, b, "they are not the same model and cannot be compared")
+    return keys
+
+
 def compare(a: Checkpoint, b: Checkpoint) -> list[Difference]:
     """Per-tensor max absolute and relative Frobenius difference of two checkpoints of one model
     (non-float tensors that only one holds are left out, see :mod:`surgeon.layout`)."""
-    keys, _ = paired_keys(a, b, "they are not the same model and cannot be compared")
+    keys = check_comparable(a, b)
     found = []
     for key in keys:
         x = a.get(key).to(torch.float64)

@@ -4,37 +4,21 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from surgeon.cli import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, OUTPUT_OPTION, SHARD_OPTION,
-                         Progress, emit, friendly, main, provenance, read_adapter_arg)
-from surgeon.bundle import write_result
+from surgeon.cli.common import (BASE_FOR_NAMES_OPTION, DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION,
+                                OUTPUT_OPTION, SHARD_OPTION, Progress, dtype_option, emit, friendly, provenance,
+                                rank_options, rank_rule)
 from surgeon.errors import SurgeonError
-from surgeon.output import atomic_output
-from surgeon.ops.compose import METHODS, RESULT_KINDS, ComposeOptions, ComposeReport
-from surgeon.ops.rank import RankRule
 
+if TYPE_CHECKING:
+    from surgeon.ops.compose import ComposeReport
 
-def rank_options(command):
-    """--rank / --energy / --max-error (one of them) and the clamps, for RankRule."""
-    for option in reversed([
-        click.option("--rank", type=int, default=None, help="Output rank of every module."),
-        click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this fraction of Σσ² (e.g. 0.95)."),
-        click.option("--max-error", type=float, default=None, help="Per module, the smallest rank whose relative Frobenius error is at most this (e.g. 0.02)."),
-        click.option("--min-rank", type=int, default=1, show_default=True, help="Lower bound for --energy / --max-error."),
-        click.option("--max-rank", type=int, default=None, help="Upper bound on every module's rank."),
-    ]):
-        command = option(command)
-    return command
-
-
-def rank_rule(rank, energy, max_error, min_rank, max_rank, required: bool) -> RankRule | None:
-    if not required and rank is None and energy is None and max_error is None:
-        if max_rank is not None:
-            raise SurgeonError("--max-rank bounds --energy or --max-error; give one of them, or --rank.")
-        return None
-    return RankRule(rank=rank, energy=energy, max_error=max_error, min_rank=min_rank, max_rank=max_rank)
+#: compose's methods and result kinds, as surgeon.ops.compose defines them (a test keeps the two equal).
+METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+RESULT_KINDS = ("lora", "sparse", "dense")
 
 
 def _summary(report: ComposeReport) -> str:
@@ -48,7 +32,7 @@ def _report_dict(report: ComposeReport, written: list[str]) -> dict:
     return {**asdict(report), "max_relative_error": report.max_relative_error, "written": written}
 
 
-@main.command()
+@click.command(short_help="Combine adapters: weighted sums, their best low rank, TIES, DARE.")
 @click.argument("adapters", nargs=-1, required=True, type=INPUT)
 @OUTPUT_OPTION
 @click.option("-w", "--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (repeat once per adapter; default 1; negative subtracts).")
@@ -59,8 +43,10 @@ def _report_dict(report: ComposeReport, written: list[str]) -> dict:
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True, help="ties, dare_ties: elect each entry's sign by total mass or by count.")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare_*: seed of the random drop.")
 @click.option("--as", "keep", type=click.Choice(RESULT_KINDS), default="lora", show_default=True, help="ties, dare_*, magnitude_prune: keep the result as LoRA (factored to the rank), sparse, or dense (sparse format at density 1).")
-@click.option("--base", type=INPUT, default=None, help="The base checkpoint, when ADAPTERS are full fine-tuned checkpoints: merge their deltas and write a full checkpoint.")
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="With --base: output dtype of float tensors.")
+@click.option("--base", type=INPUT, default=None,
+              help="The base checkpoint: resolves adapter names only it can (kohya, LyCORIS, GGUF); when ADAPTERS are "
+                   "full fine-tuned checkpoints, their deltas are merged into it and a full checkpoint is written.")
+@dtype_option("With full fine-tuned checkpoints and --base: output dtype of float tensors.")
 @DEVICE_OPTION
 @SHARD_OPTION
 @FROM_OPTION
@@ -102,19 +88,26 @@ def compose(adapters, output, weights, method, negate, rank, energy, max_error, 
     """
     weights = [-w for w in (weights or [1.0] * len(adapters))] if negate else list(weights)
     rule = rank_rule(rank, energy, max_error, min_rank, max_rank, required=False)
+    from surgeon.ops.compose import ComposeOptions
     from surgeon.ops.merge import resolve_device
 
     options = ComposeOptions(method=method, rule=rule, density=density, majority_sign=majority_sign, seed=seed, keep=keep,
                              device=resolve_device(device))
-    if base is not None:
+    if base is not None and _all_checkpoints(adapters, format_name):
         _compose_checkpoints(base, adapters, output, weights, options, dtype, shard_size, force, as_json)
         return
     if dtype != "auto":
-        raise SurgeonError("--dtype applies with --base; composed adapters keep their inputs' dtype.")
+        raise SurgeonError("--dtype applies when composing full fine-tuned checkpoints; composed adapters keep their "
+                           "inputs' dtype.")
+    from surgeon.bundle import write_result
+    from surgeon.checkpoint import Checkpoint
     from surgeon.ops.compose import compose as compose_op
+    from surgeon.ops.compose import read_adapters
+    from surgeon.output import atomic_output
 
-    loaded = [(read_adapter_arg(a, format_name), str(a)) for a in adapters]
-    with atomic_output(output, inputs=map(Path, adapters), force=force) as staging:
+    loaded = read_adapters(adapters, format_name, base=Checkpoint(base) if base is not None else None)
+    inputs = [*adapters, *([base] if base is not None else [])]
+    with atomic_output(output, inputs=inputs, force=force) as staging:
         with Progress(len({k for a, _ in loaded for k in a.deltas}), method) as tick:
             result, report = compose_op(loaded, weights or None, options, force=force, on_key=tick)
         result.metadata = provenance()
@@ -123,38 +116,50 @@ def compose(adapters, output, weights, method, negate, rank, energy, max_error, 
     emit(_report_dict(report, written), as_json, f"composed {len(adapters)} adapter(s) by {method}: {_summary(report)}")
 
 
+def _all_checkpoints(paths: tuple[Path, ...], format_name: str | None) -> bool:
+    """Whether PATHS are full fine-tunes (task arithmetic) rather than adapters; a mix is refused."""
+    from surgeon import formats
+
+    adapters = [p for p in paths if format_name or formats.detect(p) is not None]
+    if adapters and len(adapters) < len(paths):
+        checkpoint = next(p for p in paths if p not in adapters)
+        raise SurgeonError(f"{checkpoint}: is a full checkpoint while {adapters[0]} is an adapter; compose takes "
+                           "adapters, or full fine-tunes with --base, not both.")
+    return not adapters
+
+
 def _compose_checkpoints(base, tuned, output, weights, options, dtype, shard_size, force, as_json) -> None:
     from surgeon.checkpoint import Checkpoint, parse_size
     from surgeon.ops.merge import DTYPES
     from surgeon.ops.task_arithmetic import task_arithmetic
+    from surgeon.output import atomic_output
 
-    from surgeon import formats
-
-    for path in tuned:
-        if formats.detect(path) is not None:
-            raise SurgeonError(f"{path}: is an adapter, but --base takes full fine-tuned checkpoints; drop --base to compose adapters.")
     checkpoint = Checkpoint(base)
     with atomic_output(output, inputs=[Path(base), *map(Path, tuned)], force=force) as staging:
         with Progress(len(checkpoint), options.method) as tick:
             report = task_arithmetic(checkpoint, [Checkpoint(t) for t in tuned], staging, weights or None, options,
-                                     dtype=None if dtype == "auto" else DTYPES[dtype], shard_size=parse_size(shard_size),
+                                     dtype=DTYPES.get(dtype), shard_size=parse_size(shard_size),
                                      on_tensor=tick, metadata=provenance())
     report.output = str(output)
     emit(asdict(report), as_json, f"merged {len(tuned)} fine-tune(s) by {options.method} into {report.changed} of "
          f"{report.tensors} tensors in {report.seconds:.2f}s -> {output}")
 
 
-@main.command()
+@click.command(short_help="Change an adapter's rank by the optimal truncation of each ΔW.")
 @click.argument("adapter", type=INPUT)
 @OUTPUT_OPTION
 @rank_options
+@BASE_FOR_NAMES_OPTION
 @DEVICE_OPTION
 @FROM_OPTION
 @FORCE_OPTION
 @JSON_OPTION
 @friendly
-def resize(adapter, output, rank, energy, max_error, min_rank, max_rank, device, format_name, force, as_json) -> None:
+def resize(adapter, output, rank, energy, max_error, min_rank, max_rank, base, device, format_name, force, as_json) -> None:
     """Change an ADAPTER's rank by the optimal (Eckart–Young) truncation of each module's ΔW.
+
+    Give exactly one of --rank, --energy or --max-error. Any adapter surgeon reads is taken:
+    LoHa, LoKr and (IA)³ deltas are factored to a LoRA (the route from them to LoRA formats).
 
     The SVD is computed from the factors (QR of each, SVD of the r×r core), so it is exact and
     fast at any model size. Shrinking loses the tail of each spectrum; the report gives each
@@ -167,12 +172,16 @@ def resize(adapter, output, rank, energy, max_error, min_rank, max_rank, device,
       surgeon resize A --energy 0.95 --max-rank 64 -o small/
       surgeon resize A --max-error 0.02 -o small/ --json
     """
+    rule = rank_rule(rank, energy, max_error, min_rank, max_rank, required=True)
+    from surgeon.bundle import write_result
+    from surgeon.checkpoint import Checkpoint
+    from surgeon.ops.compose import read_adapters
     from surgeon.ops.compose import resize as resize_op
     from surgeon.ops.merge import resolve_device
+    from surgeon.output import atomic_output
 
-    rule = rank_rule(rank, energy, max_error, min_rank, max_rank, required=True)
-    loaded = read_adapter_arg(adapter, format_name)
-    with atomic_output(output, inputs=[Path(adapter)], force=force) as staging:
+    ((loaded, _),) = read_adapters([adapter], format_name, base=Checkpoint(base) if base is not None else None)
+    with atomic_output(output, inputs=[adapter, *([base] if base is not None else [])], force=force) as staging:
         with Progress(len(loaded), "resize") as tick:
             result, report = resize_op(loaded, rule, resolve_device(device), on_key=tick)
         result.metadata = {**loaded.metadata, **provenance()}

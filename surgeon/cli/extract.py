@@ -6,22 +6,16 @@ import json
 from pathlib import Path
 
 import click
-import torch
 
-from surgeon.checkpoint import Checkpoint
-from surgeon.cli import DEVICE_OPTION, FORCE_OPTION, INPUT, JSON_OPTION, OUTPUT_OPTION, Progress, emit, friendly, main, provenance
-from surgeon.errors import SurgeonError
-from surgeon.output import atomic_output
+from surgeon.cli.common import (DEVICE_OPTION, FORCE_OPTION, INPUT, JSON_OPTION, OUTPUT_OPTION, Progress, dtype_option, emit,
+                                friendly, provenance, rank_options, rank_rule)
+from surgeon.errors import SurgeonError, missing_extra
 
-@main.command()
+@click.command(short_help="Extract a LoRA (and a sparse residual) from a full fine-tune.")
 @click.argument("base", type=INPUT)
 @click.argument("tuned", type=INPUT)
 @OUTPUT_OPTION
-@click.option("--rank", type=click.IntRange(min=0), default=None, help="Fixed rank for every module (0: no low-rank part, a pure sparse diff).")
-@click.option("--energy", type=float, default=None, help="Per-module rank: the smallest keeping this fraction of Σσ² (e.g. 0.9).")
-@click.option("--max-error", type=float, default=None, help="Per-module rank: the smallest whose relative Frobenius error is at most this.")
-@click.option("--min-rank", type=click.IntRange(min=0), default=1, show_default=True, help="Lower bound for --energy / --max-error.")
-@click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Upper bound on every module's rank.")
+@rank_options
 @click.option("--sparse-density", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Also keep this fraction of each residual's largest entries, written to OUTPUT/sparse/.")
 @click.option("--embeddings", type=click.Choice(["skip", "lora", "full"]), default="skip", show_default=True,
@@ -30,14 +24,13 @@ from surgeon.output import atomic_output
 @click.option("--include", multiple=True, help="Only base keys matching this regex (repeatable).")
 @click.option("--exclude", multiple=True, help="Leave out base keys matching this regex (repeatable).")
 @click.option("--method", type=click.Choice(["auto", "exact", "gram", "randomized"]), default="auto", show_default=True,
-              help="SVD method; auto: randomized block Krylov for a fixed rank up to 1/8 of the matrix's smaller side, "
-                   "Gram-eigen otherwise (see surgeon/ops/svd.py).")
+              help="SVD method. auto: randomized (block Krylov) for a fixed rank up to 1/8 of the matrix's smaller "
+                   "side, else gram (eigen of the Gram matrix); exact: a full SVD, slowest, for checking.")
 @click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True, help="Precision of the delta and its SVD.")
 @click.option("--split", type=click.Choice(["balanced", "up", "down"]), default="balanced", show_default=True,
               help="Where the singular values go: √S on each factor, all in up (lora_B), or all in down (lora_A).")
 @click.option("--alpha", type=float, default=None, help="lora_alpha to write (default: equal to each module's rank, so the scale is 1).")
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="dtype of the factors; auto: the tuned checkpoint's.")
+@dtype_option("dtype of the factors; auto: the tuned checkpoint's.")
 @DEVICE_OPTION
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full per-module report as JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -48,6 +41,9 @@ from surgeon.output import atomic_output
 def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sparse_density, embeddings, keep_changed_1d, include,
             exclude, method, precision, split, alpha, dtype, device, report_path, plot_path, force, as_json) -> None:
     """Extract a LoRA adapter from a full fine-tune: ΔW = TUNED − BASE, factored per module.
+
+    Give exactly one of --rank, --energy or --max-error: the same rank everywhere, or each
+    module's smallest rank that keeps that much of its spectrum or stays under that error.
 
     Every 2-D (and, flattened, 4-D conv) weight that changed is factored by truncated SVD and
     written as a PEFT adapter to OUTPUT, with rank_pattern/alpha_pattern when the ranks differ.
@@ -63,14 +59,21 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
       surgeon merge base/ adapter/ adapter/sparse -o merged/     # LoRA, then the residual
       surgeon extract base/ tuned/ -o diff/ --rank 0 --sparse-density 0.01
     """
+    rule = rank_rule(rank, energy, max_error, min_rank, max_rank, required=True)
+    import torch
+
     from surgeon.bundle import write_parts
+    from surgeon.checkpoint import Checkpoint
     from surgeon.ops.extract import ExtractOptions
     from surgeon.ops.extract import extract as extract_op
     from surgeon.ops.merge import DTYPES, resolve_device
-    from surgeon.ops.rank import RankRule
+    from surgeon.output import atomic_output, check_destination
+    from surgeon.recognise import refuse_swapped
 
+    refuse_swapped(base, [], "BASE")
+    refuse_tuned_adapter(tuned)
     options = ExtractOptions(
-        rule=RankRule(rank=rank, energy=energy, max_error=max_error, min_rank=min_rank, max_rank=max_rank),
+        rule=rule,
         method=method, precision=torch.float64 if precision == "fp64" else torch.float32, split=split, alpha=alpha,
         sparse_density=sparse_density, embeddings=embeddings, keep_changed_1d=keep_changed_1d, include=include, exclude=exclude,
         factor_dtype=DTYPES.get(dtype), device=resolve_device(device),
@@ -78,7 +81,10 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     if plot_path is not None:
         _require_matplotlib()
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
-    with atomic_output(output, inputs=[Path(base), Path(tuned)], force=force) as staging:
+    inputs = [Path(base), Path(tuned)]
+    for path in filter(None, (report_path, plot_path)):  # refused now, not after the work
+        check_destination(path, [*inputs, output], force, directory=False)
+    with atomic_output(output, inputs=inputs, force=force) as staging:
         with Progress(len(base_ckpt), "extract") as tick:
             result = extract_op(base_ckpt, tuned_ckpt, options, on_tensor=tick, keep_spectra=plot_path is not None)
         result.lora.metadata.update(provenance())
@@ -87,23 +93,35 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     report = {"base": str(base), "tuned": str(tuned), "output": str(output), "written": written,
               "merge_command": f"surgeon merge {base} {' '.join(written)} -o merged/", **result.report()}
     if report_path is not None:
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        with atomic_output(report_path, inputs=inputs, force=force, directory=False) as staged:
+            staged.write_text(json.dumps(report, indent=2) + "\n")
     if plot_path is not None:
-        plot_spectra(result, plot_path)
+        with atomic_output(plot_path, inputs=inputs, force=force, directory=False) as staged:
+            plot_spectra(result, staged, plot_path.suffix[1:] or "png")
     emit(report, as_json, render(report))
+
+
+def refuse_tuned_adapter(tuned: Path) -> None:
+    from surgeon.formats import detect
+
+    found = detect(tuned)
+    if found is not None:
+        raise SurgeonError(f"{tuned}: is a {found.name} adapter, but TUNED is a full fine-tuned checkpoint; "
+                           f"to apply the adapter, run surgeon merge BASE {tuned} -o OUT.")
 
 
 def _require_matplotlib():
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SurgeonError("--plot needs matplotlib: pip install 'peft-surgeon[plot]'.") from None
+        raise SurgeonError(missing_extra("plot", ["matplotlib"], "--plot")) from None
 
 
-def plot_spectra(result, path: Path) -> None:
+def plot_spectra(result, path: Path, image_format: str = "png") -> None:
     """σᵢ/σ₁ against i for every factored module (log scale), coloured by module name, with the
     kept rank marked: where the spectra flatten is where more rank stops paying."""
     import matplotlib
+    import torch
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,7 +144,7 @@ def plot_spectra(result, path: Path) -> None:
     if colours:
         axes.legend(fontsize="small", ncol=2)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, format=image_format)
     plt.close(figure)
 
 

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import click
 
-from surgeon.cli import FORCE_OPTION, JSON_OPTION, OUTPUT_OPTION, emit, friendly, main
+from surgeon.cli.common import FORCE_OPTION, JSON_OPTION, OUTPUT_OPTION, emit, friendly
 from surgeon.errors import SurgeonError
-from surgeon.output import atomic_output
 from surgeon.summary import human_bytes
 
 
-@main.command()
+@click.command(short_help="Download what surgeon reads of a Hub repository.")
 @click.argument("source")
 @OUTPUT_OPTION
 @FORCE_OPTION
@@ -37,6 +36,7 @@ def pull(source: str, output: Path, force: bool, as_json: bool) -> None:
       surgeon pull hf://org/model@v2/checkpoint-500 -o ckpt/
     """
     from surgeon.hub import fetch
+    from surgeon.output import atomic_output
 
     if not source.startswith("hf://"):
         raise SurgeonError(f"{source}: pull takes a Hub path like hf://org/name; a local path needs no pulling.")
@@ -82,7 +82,7 @@ def _write_error(repo_id: str, error: Exception) -> SurgeonError:
     return SurgeonError(f"pushing to {repo_id} failed ({str(error).splitlines()[0]}); check the repository and retry.")
 
 
-@main.command()
+@click.command(short_help="Upload a directory to the Hub in one commit, with a generated model card.")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("destination")
 @click.option("--revision", default=None, help="Branch to commit to (created from main if missing); same as @revision in DESTINATION.")

@@ -3,23 +3,24 @@ has been checked against torch before it is called done."""
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import click
 
-from surgeon.checkpoint import Checkpoint
-from surgeon.cli import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, Progress, emit, friendly, main, provenance,
-                         read_adapter_arg)
+from surgeon.cli.common import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, Progress, emit, friendly,
+                                provenance, read_adapter_arg, verbose_asked)
 from surgeon.errors import SurgeonError
-from surgeon.onnx_export import EXPORTERS, LEGACY_OPSET, TASKS, export
-from surgeon.output import check_destination
 from surgeon.summary import human_bytes
+
+#: The export choices, as surgeon.onnx_export defines them (a test keeps the two equal).
+TASKS = ("causal-lm", "feature-extraction", "masked-lm", "sequence-classification")
+EXPORTERS = ("auto", "dynamo", "legacy")
 
 
 def _merged_copy(base: Path, adapters: tuple[Path, ...], weights, format_name, device: str, scratch: Path) -> Path:
     """Merge the adapters into a scratch copy of the base, streaming as ``surgeon merge`` does."""
+    from surgeon.checkpoint import Checkpoint
     from surgeon.ops.merge import merge, resolve_device
 
     checkpoint = Checkpoint(base)
@@ -51,13 +52,13 @@ def _text(report) -> str:
     return "\n".join(lines)
 
 
-@main.command("export-onnx")
+@click.command("export-onnx", short_help="Export a checkpoint (adapters merged in) to ONNX and verify it.")
 @click.argument("checkpoint", type=INPUT)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .onnx file to write; weights over 2 GB go to OUTPUT.data beside it.")
 @click.option("--adapter", "adapters", multiple=True, type=INPUT, help="Merge this adapter into CHECKPOINT first (repeat for several; applied in order).")
 @click.option("-w", "--weight", "weights", multiple=True, type=float, help="Scale for each --adapter, in order (default 1).")
 @click.option("--task", type=click.Choice(list(TASKS)), default=None, help="Which head to export; default from config.json's architectures (causal LM -> logits, encoder -> last hidden state).")
-@click.option("--opset", type=int, default=None, help=f"ONNX opset (default: the exporter's own; {LEGACY_OPSET} for legacy).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's own; 17 for legacy).")
 @click.option("--exporter", type=click.Choice(EXPORTERS), default="auto", show_default=True, help="auto is dynamo (needs onnxscript), falling back to legacy (TorchScript) if dynamo fails.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest absolute difference between onnxruntime and torch that passes.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-torch check (the graph is still run through onnx.checker).")
@@ -70,7 +71,7 @@ def export_onnx(checkpoint, output, adapters, weights, task, opset, exporter, at
     """Export a transformers CHECKPOINT (or CHECKPOINT with --adapter merged in) to ONNX, and verify it.
 
     The model is built from the checkpoint's config.json by transformers (pip install
-    'peft-surgeon[onnx]'), exported in fp32 without KV cache, with dynamic batch and sequence
+    '.[onnx]' in surgeon's checkout), exported in fp32 without KV cache, with dynamic batch and sequence
     axes, checked with onnx.checker, then run in onnxruntime and in torch on the same inputs
     (batch and sequence >= 2, one padded row): only unmasked positions are compared. Above --atol
     the command fails and leaves the graph as OUTPUT.unverified, never at OUTPUT. The command
@@ -82,13 +83,16 @@ def export_onnx(checkpoint, output, adapters, weights, task, opset, exporter, at
       surgeon export-onnx fixtures/tiny-llama --adapter fixtures/tiny-llama-lora -o merged.onnx
       surgeon export-onnx hf://org/base --adapter hf://org/adapter -o model.onnx --json
     """
-    check_destination(output, [checkpoint, *adapters], force)
+    from surgeon.onnx_export import export
+    from surgeon.output import check_destination, claimed, scratch_beside
+
+    check_destination(output, [checkpoint, *adapters], force, directory=False)
     options = dict(task=task, opset=opset, exporter=exporter, atol=atol, check=not no_verify, force=force,
-                   provenance=provenance(), adapters=[str(a) for a in adapters])
+                   provenance=provenance(), adapters=[str(a) for a in adapters], verbose=verbose_asked())
     if adapters:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{output.name}.merge-", dir=output.parent) as scratch:
-            merged = _merged_copy(checkpoint, adapters, weights, format_name, device, Path(scratch))
+        with claimed(output, inputs=[checkpoint, *adapters], force=force, directory=False), \
+                scratch_beside(output) as scratch:
+            merged = _merged_copy(checkpoint, adapters, weights, format_name, device, scratch)
             report = export(merged, output, **options)
     elif weights:
         raise SurgeonError("--weight scales an --adapter; give it only together with --adapter.")

@@ -1,0 +1,124 @@
+"""``surgeon merge`` and ``surgeon unmerge``: adapters into a checkpoint, and back off it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from surgeon.cli.common import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, NONFINITE_OPTION,
+                                OUTPUT_OPTION, SHARD_OPTION, Progress, dtype_option, emit, friendly, provenance,
+                                read_adapter_arg)
+
+
+def _transform_options(command):
+    """The options merge and unmerge share, in the order --help lists them."""
+    for option in reversed([
+        dtype_option("Output dtype of float tensors; auto keeps each tensor's own."),
+        DEVICE_OPTION, SHARD_OPTION, FROM_OPTION, FORCE_OPTION, NONFINITE_OPTION, JSON_OPTION,
+    ]):
+        command = option(command)
+    return friendly(command)
+
+
+def _run_transform(operation, base: Path, adapters: tuple[Path, ...], output: Path, weights, format_name, dtype, device,
+                   shard_size, force, allow_nonfinite, base_role: str):
+    from surgeon.checkpoint import Checkpoint, parse_size
+    from surgeon.ops.merge import DTYPES, resolve_device
+    from surgeon.output import atomic_output
+    from surgeon.recognise import refuse_swapped
+
+    if format_name is None:
+        refuse_swapped(base, list(adapters), base_role)
+    checkpoint = Checkpoint(base)
+    loaded = [(read_adapter_arg(a, format_name, base=checkpoint), str(a)) for a in adapters]
+    device_obj = resolve_device(device)
+    with atomic_output(output, inputs=[base, *adapters], force=force) as staging:
+        with Progress(len(checkpoint), operation.__name__) as tick:
+            report = operation(
+                checkpoint, loaded, staging, weights=list(weights) or None, allow_nonfinite=allow_nonfinite,
+                dtype=DTYPES.get(dtype), device=device_obj, shard_size=parse_size(shard_size), on_tensor=tick,
+                metadata=provenance(),
+            )
+    report.output = str(output)
+    return report
+
+
+@click.command(short_help="Merge adapters into a base checkpoint, writing a full checkpoint.")
+@click.argument("base", type=INPUT)
+@click.argument("adapters", nargs=-1, required=True, type=INPUT)
+@OUTPUT_OPTION
+@click.option("-w", "--weight", "weights", multiple=True, type=float,
+              help="Scale for each adapter, in order (repeat once per adapter; default 1).")
+@_transform_options
+def merge(base, adapters, output, weights, dtype, device, shard_size, format_name, force, allow_nonfinite, as_json) -> None:
+    """Merge ADAPTERS into the BASE checkpoint and write a full checkpoint to -o.
+
+    Each merged weight is computed in fp32 and cast back to the base's dtype (or --dtype).
+    Adapters apply in the order given. Every target is checked against the base (name and
+    shape) before anything is written; config and tokenizer files are copied along.
+
+    \b
+    Example:
+      surgeon merge fixtures/tiny-llama fixtures/tiny-llama-lora -o out/merged
+    """
+    from surgeon.ops.merge import merge as merge_op
+
+    report = _run_transform(merge_op, base, adapters, output, weights, format_name, dtype, device, shard_size, force,
+                            allow_nonfinite, "BASE")
+    emit(asdict(report), as_json, f"merged {len(adapters)} adapter(s) into {report.changed} of {report.tensors} tensors "
+         f"in {report.seconds:.2f}s -> {output}")
+
+
+def _check_against(report: dict, output: Path, check_base: Path) -> str:
+    """Add how far the restored checkpoint is from the real base to ``report``; the text line."""
+    from surgeon.checkpoint import Checkpoint
+    from surgeon.ops.merge import compare
+
+    differences = compare(Checkpoint(output), Checkpoint(check_base))
+    worst = max(differences, key=lambda d: d.max_abs)
+    report["check"] = {
+        "base": str(check_base),
+        "max_abs_error": worst.max_abs,
+        "max_abs_error_key": worst.key,
+        "max_relative_error": max(d.relative for d in differences),
+    }
+    return (f"\ncheck against {check_base}: max abs error {worst.max_abs:.3g} (in {worst.key}), "
+            f"max relative error {report['check']['max_relative_error']:.3g}")
+
+
+@click.command(short_help="Subtract adapters from a merged checkpoint, recovering the base.")
+@click.argument("merged", type=INPUT)
+@click.argument("adapters", nargs=-1, required=True, type=INPUT)
+@OUTPUT_OPTION
+@click.option("-w", "--weight", "weights", multiple=True, type=float, help="The weights the adapters were merged with.")
+@click.option("--check", "check_base", type=INPUT, default=None,
+              help="The real base: report how far the restored checkpoint is from it (refused before anything is written "
+                   "when its tensors differ).")
+@_transform_options
+def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_size, format_name, force, allow_nonfinite,
+            as_json) -> None:
+    """Subtract ADAPTERS from a MERGED checkpoint, recovering the base: the inverse of merge.
+
+    DoRA updates and whole-module replacements (modules_to_save) cannot be undone from a merged
+    file, and are refused with the reason. Restoring a low-precision (bf16) checkpoint is exact
+    only up to that precision's round-off; --check BASE measures it.
+
+    \b
+    Example:
+      surgeon unmerge out/merged fixtures/tiny-llama-lora -o out/restored --check fixtures/tiny-llama
+    """
+    from surgeon.checkpoint import Checkpoint
+    from surgeon.ops.merge import check_comparable
+    from surgeon.ops.merge import unmerge as unmerge_op
+
+    if check_base:  # refused before anything is written, so a failed --check leaves no output
+        check_comparable(Checkpoint(merged), Checkpoint(check_base))
+    report = asdict(_run_transform(unmerge_op, merged, adapters, output, weights, format_name, dtype, device, shard_size,
+                                   force, allow_nonfinite, "MERGED"))
+    text = (f"unmerged {len(adapters)} adapter(s) from {report['changed']} of {report['tensors']} tensors "
+            f"in {report['seconds']:.2f}s -> {output}")
+    if check_base:
+        text += _check_against(report, output, check_base)
+    emit(report, as_json, text)
