@@ -17,7 +17,6 @@ from collections import Counter, defaultdict
 from typing import Iterable
 
 from surgeon.errors import SurgeonError
-from surgeon.formats.layouts import DIFFUSERS_COMPONENTS
 
 #: Kohya name prefixes and the diffusers pipeline component each one names. kohya uses
 #: ``lora_unet`` for every denoiser (Flux and SD3 transformers too); ``lora_te3`` is T5.
@@ -120,6 +119,8 @@ def component_of(module: str) -> tuple[str, str]:
     """(pipeline component, module path inside it) of a canonical key's module, read from its
     leading component (``unet.``, ``text_encoder_2.``); a bare path is the denoiser's, except a
     bare CLIP text model's (``text_model.``)."""
+    from surgeon.formats.layouts import DIFFUSERS_COMPONENTS  # layouts reads kohya names: imported when used
+
     head, _, rest = module.partition(".")
     if head in DIFFUSERS_COMPONENTS and rest:
         return head, rest

@@ -6,9 +6,9 @@ means, W ⊕ its deltas as surgeon reads them, which the format tests check agai
 (exit 1, ``Error: …``, no traceback). The refusals are pinned in :data:`REFUSED`, with the reason
 each must give, so that a cell that starts refusing, or stops, is noticed.
 
-Cells whose CLI flag is still missing (``compose``/``resize`` of adapters that only the base
-resolves: kohya, LyCORIS, GGUF, IA3) run through the library (:func:`read_adapters` with the base)
-and are marked ``library``.
+Adapters that only the base resolves (kohya, LyCORIS, GGUF, IA3, VeRA without its shapes) are
+composed and resized with ``--base``, as is a diffusers file composed with a PEFT adapter (the base
+names both alike).
 """
 
 from __future__ import annotations
@@ -24,15 +24,14 @@ from click.testing import CliRunner
 from fixtures import make_image_fixtures as fx
 from fixtures.make_fixtures import load_base, make_lora
 from surgeon import formats
-from surgeon.bundle import SPARSE_SUBDIR, write_result
+from surgeon.bundle import SPARSE_SUBDIR
 from surgeon.checkpoint import Checkpoint
 from surgeon.cli import main
 from surgeon.delta import Adapter, Sparse
 from surgeon.formats import sparse as sparse_format
 from surgeon.keys import bind_to_base
 from surgeon.ops.apply import apply_deltas
-from surgeon.ops.compose import compose, read_adapters, resize
-from surgeon.ops.rank import RankRule
+from surgeon.ops.compose import read_adapters
 
 peft = pytest.importorskip("peft")
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +153,7 @@ def _applied(adapter: Adapter, base: Checkpoint) -> dict[str, torch.Tensor]:
 
 
 class Cell:
-    """One command on one adapter: runs it, and says 'ok', 'library' or 'refused: …'."""
+    """One command on one adapter: runs it, and returns None (a checked result) or its one-line refusal."""
 
     def __init__(self, kind: str, path: Path, tmp: Path):
         self.kind, self.path, self.tmp, self.base = kind, path, tmp, Checkpoint(BASE)
@@ -195,25 +194,17 @@ class Cell:
     def compose(self) -> str | None:
         expected = _expected(self.path, self.base, _read(LORA, self.base))
         out = self.tmp / "composed"
-        if self.kind in COMPOSE_NEEDS_BASE:
-            result, _ = compose(read_adapters([self.path, LORA], base=self.base), [1.0, 1.0])
-            write_result(result, out, out)
-            refusal = "library"
-        else:
-            refusal = self.cli("compose", self.path, LORA, "-o", out)
-        if refusal in (None, "library"):
+        base = ["--base", BASE] if self.kind in COMPOSE_NEEDS_BASE else []
+        refusal = self.cli("compose", self.path, LORA, *base, "-o", out)
+        if refusal is None:
             self.check(_applied(_bundle(out, self.base), self.base), expected)
         return refusal
 
     def resize(self) -> str | None:
         out = self.tmp / "resized"
-        if self.kind in NEEDS_BASE:
-            result, _ = resize(_read(self.path, self.base), RankRule(rank=64))
-            write_result(result, out, out)
-            refusal = "library"
-        else:
-            refusal = self.cli("resize", self.path, "--rank", 64, "-o", out)
-        if refusal in (None, "library"):
+        base = ["--base", BASE] if self.kind in NEEDS_BASE else []
+        refusal = self.cli("resize", self.path, "--rank", 64, *base, "-o", out)
+        if refusal is None:
             self.check(_applied(_bundle(out, self.base), self.base), self.expected)
         return refusal
 
@@ -248,7 +239,7 @@ def test_every_command_takes_the_adapter_or_refuses_in_one_line(kinds, tmp_path,
     wrong = []
     for command, outcome in outcomes.items():
         reason = REFUSED.get((kind, command))
-        refused = outcome not in (None, "library")
+        refused = outcome is not None
         if refused != (reason is not None) or (refused and not any(p in outcome for p in reason.split("|"))):
             wrong.append(f"{command}: {outcome or 'ok'} (expected {reason or 'a result'})")
     assert not wrong, f"{kind}: " + "; ".join(wrong)

@@ -70,7 +70,7 @@ def test_resize_turns_a_peft_lokr_or_large_loha_into_a_lora_peft_loads(tuners, t
     path, truth = made[name]
     result = run("resize", path, "--rank", 64, "-o", tmp_path / "lora")
     assert result.exit_code == 0, result.output
-    assert formats.detect(tmp_path / "lora").NAME == "peft"
+    assert formats.detect(tmp_path / "lora").name == "peft"
     loaded = peft.PeftModel.from_pretrained(fx.TinyNet(), tmp_path / "lora").merge_and_unload().state_dict()
     base = Checkpoint(base_path)
     assert worst({k: loaded[k].double() - base.get(k).double() for k in truth}, truth) < 1e-5
@@ -88,7 +88,7 @@ def test_compose_cat_takes_a_peft_lokr_or_large_loha(tuners, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["ia3", "lokr-conv"])
 def test_adapters_that_need_the_base_compose_and_resize_against_it(tuners, tmp_path, name):
-    """Library route (the CLI's --base for compose/resize is pending): read_adapters(paths, base=...)."""
+    """The library route the CLI takes with --base: read_adapters(paths, base=...), then compose or resize."""
     base_path, made = tuners
     path, truth = made[name]
     base = Checkpoint(base_path)
@@ -218,3 +218,11 @@ def test_compose_refuses_two_names_for_one_parameter_without_the_base(tmp_path):
     loaded = read_adapters([tmp_path / "d.safetensors", lora], base=Checkpoint(ROOT / "fixtures" / "tiny-llama"))
     composed, _ = compose(loaded, [1.0, -1.0])
     assert max(float(v.abs().max()) for v in dense(composed).values()) < 1e-6
+
+
+def test_one_dtype_list_for_every_command():
+    """The CLI's torch-free --dtype choices and the library's dtype table name the same dtypes."""
+    from surgeon.cli.common import DTYPE_CHOICES
+    from surgeon.ops.merge import DTYPES
+
+    assert list(DTYPE_CHOICES) == ["auto", *DTYPES]
