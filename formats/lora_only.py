@@ -52,16 +52,17 @@ def refusal(format_name: str, key: str, delta: Delta) -> SurgeonError:
                         f"{_ADVICE.get(delta.kind, 'merge it into the base instead (surgeon merge)')}.")
 
 
-def _target(key: str, lows: list[LowRank], module_type: str, format_name: str, module_types, allow_dora: bool) -> Target:
+def _target(key: str, lows: list[LowRank], module_type: str, format_name: str, module_types,
+            allow_dora: bool) -> Target:
     if module_type not in module_types:
-        raise SurgeonError(f"cannot write {format_name}: {key!r} belongs to a module of kind {module_type!r}, and surgeon writes "
-                           f"{format_name} only for {' and '.join(module_types)} modules.")
+        raise SurgeonError(f"cannot write {format_name}: {key!r} belongs to a module of kind {module_type!r}, and "
+                           f"surgeon writes {format_name} only for {' and '.join(module_types)} modules.")
     if not key.endswith(".weight"):
         raise SurgeonError(f"cannot write {format_name}: the low-rank delta on {key!r} is not on a module weight.")
     delta = LowRank.stack(key, lows)
     if delta.is_dora and not allow_dora:
-        raise SurgeonError(f"cannot write {format_name}: {key!r} is a DoRA update, whose magnitude rescaling {format_name} "
-                           "cannot express; merge it into the base (surgeon merge) or convert to peft or mlx.")
+        raise SurgeonError(f"cannot write {format_name}: {key!r} is a DoRA update, whose magnitude rescaling "
+                           f"{format_name} cannot express; merge it into the base (surgeon merge) or convert to peft or mlx.")
     return Target(key, key[: -len(".weight")], delta, module_type)
 
 
@@ -79,7 +80,8 @@ def pick_targets(adapter: Adapter, format_name: str, module_types: tuple[str, ..
             if delta.factored() is None:
                 kept.append((key, delta))
         if lows:
-            targets.append(_target(key, lows, adapter.module_types.get(key, "linear"), format_name, module_types, allow_dora))
+            module_type = adapter.module_types.get(key, "linear")
+            targets.append(_target(key, lows, module_type, format_name, module_types, allow_dora))
             stacked += len(lows) > 1
     if not targets and not kept:
         raise SurgeonError(f"cannot write {format_name}: the adapter has no targets.")

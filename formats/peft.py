@@ -175,12 +175,14 @@ def _one_model(adapter: Adapter) -> tuple[Adapter, list[str]]:
     if adapter.source_format != "diffusers" or not heads or not set(heads) <= set(COMPONENTS):
         return adapter, []
     if len(heads) > 1:
-        raise SurgeonError(f"cannot write PEFT LoRA: the adapter patches several pipeline components ({', '.join(heads)}) "
-                           "and a PEFT adapter loads into one model; convert it to diffusers or kohya instead.")
+        raise SurgeonError(f"cannot write PEFT LoRA: the adapter patches several pipeline components "
+                           f"({', '.join(heads)}) and a PEFT adapter loads into one model; convert it to diffusers or "
+                           "kohya instead.")
     cut = len(heads[0]) + 1
     stripped = replace(adapter, deltas={k[cut:]: v for k, v in adapter.deltas.items()},
                        module_types={k[cut:]: v for k, v in adapter.module_types.items()})
-    return stripped, [f"the pipeline component prefix '{heads[0]}.' was dropped: PEFT loads the adapter into that model itself."]
+    note = f"the pipeline component prefix '{heads[0]}.' was dropped: PEFT loads the adapter into that model itself."
+    return stripped, [note]
 
 
 def write(adapter: Adapter, staging: Path) -> list[str]:
@@ -220,7 +222,8 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
                 if not listed and not (trains_bias and param == "bias"):
                     modules_to_save.add(module)
         elif param == "bias" and module in ranks:
-            tensors[f"{PREFIX}{module}.lora_B.bias"] = (delta.materialize(dtype=delta.stored_dtype) / scales[module]).contiguous()
+            bias = delta.materialize(dtype=delta.stored_dtype) / scales[module]
+            tensors[f"{PREFIX}{module}.lora_B.bias"] = bias.contiguous()
         else:
             raise refusal("PEFT LoRA", key, delta)
 

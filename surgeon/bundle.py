@@ -19,7 +19,12 @@ def split_result(adapter: Adapter) -> tuple[Adapter, Adapter]:
     replacements go to the first; sparse deltas, and other dense ones as sparse at density 1, to the second.
     Without any factor pair everything goes to the sparse diff, which holds replacements too."""
     low_modules = {k.rpartition(".")[0] for k, ds in adapter.items() for d in ds if d.factored() is not None}
-    lora = Adapter(source_format=adapter.source_format, base_model=adapter.base_model, config=adapter.config, metadata=adapter.metadata)
+    lora = Adapter(
+        source_format=adapter.source_format,
+        base_model=adapter.base_model,
+        config=adapter.config,
+        metadata=adapter.metadata,
+    )
     sparse = Adapter(source_format="compose", base_model=adapter.base_model, metadata=adapter.metadata)
     for key, deltas in adapter.items():
         module_type = adapter.module_types.get(key, "linear")

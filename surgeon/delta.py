@@ -197,10 +197,12 @@ class LowRank(Delta):
         if len(deltas) == 1:
             return deltas[0]
         if any(d.is_dora for d in deltas):
-            raise SurgeonError(f"{key!r} has several DoRA updates, which do not add up to one; merge them into the base first.")
+            raise SurgeonError(f"{key!r} has several DoRA updates, which do not add up to one; "
+                               "merge them into the base first.")
         scale = deltas[0].scale
         ups = [d.up if d.scale == scale else (d.up.float() * (d.scale / scale)).to(d.up.dtype) for d in deltas]
-        return cls(down=torch.cat([d.down for d in deltas]), up=torch.cat(ups, dim=1), scale=scale, shape=deltas[0].shape)
+        down = torch.cat([d.down for d in deltas])
+        return cls(down=down, up=torch.cat(ups, dim=1), scale=scale, shape=deltas[0].shape)
 
 
 class Dense(Delta):

@@ -21,11 +21,15 @@ def paired_keys(first: Checkpoint, second: Checkpoint, purpose: str) -> tuple[li
     floats = [(k, holder, other) for k, holder, other in one_sided if holder.info(k).dtype.is_floating_point]
     if floats:
         key, holder, _ = floats[0]
-        raise SurgeonError(f"{first.path} and {second.path} hold different tensors: the float parameter {key!r} is only in "
-                           f"{holder.path} ({len(floats)} such); {purpose}.")
+        raise SurgeonError(
+            f"{first.path} and {second.path} hold different tensors: the float parameter {key!r} is only in "
+            f"{holder.path} ({len(floats)} such); {purpose}."
+        )
     shared = [k for k in first.keys() if k in second]
     for key in shared:
         if first.info(key).shape != second.info(key).shape:
-            raise SurgeonError(f"{key!r} is {first.info(key).shape} in {first.path} but {second.info(key).shape} in "
-                               f"{second.path}; {purpose} (same architecture and vocabulary).")
+            raise SurgeonError(
+                f"{key!r} is {first.info(key).shape} in {first.path} but {second.info(key).shape} in "
+                f"{second.path}; {purpose} (same architecture and vocabulary)."
+            )
     return shared, [k for k, _, _ in one_sided]

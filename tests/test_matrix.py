@@ -45,20 +45,33 @@ NEEDS_BASE = {"kohya", "lycoris-loha", "lycoris-lokr", "lycoris-full", "gguf", "
 #: Kinds composed with a PEFT adapter only through the base, which names both alike (``unet.`` prefix).
 COMPOSE_NEEDS_BASE = NEEDS_BASE | {"diffusers"}
 #: Output names by format, as each writer expects them (a file or a directory).
-OUTPUT_NAMES = {"gguf": "out.gguf", "ort": "out.onnx_adapter", "diffusers": "out.safetensors", "kohya": "out.safetensors"}
+OUTPUT_NAMES = {
+    "gguf": "out.gguf",
+    "ort": "out.onnx_adapter",
+    "diffusers": "out.safetensors",
+    "kohya": "out.safetensors",
+}
 
 _LORA_ONLY = "holds only LoRA factors|cannot hold"
 _DENSE = "dense ΔW"
 #: (kind, command) → a phrase the one-line refusal must hold.
 REFUSED = {
     **{("peft-dora", c): "DoRA" for c in ("unmerge", "compose", "convert-gguf", "convert-ort", "convert-sparse")},
-    **{(k, c): _DENSE for k in ("peft-lokr", "peft-ia3", "lycoris-lokr", "lycoris-full")
-       for c in ("convert-peft", "convert-mlx", "convert-gguf", "convert-ort", "convert-diffusers", "convert-kohya")},
+    **{
+        (k, c): _DENSE
+        for k in ("peft-lokr", "peft-ia3", "lycoris-lokr", "lycoris-full")
+        for c in ("convert-peft", "convert-mlx", "convert-gguf", "convert-ort", "convert-diffusers", "convert-kohya")
+    },
     ("peft-ia3", "unmerge"): "(IA)³",
-    **{(k, "convert-sparse"): "LoRA delta" for k in ("peft-lora", "peft-loha", "peft-vera", "kohya", "lycoris-loha", "diffusers",
-                                                     "mlx", "gguf", "ort")},
-    **{(k, c): "sparse ΔW" for k in ("sparse",)
-       for c in ("convert-peft", "convert-mlx", "convert-gguf", "convert-ort", "convert-diffusers", "convert-kohya")},
+    **{
+        (k, "convert-sparse"): "LoRA delta"
+        for k in ("peft-lora", "peft-loha", "peft-vera", "kohya", "lycoris-loha", "diffusers", "mlx", "gguf", "ort")
+    },
+    **{
+        (k, c): "sparse ΔW"
+        for k in ("sparse",)
+        for c in ("convert-peft", "convert-mlx", "convert-gguf", "convert-ort", "convert-diffusers", "convert-kohya")
+    },
 }
 
 
@@ -96,16 +109,25 @@ def kinds(tmp_path_factory) -> dict[str, Path]:
         made["peft-dora"] = root / "dora"
         references = {
             "peft-loha": _peft_tuner(peft.LoHaConfig(r=2, alpha=3, target_modules=ATTENTION), root / "loha"),
-            "peft-lokr": _peft_tuner(peft.LoKrConfig(r=2, alpha=3, target_modules=ATTENTION, decompose_both=True), root / "lokr"),
-            "peft-ia3": _peft_tuner(peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]), root / "ia3"),
+            "peft-lokr": _peft_tuner(
+                peft.LoKrConfig(r=2, alpha=3, target_modules=ATTENTION, decompose_both=True), root / "lokr"
+            ),
+            "peft-ia3": _peft_tuner(
+                peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]), root / "ia3"
+            ),
             "peft-vera": _peft_tuner(peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]), root / "vera"),
         }
         made.update({kind: root / kind.removeprefix("peft-") for kind in references})
         for algo, kwargs in (("loha", {}), ("lokr", {"factor": 4}), ("full", {})):
             _lycoris(algo, root / f"lycoris-{algo}.safetensors", **kwargs)
             made[f"lycoris-{algo}"] = root / f"lycoris-{algo}.safetensors"
-        for fmt, name in (("kohya", "k.safetensors"), ("diffusers", "d.safetensors"), ("mlx", "mlx"), ("gguf", "a.gguf"),
-                          ("ort", "a.onnx_adapter")):
+        for fmt, name in (
+            ("kohya", "k.safetensors"),
+            ("diffusers", "d.safetensors"),
+            ("mlx", "mlx"),
+            ("gguf", "a.gguf"),
+            ("ort", "a.onnx_adapter"),
+        ):
             _convert(LORA, fmt, root / name)
             made[fmt] = root / name
         _sparse(root / "sparse")
@@ -164,7 +186,11 @@ class Cell:
         if result.exit_code == 0:
             return None
         lines = result.output.strip().splitlines()
-        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), (self.kind, args, result.output)
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), (
+            self.kind,
+            args,
+            result.output,
+        )
         assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
         return lines[0]
 
@@ -174,7 +200,9 @@ class Cell:
     def inspect(self) -> str | None:
         result = CliRunner().invoke(main, ["inspect", str(self.path), "--base", str(BASE), "--json"])
         assert result.exit_code == 0, result.output
-        assert set(json.loads(result.output)["deltas"]) <= {"LoRA", "DoRA", "dense", "sparse", "replacement"}, result.output
+        assert set(json.loads(result.output)["deltas"]) <= {"LoRA", "DoRA", "dense", "sparse", "replacement"}, (
+            result.output
+        )
         return None
 
     def merge(self) -> str | None:
@@ -222,8 +250,23 @@ class Cell:
         return getattr(self, command)()
 
 
-KINDS = ["peft-lora", "peft-dora", "peft-loha", "peft-lokr", "peft-ia3", "peft-vera", "kohya", "lycoris-loha", "lycoris-lokr",
-         "lycoris-full", "diffusers", "mlx", "gguf", "ort", "sparse"]
+KINDS = [
+    "peft-lora",
+    "peft-dora",
+    "peft-loha",
+    "peft-lokr",
+    "peft-ia3",
+    "peft-vera",
+    "kohya",
+    "lycoris-loha",
+    "lycoris-lokr",
+    "lycoris-full",
+    "diffusers",
+    "mlx",
+    "gguf",
+    "ort",
+    "sparse",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)

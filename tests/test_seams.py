@@ -30,7 +30,9 @@ TUNERS = {
     "lokr": lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=LINEAR, decompose_both=True, decompose_factor=2),
     "loha-large": lambda: peft.LoHaConfig(r=4, alpha=3, target_modules=LINEAR),  # r²(m+k) > m·k: a dense ΔW
     # a convolution's kernel is not in these files: only the base tells it
-    "lokr-conv": lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=LINEAR + CONV, decompose_both=True, decompose_factor=2),
+    "lokr-conv": lambda: peft.LoKrConfig(
+        r=2, alpha=3, target_modules=LINEAR + CONV, decompose_both=True, decompose_factor=2
+    ),
     "ia3": lambda: peft.IA3Config(target_modules=LINEAR + CONV, feedforward_modules=["fc2"]),
 }
 
@@ -59,8 +61,14 @@ def tuners(tmp_path_factory):
         made = {}
         for name, config in TUNERS.items():
             merged = fx.peft_tuner(config(), fx.TinyNet(), root / name).merge_and_unload().state_dict()
-            made[name] = (root / name, {k: merged[k].double() - base.get(k).double() for k in base.keys()
-                                        if not torch.equal(merged[k], base.get(k))})
+            made[name] = (
+                root / name,
+                {
+                    k: merged[k].double() - base.get(k).double()
+                    for k in base.keys()
+                    if not torch.equal(merged[k], base.get(k))
+                },
+            )
         yield base_path, made
 
 
@@ -97,8 +105,11 @@ def test_adapters_that_need_the_base_compose_and_resize_against_it(tuners, tmp_p
     assert worst(dense(composed), {k: 2 * v for k, v in truth.items()}) < 1e-6
     resized, _ = resize(adapter, RankRule(rank=64))
     weights = {k: v for k, v in truth.items() if k.endswith(".weight")}
-    write_result(Adapter(deltas={k: resized.deltas[k] for k in weights}, module_types=resized.module_types),
-                 tmp_path / "lora", tmp_path / "lora")
+    write_result(
+        Adapter(deltas={k: resized.deltas[k] for k in weights}, module_types=resized.module_types),
+        tmp_path / "lora",
+        tmp_path / "lora",
+    )
     loaded = peft.PeftModel.from_pretrained(fx.TinyNet(), tmp_path / "lora").merge_and_unload().state_dict()
     assert worst({k: loaded[k].double() - base.get(k).double() for k in weights}, weights) < 1e-5
 
@@ -144,13 +155,19 @@ def test_a_diffusers_unet_lora_converted_to_peft_loads_into_the_unet(tmp_path):
     with fx.single_thread():
         unet = fx.add_lora(fx.tiny_unet(), target_modules=["to_q", "to_k", "to_v", "to_out.0"])
         truth = fx.lora_deltas(unet)
-        StableDiffusionPipeline.save_lora_weights(str(tmp_path / "d"), unet_lora_layers=get_peft_model_state_dict(unet),
-                                                  unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        StableDiffusionPipeline.save_lora_weights(
+            str(tmp_path / "d"),
+            unet_lora_layers=get_peft_model_state_dict(unet),
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        )
         result = run("convert", tmp_path / "d", "--to", "peft", "-o", tmp_path / "peft")
         assert result.exit_code == 0, result.output
         merged = peft.PeftModel.from_pretrained(fx.tiny_unet(), tmp_path / "peft").merge_and_unload().state_dict()
         base = fx.tiny_unet().state_dict()
-    assert worst({k: merged[k].double() - base[k].double() for k in truth}, {k: v.double() for k, v in truth.items()}) < 1e-5
+    assert (
+        worst({k: merged[k].double() - base[k].double() for k in truth}, {k: v.double() for k, v in truth.items()})
+        < 1e-5
+    )
     assert "'unet.'" in result.output  # the note says the component prefix was dropped
 
 
@@ -192,7 +209,16 @@ def test_unmerge_check_compares_against_a_base_without_the_buffer(bert_pair, tmp
     base, tuned = bert_pair
     lora = ROOT / "fixtures" / "tiny-bert-lora"
     assert run("merge", base, lora, "-o", tmp_path / "merged").exit_code == 0
-    result = run("unmerge", tmp_path / "merged", lora, "-o", tmp_path / "restored", "--check", ROOT / "fixtures" / "tiny-bert", "--json")
+    result = run(
+        "unmerge",
+        tmp_path / "merged",
+        lora,
+        "-o",
+        tmp_path / "restored",
+        "--check",
+        ROOT / "fixtures" / "tiny-bert",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["check"]["max_abs_error"] < 1e-5
 
