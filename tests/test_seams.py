@@ -201,7 +201,7 @@ def test_extract_skips_a_buffer_save_pretrained_dropped(bert_pair, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     skipped = {r["key"]: r for r in report["modules"] if r["action"] == "skipped"}
-    assert "embeddings.position_ids" in skipped
+    assert "embeddings.position_ids" in skipped and report["one_sided"] == ["embeddings.position_ids"]
     assert report["targets"] == 2 and report["max_relative_error"] < 1e-5
 
 

@@ -168,7 +168,8 @@ def render(report: dict) -> str:
     lines += [
         "",
         f"{report['changed']} of {report['tensors']} tensors changed: {report['targets']} extracted (rank {ranks}), "
-        f"{report['replaced']} kept whole, {report['skipped']} skipped.",
+        f"{report['replaced']} kept whole, {report['skipped']} skipped"
+        + (f"; {len(report['one_sided'])} non-float tensors in one checkpoint only left out." if report["one_sided"] else "."),
         f"relative error: mean {_fmt(report['mean_relative_error'], '.3e')}, max {_fmt(report['max_relative_error'], '.3e')}; "
         f"adapter {report['adapter_bytes'] / 1e6:.2f} MB = {ratio:.1%} of the full delta ({report['full_delta_bytes'] / 1e6:.2f} MB); "
         f"{report['seconds']:.2f}s.",

@@ -123,13 +123,15 @@ class Extraction:
         targets = [r for r in self.rows if r.action in ("lora", "sparse")]
         errors = [r.relative_error_with_sparse if r.relative_error_with_sparse is not None else r.relative_error for r in targets]
         ranks = [r.rank for r in targets if r.action == "lora"]
+        one_sided = [r.key for r in self.rows if r.reason == _ONE_SIDED]
         return {
             "tensors": self.tensors,
             "unchanged": self.unchanged,
-            "changed": len(self.rows),
+            "changed": len(self.rows) - len(one_sided),
             "targets": len(targets),
             "replaced": sum(r.action == "replace" for r in self.rows),
-            "skipped": sum(r.action == "skipped" for r in self.rows),
+            "skipped": sum(r.action == "skipped" for r in self.rows) - len(one_sided),
+            "one_sided": one_sided,
             "rank": {"min": min(ranks), "max": max(ranks), "mean": sum(ranks) / len(ranks)} if ranks else None,
             "mean_relative_error": sum(errors) / len(errors) if errors else None,
             "max_relative_error": max(errors) if errors else None,
