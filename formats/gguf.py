@@ -23,7 +23,7 @@ import torch
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError, missing_extra
-from surgeon.formats.lora_only import combined_note, differs, fold, lora_targets, most_common
+from surgeon.formats.lora_only import differs, fold, most_common, pick_targets
 
 NAME = "gguf"
 METADATA_PREFIX = "surgeon.metadata."
@@ -141,7 +141,8 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     into lora_b, and the notes say so."""
     gguf = _gguf()
     layout = _Layout(base, "cannot write GGUF")
-    targets = lora_targets(adapter, NAME, ("linear", "embedding"))
+    picked = pick_targets(adapter, NAME, ("linear", "embedding"))
+    targets = picked.targets
     alpha = most_common(t.delta.scale * t.delta.rank for t in targets)
     writer = gguf.GGUFWriter(str(staging), layout.arch_name)
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -173,7 +174,7 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     writer.write_tensors_to_file()
     writer.close()
 
-    notes = combined_note(adapter)
+    notes = picked.notes
     if folded:
         notes.append(f"{folded} of {len(targets)} modules have a scale other than alpha/rank with alpha={float(alpha):g} "
                      "(rsLoRA or per-module alphas); it is folded into their lora_b.")

@@ -25,7 +25,8 @@ from surgeon.errors import SurgeonError
 from surgeon.formats.layouts import MLX_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import MLX_WEIGHTS as WEIGHT_FILE
 from surgeon.formats.adapter_config import check_mlx
-from surgeon.formats.lora_only import (combined_note, differs, fold, lora_targets, most_common,
+from surgeon.keys import embedding_name
+from surgeon.formats.lora_only import (differs, fold, most_common, pick_targets,
                                        trailing_zero_rank)
 
 NAME = "mlx"
@@ -42,7 +43,7 @@ def _is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base) -> bool:
         linear, embedding = (b.shape[1], a.shape[0]), (a.shape[0], b.shape[1])
         if (shape == linear) != (shape == embedding):
             return shape == embedding
-    return bool(re.search(r"(embed|wte|wpe)", module.rsplit(".", 1)[-1]))
+    return embedding_name(module)
 
 
 def read(path: Path, base=None) -> Adapter:
@@ -117,7 +118,8 @@ def _keys_and_layers(modules: list[str], base, source_layers: int | None) -> tup
 
 def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     """Write an mlx-lm adapter directory that ``mlx_lm.tuner.utils.load_adapters`` loads."""
-    targets = lora_targets(adapter, NAME, ("linear", "embedding"), allow_dora=True)
+    picked = pick_targets(adapter, NAME, ("linear", "embedding"), allow_dora=True)
+    targets = picked.targets
     dora = {t.delta.is_dora for t in targets}
     if len(dora) > 1:
         raise SurgeonError("cannot write mlx: some modules are DoRA and some are not, and mlx-lm's fine_tune_type is one for the adapter.")
@@ -152,7 +154,7 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, staging / WEIGHT_FILE, metadata={**adapter.metadata, "format": "mlx"})
 
-    notes = combined_note(adapter) + notes
+    notes = picked.notes + notes
     if padded:
         notes.append(f"{padded} of {len(targets)} modules zero-padded to rank {rank}: mlx-lm has one rank per adapter.")
     if folded:

@@ -89,18 +89,18 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
     tensors: dict[str, torch.Tensor] = {}
     entries = 0
     for key, deltas in adapter.items():
-        sparse = [d for d in deltas if isinstance(d, Sparse)]
-        others = [d for d in deltas if not isinstance(d, (Sparse, Replace))]
+        sparse = [Sparse.of(d) for d in deltas if d.additive and d.factored() is None]
+        others = [d for d in deltas if not d.replaces and d.factored() is not None]
         if others:
             raise SurgeonError(
-                f"cannot write a sparse diff: {key!r} has a {type(others[0]).__name__} delta; "
+                f"cannot write a sparse diff: {key!r} has a {others[0].kind} delta; "
                 "write low-rank deltas as PEFT, or sparsify them first."
             )
-        replaces = [i for i, d in enumerate(deltas) if isinstance(d, Replace)]
+        replaces = [i for i, d in enumerate(deltas) if d.replaces]
         if replaces and replaces != [0]:
             raise SurgeonError(f"cannot write a sparse diff: {key!r} is replaced after other deltas, which the format cannot order; keep one replacement, first.")
         if replaces:
-            tensors[f"{key}.replace"] = deltas[0].weight.contiguous()
+            tensors[f"{key}.replace"] = deltas[0].materialize(dtype=deltas[0].stored_dtype).contiguous()
         if sparse:
             shape = sparse[0].shape
             if any(d.shape != shape for d in sparse):

@@ -34,15 +34,9 @@ def _group_name(key: str) -> str:
 
 
 def _low_rank_label(rank: int, scale: float, dora: bool) -> str:
+    """What the header-only summary calls a low-rank delta: :attr:`surgeon.delta.LowRank.label`'s
+    words, without importing torch."""
     return f"{'DoRA' if dora else 'LoRA'} r={rank} scale={scale:g}"
-
-
-def _delta_label(delta) -> str:
-    from surgeon.delta import LowRank
-
-    if isinstance(delta, LowRank):
-        return _low_rank_label(delta.rank, delta.scale, delta.is_dora)
-    return type(delta).__name__.lower()
 
 
 def _describe(values) -> object:
@@ -60,7 +54,7 @@ def adapter_summary(adapter: "Adapter", path: Path, format_description: str) -> 
     groups: Counter = Counter()
     for key, deltas in adapter.items():
         for delta in deltas:
-            groups[(_group_name(key), _delta_label(delta))] += 1
+            groups[(_group_name(key), delta.label)] += 1
     return {
         "path": str(path),
         "kind": "adapter",
@@ -117,7 +111,7 @@ def _peft_lora_modules(entries: dict) -> tuple[dict[str, dict], dict[str, list[t
         elif ".lora_" in key:
             raise SurgeonError(f"{name}: a LoRA part surgeon does not know")
         else:
-            deltas.setdefault(key.replace(".base_layer.", ".").replace(".modules_to_save.", "."), []).append(("Replace", "replace"))
+            deltas.setdefault(key.replace(".base_layer.", ".").replace(".modules_to_save.", "."), []).append(("replacement", "replacement"))
     return modules, deltas
 
 
@@ -136,9 +130,9 @@ def _peft_lora_deltas(config: dict, entries: dict, where: Path) -> tuple[dict[st
         scale = scale_of(alpha, rank, bool(config.get("use_rslora", False)))
         dora = "lora_magnitude_vector" in parts
         low.append((rank, scale))
-        deltas.setdefault(module + ".weight", []).append(("DoRA" if dora else "LowRank", _low_rank_label(rank, scale, dora)))
+        deltas.setdefault(module + ".weight", []).append(("DoRA" if dora else "LoRA", _low_rank_label(rank, scale, dora)))
         if "lora_B.bias" in parts:
-            deltas.setdefault(module + ".bias", []).append(("Dense", "dense"))
+            deltas.setdefault(module + ".bias", []).append(("dense", "dense"))
     return deltas, low
 
 

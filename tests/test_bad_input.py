@@ -117,7 +117,7 @@ def test_corrupt_base_file_gets_the_same_error(base, adapter, tmp_path, corrupti
 
 @pytest.mark.parametrize("weight", ["inf", "-inf", "nan", "1e39"])
 def test_nonfinite_weight_is_refused_before_any_work(base, adapter, tmp_path, weight):
-    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out", "-w", weight), f"--weight {float(weight)}", "finite")
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out", "-w", weight), f"weight {float(weight)}", "finite")
     assert not (tmp_path / "out").exists()
 
 
@@ -319,7 +319,7 @@ def test_gguf_needs_sound_head_and_layer_counts(base, adapter, tmp_path, changes
 
 @pytest.mark.parametrize("device", ["meta", "mps"])
 def test_device_that_cannot_hold_results_is_refused(base, adapter, tmp_path, device):
-    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out", "--device", device), f"unknown --device {device!r}")
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out", "--device", device), f"unknown device {device!r}")
 
 
 # -- item 12: Hub paths stay inside the repository's cache folder ------------------------------------

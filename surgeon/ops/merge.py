@@ -20,9 +20,10 @@ from typing import Callable, Sequence
 import torch
 
 from surgeon.checkpoint import Checkpoint, StreamingWriter, TensorInfo
-from surgeon.delta import FP32_MAX, Adapter, Delta, LowRank, all_finite
+from surgeon.delta import FP32_MAX, Adapter, Delta, all_finite
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
+from surgeon.layout import paired_keys
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,13 +46,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SurgeonError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu.")
+        raise SurgeonError("device cuda was asked for, but torch sees no CUDA device; use device cpu.")
     try:
         device = torch.device(name)
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):  # meta, mps, ...: tensors there cannot be written
-        raise SurgeonError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N.")
+        raise SurgeonError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N.")
     return device
 
 
@@ -66,7 +67,7 @@ def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_non
             if bad:
                 raise SurgeonError(
                     f"{where}: the delta for {bad[0]!r} holds NaN or Inf ({len(bad)} such keys); "
-                    "fix the adapter or pass --allow-nonfinite."
+                    "fix the adapter or allow non-finite values."
                 )
         bound.append(adapter)
     return bound
@@ -201,10 +202,10 @@ def one_weight_each(weights: Sequence[float] | None, inputs: Sequence, what: str
     counts differ. (torch's addmm_ treats a NaN alpha as 1, so a NaN weight would merge silently.)"""
     weights = [float(w) for w in weights] if weights else [1.0] * len(inputs)
     if len(weights) != len(inputs):
-        raise SurgeonError(f"got {len(weights)} --weight values for {len(inputs)} {what}; give one per input or none.")
+        raise SurgeonError(f"got {len(weights)} weights for {len(inputs)} {what}; give one per input or none.")
     bad = next((w for w in weights if not abs(w) <= FP32_MAX), None)  # NaN fails the comparison too
     if bad is not None:
-        raise SurgeonError(f"--weight {bad} is not a finite number within fp32's range; give each input a finite weight.")
+        raise SurgeonError(f"weight {bad} is not a finite number within fp32's range; give each input a finite weight.")
     return weights
 
 
@@ -221,8 +222,8 @@ def merge(
     weights = one_weight_each(weights, adapters)
     bound = prepare(adapters, base, allow_nonfinite)
     for adapter, weight, (_, where) in zip(bound, weights, adapters):
-        if weight != 1.0 and any(isinstance(d, LowRank) and d.is_dora for ds in adapter.deltas.values() for d in ds):
-            raise SurgeonError(f"{where}: a DoRA adapter rescales whole rows, so a weight other than 1 has no defined meaning; drop --weight for it.")
+        if weight != 1.0 and not all(d.scalable for ds in adapter.deltas.values() for d in ds):
+            raise SurgeonError(f"{where}: a DoRA adapter rescales whole rows, so a weight other than 1 has no defined meaning; give it weight 1.")
     return transform_checkpoint(base, _deltas_by_key(bound, weights), out, allow_nonfinite=allow_nonfinite, **options)
 
 
@@ -253,22 +254,19 @@ class Difference:
     relative: float
 
 
-def check_comparable(a: Checkpoint, b: Checkpoint) -> None:
-    """Refuse two checkpoints that do not hold the same tensors with the same shapes; asked from the
-    headers alone, so that ``unmerge --check`` can refuse a wrong base before writing anything."""
-    if set(a.keys()) != set(b.keys()):
-        only = sorted(set(a.keys()) ^ set(b.keys()))
-        raise SurgeonError(f"{a.path} and {b.path} hold different tensors (e.g. {only[0]!r}); they cannot be compared.")
-    for key in a.keys():
-        if a.info(key).shape != b.info(key).shape:
-            raise SurgeonError(f"{key!r} is {a.info(key).shape} in {a.path} but {b.info(key).shape} in {b.path}.")
+def check_comparable(a: Checkpoint, b: Checkpoint) -> list[str]:
+    """The keys two checkpoints of one model both hold, or an error (:func:`surgeon.layout.paired_keys`);
+    asked from the headers alone, so that ``unmerge --check`` can refuse a wrong base before writing anything."""
+    keys, _ = paired_keys(a, b, "they are not the same model and cannot be compared")
+    return keys
 
 
 def compare(a: Checkpoint, b: Checkpoint) -> list[Difference]:
-    """Per-tensor max absolute and relative Frobenius difference of two checkpoints with the same keys."""
-    check_comparable(a, b)
+    """Per-tensor max absolute and relative Frobenius difference of two checkpoints of one model
+    (non-float tensors that only one holds are left out, see :mod:`surgeon.layout`)."""
+    keys = check_comparable(a, b)
     found = []
-    for key in a.keys():
+    for key in keys:
         x = a.get(key).to(torch.float64)
         y = b.get(key).to(torch.float64)
         diff = x - y
