@@ -36,14 +36,14 @@ from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter, Delta, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
 from surgeon.keys import embedding_name, key_generator
-from surgeon.layout import paired_keys
+from surgeon.pairing import paired_keys
 from surgeon.formats.sparse import index_dtype
 from surgeon.ops.norms import frobenius_norm
 from surgeon.ops.rank import RankRule
 from surgeon.ops.svd import factor_split, truncated_svd
 
 EMBEDDING_CHOICES = ("skip", "lora", "full")
-#: Why a key that only one checkpoint holds is left out (see surgeon/layout.py).
+#: Why a key that only one checkpoint holds is left out (see surgeon/pairing.py).
 _ONE_SIDED = "in one checkpoint only, and not a float parameter (a buffer such as position_ids)"
 SPLIT_CHOICES = ("balanced", "up", "down")
 MAX_WORKERS = 4

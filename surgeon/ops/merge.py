@@ -23,7 +23,7 @@ from surgeon.checkpoint import Checkpoint, StreamingWriter, TensorInfo
 from surgeon.delta import FP32_MAX, Adapter, Delta, all_finite
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
-from surgeon.layout import paired_keys
+from surgeon.pairing import paired_keys
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -255,7 +255,7 @@ class Difference:
 
 
 def check_comparable(a: Checkpoint, b: Checkpoint) -> list[str]:
-    """The keys two checkpoints of one model both hold, or an error (:func:`surgeon.layout.paired_keys`);
+    """The keys two checkpoints of one model both hold, or an error (:func:`surgeon.pairing.paired_keys`);
     asked from the headers alone, so that ``unmerge --check`` can refuse a wrong base before writing anything."""
     keys, _ = paired_keys(a, b, "they are not the same model and cannot be compared")
     return keys
@@ -263,7 +263,7 @@ def check_comparable(a: Checkpoint, b: Checkpoint) -> list[str]:
 
 def compare(a: Checkpoint, b: Checkpoint) -> list[Difference]:
     """Per-tensor max absolute and relative Frobenius difference of two checkpoints of one model
-    (non-float tensors that only one holds are left out, see :mod:`surgeon.layout`)."""
+    (non-float tensors that only one holds are left out, see :mod:`surgeon.pairing`)."""
     keys = check_comparable(a, b)
     found = []
     for key in keys:

@@ -17,7 +17,7 @@ from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Dense
 from surgeon.errors import SurgeonError
 from surgeon.keys import key_generator
-from surgeon.layout import paired_keys
+from surgeon.pairing import paired_keys
 from surgeon.ops.compose import DENSE_METHODS, ComposeOptions, combine_dense
 from surgeon.ops.merge import MergeReport, one_weight_each, transform_checkpoint
 
