@@ -7,7 +7,6 @@ writers import their file names from here: one place says what a format's files 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -34,15 +33,6 @@ LYCORIS_REFUSED = {
     "bias_indices": "a sparse residual from lycoris extract_diff, which no LyCORIS loader applies",
 }
 _DIFFUSERS_HINT = re.compile(r"(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer|_lora\.down|_lora\.up)")
-
-
-def json_object(file: Path) -> dict | None:
-    """A JSON file's top-level object, or None where the file is missing, unreadable or no object."""
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def header_keys(path: Path) -> list[str] | None:
