@@ -221,10 +221,12 @@ def _one_or_all(values) -> object:
     return found[0] if len(found) == 1 else "/".join(map(str, found))
 
 
-def compute_dtype(config: dict) -> str | None:
-    """The dtype a 4-bit model computes in (``bnb_4bit_compute_dtype``), the natural dtype to merge into."""
+def dequantized_dtype(config: dict) -> str:
+    """The dtype to write a dequantized model in: the one its 4-bit layers computed in
+    (``bnb_4bit_compute_dtype``), else bfloat16, the usual dtype of the models people quantize."""
     value = (config.get("quantization_config") or {}).get("bnb_4bit_compute_dtype")
-    return value.removeprefix("torch.") if isinstance(value, str) and value.removeprefix("torch.") in FLOAT_DTYPES else None
+    name = value.removeprefix("torch.") if isinstance(value, str) else None
+    return name if name in FLOAT_DTYPES and config["quantization_config"].get("load_in_4bit", True) else "bfloat16"
 
 
 # --- dequantizing (torch) -------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from surgeon.delta import Adapter, Delta, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
+from surgeon.quantized import dequantized_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -81,12 +82,14 @@ def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None) -> None
     for path in base.extra_files():
         shutil.copy2(path, out / path.name)
     config = out / "config.json"
-    if dtype is not None and config.is_file():
-        # The copy must describe the weights next to it; a changed dtype is the one edit we make.
+    if (dtype is not None or base.quantized) and config.is_file():
+        # The copy must describe the weights next to it: their dtype, and no quantization once dequantized.
         data = json.loads(config.read_text())
         for name in ("torch_dtype", "dtype"):
-            if name in data:
+            if name in data and dtype is not None:
                 data[name] = _CONFIG_DTYPE_NAMES[dtype]
+        if base.quantized:
+            data.pop("quantization_config", None)
         config.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -127,10 +130,13 @@ def transform_checkpoint(
     """Write ``base`` with ``plan``'s deltas applied (or removed, with ``undo``) into ``out``.
 
     Float tensors are computed in fp32 on ``device`` and cast to ``dtype`` (default: each tensor's
-    own dtype); tensors without deltas are copied, cast only when ``dtype`` asks for it.
+    own dtype; for a quantized base, the dtype it computes in); tensors without deltas are copied,
+    cast only when ``dtype`` asks for it.
     ``metadata`` goes into every shard's header (surgeon records how the file was made there).
     """
     started = time.perf_counter()
+    if dtype is None and base.quantized:
+        dtype = getattr(torch, dequantized_dtype(base.config()))
 
     def out_dtype(info: TensorInfo) -> torch.dtype:
         return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
