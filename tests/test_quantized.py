@@ -240,3 +240,21 @@ def test_corrupt_quant_state_is_one_line_naming_the_tensor(corruption, bnb_check
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error:") and repr(KEY) in lines[0] and words in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_export_onnx_of_a_bitsandbytes_checkpoint_runs_as_the_dequantized_model(bnb_checkpoints, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path, _ = bnb_checkpoints["gpt2-fp4"]
+    graph = tmp_path / "model.onnx"
+    result = CliRunner().invoke(main, ["export-onnx", str(path), "-o", str(graph), "--exporter", "legacy", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["verified"] is True
+    _quiet()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, device_map="cpu").dequantize().float().eval()
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.numpy()
+    session = ort.InferenceSession(str(graph))
+    feed = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
+    got = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})[0]
+    assert abs(got - expected).max() < 1e-4
