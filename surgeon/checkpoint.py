@@ -123,7 +123,7 @@ class Checkpoint:
         """A bitsandbytes checkpoint is shown as the float weights it stands for: its quantized parts
         leave the listing, and each weight's info becomes the dequantized one (surgeon/quantized.py)."""
         entries = {key: (_DTYPE_NAMES[info.dtype], info.shape) for key, info in self._info.items()}
-        found = find_quantized(entries, self._read_bytes, self.config(), self.path)
+        found = find_quantized(entries, self._read_bytes, self.config, self.path)
         for key in stored_parts(found):
             del self._info[key]
         for key, weight in found.items():

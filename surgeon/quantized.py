@@ -171,12 +171,16 @@ def _orphans(entries: Entries, found: dict[str, QuantizedWeight], where: object)
             raise _bad(base, where, f"has {name!r} but no quant_state.bitsandbytes__nf4/fp4 to read it with")
 
 
-def find_quantized(entries: Entries, read_bytes: Callable[[list[str]], dict[str, bytes]], config: dict,
+def find_quantized(entries: Entries, read_bytes: Callable[[list[str]], dict[str, bytes]], config_of: Callable[[], dict],
                    where: object) -> dict[str, QuantizedWeight]:
     """Every bitsandbytes-quantized weight among ``entries`` by its logical key, checked for a
-    consistent layout; ``read_bytes`` reads the (small) quant-state tensors. Empty for a float checkpoint."""
+    consistent layout; ``read_bytes`` reads the (small) quant-state tensors, ``config_of`` the
+    model's config (read only for a quantized checkpoint). Empty for a float checkpoint."""
     states = {name: match for name in entries if (match := _QUANT_STATE.match(name))}
-    raw = read_bytes(list(states)) if states else {}
+    if not states and not any(name.endswith(".SCB") for name in entries):
+        _orphans(entries, {}, where)
+        return {}
+    raw, config = read_bytes(list(states)), config_of()
     found = {}
     for name, match in states.items():
         state = _state_json(match["weight"], raw[name], where)
@@ -241,23 +245,22 @@ def _table(quant_type: str) -> "torch.Tensor":
     return table.div_(table.abs().max())  # as bitsandbytes computes it, so the fp32 values are the same
 
 
-def _blockwise(values: "torch.Tensor", scales: "torch.Tensor", blocksize: int) -> "torch.Tensor":
-    """``values[i] * scales[i // blocksize]`` in fp32; the last block may be short."""
-    import torch
-
-    count = values.numel()
-    padded = torch.nn.functional.pad(values, (0, -count % blocksize))
-    return (padded.view(-1, blocksize) * scales.view(-1, 1)).reshape(-1)[:count]
+def _scale_blocks(values: "torch.Tensor", scales: "torch.Tensor", blocksize: int) -> "torch.Tensor":
+    """``values[i] * scales[i // blocksize]`` in fp32, in place; the last block may be short."""
+    full = values.numel() // blocksize * blocksize
+    values[:full].view(-1, blocksize).mul_(scales[: full // blocksize].view(-1, 1))
+    values[full:].mul_(scales[full // blocksize:])
+    return values
 
 
 def _absmax(weight: QuantizedWeight, read: Callable[[str], "torch.Tensor"]) -> "torch.Tensor":
     import torch
 
-    absmax = read(weight.parts["absmax"])
+    absmax = read(weight.parts["absmax"]).reshape(-1)
     if "nested_absmax" not in weight.parts:
-        return absmax.reshape(-1).float()
-    codes = read(weight.parts["nested_quant_map"]).reshape(-1)[absmax.reshape(-1).long()]
-    scaled = _blockwise(codes, read(weight.parts["nested_absmax"]).reshape(-1), weight.state["nested_blocksize"])
+        return absmax.float()
+    codes = read(weight.parts["nested_quant_map"]).reshape(-1)[absmax.long()]
+    scaled = _scale_blocks(codes, read(weight.parts["nested_absmax"]).reshape(-1), weight.state["nested_blocksize"])
     return scaled + torch.tensor(float(weight.state["nested_offset"]), dtype=torch.float32)
 
 
@@ -267,10 +270,11 @@ def _four_bit_values(weight: QuantizedWeight, read: Callable[[str], "torch.Tenso
     table = _table(weight.state["quant_type"])
     if not torch.equal(read(weight.parts["quant_map"]).reshape(-1), table):
         raise _bad(weight.key, where, f"has a quant_map that is not the {weight.state['quant_type']} table")
+    # One lookup per byte, in a table of (high nibble, low nibble) value pairs: no per-code index tensor.
+    pairs = torch.stack([table.repeat_interleave(16), table.repeat(16)], dim=1)
     packed = read(weight.key).reshape(-1).view(torch.uint8)
-    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)
-    values = table[codes.long()][: math.prod(weight.state["shape"])]
-    dequantized = _blockwise(values, _absmax(weight, read), weight.state["blocksize"])
+    values = pairs[packed.int()].view(-1)[: math.prod(weight.state["shape"])]
+    dequantized = _scale_blocks(values, _absmax(weight, read), weight.state["blocksize"])
     return dequantized.to(getattr(torch, weight.dtype)).view(weight.state["shape"])
 
 

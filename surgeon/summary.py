@@ -182,7 +182,7 @@ def _header_table(files: list[Path], config: dict) -> tuple[dict[str, tuple[str,
     def read_bytes(names: list[str]) -> dict[str, bytes]:
         return {name: read_tensor_bytes(holder[name], [name])[name] for name in names}
 
-    found = find_quantized(entries, read_bytes, config, files[0].parent if len(files) > 1 else files[0])
+    found = find_quantized(entries, read_bytes, lambda: config, files[0].parent if len(files) > 1 else files[0])
     parts = stored_parts(found)
     table = {
         name: (_TORCH_DTYPE_NAMES[e.dtype], e.numel, e.num_bytes)

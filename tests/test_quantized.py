@@ -19,6 +19,7 @@ from surgeon.checkpoint import Checkpoint
 from surgeon.cli import main
 from surgeon.quantized import FP4_UNSCALED, NF4
 
+FIXTURES_DIR = Path(__file__).resolve().parent.parent / "fixtures"
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -153,8 +154,8 @@ def _peft_merged_after_dequantize(path: Path, adapter: Path) -> dict[str, torch.
     return {k: v.detach() for k, v in merged.state_dict().items()}
 
 
-def _merge(base: Path, out: Path, *extra: str) -> Checkpoint:
-    adapter = Path(__file__).resolve().parent.parent / "fixtures" / f"tiny-{'gpt2' if 'gpt2' in base.name else 'llama'}-lora"
+def _merge(base: Path, out: Path, *extra: str, adapter: Path | None = None) -> Checkpoint:
+    adapter = adapter or FIXTURES_DIR / f"tiny-{'gpt2' if 'gpt2' in base.name else 'llama'}-lora"
     result = CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(out), *extra])
     assert result.exit_code == 0, result.output
     return Checkpoint(out)
@@ -230,7 +231,7 @@ CORRUPTIONS = {
 def test_corrupt_quant_state_is_one_line_naming_the_tensor(corruption, bnb_checkpoints, tmp_path):
     edit, words = CORRUPTIONS[corruption]
     broken = _corrupt(bnb_checkpoints["llama-nf4-double"][0], tmp_path, edit)
-    adapter = Path(__file__).resolve().parent.parent / "fixtures" / "tiny-llama-lora"
+    adapter = FIXTURES_DIR / "tiny-llama-lora"
     commands = [["merge", str(broken), str(adapter), "-o", str(tmp_path / "out")]]
     if corruption != "quant_map edited":  # the table is checked where it is read: on dequantizing
         commands.append(["inspect", str(broken)])
@@ -258,3 +259,21 @@ def test_export_onnx_of_a_bitsandbytes_checkpoint_runs_as_the_dequantized_model(
     feed = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
     got = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})[0]
     assert abs(got - expected).max() < 1e-4
+
+
+def test_extract_and_unmerge_check_read_a_bitsandbytes_base(bnb_checkpoints, tmp_path):
+    """The QLoRA round trip: merged into the dequantized base, then taken back off or extracted again."""
+    path, _ = bnb_checkpoints["llama-nf4-double"]
+    _merge(path, tmp_path / "merged", "--dtype", "fp32")
+    runner = CliRunner()
+    unmerged = runner.invoke(main, ["unmerge", str(tmp_path / "merged"), str(FIXTURES_DIR / "tiny-llama-lora"),
+                                    "-o", str(tmp_path / "unmerged"), "--check", str(path), "--json"])
+    assert unmerged.exit_code == 0, unmerged.output
+    assert json.loads(unmerged.stdout)["check"]["max_relative_error"] < 1e-6
+    extracted = runner.invoke(main, ["extract", str(path), str(tmp_path / "merged"), "-o", str(tmp_path / "lora"),
+                                     "--rank", "8"])
+    assert extracted.exit_code == 0, extracted.output
+    merged = Checkpoint(tmp_path / "merged")
+    remerged = _merge(path, tmp_path / "remerged", "--dtype", "fp32", adapter=tmp_path / "lora")
+    for key in Checkpoint(path).quantized:
+        torch.testing.assert_close(remerged.get(key), merged.get(key), atol=1e-5, rtol=1e-4, msg=key)
