@@ -148,7 +148,8 @@ def _eight_bit(module: str, entries: Entries, config: dict, where: object) -> Qu
     key = module + ".weight"
     dtype, shape = entries.get(key, ("", ()))
     if dtype != "I8" or len(shape) != 2:
-        raise _bad(key, where, f"is {dtype or 'missing'} {list(shape)} beside {module + '.SCB'!r}, not a 2-D int8 weight")
+        raise _bad(key, where, f"is {dtype or 'missing'} {list(shape)} beside {module + '.SCB'!r}, "
+                               "not a 2-D int8 weight")
     _expect(entries, module, "SCB", ("F32",), shape[0], where)
     parts = {"weight": key, "scb": module + ".SCB"}
     if module + ".weight_format" in entries:
@@ -156,7 +157,8 @@ def _eight_bit(module: str, entries: Entries, config: dict, where: object) -> Qu
     return _presented(key, 8, parts, {}, shape, "float32", config)
 
 
-def _presented(key: str, bits: int, parts: dict, state: dict, shape: tuple, dtype: str, config: dict) -> QuantizedWeight:
+def _presented(key: str, bits: int, parts: dict, state: dict, shape: tuple, dtype: str,
+               config: dict) -> QuantizedWeight:
     transposed = len(shape) == 2 and _is_conv1d(key, config)
     shown = (shape[1], shape[0]) if transposed else tuple(shape)
     return QuantizedWeight(key, bits, parts, state, shown, dtype, transposed)

@@ -171,7 +171,11 @@ def _config(directory: Path | None) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def _header_table(files: list[Path], config: dict) -> tuple[dict[str, tuple[str, int, int]], dict[str, str], dict | None]:
+#: name → (dtype, elements, bytes) of each tensor a checkpoint stands for.
+Table = dict[str, tuple[str, int, int]]
+
+
+def _header_table(files: list[Path], config: dict) -> tuple[Table, dict[str, str], dict | None]:
     """name → (dtype, elements, bytes) of the logical tensors, the header metadata and the
     quantization, from the headers alone: a bitsandbytes weight counts as the float tensor it
     stands for, its quantized parts not at all."""
@@ -194,7 +198,7 @@ def _header_table(files: list[Path], config: dict) -> tuple[dict[str, tuple[str,
     return table, metadata, describe_quantization(found, config)
 
 
-def _tensor_table(files: list[Path], config: dict) -> tuple[dict[str, tuple[str, int, int]], dict[str, str], dict | None]:
+def _tensor_table(files: list[Path], config: dict) -> tuple[Table, dict[str, str], dict | None]:
     """As :func:`_header_table`; pickles have no header, so they are loaded."""
     if all(f.suffix == ".safetensors" for f in files):
         return _header_table(files, config)

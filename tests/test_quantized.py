@@ -93,7 +93,8 @@ def test_4bit_equals_bitsandbytes_bit_for_bit(quant_type, double, storage, tmp_p
     """Every blocksize, float dtype and odd shape, stored as transformers stores a Params4bit."""
     torch.manual_seed(0)
     stored, expected = {}, {}
-    for shape, blocksize, dtype in itertools.product(SHAPES, [64, 128, 256], [torch.float32, torch.bfloat16, torch.float16]):
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    for shape, blocksize, dtype in itertools.product(SHAPES, [64, 128, 256], dtypes):
         if storage != torch.uint8 and -(-torch.Size(shape).numel() // 2) % 2:
             continue  # bitsandbytes cannot view an odd byte count as 2-byte storage
         key = f"w{len(expected)}.weight"
@@ -116,7 +117,8 @@ def test_8bit_equals_bitsandbytes_bit_for_bit(tmp_path):
     stored, expected = {}, {}
     for i, shape in enumerate([(64, 128), (33, 17), (1, 5)]):
         quantized, scales, _ = F.int8_vectorwise_quant(torch.randn(shape).half())
-        stored.update({f"m{i}.weight": quantized, f"m{i}.SCB": scales, f"m{i}.weight_format": torch.tensor(0, dtype=torch.uint8)})
+        row_major = torch.tensor(0, dtype=torch.uint8)
+        stored.update({f"m{i}.weight": quantized, f"m{i}.SCB": scales, f"m{i}.weight_format": row_major})
         expected[f"m{i}.weight"] = F.int8_vectorwise_dequant(quantized, scales)
     save_file(stored, tmp_path / "model.safetensors")
     checkpoint = Checkpoint(tmp_path / "model.safetensors")
@@ -200,7 +202,8 @@ def test_inspect_shows_the_quantization_and_the_dequantized_size(bnb_checkpoints
         "double_quant": True, "compute_dtype": "bfloat16", "dequantized_dtype": "float32",
     }
     original = Checkpoint(fixtures_dir / "tiny-llama")
-    assert (summary["tensors"], summary["params"], summary["bytes"]) == (len(original), original.num_params(), original.num_bytes())
+    sizes = (summary["tensors"], summary["params"], summary["bytes"])
+    assert sizes == (len(original), original.num_params(), original.num_bytes())
     text = CliRunner().invoke(main, ["inspect", str(bnb_checkpoints["gpt2-int8"][0])]).output
     assert "bitsandbytes 8-bit" in text
 
@@ -215,13 +218,23 @@ def _corrupt(source: Path, tmp_path: Path, edit) -> Path:
 
 
 KEY = "model.layers.0.self_attn.q_proj.weight"
+STATE = f"{KEY}.quant_state.bitsandbytes__nf4"
+
+
+def _as_uint8(raw: bytes) -> torch.Tensor:
+    return torch.tensor(list(raw), dtype=torch.uint8)
+
+
+def _edited_state(tensors: dict, **changes) -> torch.Tensor:
+    return _as_uint8(json.dumps({**json.loads(bytes(tensors[STATE].tolist())), **changes}).encode())
+
+
 CORRUPTIONS = {
-    "state not json": (lambda t: t.update({f"{KEY}.quant_state.bitsandbytes__nf4": torch.tensor(list(b"{oops"), dtype=torch.uint8)}), "not JSON"),
+    "state not json": (lambda t: t.update({STATE: _as_uint8(b"{oops")}), "not JSON"),
     "absmax missing": (lambda t: t.pop(f"{KEY}.absmax"), "has no"),
-    "blocksize changed": (lambda t: t.update({f"{KEY}.quant_state.bitsandbytes__nf4": torch.tensor(list(json.dumps(
-        {**json.loads(bytes(t[f"{KEY}.quant_state.bitsandbytes__nf4"].tolist())), "blocksize": 128}).encode()),
-        dtype=torch.uint8)}), "absmax"),
-    "state missing": (lambda t: t.pop(f"{KEY}.quant_state.bitsandbytes__nf4"), "no quant_state"),
+    "blocksize changed": (lambda t: t.update({STATE: _edited_state(t, blocksize=128)}), "absmax"),
+    "unknown dtype": (lambda t: t.update({STATE: _edited_state(t, dtype="int4")}), "dtype"),
+    "state missing": (lambda t: t.pop(STATE), "no quant_state"),
     "packed truncated": (lambda t: t.update({KEY: t[KEY][:-1]}), "bytes that pack"),
     "quant_map edited": (lambda t: t[f"{KEY}.quant_map"].mul_(2), "quant_map"),
 }
