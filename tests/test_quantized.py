@@ -208,6 +208,13 @@ def test_inspect_shows_the_quantization_and_the_dequantized_size(bnb_checkpoints
     assert "bitsandbytes 8-bit" in text
 
 
+def test_inspect_of_a_bitsandbytes_checkpoint_imports_no_torch(bnb_checkpoints):
+    from test_fast_cli import run_fresh
+
+    found = run_fresh("inspect", str(bnb_checkpoints["gpt2-fp4"][0]), "--json")
+    assert found == {"code": 0, "heavy": []}
+
+
 def _corrupt(source: Path, tmp_path: Path, edit) -> Path:
     broken = tmp_path / "broken"
     shutil.copytree(source, broken)
