@@ -36,6 +36,8 @@ BNB_CONFIGS = {
     "llama-int8": ("llama", dict(load_in_8bit=True)),
     "gpt2-int8": ("gpt2", dict(load_in_8bit=True)),
 }
+#: Saved in several shards, so that a weight's parts may lie in different files.
+SHARDED = {"llama-fp4-double-bf16-storage": "60KB"}
 
 
 def _quiet():
@@ -54,7 +56,7 @@ def bnb_checkpoints(tmp_path_factory, fixtures_dir) -> dict[str, tuple[Path, tor
             fixtures_dir / f"tiny-{arch}", quantization_config=transformers.BitsAndBytesConfig(**options),
             device_map="cpu")
         path = tmp_path_factory.mktemp(name)
-        model.save_pretrained(path)
+        model.save_pretrained(path, max_shard_size=SHARDED.get(name, "5GB"))
         made[name] = (path, model)
     return made
 
@@ -147,6 +149,9 @@ def test_transformers_checkpoint_reads_as_the_float_model(name, bnb_checkpoints,
         assert ours.dtype == expected.dtype and torch.equal(ours, expected), module_name
         compared += 1
     assert compared == len(checkpoint.quantized) > 0
+    assert (path / "model.safetensors.index.json").is_file() == (name in SHARDED)
+    summary = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).output)
+    assert (summary["tensors"], summary["params"]) == (len(original), original.num_params())
 
 
 def _peft_merged_after_dequantize(path: Path, adapter: Path) -> dict[str, torch.Tensor]:
