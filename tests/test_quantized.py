@@ -114,6 +114,22 @@ def test_4bit_equals_bitsandbytes_bit_for_bit(quant_type, double, storage, tmp_p
         assert torch.equal(ours, value), key
 
 
+def test_rows_shorter_than_a_block_follow_bitsandbytes_flat_blocks(tmp_path, eager_bitsandbytes):
+    """Where bitsandbytes' CPU kernel blocks rows (see SHAPES), surgeon equals its pure-torch kernel,
+    which blocks the flattened weight as its quantizer and its CUDA kernel do."""
+    reference = getattr(pytest.importorskip("bitsandbytes.backends.default.ops"), "_dequantize_4bit_compute", None)
+    if reference is None:
+        pytest.skip("this bitsandbytes has no pure-torch 4-bit kernel")
+    reference = getattr(reference, "__wrapped__", reference)  # without its torch.compile wrapper
+    torch.manual_seed(0)
+    packed, state = F.quantize_4bit(torch.randn(64, 128) * 0.05, blocksize=256, quant_type="nf4")
+    save_file({"w.weight": packed, **{f"w.weight.{k}": v for k, v in state.as_dict(packed=True).items()}},
+              tmp_path / "model.safetensors")
+    expected = reference(packed.reshape(-1), state.absmax, F.get_4bit_type("nf4", device="cpu"), 256, state.shape,
+                         torch.float32)
+    assert torch.equal(Checkpoint(tmp_path / "model.safetensors").get("w.weight"), expected)
+
+
 def test_8bit_equals_bitsandbytes_bit_for_bit(tmp_path):
     torch.manual_seed(0)
     stored, expected = {}, {}
