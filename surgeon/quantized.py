@@ -84,7 +84,8 @@ def _is_conv1d(weight_key: str, config: dict) -> bool:
     return config.get("model_type") in _CONV1D_MODELS and module in _CONV1D_NAMES
 
 
-def _state_json(key: str, raw: bytes, where: object) -> dict:
+def _state_json(state_key: str, raw: bytes, where: object) -> dict:
+    key = _QUANT_STATE.match(state_key)["weight"]
     try:
         state = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -109,7 +110,7 @@ def _check_state(key: str, state: dict, quant_type: str, where: object) -> tuple
 
 
 def _expect(entries: Entries, key: str, part: str, dtypes: tuple[str, ...], count: int, where: object) -> None:
-    name = f"{key}.{part}" if part else key
+    name = f"{key}.{part}"
     if name not in entries:
         raise _bad(key, where, f"has no {name!r}")
     dtype, shape = entries[name]
@@ -127,7 +128,8 @@ def _check_nested(key: str, entries: Entries, state: dict, blocks: int, where: o
     _expect(entries, key, "nested_quant_map", ("F32",), 256, where)
 
 
-def _four_bit(key: str, quant_type: str, state: dict, entries: Entries, config: dict, where: object) -> QuantizedWeight:
+def _four_bit(state_key: str, state: dict, entries: Entries, config: dict, where: object) -> QuantizedWeight:
+    key, quant_type = _QUANT_STATE.match(state_key).group("weight", "type")
     shape = _check_state(key, state, quant_type, where)
     numel = math.prod(shape)
     blocks = -(-numel // state["blocksize"])
@@ -140,7 +142,7 @@ def _four_bit(key: str, quant_type: str, state: dict, entries: Entries, config: 
     _expect(entries, key, "quant_map", ("F32",), 16, where)
     if nested:
         _check_nested(key, entries, state, blocks, where)
-    parts = {"weight": key, **{p: f"{key}.{p}" for p in _PARTS_4BIT if f"{key}.{p}" in entries}}
+    parts = {"weight": key, "state": state_key, **{p: f"{key}.{p}" for p in _PARTS_4BIT if f"{key}.{p}" in entries}}
     return _presented(key, 4, parts, state, shape, state["dtype"], config)
 
 
@@ -173,21 +175,19 @@ def _orphans(entries: Entries, found: dict[str, QuantizedWeight], where: object)
             raise _bad(base, where, f"has {name!r} but no quant_state.bitsandbytes__nf4/fp4 to read it with")
 
 
-def find_quantized(entries: Entries, read_bytes: Callable[[list[str]], dict[str, bytes]], config_of: Callable[[], dict],
-                   where: object) -> dict[str, QuantizedWeight]:
+def find_quantized(entries: Entries, read_bytes: Callable[[list[str]], dict[str, bytes]],
+                   config_of: Callable[[], dict], where: object) -> dict[str, QuantizedWeight]:
     """Every bitsandbytes-quantized weight among ``entries`` by its logical key, checked for a
     consistent layout; ``read_bytes`` reads the (small) quant-state tensors, ``config_of`` the
     model's config (read only for a quantized checkpoint). Empty for a float checkpoint."""
-    states = {name: match for name in entries if (match := _QUANT_STATE.match(name))}
+    states = [name for name in entries if _QUANT_STATE.match(name)]
     if not states and not any(name.endswith(".SCB") for name in entries):
         _orphans(entries, {}, where)
         return {}
-    raw, config = read_bytes(list(states)), config_of()
+    raw, config = read_bytes(states), config_of()
     found = {}
-    for name, match in states.items():
-        state = _state_json(match["weight"], raw[name], where)
-        weight = _four_bit(match["weight"], match["type"], state, entries, config, where)
-        weight.parts["state"] = name
+    for name in states:
+        weight = _four_bit(name, _state_json(name, raw[name], where), entries, config, where)
         found[weight.key] = weight
     for name in entries:
         if name.endswith(".SCB"):
@@ -202,7 +202,7 @@ def stored_parts(found: dict[str, QuantizedWeight]) -> set[str]:
     return {part for weight in found.values() for role, part in weight.parts.items() if role != "weight"}
 
 
-def describe(found: dict[str, QuantizedWeight], config: dict) -> dict | None:
+def describe_quantization(found: dict[str, QuantizedWeight], config: dict) -> dict | None:
     """What ``inspect`` shows of the quantization, or None for a float checkpoint."""
     if not found:
         return None

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 from surgeon.checkpoint_files import WEIGHT_SUFFIXES, weight_files
 from surgeon.errors import SurgeonError
 from surgeon.header import read_header, read_tensor_bytes
-from surgeon.quantized import describe as describe_quantization
-from surgeon.quantized import find_quantized, stored_parts
+from surgeon.quantized import describe_quantization, find_quantized, stored_parts
 
 if TYPE_CHECKING:
     from surgeon.delta import Adapter
