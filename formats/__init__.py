@@ -118,7 +118,10 @@ def read_adapter(path: str | Path, format_name: str | None = None, base=None) ->
         raise not_an_adapter(path)
     if format_name and not found.sniff(path):
         raise SurgeonError(f"{path}: not a {found.name} adapter; that format is {found.looks_for}.")
-    return found.read(path, base=base)
+    adapter = found.read(path, base=base)
+    if not len(adapter):
+        raise SurgeonError(f"{path}: the adapter holds no tensors, so there is nothing to apply (PEFT refuses it too).")
+    return adapter
 
 
 def write_adapter(adapter: "Adapter", staging: Path, format_name: str, base=None) -> list[str]:

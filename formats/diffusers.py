@@ -28,16 +28,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from surgeon.checkpoint import load_pickle_weights
+from surgeon.checkpoint import load_pickle_weights, read_safetensors
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.formats import kohya_names
-from surgeon.formats.kohya import load
 from surgeon.formats.layouts import DIFFUSERS_COMPONENTS as COMPONENTS
 from surgeon.formats.layouts import DIFFUSERS_WEIGHTS as WEIGHT_FILES
 from surgeon.formats.layouts import diffusers_file as weight_file
-from surgeon.formats.lora_only import combined_note, lora_targets
-from surgeon.formats.peft import _factors, _rank_alpha_config, _read_module
+from surgeon.formats.adapter_config import check_peft
+from surgeon.formats.lora_only import metadata_note, pick_targets
+from surgeon.formats.peft import check_part, peft_factors, rank_alpha_config, read_module
 
 NAME = "diffusers"
 METADATA_KEY = "lora_adapter_metadata"
@@ -57,7 +57,7 @@ _SIDES = {"down": "lora_A", "up": "lora_B"}
 def _load(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if file.suffix == ".bin":
         return load_pickle_weights(file), {}
-    return load(file)
+    return read_safetensors(file)
 
 
 def _component_configs(metadata: dict[str, str], file: Path) -> dict[str, dict]:
@@ -68,10 +68,14 @@ def _component_configs(metadata: dict[str, str], file: Path) -> dict[str, dict]:
         packed = json.loads(raw)
     except json.JSONDecodeError as error:
         raise SurgeonError(f"{file}: the {METADATA_KEY} header entry is not JSON ({error}).") from None
+    if not isinstance(packed, dict):
+        raise SurgeonError(f"{file}: the {METADATA_KEY} header entry is not a JSON object; the file is damaged.")
     configs: dict[str, dict] = defaultdict(dict)
     for key, value in packed.items():
         component, _, field = key.partition(".")
         configs[component][field] = value
+    for config in configs.values():
+        check_peft({**config, "peft_type": "LORA"}, file)
     return configs
 
 
@@ -105,6 +109,10 @@ def read(path: Path, base=None) -> Adapter:
         if component not in COMPONENTS or not rest:
             raise SurgeonError(f"{file}: tensor {key!r} does not start with a pipeline component ({', '.join(COMPONENTS)}); the file is not a diffusers LoRA.")
         module, part = _normalise(component, rest, file)
+        if part == "alpha" and tensor.numel() != 1:
+            raise SurgeonError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)} instead of one number; the file is damaged.")
+        if part != "alpha":
+            check_part(file, key, tensor, 1 if part in ("lora_magnitude_vector", "lora_B.bias") else 2)
         modules[f"{component}.{module}"][part] = tensor
 
     adapter = Adapter(source_format=NAME, metadata=metadata, config={"components": configs})
@@ -119,21 +127,22 @@ def read(path: Path, base=None) -> Adapter:
             config = configs[component]
         else:
             config = {"r": rank, "lora_alpha": rank}
-        _read_module(adapter, module, parts, config, bool(config.get("use_rslora", False)), False, file)
+        read_module(adapter, module, parts, config, bool(config.get("use_rslora", False)), False, file)
     return adapter
 
 
 def write(adapter: Adapter, staging: Path) -> list[str]:
     """Write ``adapter`` as a diffusers LoRA file in the PEFT layout, with each component's
     ranks and alphas in ``lora_adapter_metadata`` so that diffusers applies the same scales."""
-    targets = lora_targets(adapter, NAME, ("linear", "conv"), allow_dora=True)
+    picked = pick_targets(adapter, NAME, ("linear", "conv"), allow_dora=True)
+    targets = picked.targets
     where = kohya_names.components(adapter, [t.module for t in targets])
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, list]] = defaultdict(lambda: {"ranks": {}, "scales": {}, "dora": False})
     for target in targets:
         component, local = where[target.module]
         component = component or "unet"
-        for part, tensor in _factors(target.key, target.delta, target.module_type).items():
+        for part, tensor in peft_factors(target.key, target.delta, target.module_type).items():
             tensors[f"{component}.{local}.{part}"] = tensor.contiguous()
         if target.delta.magnitude is not None:
             tensors[f"{component}.{local}.lora_magnitude_vector"] = target.delta.magnitude.contiguous()
@@ -142,12 +151,8 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
         entry["dora"] = entry["dora"] or target.delta.magnitude is not None
     packed = {}
     for component, entry in per_component.items():
-        config = _rank_alpha_config(entry["ranks"], entry["scales"], False)
+        config = rank_alpha_config(entry["ranks"], entry["scales"], False)
         config.update(target_modules=sorted(entry["ranks"]), use_dora=entry["dora"], lora_bias=False)
         packed.update({f"{component}.{k}": v for k, v in config.items()})
-    dropped = sorted(k for k in adapter.metadata if k not in ("format", METADATA_KEY))
     save_file(tensors, staging, metadata={"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)})
-    notes = combined_note(adapter)
-    if dropped:
-        notes.append(f"{len(dropped)} metadata entries of the source ({', '.join(dropped[:5])}) were dropped: diffusers files keep only the LoRA config.")
-    return notes
+    return picked.notes + metadata_note(adapter, "a diffusers file (it keeps only the LoRA config)", {METADATA_KEY})

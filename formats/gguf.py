@@ -15,6 +15,7 @@ architecture and head counts, so both reading and writing need ``--base``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError, missing_extra
-from surgeon.formats.lora_only import combined_note, differs, fold, lora_targets, most_common
+from surgeon.formats.lora_only import differs, fold, most_common, pick_targets
 
 NAME = "gguf"
 METADATA_PREFIX = "surgeon.metadata."
@@ -51,13 +52,28 @@ def _gguf():
 def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's ``LlamaModel.permute`` on the rows of ``weight``: within each head, the
     interleaved rotary pairs become two halves."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return weight.reshape(heads, 2, _half_head(weight, heads), *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    rows = weight.shape[0]
-    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return weight.reshape(heads, _half_head(weight, heads), 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _half_head(weight: torch.Tensor, heads: int) -> int:
+    """Half a head's rows; the rows must split into ``heads`` heads of an even size."""
+    if weight.shape[0] % (2 * heads):
+        raise SurgeonError(f"a q/k LoRA factor has {weight.shape[0]} rows, which do not split into {heads} heads of an even "
+                           "size; the base's head counts do not fit the adapter.")
+    return weight.shape[0] // heads // 2
+
+
+def _count(config: dict, field: str, where: str) -> int:
+    """A positive count from the base's config.json (layers, heads): names and permutations depend on it."""
+    value = config.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SurgeonError(f"{where}: the base's config.json has {field} = {value!r}; GGUF needs it as a positive integer, "
+                           "so the base's config is broken or not a transformers config.")
+    return value
 
 
 class _Layout:
@@ -76,9 +92,9 @@ class _Layout:
         member, self.permutes = ARCHITECTURES[architecture]
         self.arch = getattr(gguf.MODEL_ARCH, member)
         self.arch_name = gguf.MODEL_ARCH_NAMES[self.arch]
-        self.names = gguf.get_tensor_name_map(self.arch, int(config["num_hidden_layers"]))
-        self.heads = int(config["num_attention_heads"])
-        self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
+        self.heads = _count(config, "num_attention_heads", where)
+        self.kv_heads = _count(config, "num_key_value_heads", where) if "num_key_value_heads" in config else self.heads
+        self.names = gguf.get_tensor_name_map(self.arch, _count(config, "num_hidden_layers", where))
         self.tied = bool(config.get("tie_word_embeddings", False))
         self.where = where
 
@@ -125,7 +141,8 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     into lora_b, and the notes say so."""
     gguf = _gguf()
     layout = _Layout(base, "cannot write GGUF")
-    targets = lora_targets(adapter, NAME, ("linear", "embedding"))
+    picked = pick_targets(adapter, NAME, ("linear", "embedding"))
+    targets = picked.targets
     alpha = most_common(t.delta.scale * t.delta.rank for t in targets)
     writer = gguf.GGUFWriter(str(staging), layout.arch_name)
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -157,7 +174,7 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     writer.write_tensors_to_file()
     writer.close()
 
-    notes = combined_note(adapter)
+    notes = picked.notes
     if folded:
         notes.append(f"{folded} of {len(targets)} modules have a scale other than alpha/rank with alpha={float(alpha):g} "
                      "(rsLoRA or per-module alphas); it is folded into their lora_b.")
@@ -166,29 +183,40 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     return notes
 
 
+def _load(path: Path, gguf) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The file's metadata fields and tensors. gguf-py parses lazily, so a damaged string or
+    tensor can fail anywhere in here, with ValueError, UnicodeDecodeError and others."""
+    try:
+        reader = gguf.GGUFReader(str(path))
+        fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+        return fields, {tensor.name: _from_reader(tensor, gguf) for tensor in reader.tensors}
+    except SurgeonError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any parse failure of gguf-py means a damaged file
+        raise SurgeonError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error}).") from None
+
+
 def read(path: Path, base=None) -> Adapter:
     """A llama.cpp LoRA adapter as canonical deltas keyed by the base's parameter names."""
     gguf = _gguf()
     path = Path(path)
     layout = _Layout(base, str(path))
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as error:  # gguf-py raises ValueError and others for a file that is not GGUF
-        raise SurgeonError(f"{path}: not a readable GGUF file ({error}).") from error
-    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    fields, tensors = _load(path, gguf)
     if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
         raise SurgeonError(f"{path}: a GGUF file but not a LoRA adapter (general.type={fields.get('general.type')!r}, "
                            f"adapter.type={fields.get('adapter.type')!r}); a full model is not an adapter.")
     if fields.get("general.architecture") != layout.arch_name:
         raise SurgeonError(f"{path}: the adapter is for {fields.get('general.architecture')!r} but the base is {layout.arch_name!r}.")
-    alpha = float(fields.get("adapter.lora.alpha") or 0.0)
+    alpha = fields.get("adapter.lora.alpha") or 0.0
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise SurgeonError(f"{path}: adapter.lora.alpha is {alpha!r}, not a finite number; the file is damaged.")
     keys = {layout.names.get_name(k, try_suffixes=(".weight", ".bias")): k for k in base.keys() if k.endswith(".weight")}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for tensor in reader.tensors:
-        stem, _, suffix = tensor.name.rpartition(".")
+    for name, tensor in tensors.items():
+        stem, _, suffix = name.rpartition(".")
         if suffix not in ("lora_a", "lora_b"):
-            raise SurgeonError(f"{path}: tensor {tensor.name!r} is not a lora_a or lora_b; surgeon reads LoRA-only GGUF adapters.")
-        pairs.setdefault(stem, {})[suffix] = _from_reader(tensor, gguf)
+            raise SurgeonError(f"{path}: tensor {name!r} is not a lora_a or lora_b; surgeon reads LoRA-only GGUF adapters.")
+        pairs.setdefault(stem, {})[suffix] = tensor
 
     metadata = {k[len(METADATA_PREFIX):]: str(v) for k, v in fields.items() if k.startswith(METADATA_PREFIX)}
     config = {k: v for k, v in fields.items() if k.startswith(("general.", "adapter.")) and not isinstance(v, list)}
@@ -199,6 +227,9 @@ def read(path: Path, base=None) -> Adapter:
         if len(pair) != 2:
             raise SurgeonError(f"{path}: {stem!r} has only one of lora_a and lora_b; the file is incomplete.")
         key, a, b = keys[stem], pair["lora_a"], pair["lora_b"]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] < 1:
+            raise SurgeonError(f"{path}: {stem!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, not matrices "
+                               "of a positive rank; the file is damaged.")
         rank = int(b.shape[1])
         scale = alpha / rank if alpha else 1.0
         if stem.startswith("token_embd."):

@@ -18,14 +18,15 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from surgeon.checkpoint import read_safetensors
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.formats.layouts import KOHYA_PARTS as LORA_PARTS
 from surgeon.formats.kohya_names import PREFIXES, kohya_names, resolve, split_prefix
-from surgeon.formats.lora_only import combined_note, lora_targets
+from surgeon.formats.lora_only import metadata_note, pick_targets
+from surgeon.lycoris_math import dora_magnitude, scale_of
 
 NAME = "kohya"
 
@@ -34,12 +35,6 @@ _KEPT_METADATA = ("ss_", "modelspec.")
 _STALE_METADATA = ("modelspec.hash_sha256",)
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safe_open(path, framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
-    except Exception as error:  # safetensors raises its own types for corrupt headers
-        raise SurgeonError(f"{path}: not a readable safetensors file ({error}).") from error
 
 
 def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -51,20 +46,6 @@ def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
     return modules
 
 
-def scale_of(alpha: torch.Tensor | None, rank: int) -> float:
-    """alpha/rank, where a missing or zero alpha means alpha = rank (sd-scripts, LyCORIS)."""
-    value = float(alpha) if alpha is not None else 0.0
-    return (value if value != 0 else rank) / rank
-
-
-def dora_magnitude(scale: torch.Tensor, shape: tuple[int, ...], where: str) -> tuple[torch.Tensor, int]:
-    """A LyCORIS ``dora_scale`` as (magnitude, axis): [out, 1, …] norms each output row (LyCORIS ≥ 3.2's
-    default), [1, in, …] each input column (older files)."""
-    if scale.shape[0] == shape[0] and scale.numel() == shape[0]:
-        return scale.reshape(-1).float(), 0
-    if len(shape) > 1 and scale.numel() == shape[1]:
-        return scale.reshape(-1).float(), 1
-    raise SurgeonError(f"{where}: dora_scale has shape {tuple(scale.shape)}, which fits neither the rows nor the columns of the {shape} weight.")
 
 
 def lora_delta(parts: dict[str, torch.Tensor], shape: tuple[int, ...], where: str) -> LowRank:
@@ -94,7 +75,7 @@ def module_type(shape: tuple[int, ...]) -> str:
 def read_modules(path: Path, base, known_parts: tuple[str, ...], format_name: str):
     """The file's modules grouped by name, each with its base module path, and a fresh adapter
     that records the names (for writing them back). Parts outside ``known_parts`` are refused."""
-    tensors, metadata = load(path)
+    tensors, metadata = read_safetensors(path)
     modules = group(tensors)
     for stem, parts in modules.items():
         unknown = sorted(set(parts) - set(known_parts))
@@ -145,26 +126,25 @@ def _metadata(adapter: Adapter, ranks: dict[bool, list[int]], alphas: dict[bool,
     ``ss_network_dim``/``_alpha`` describe the linear (and 1×1) modules, k×k convolutions go in
     ``ss_network_args`` as sd-scripts does; "Dynamic" where modules differ, as its resize tool writes."""
     kept = {k: v for k, v in adapter.metadata.items() if k.startswith(_KEPT_METADATA) and k not in _STALE_METADATA}
-    dropped = sorted(set(adapter.metadata) - set(kept) - {"format"})
     linear = ranks[False] or ranks[True]
     kept["ss_network_module"] = adapter.metadata.get("ss_network_module", "networks.lora")
     kept["ss_network_dim"] = _summary([int(r) for r in linear])
     kept["ss_network_alpha"] = _summary([float(a) for a in (alphas[False] or alphas[True])])
     if ranks[True] and "ss_network_args" not in kept:
         kept["ss_network_args"] = json.dumps({"conv_dim": _summary(ranks[True]), "conv_alpha": _summary(alphas[True])})
-    notes = [f"{len(dropped)} metadata entries that kohya files do not carry were dropped ({', '.join(dropped[:5])})."] if dropped else []
-    return kept, notes
+    return kept, metadata_note(adapter, "a kohya file", set(kept))
 
 
 def write(adapter: Adapter, staging: Path) -> list[str]:
     """Write ``adapter`` as one kohya LoRA file. Each module's scale becomes its own alpha
     (alpha = scale·r, float32), so per-module ranks, alphas and rsLoRA scales survive as they are."""
-    targets = lora_targets(adapter, NAME, ("linear", "conv"), allow_dora=True)
+    picked = pick_targets(adapter, NAME, ("linear", "conv"), allow_dora=True)
+    targets = picked.targets
     names = kohya_names(adapter, [t.module for t in targets])
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[bool, list[int]] = {False: [], True: []}
     alphas: dict[bool, list[float]] = {False: [], True: []}
-    notes = combined_note(adapter)
+    notes = picked.notes
     for target in targets:
         delta, stem = target.delta, names[target.module]
         down, up = _factors(delta)

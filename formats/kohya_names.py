@@ -32,7 +32,6 @@ PREFIXES = {
 }
 # Longest first, so that ``lora_te1_…`` is not read as ``lora_te`` + ``1_…``.
 _BY_LENGTH = sorted(PREFIXES, key=len, reverse=True)
-_COMPONENTS = ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 _SHOWN = 5
 
@@ -120,8 +119,10 @@ def component_of(module: str) -> tuple[str, str]:
     """(pipeline component, module path inside it) of a canonical key's module, read from its
     leading component (``unet.``, ``text_encoder_2.``); a bare path is the denoiser's, except a
     bare CLIP text model's (``text_model.``)."""
+    from surgeon.formats.layouts import DIFFUSERS_COMPONENTS  # layouts reads kohya names: imported when used
+
     head, _, rest = module.partition(".")
-    if head in _COMPONENTS and rest:
+    if head in DIFFUSERS_COMPONENTS and rest:
         return head, rest
     return ("text_encoder" if head == "text_model" else "unet"), module
 

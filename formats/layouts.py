@@ -67,19 +67,18 @@ def diffusers_file(path: Path) -> Path | None:
     return None
 
 
+# PEFT, mlx-lm and sparse diffs are recognised by their file names alone: their configs are judged
+# when read, so that a broken one is reported as broken instead of the folder passing for another thing.
 def is_peft(path: Path) -> bool:
-    config = json_object(path / PEFT_CONFIG) if path.is_dir() else None
-    return config is not None and "peft_type" in config and any((path / f).is_file() for f in PEFT_WEIGHTS)
+    return path.is_dir() and (path / PEFT_CONFIG).is_file() and any((path / f).is_file() for f in PEFT_WEIGHTS)
 
 
 def is_mlx(path: Path) -> bool:
-    config = json_object(path / MLX_CONFIG) if path.is_dir() and (path / MLX_WEIGHTS).is_file() else None
-    return config is not None and "lora_parameters" in config
+    return path.is_dir() and (path / MLX_WEIGHTS).is_file() and (path / MLX_CONFIG).is_file()
 
 
 def is_sparse(path: Path) -> bool:
-    config = json_object(path / SPARSE_CONFIG) if path.is_dir() else None
-    return config is not None and config.get("format") == SPARSE_TAG
+    return path.is_dir() and (path / SPARSE_CONFIG).is_file()
 
 
 def _starts_with(path: Path, magic: bytes, offset: int = 0) -> bool:

@@ -1,6 +1,7 @@
-"""What the LoRA-only deployment formats (mlx-lm, GGUF for llama.cpp, ONNX Runtime adapters) share:
-they hold one pair of factors per module weight and nothing else, so everything else an adapter
-can carry is refused here by name, with the reason, before a byte is written.
+"""What the writers share: one way to pick targets (:func:`pick_targets`) — one pair of factors
+per module weight, several low-rank deltas on a weight stacked into one, and everything else the
+format cannot hold refused by name, with the reason, before a byte is written — and the helpers
+for fitting factors into a format (folding scales, padding ranks, the metadata-dropped note).
 """
 
 from __future__ import annotations
@@ -11,13 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-from surgeon.delta import Adapter, LowRank
+from surgeon.delta import Adapter, Delta, LowRank
 from surgeon.errors import SurgeonError
 
 _KIND_NAMES = {
-    "Replace": "a whole-weight replacement (PEFT modules_to_save or a trained bias)",
-    "Dense": "a dense ΔW",
-    "Sparse": "a sparse ΔW",
+    "replacement": "a whole-weight replacement (PEFT modules_to_save or a trained bias)",
+    "dense": "a dense ΔW (LoKr, (IA)³, a large LoHa or a full diff)",
+    "sparse": "a sparse ΔW",
+}
+_ADVICE = {
+    "replacement": "merge it into the base instead (surgeon merge)",
+    "dense": "factor it into LoRA first (surgeon resize) or merge it into the base (surgeon merge)",
+    "sparse": "write it as surgeon's sparse diff or merge it into the base (surgeon merge)",
 }
 
 
@@ -29,46 +35,58 @@ class Target:
     module_type: str
 
 
-def _combine(key: str, deltas: list[LowRank]) -> LowRank:
-    """Several low-rank deltas on one weight as one, by stacking their ranks: exact, since
-    Σ sᵢ·Bᵢ@Aᵢ = [s₁B₁ … sₙBₙ] @ [A₁; …; Aₙ]."""
-    if len(deltas) == 1:
-        return deltas[0]
-    if any(d.is_dora for d in deltas):
-        raise SurgeonError(f"{key!r} has several DoRA updates, which do not add up to one; merge them into the base first.")
-    scale = deltas[0].scale
-    ups = [fold(d.up, d.scale / scale) for d in deltas]
-    return LowRank(down=torch.cat([d.down for d in deltas]), up=torch.cat(ups, dim=1), scale=scale, shape=deltas[0].shape)
+@dataclass
+class Picked:
+    """What a writer writes: one low-rank delta per target weight, the other deltas the format
+    keeps beside them (``keeps``), and the notes on what was changed to fit."""
+
+    targets: list[Target]
+    kept: list[tuple[str, Delta]]
+    notes: list[str]
 
 
-def lora_targets(adapter: Adapter, format_name: str, module_types: tuple[str, ...], allow_dora: bool = False) -> list[Target]:
-    """One low-rank delta per target, or an error naming the first target ``format_name`` cannot hold."""
-    targets = []
+def refusal(format_name: str, key: str, delta: Delta) -> SurgeonError:
+    """The one-sentence error for a delta ``format_name`` cannot hold, with what to do instead."""
+    kind = _KIND_NAMES.get(delta.kind, delta.kind)
+    return SurgeonError(f"cannot write {format_name}: {key!r} has {kind}, which {format_name} cannot hold; "
+                        f"{_ADVICE.get(delta.kind, 'merge it into the base instead (surgeon merge)')}.")
+
+
+def _target(key: str, lows: list[LowRank], module_type: str, format_name: str, module_types,
+            allow_dora: bool) -> Target:
+    if module_type not in module_types:
+        raise SurgeonError(f"cannot write {format_name}: {key!r} belongs to a module of kind {module_type!r}, and "
+                           f"surgeon writes {format_name} only for {' and '.join(module_types)} modules.")
+    if not key.endswith(".weight"):
+        raise SurgeonError(f"cannot write {format_name}: the low-rank delta on {key!r} is not on a module weight.")
+    delta = LowRank.stack(key, lows)
+    if delta.is_dora and not allow_dora:
+        raise SurgeonError(f"cannot write {format_name}: {key!r} is a DoRA update, whose magnitude rescaling "
+                           f"{format_name} cannot express; merge it into the base (surgeon merge) or convert to peft or mlx.")
+    return Target(key, key[: -len(".weight")], delta, module_type)
+
+
+def pick_targets(adapter: Adapter, format_name: str, module_types: tuple[str, ...], allow_dora: bool = False,
+                 keeps: tuple[str, ...] = ()) -> Picked:
+    """How every writer picks what to write: per target weight, its low-rank deltas stacked into
+    one (exact, noted); deltas of the kinds in ``keeps`` passed on; anything else refused with
+    the first key the format cannot hold."""
+    targets, kept, stacked = [], [], 0
     for key, deltas in adapter.items():
-        other = next((d for d in deltas if not isinstance(d, LowRank)), None)
-        if other is not None:
-            kind = _KIND_NAMES.get(type(other).__name__, type(other).__name__)
-            raise SurgeonError(f"cannot write {format_name}: {key!r} has {kind}, and {format_name} holds only LoRA factors; "
-                               "merge it into the base instead (surgeon merge).")
-        module_type = adapter.module_types.get(key, "linear")
-        if module_type not in module_types:
-            raise SurgeonError(f"cannot write {format_name}: {key!r} belongs to a module of kind {module_type!r}, and surgeon writes "
-                               f"{format_name} only for {' and '.join(module_types)} modules.")
-        if not key.endswith(".weight"):
-            raise SurgeonError(f"cannot write {format_name}: the low-rank delta on {key!r} is not on a module weight.")
-        delta = _combine(key, deltas)
-        if delta.is_dora and not allow_dora:
-            raise SurgeonError(f"cannot write {format_name}: {key!r} is a DoRA update, whose magnitude rescaling {format_name} "
-                               "cannot express; merge it into the base (surgeon merge) or convert to peft or mlx.")
-        targets.append(Target(key, key[: -len(".weight")], delta, module_type))
-    if not targets:
+        lows = [d.factored() for d in deltas if d.factored() is not None]
+        for delta in deltas:
+            if delta.factored() is None and delta.kind not in keeps:
+                raise refusal(format_name, key, delta)
+            if delta.factored() is None:
+                kept.append((key, delta))
+        if lows:
+            module_type = adapter.module_types.get(key, "linear")
+            targets.append(_target(key, lows, module_type, format_name, module_types, allow_dora))
+            stacked += len(lows) > 1
+    if not targets and not kept:
         raise SurgeonError(f"cannot write {format_name}: the adapter has no targets.")
-    return targets
-
-
-def combined_note(adapter: Adapter) -> list[str]:
-    stacked = sum(1 for deltas in adapter.deltas.values() if len(deltas) > 1)
-    return [f"{stacked} targets had several LoRA updates, stacked into one of their summed rank."] if stacked else []
+    notes = [f"{stacked} targets had several LoRA updates, stacked into one of their summed rank."] if stacked else []
+    return Picked(targets, kept, notes)
 
 
 def fold(tensor: torch.Tensor, factor: float) -> torch.Tensor:
@@ -89,8 +107,10 @@ def differs(a: float, b: float) -> bool:
     return not math.isclose(a, b, rel_tol=1e-6)
 
 
-def metadata_note(adapter: Adapter, format_name: str) -> list[str]:
-    dropped = sorted(k for k in adapter.metadata if k != "format")
+def metadata_note(adapter: Adapter, format_name: str, kept=()) -> list[str]:
+    """The one note for metadata entries of the source that ``format_name`` does not carry
+    (``kept``: the entries it does)."""
+    dropped = sorted(k for k in adapter.metadata if k != "format" and k not in kept)
     if not dropped:
         return []
     shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")

@@ -20,115 +20,32 @@ taken as the file's meaning:
 Low-rank where exact: LoRA/LoCon always, LoHa as the Khatri–Rao product of its factors (rank r²)
 when that is smaller than the dense ΔW (always under DoRA, which surgeon applies to low-rank
 deltas). LoKr, larger LoHa and (IA)³ are dense ΔWs computed from the factors only when a target
-is used (:class:`LazyDense`), so reading one holds no more than the file. GLoRA, OFT/BOFT, T-LoRA
+is used (:meth:`Dense.lazy`), so reading one holds no more than the file. GLoRA, OFT/BOFT, T-LoRA
 and sparse-bias residuals are refused by name.
 """
 
 from __future__ import annotations
 
-import math
-from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from surgeon.delta import Adapter, Dense, LazyDense, LowRank
+from surgeon.delta import Adapter, Dense
 from surgeon.errors import SurgeonError
 from surgeon.formats import kohya
-from surgeon.formats.kohya import dora_magnitude, lora_delta, module_type, read_modules, scale_of
+from surgeon.formats.kohya import lora_delta, module_type, read_modules
 from surgeon.formats.layouts import LYCORIS_REFUSED as _REFUSED
 from surgeon.formats.layouts import header_keys
+from surgeon.lycoris_math import (LOHA_PARTS, LOKR_PARTS, dora_magnitude, ia3_delta, loha_delta, loha_factors, lokr_delta,
+                                  lokr_scale, scale_of, with_magnitude)
 
 NAME = "lycoris"
 
-LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 OTHER_PARTS = ("weight", "on_input", "diff", "diff_b", "w_norm", "b_norm")
 PARTS = kohya.LORA_PARTS + LOHA_PARTS + LOKR_PARTS + OTHER_PARTS
 
 
-def khatri_rao(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) with up @ down = (a1 @ b1) ⊙ (a2 @ b2): column (i, j) of up is a1[:, i]·a2[:, j],
-    row (i, j) of down is b1[i]·b2[j]; rank r1·r2."""
-    up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
-    down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
-    return up, down
-
-
-def loha_factors(w1a, w1b, w2a, w2b, t1=None, t2=None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Each Hadamard factor of a LoHa as (up m×r, down r×k), in fp32. With Tucker cores (w_a r×out,
-    w_b r×in, t r×r×k…) a factor is w_aᵀ @ einsum(t, w_b): still rank r."""
-    def one(a, b, t):
-        a, b = a.float(), b.float()
-        if t is None:
-            return a, b.reshape(b.shape[0], -1)
-        down = torch.einsum("i j ..., j r -> i r ...", t.float(), b)
-        return a.T, down.reshape(down.shape[0], -1)
-    return one(w1a, w1b, t1), one(w2a, w2b, t2)
-
-
-def _hadamard(factors, scale: float) -> torch.Tensor:
-    (u1, d1), (u2, d2) = factors
-    return ((u1 @ d1) * (u2 @ d2)).mul_(scale)
-
-
-def loha_delta(factors, scale: float, shape: tuple[int, ...], low_rank: bool):
-    """A LoHa's ΔW: the Khatri–Rao LowRank when ``low_rank`` (or cheaper), else a LazyDense."""
-    (u1, d1), (u2, d2) = factors
-    rows, cols = u1.shape[0], d1.shape[1]
-    if rows * cols != math.prod(shape):
-        raise SurgeonError(f"LoHa factors give {rows}×{cols} values, which cannot fill the base weight of shape {shape}.")
-    if low_rank or u1.shape[1] * u2.shape[1] * (rows + cols) < rows * cols:
-        up, down = khatri_rao(u1, d1, u2, d2)
-        return LowRank(down=down, up=up, scale=scale, shape=shape)
-    return LazyDense(partial(_hadamard, factors, scale), shape, [u1, d1, u2, d2])
-
-
-def lokr_weight(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w1, w2) of a LoKr module in fp32, w2 flattened to 2-D so that kron gives the weight's own
-    row-major layout (LyCORIS's 4-D kron is the same values)."""
-    p = {k: v.float() for k, v in parts.items()}
-    w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
-    if "lokr_w2" in p:
-        w2 = p["lokr_w2"]
-    elif "lokr_t2" in p:
-        w2 = torch.einsum("i j ..., i p, j r -> p r ...", p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
-    else:
-        w2 = p["lokr_w2_a"] @ p["lokr_w2_b"].reshape(p["lokr_w2_b"].shape[0], -1)
-    return w1, w2.reshape(w2.shape[0], -1)
-
-
-def lokr_scale(parts: dict[str, torch.Tensor]) -> float:
-    """LyCORIS's rule: alpha/dim with dim the rank of the decomposed half; both halves whole → 1."""
-    if "lokr_w1" in parts and "lokr_w2" in parts:
-        return 1.0
-    rank = parts["lokr_w2_b"].shape[0] if "lokr_w2_b" in parts else parts["lokr_w1_b"].shape[0]
-    return scale_of(parts.get("alpha"), int(rank))
-
-
-def with_magnitude(delta, magnitude: torch.Tensor, axis: int):
-    """A DoRA update on a delta that is not low-rank: written as a LowRank with an identity factor
-    on the smaller side, the only delta surgeon applies DoRA's renormalisation to."""
-    if isinstance(delta, LowRank):
-        return LowRank(delta.down, delta.up, delta.scale, delta.shape, magnitude, axis)
-    rows = delta.shape[0]
-    flat = delta.delta.reshape(rows, -1)
-    if rows <= flat.shape[1]:
-        return LowRank(down=flat, up=torch.eye(rows), shape=delta.shape, magnitude=magnitude, magnitude_axis=axis)
-    return LowRank(down=torch.eye(flat.shape[1]), up=flat, shape=delta.shape, magnitude=magnitude, magnitude_axis=axis)
-
-
-def ia3_delta(base, key: str, scaling: torch.Tensor) -> LazyDense:
-    """ΔW = W ⊙ (s − 1) for W' = W ⊙ s, read from the base when used; ``scaling`` broadcasts
-    against the weight."""
-    def compute() -> torch.Tensor:
-        weight = base.get(key).float()
-        return weight * scaling.float() - weight
-    return LazyDense(compute, base.info(key).shape, [scaling], reads_base=True)
-
-
-def _ia3(parts: dict[str, torch.Tensor], base, key: str, where: str) -> LazyDense:
+def _ia3(parts: dict[str, torch.Tensor], base, key: str, where: str) -> Dense:
     shape = base.info(key).shape
     vector = parts["weight"].reshape(-1)
     on_input = bool(int(parts["on_input"])) if "on_input" in parts else False
@@ -138,28 +55,6 @@ def _ia3(parts: dict[str, torch.Tensor], base, key: str, where: str) -> LazyDens
     broadcast = [1] * len(shape)
     broadcast[axis] = -1
     return ia3_delta(base, key, 1 + vector.float().reshape(broadcast))
-
-
-def _half_size(parts: dict[str, torch.Tensor], half: int) -> int:
-    """How many values one Kronecker half has, from its stored tensors' shapes."""
-    whole = parts.get(f"lokr_w{half}")
-    if whole is not None:
-        return whole.numel()
-    a, b, core = parts[f"lokr_w{half}_a"], parts[f"lokr_w{half}_b"], parts.get(f"lokr_t{half}")
-    if core is not None:  # Tucker: a is r×rows, b is r×cols
-        return a.shape[1] * b.shape[1] * math.prod(core.shape[2:])
-    return a.shape[0] * math.prod(b.shape[1:])
-
-
-def lokr_delta(parts: dict[str, torch.Tensor], scale: float, shape: tuple[int, ...], where: str,
-               combine: Callable[[], torch.Tensor] | None = None) -> LazyDense:
-    """kron(w1, w2)·scale as a LazyDense on a weight of ``shape``; ``combine`` replaces the
-    Kronecker product of :func:`lokr_weight` where a producer forms it differently."""
-    count = _half_size(parts, 1) * _half_size(parts, 2)
-    if count != math.prod(shape):
-        raise SurgeonError(f"{where}: the LoKr factors give {count} values, which cannot fill the base weight of shape {shape}.")
-    combine = combine or (lambda: torch.kron(*lokr_weight(parts)))
-    return LazyDense(lambda: combine().mul_(scale), shape, [t for k, t in parts.items() if k.startswith("lokr_")])
 
 
 def _weight_delta(parts: dict[str, torch.Tensor], shape: tuple[int, ...], base, key: str, where: str):

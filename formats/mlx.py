@@ -16,14 +16,17 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from surgeon.delta import Adapter, LowRank
+from surgeon.checkpoint import read_safetensors
+from surgeon.checkpoint_files import read_json
+from surgeon.delta import FACTOR_DTYPES, Adapter, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.formats.layouts import MLX_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import MLX_WEIGHTS as WEIGHT_FILE
-from surgeon.formats.lora_only import (combined_note, differs, fold, lora_targets, most_common,
+from surgeon.formats.adapter_config import check_mlx
+from surgeon.keys import embedding_name
+from surgeon.formats.lora_only import (differs, fold, most_common, pick_targets,
                                        trailing_zero_rank)
 
 NAME = "mlx"
@@ -40,23 +43,19 @@ def _is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base) -> bool:
         linear, embedding = (b.shape[1], a.shape[0]), (a.shape[0], b.shape[1])
         if (shape == linear) != (shape == embedding):
             return shape == embedding
-    return bool(re.search(r"(embed|wte|wpe)", module.rsplit(".", 1)[-1]))
+    return embedding_name(module)
 
 
 def read(path: Path, base=None) -> Adapter:
     """An mlx-lm adapter as canonical deltas; zero-padded ranks are trimmed back."""
     path = Path(path)
-    config = json.loads((path / CONFIG_FILE).read_text())
+    config = read_json(path / CONFIG_FILE)
+    scale = float(check_mlx(config, path / CONFIG_FILE)["scale"])
     fine_tune_type = config.get("fine_tune_type", "lora")
     if fine_tune_type not in ("lora", "dora"):
         raise SurgeonError(f"{path / CONFIG_FILE}: fine_tune_type {fine_tune_type!r} is not a LoRA adapter; surgeon reads mlx-lm lora and dora adapters.")
-    parameters = config.get("lora_parameters") or {}
-    if "scale" not in parameters:
-        raise SurgeonError(f"{path / CONFIG_FILE}: lora_parameters has no scale, which mlx-lm requires; the config is incomplete.")
-    scale = float(parameters["scale"])
-    with safe_open(path / WEIGHT_FILE, framework="pt") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        metadata = {k: v for k, v in (handle.metadata() or {}).items() if k != "format"}
+    tensors, metadata = read_safetensors(path / WEIGHT_FILE)
+    metadata = {k: v for k, v in metadata.items() if k != "format"}
 
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -70,6 +69,12 @@ def read(path: Path, base=None) -> Adapter:
         if "lora_a" not in parts or "lora_b" not in parts:
             raise SurgeonError(f"{path / WEIGHT_FILE}: module {module!r} has only one of lora_a and lora_b; the file is incomplete.")
         a, b, magnitude = parts["lora_a"], parts["lora_b"], parts.get("m")
+        if any(t.dtype not in FACTOR_DTYPES for t in parts.values()):
+            raise SurgeonError(f"{path / WEIGHT_FILE}: {module!r} has a {' or '.join(sorted({str(t.dtype) for t in parts.values()}))} "
+                               "factor; LoRA factors must be fp16, bf16, fp32 or fp64.")
+        if a.dim() < 2 or b.dim() < 2:
+            raise SurgeonError(f"{path / WEIGHT_FILE}: {module!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, "
+                               "not matrices; the file is damaged.")
         if a.dim() != 2 or b.dim() != 2:
             raise SurgeonError(f"{path / WEIGHT_FILE}: {module!r} has {a.dim()}-D factors (an mlx-lm MoE switch layer), which surgeon does not read yet.")
         if _is_embedding(module, a, b, base):
@@ -113,7 +118,8 @@ def _keys_and_layers(modules: list[str], base, source_layers: int | None) -> tup
 
 def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     """Write an mlx-lm adapter directory that ``mlx_lm.tuner.utils.load_adapters`` loads."""
-    targets = lora_targets(adapter, NAME, ("linear", "embedding"), allow_dora=True)
+    picked = pick_targets(adapter, NAME, ("linear", "embedding"), allow_dora=True)
+    targets = picked.targets
     dora = {t.delta.is_dora for t in targets}
     if len(dora) > 1:
         raise SurgeonError("cannot write mlx: some modules are DoRA and some are not, and mlx-lm's fine_tune_type is one for the adapter.")
@@ -148,7 +154,7 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, staging / WEIGHT_FILE, metadata={**adapter.metadata, "format": "mlx"})
 
-    notes = combined_note(adapter) + notes
+    notes = picked.notes + notes
     if padded:
         notes.append(f"{padded} of {len(targets)} modules zero-padded to rank {rank}: mlx-lm has one rank per adapter.")
     if folded:

@@ -19,7 +19,7 @@ import torch
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError, missing_extra
-from surgeon.formats.lora_only import combined_note, fold, lora_targets, metadata_note
+from surgeon.formats.lora_only import fold, metadata_note, pick_targets
 
 NAME = "ort"
 
@@ -56,7 +56,8 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
     """Write an ``.onnx_adapter`` file that ``onnxruntime.AdapterFormat.read_adapter`` and
     ``LoraAdapter.Load`` take."""
     ort = _ort()
-    targets = lora_targets(adapter, NAME, ("linear",))
+    picked = pick_targets(adapter, NAME, ("linear",))
+    targets = picked.targets
     parameters = {}
     for t in targets:
         parameters[f"{t.module}.lora_A.weight"] = _to_ort(t.delta.down.T, ort)
@@ -67,7 +68,7 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
     file.set_model_version(int(versions.get("model_version", 1)))
     file.set_parameters(parameters)
     file.export_adapter(str(staging))
-    notes = combined_note(adapter) + metadata_note(adapter, "an ONNX Runtime adapter")
+    notes = picked.notes + metadata_note(adapter, "an ONNX Runtime adapter")
     if adapter.base_model:
         notes.append(f"the base model's name ({adapter.base_model}) is not kept: an ONNX Runtime adapter has no field for it.")
     return notes

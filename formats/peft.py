@@ -15,29 +15,33 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from surgeon.checkpoint import load_pickle_weights
-from surgeon.delta import Adapter, Dense, LowRank, Replace, Sparse
+from surgeon.checkpoint import load_pickle_weights, read_safetensors
+from surgeon.delta import FACTOR_DTYPES, MODULE_TYPES, Adapter, Dense, LowRank, Replace
 from surgeon.errors import SurgeonError
+from surgeon.formats import adapter_config
+from surgeon.formats.layouts import DIFFUSERS_COMPONENTS as COMPONENTS
 from surgeon.formats.layouts import PEFT_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import PEFT_WEIGHTS as WEIGHT_FILES
+from surgeon.formats.lora_only import pick_targets, refusal
 from surgeon.formats.peft_rules import LORA_KEY as _LORA_KEY
-from surgeon.formats.peft_rules import PREFIX, module_rank_alpha, scale_of
+from surgeon.formats.peft_rules import PREFIX, check_modules_match, module_rank_alpha, scale_of, targeted
 from surgeon.formats.peft_rules import UNSUPPORTED as _UNSUPPORTED
 
 NAME = "peft"
-def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
     for name in WEIGHT_FILES:
         file = path / name
         if file.is_file():
             if name.endswith(".safetensors"):
-                with safe_open(file, framework="pt") as handle:
-                    return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {}), file
+                return (*read_safetensors(file), file)
             return load_pickle_weights(file), {}, file
     raise SurgeonError(f"{path}: has {CONFIG_FILE} but no {' or '.join(WEIGHT_FILES)}.")
 
@@ -45,8 +49,12 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], 
 def read(path: Path, base=None) -> Adapter:
     """A PEFT LoRA/DoRA adapter as canonical deltas keyed by the base model's parameter names."""
     path = Path(path)
-    config = json.loads((path / CONFIG_FILE).read_text())
-    peft_type = str(config.get("peft_type", "")).upper()
+    config = adapter_config.load(path / CONFIG_FILE)
+    if "peft_type" not in config:
+        raise SurgeonError(f"{path / CONFIG_FILE}: has no peft_type, so it is not a PEFT adapter config; "
+                           "restore the file PEFT saved.")
+    adapter_config.check_peft(config, path / CONFIG_FILE)
+    peft_type = config["peft_type"].upper()
     if peft_type != "LORA":
         from surgeon.formats import peft_tuners
 
@@ -56,7 +64,7 @@ def read(path: Path, base=None) -> Adapter:
     for option, label in _UNSUPPORTED.items():
         if config.get(option) not in (None, False, [], {}):
             raise SurgeonError(f"{path / CONFIG_FILE}: uses {label} ({option}), which surgeon does not support yet.")
-    tensors, metadata, file = _load_tensors(path)
+    tensors, metadata, file = load_tensors(path)
     rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
 
@@ -68,21 +76,34 @@ def read(path: Path, base=None) -> Adapter:
         key = key[len(PREFIX):]
         match = _LORA_KEY.match(key)
         if match:
+            check_part(file, PREFIX + key, tensor, 1 if match["part"] == "lora_magnitude_vector" or match["rest"] == ".bias" else 2)
             modules.setdefault(match["module"], {})[match["part"] + (match["rest"] if match["rest"] == ".bias" else "")] = tensor
         elif re.search(r"\.lora_[A-Za-z_]+", key):
             raise SurgeonError(f"{file}: tensor {key!r} is a LoRA part surgeon does not know; refusing rather than dropping it.")
         else:
             whole[key.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = tensor
 
+    check_modules_match(config, modules, path / CONFIG_FILE)
     adapter = Adapter(source_format=NAME, base_model=config.get("base_model_name_or_path"), config=config, metadata=metadata)
     for key, tensor in whole.items():  # replacements first: LoRA applies on top of them
         adapter.add(key, Replace(tensor), "other")
     for module, parts in modules.items():
-        _read_module(adapter, module, parts, config, rslora, fan_in_fan_out, file)
+        read_module(adapter, module, parts, config, rslora, fan_in_fan_out, file)
     return adapter
 
 
-def _read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslora: bool, fan_in_fan_out: bool, file: Path) -> None:
+def check_part(file: Path, key: str, tensor: torch.Tensor, least_dims: int) -> None:
+    """A LoRA part must be a float tensor of at least ``least_dims`` dimensions (factors are matrices
+    or convolution kernels, magnitudes and biases vectors)."""
+    if tensor.dtype not in FACTOR_DTYPES:
+        raise SurgeonError(f"{file}: tensor {key!r} is {tensor.dtype}; LoRA parts must be fp16, bf16, fp32 or fp64, "
+                           "and a quantized adapter must be dequantized first.")
+    if tensor.dim() < least_dims:
+        raise SurgeonError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but this LoRA part has at least "
+                           f"{least_dims} dimensions; the file is damaged.")
+
+
+def read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslora: bool, fan_in_fan_out: bool, file: Path) -> None:
     key = module + ".weight"
     embedding = "lora_embedding_A" in parts
     a = parts.get("lora_embedding_A" if embedding else "lora_A")
@@ -90,6 +111,9 @@ def _read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslor
     if a is None or b is None:
         raise SurgeonError(f"{file}: module {module!r} has only one of its LoRA factors; the file is incomplete.")
     rank = int(a.shape[0])
+    if b.shape[1] != rank:
+        raise SurgeonError(f"{file}: {module!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, whose ranks "
+                           "differ; the file is damaged.")
     configured_rank, alpha = module_rank_alpha(config, module)
     if configured_rank != rank:
         raise SurgeonError(
@@ -120,7 +144,7 @@ def _module_of(key: str) -> tuple[str, str]:
     return module, param
 
 
-def _factors(key: str, delta: LowRank, module_type: str) -> dict[str, torch.Tensor]:
+def peft_factors(key: str, delta: LowRank, module_type: str) -> dict[str, torch.Tensor]:
     """PEFT's tensors for one low-rank delta, from the canonical orientation."""
     if module_type == "embedding":
         return {"lora_embedding_A": delta.up.T, "lora_embedding_B": delta.down.T}
@@ -148,7 +172,7 @@ def _mode(values):
     return Counter(values).most_common(1)[0][0]
 
 
-def _rank_alpha_config(ranks: dict[str, int], scales: dict[str, float], rslora: bool) -> dict:
+def rank_alpha_config(ranks: dict[str, int], scales: dict[str, float], rslora: bool) -> dict:
     alphas = {m: scales[m] * (math.sqrt(r) if rslora else r) for m, r in ranks.items()}
     alphas = {m: round(a) if math.isclose(a, round(a), rel_tol=1e-9) else a for m, a in alphas.items()}
     r, alpha = _mode(ranks.values()), _mode(alphas.values())
@@ -161,27 +185,43 @@ def _rank_alpha_config(ranks: dict[str, int], scales: dict[str, float], rslora: 
     }
 
 
-def write(adapter: Adapter, staging: Path) -> None:
+def _one_model(adapter: Adapter) -> tuple[Adapter, list[str]]:
+    """A diffusers adapter's keys start with the pipeline component they patch (``unet.``), which
+    is no module of the model PEFT loads the adapter into: the prefix is dropped, and an adapter
+    for several components, which no single model holds, is refused. Keys already named by a
+    base checkpoint's own are kept."""
+    heads = sorted({key.partition(".")[0] for key in adapter.deltas})
+    if adapter.source_format != "diffusers" or not heads or not set(heads) <= set(COMPONENTS):
+        return adapter, []
+    if len(heads) > 1:
+        raise SurgeonError(f"cannot write PEFT LoRA: the adapter patches several pipeline components "
+                           f"({', '.join(heads)}) and a PEFT adapter loads into one model; convert it to diffusers or "
+                           "kohya instead.")
+    cut = len(heads[0]) + 1
+    stripped = replace(adapter, deltas={k[cut:]: v for k, v in adapter.deltas.items()},
+                       module_types={k[cut:]: v for k, v in adapter.module_types.items()})
+    note = f"the pipeline component prefix '{heads[0]}.' was dropped: PEFT loads the adapter into that model itself."
+    return stripped, [note]
+
+
+def write(adapter: Adapter, staging: Path) -> list[str]:
     """Write ``adapter`` as a PEFT LoRA adapter directory that ``PeftModel.from_pretrained`` loads."""
     source = adapter.config if adapter.source_format == NAME else {}
+    adapter, notes = _one_model(adapter)
+    picked = pick_targets(adapter, "PEFT LoRA", MODULE_TYPES, allow_dora=True, keeps=("replacement", "dense"))
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     scales: dict[str, float] = {}
     types: dict[str, str] = {}
     magnitudes: dict[str, bool] = {}
-    for key, deltas in adapter.items():
-        for delta in deltas:
-            if isinstance(delta, LowRank):
-                module, param = _module_of(key)
-                if param != "weight":
-                    raise SurgeonError(f"cannot write PEFT LoRA: the low-rank delta on {key!r} is not on a module weight.")
-                module_type = adapter.module_types.get(key, "linear")
-                for part, tensor in _factors(key, delta, module_type).items():
-                    tensors[f"{PREFIX}{module}.{part}"] = tensor.contiguous()
-                if delta.magnitude is not None:
-                    tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = delta.magnitude.contiguous()
-                ranks[module], scales[module], types[module] = delta.rank, delta.scale, module_type
-                magnitudes[module] = delta.magnitude is not None
+    for target in picked.targets:
+        module, delta = target.module, target.delta
+        for part, tensor in peft_factors(target.key, delta, target.module_type).items():
+            tensors[f"{PREFIX}{module}.{part}"] = tensor.contiguous()
+        if delta.magnitude is not None:
+            tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = delta.magnitude.contiguous()
+        ranks[module], scales[module], types[module] = delta.rank, delta.scale, target.module_type
+        magnitudes[module] = delta.magnitude is not None
     if len(set(magnitudes.values())) > 1:
         raise SurgeonError("cannot write PEFT LoRA: some modules are DoRA and some are not, and PEFT's use_dora is all or nothing.")
     if len({t == "conv1d" for t in types.values() if t != "embedding"}) > 1:
@@ -189,32 +229,27 @@ def write(adapter: Adapter, staging: Path) -> None:
 
     modules_to_save = set(source.get("modules_to_save") or [])
     trains_bias = source.get("bias", "none") != "none"
-    for key, deltas in adapter.items():
+    for key, delta in picked.kept:
         module, param = _module_of(key)
-        for delta in deltas:
-            if isinstance(delta, LowRank):
-                continue
-            if isinstance(delta, Dense) and param == "bias" and module in ranks:
-                tensors[f"{PREFIX}{module}.lora_B.bias"] = (delta.delta / scales[module]).contiguous()
-            elif isinstance(delta, Replace):
-                if module in ranks:
-                    tensors[f"{PREFIX}{module}.base_layer.{param}"] = delta.weight.contiguous()
-                else:
-                    tensors[f"{PREFIX}{key}"] = delta.weight.contiguous()
-                    listed = any(module == m or module.endswith("." + m) for m in modules_to_save)
-                    if not listed and not (trains_bias and param == "bias"):
-                        modules_to_save.add(module)
+        if delta.replaces:
+            weight = delta.materialize(dtype=delta.stored_dtype).contiguous()
+            if module in ranks:
+                tensors[f"{PREFIX}{module}.base_layer.{param}"] = weight
             else:
-                kind = "sparse" if isinstance(delta, Sparse) else "dense"
-                raise SurgeonError(
-                    f"cannot write PEFT LoRA: {key!r} has a {kind} delta, which a LoRA adapter cannot hold; "
-                    "factor it first (surgeon resize / extract) or write it in surgeon's sparse format."
-                )
+                tensors[f"{PREFIX}{key}"] = weight
+                listed = any(module == m or module.endswith("." + m) for m in modules_to_save)
+                if not listed and not (trains_bias and param == "bias"):
+                    modules_to_save.add(module)
+        elif param == "bias" and module in ranks:
+            bias = delta.materialize(dtype=delta.stored_dtype) / scales[module]
+            tensors[f"{PREFIX}{module}.lora_B.bias"] = bias.contiguous()
+        else:
+            raise refusal("PEFT LoRA", key, delta)
 
     config = dict(source) if source else {"peft_type": "LORA", "task_type": None, "bias": "none", "lora_dropout": 0.0, "inference_mode": True}
     rslora = bool(config.get("use_rslora", False))
     if not (source and _config_reproduces(source, ranks, scales) and _targets_cover(source, ranks)):
-        config.update(_rank_alpha_config(ranks, scales, rslora))
+        config.update(rank_alpha_config(ranks, scales, rslora))
         config["target_modules"] = sorted(ranks)
     config["peft_type"] = "LORA"
     config["base_model_name_or_path"] = adapter.base_model or config.get("base_model_name_or_path")
@@ -225,13 +260,10 @@ def write(adapter: Adapter, staging: Path) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, staging / WEIGHT_FILES[0], metadata={"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}})
+    return picked.notes + notes
 
 
 def _targets_cover(config: dict, ranks: dict[str, int]) -> bool:
     """Whether PEFT, given the config's target_modules, wraps exactly the modules we hold factors for
     (as far as names alone tell); otherwise the writer lists the modules explicitly."""
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        return all(re.fullmatch(targets, m) for m in ranks)
-    targets = set(targets or [])
-    return all(m in targets or any(m.endswith("." + t) for t in targets) for m in ranks)
+    return all(targeted(config.get("target_modules") or [], m) for m in ranks)

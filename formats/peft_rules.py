@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
+
+from surgeon.errors import SurgeonError
 
 PREFIX = "base_model.model."
 
@@ -44,3 +47,26 @@ def module_rank_alpha(config: dict, module: str, alpha_field: str = "lora_alpha"
 
 def scale_of(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def targeted(targets: str | list[str], module: str) -> bool:
+    """Whether PEFT wraps ``module`` given ``target_modules``: a regex matches the whole module path,
+    a list entry its name or a dotted suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def check_modules_match(config: dict, modules: dict[str, dict], where: Path) -> None:
+    """What PEFT would load: only modules that ``target_modules`` names get LoRA layers (the other
+    factors are dropped as unexpected keys), and with ``use_dora`` every one needs its magnitude."""
+    targets = config.get("target_modules")
+    if modules and targets not in (None, "all-linear") and not any(targeted(targets, m) for m in modules):
+        raise SurgeonError(f"{where}: target_modules {targets!r} matches none of the adapter's modules (such as "
+                           f"{next(iter(modules))!r}), so PEFT would load none of its weights; fix target_modules.")
+    dora = bool(config.get("use_dora"))
+    wrong = next((m for m, parts in modules.items() if ("lora_magnitude_vector" in parts) != dora), None)
+    if wrong is not None:
+        has = "has" if not dora else "lacks"
+        raise SurgeonError(f"{where}: use_dora is {str(dora).lower()} but {wrong!r} {has} a lora_magnitude_vector; "
+                           "the config does not belong to these weights.")

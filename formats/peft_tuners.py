@@ -25,9 +25,9 @@ import torch
 
 from surgeon.delta import Adapter, LowRank, Replace
 from surgeon.errors import SurgeonError
-from surgeon.formats.lycoris import LOHA_PARTS, LOKR_PARTS, ia3_delta, loha_delta, loha_factors, lokr_delta, lokr_weight
-from surgeon.formats.peft import CONFIG_FILE, _load_tensors
+from surgeon.formats.peft import CONFIG_FILE, load_tensors
 from surgeon.formats.peft_rules import PREFIX, module_rank_alpha
+from surgeon.lycoris_math import LOHA_PARTS, LOKR_PARTS, ia3_delta, loha_delta, loha_factors, lokr_delta, lokr_weight
 
 PARTS = {
     "LOHA": LOHA_PARTS,
@@ -145,7 +145,7 @@ def read(path: Path, config: dict, base=None) -> Adapter:
     """A PEFT LoHa, LoKr, IA3 or VeRA adapter as canonical deltas."""
     peft_type = str(config["peft_type"]).upper()
     parts_of = PARTS[peft_type]
-    tensors, metadata, file = _load_tensors(path)
+    tensors, metadata, file = load_tensors(path)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     whole: dict[str, torch.Tensor] = {}
     shared: dict[str, torch.Tensor] = {}

@@ -23,9 +23,10 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from surgeon.checkpoint import read_safetensors
+from surgeon.checkpoint_files import read_json
 from surgeon.delta import Adapter, Replace, Sparse
 from surgeon.errors import SurgeonError
 from surgeon.formats.layouts import SPARSE_CONFIG as CONFIG_FILE
@@ -46,20 +47,23 @@ def index_dtype(shape: tuple[int, ...]) -> torch.dtype:
 def read(path: Path, base=None) -> Adapter:
     """A sparse diff as an adapter of :class:`Sparse` (and :class:`Replace`) deltas."""
     path = Path(path)
-    config = json.loads((path / CONFIG_FILE).read_text())
-    if int(config.get("version", 0)) > VERSION:
+    config = read_json(path / CONFIG_FILE)
+    version = config.get("version", 0)
+    if config.get("format") != FORMAT_TAG or isinstance(version, bool) or not isinstance(version, int):
+        raise SurgeonError(f"{path / CONFIG_FILE}: not a surgeon sparse diff config (format {config.get('format')!r}, "
+                           f"version {version!r}); restore the file surgeon wrote.")
+    if version > VERSION:
         raise SurgeonError(f"{path / CONFIG_FILE}: sparse diff version {config['version']} is newer than this surgeon reads ({VERSION}); upgrade surgeon.")
     file = path / WEIGHT_FILE
     if not file.is_file():
         raise SurgeonError(f"{path}: has {CONFIG_FILE} but no {WEIGHT_FILE}.")
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(file, framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        for name in handle.keys():
-            key, _, part = name.rpartition(".")
-            if part not in _PARTS or not key:
-                raise SurgeonError(f"{file}: tensor {name!r} is not a part of a sparse diff (expected a key ending in {', '.join('.' + p for p in _PARTS)}).")
-            parts.setdefault(key, {})[part] = handle.get_tensor(name)
+    tensors, metadata = read_safetensors(file)
+    for name, tensor in tensors.items():
+        key, _, part = name.rpartition(".")
+        if part not in _PARTS or not key:
+            raise SurgeonError(f"{file}: tensor {name!r} is not a part of a sparse diff (expected a key ending in {', '.join('.' + p for p in _PARTS)}).")
+        parts.setdefault(key, {})[part] = tensor
     adapter = Adapter(source_format=NAME, base_model=config.get("base_model_name_or_path"), config=config, metadata=metadata)
     for key, found in parts.items():
         if "replace" in found:
@@ -68,8 +72,15 @@ def read(path: Path, base=None) -> Adapter:
         if sparse and len(sparse) != 3:
             raise SurgeonError(f"{file}: {key!r} has {', '.join(sparse)} but not all three of indices, values and shape; the file is incomplete.")
         if sparse:
-            adapter.add(key, Sparse(found["sparse_indices"], found["sparse_values"], tuple(found["sparse_shape"].tolist())), "other")
+            adapter.add(key, Sparse(found["sparse_indices"], found["sparse_values"], _shape_of(found["sparse_shape"], file, key)), "other")
     return adapter
+
+
+def _shape_of(stored: torch.Tensor, file: Path, key: str) -> tuple[int, ...]:
+    """A parameter's shape as the file stores it: a 1-D tensor of non-negative integers."""
+    if stored.dim() != 1 or stored.is_floating_point() or stored.dtype == torch.bool or bool((stored < 0).any()):
+        raise SurgeonError(f"{file}: {key}.sparse_shape is {stored.dtype} {tuple(stored.shape)}, not a list of sizes; the file is damaged.")
+    return tuple(stored.tolist())
 
 
 def write(adapter: Adapter, staging: Path) -> list[str]:
@@ -78,18 +89,18 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
     tensors: dict[str, torch.Tensor] = {}
     entries = 0
     for key, deltas in adapter.items():
-        sparse = [d for d in deltas if isinstance(d, Sparse)]
-        others = [d for d in deltas if not isinstance(d, (Sparse, Replace))]
+        sparse = [Sparse.of(d) for d in deltas if d.additive and d.factored() is None]
+        others = [d for d in deltas if not d.replaces and d.factored() is not None]
         if others:
             raise SurgeonError(
-                f"cannot write a sparse diff: {key!r} has a {type(others[0]).__name__} delta; "
+                f"cannot write a sparse diff: {key!r} has a {others[0].kind} delta; "
                 "write low-rank deltas as PEFT, or sparsify them first."
             )
-        replaces = [i for i, d in enumerate(deltas) if isinstance(d, Replace)]
+        replaces = [i for i, d in enumerate(deltas) if d.replaces]
         if replaces and replaces != [0]:
             raise SurgeonError(f"cannot write a sparse diff: {key!r} is replaced after other deltas, which the format cannot order; keep one replacement, first.")
         if replaces:
-            tensors[f"{key}.replace"] = deltas[0].weight.contiguous()
+            tensors[f"{key}.replace"] = deltas[0].materialize(dtype=deltas[0].stored_dtype).contiguous()
         if sparse:
             shape = sparse[0].shape
             if any(d.shape != shape for d in sparse):

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import math
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from surgeon.checkpoint_files import SAFETENSORS_INDEX, WEIGHT_SUFFIXES
+from surgeon.checkpoint_files import SAFETENSORS_INDEX, WEIGHT_SUFFIXES, model_config
 from surgeon.checkpoint_files import weight_files as _weight_files
 from surgeon.errors import SurgeonError
 from surgeon.quantized import QuantizedWeight, dequantize, find_quantized, stored_parts
@@ -56,6 +57,28 @@ def parse_size(text: str | int) -> int:
     if unit not in units or not math.isfinite(value) or value <= 0:
         raise SurgeonError(f"cannot read the size {text!r}; write it like 5GB, 500MB or 2GiB.")
     return int(value * units[unit])
+
+
+# What a corrupt file makes the safetensors library (and torch, decoding its buffers) raise.
+_CORRUPT = (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError)
+
+
+@contextmanager
+def open_safetensors(file: Path) -> Iterator:
+    """A ``safe_open`` handle on ``file``, the one way surgeon reads safetensors: whatever the library
+    raises for a truncated file, a bad header or offsets out of range, inside the ``with`` block
+    too, becomes ``FILE: not a valid safetensors file (...)`` instead of a traceback."""
+    try:
+        with safe_open(file, framework="pt") as handle:
+            yield handle
+    except _CORRUPT as error:
+        raise SurgeonError(f"{file}: not a valid safetensors file ({error}); re-download or re-create it.") from None
+
+
+def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file and its header metadata (adapters are small enough)."""
+    with open_safetensors(file) as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
 
 
 @dataclass(frozen=True)
@@ -99,19 +122,14 @@ class Checkpoint:
         self._info[key] = info
 
     def _index_safetensors(self, file: Path) -> None:
-        try:
-            with safe_open(file, framework="pt") as handle:
-                self.metadata.update(handle.metadata() or {})
-                for key in handle.keys():
-                    piece = handle.get_slice(key)
-                    dtype = _DTYPES_BY_NAME.get(piece.get_dtype())
-                    if dtype is None:
-                        raise SurgeonError(f"{file}: tensor {key!r} has dtype {piece.get_dtype()}, which surgeon does not handle.")
-                    self._add(key, file, TensorInfo(tuple(piece.get_shape()), dtype))
-        except SurgeonError:
-            raise
-        except Exception as error:  # safetensors raises its own types for corrupt headers
-            raise SurgeonError(f"{file}: not a readable safetensors file ({error}).") from error
+        with open_safetensors(file) as handle:
+            self.metadata.update(handle.metadata() or {})
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                dtype = _DTYPES_BY_NAME.get(piece.get_dtype())
+                if dtype is None:
+                    raise SurgeonError(f"{file}: tensor {key!r} has dtype {piece.get_dtype()}, which surgeon does not handle.")
+                self._add(key, file, TensorInfo(tuple(piece.get_shape()), dtype))
 
     def _index_pickle(self, file: Path) -> None:
         state = load_pickle_weights(file)
@@ -155,7 +173,7 @@ class Checkpoint:
         file = self._where[key]
         if file in self._pickled:
             return self._pickled[file][key]
-        with safe_open(file, framework="pt") as handle:
+        with open_safetensors(file) as handle:
             return handle.get_tensor(key)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -183,10 +201,9 @@ class Checkpoint:
         )
 
     def config(self) -> dict:
-        """The checkpoint's ``config.json``, or an empty dict where it has none."""
-        if self.directory is None or not (self.directory / "config.json").is_file():
-            return {}
-        return json.loads((self.directory / "config.json").read_text())
+        """The checkpoint's ``config.json``, or an empty dict where it has none; the fields every
+        reader of it relies on (``architectures``, ``model_type``, ``text_config``) have their types."""
+        return model_config(self.directory)
 
 
 def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -203,6 +220,11 @@ def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # torch says "Weights only load failed" both for a pickle that names a global it does not
+        # allow (which only full unpickling could load) and for bytes that are no pickle at all.
+        if "Unsupported global" not in str(error):
+            reason = str(error).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or str(error).split("\n")[0]
+            raise SurgeonError(f"{file}: not a readable PyTorch checkpoint ({reason}); the file is damaged or not a checkpoint.") from None
         raise SurgeonError(
             f"{file}: refusing to load this pickle because it needs full unpickling, which can run arbitrary code; "
             "convert it to safetensors with a tool you trust."

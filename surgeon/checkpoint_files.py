@@ -22,11 +22,7 @@ def weight_files(path: Path) -> list[Path]:
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise SurgeonError(f"{index}: not a valid shard index ({error}); regenerate it or remove it.") from None
-            files = sorted({path / name for name in weight_map.values()})
+            files = _shard_files(index)
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise SurgeonError(f"{index}: lists shards that are not there: {', '.join(missing)}.")
@@ -41,3 +37,44 @@ def weight_files(path: Path) -> list[Path]:
         f"{path}: no checkpoint here; looked for {SAFETENSORS_INDEX}, model.safetensors, pytorch_model.bin "
         "and *.safetensors."
     )
+
+
+def _shard_files(index: Path) -> list[Path]:
+    """The shards an index names: plain file names in its own directory (a name with a directory,
+    ``..`` or an absolute path would read files outside the checkpoint, so it is refused)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SurgeonError(f"{index}: weight_map is not a mapping of tensor names to shard file names; regenerate the index or remove it.")
+    outside = next((n for n in weight_map.values() if Path(n).name != n or n in ("", ".", "..") or "\\" in n), None)
+    if outside is not None:
+        raise SurgeonError(f"{index}: names the shard {outside!r}, which is not a file in the checkpoint's directory; "
+                           "an index may name only files beside it.")
+    return sorted({index.parent / name for name in weight_map.values()})
+
+
+def read_json(file: Path) -> dict:
+    """The JSON object in ``file`` (a config, an index); invalid UTF-8, invalid JSON or a value of
+    another kind is one error naming the file, never a traceback."""
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise SurgeonError(f"{file}: not valid JSON ({error}); fix or regenerate it.") from None
+    if not isinstance(data, dict):
+        raise SurgeonError(f"{file}: holds a JSON {type(data).__name__} where an object was expected; fix or regenerate it.")
+    return data
+
+
+def model_config(directory: Path | None) -> dict:
+    """A checkpoint directory's ``config.json``, or an empty dict where it has none; the fields every
+    reader of it relies on (``architectures``, ``model_type``, ``text_config``) have their types."""
+    file = directory / "config.json" if directory is not None else None
+    if file is None or not file.is_file():
+        return {}
+    config = read_json(file)
+    architectures = config.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise SurgeonError(f"{file}: architectures is {architectures!r}, not a list of class names; fix config.json.")
+    for field, kind in (("model_type", str), ("text_config", dict)):
+        if config.get(field) is not None and not isinstance(config[field], kind):
+            raise SurgeonError(f"{file}: {field} is {config[field]!r}, not a {kind.__name__}; fix config.json.")
+    return config

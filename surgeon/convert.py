@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from surgeon.checkpoint import Checkpoint
-from surgeon.delta import Adapter, LowRank, Replace
+from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
 from surgeon.output import atomic_output
@@ -28,8 +28,9 @@ def _probe(delta) -> torch.Tensor:
     """ΔW, viewed as rows × the rest, times fixed random columns (the same for both sides)."""
     columns = math.prod(delta.shape[1:])
     probe = torch.randn(columns, _PROBE_COLUMNS, generator=torch.Generator().manual_seed(columns))
-    if isinstance(delta, LowRank) and delta.up.shape[0] == delta.shape[0]:
-        return delta.scale * (delta.up.float() @ (delta.down.float() @ probe))
+    low = delta.factored()
+    if low is not None and low.up.shape[0] == delta.shape[0]:
+        return low.scale * (low.up.float() @ (low.down.float() @ probe))
     return delta.materialize().reshape(delta.shape[0], -1) @ probe
 
 
@@ -38,13 +39,13 @@ def _effective(deltas: list) -> dict[str, torch.Tensor]:
     the summed additive ΔW (probed), a replacement weight, and a DoRA magnitude."""
     parts: dict[str, torch.Tensor] = {}
     for delta in deltas:
-        if isinstance(delta, Replace):
+        if delta.replaces:
             parts["replace"] = delta.materialize()
             continue
         product = _probe(delta)
         parts["delta"] = parts["delta"] + product if "delta" in parts else product
-        if isinstance(delta, LowRank) and delta.magnitude is not None:
-            parts["magnitude"] = delta.magnitude.float()
+        if not delta.additive:
+            parts["magnitude"] = delta.factored().magnitude.float()
     return parts
 
 
@@ -88,7 +89,7 @@ def drop_base_copies(adapter: Adapter, base: Checkpoint) -> list[str]:
     converter skips it too), and LoRA-only formats could not hold it."""
     dropped = 0
     for key, deltas in list(adapter.items()):
-        kept = [d for d in deltas if not (isinstance(d, Replace) and _equals_base(d.weight, base, key))]
+        kept = [d for d in deltas if not (d.replaces and _equals_base(d.materialize(dtype=d.stored_dtype), base, key))]
         dropped += len(deltas) - len(kept)
         if kept:
             adapter.deltas[key] = kept

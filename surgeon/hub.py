@@ -67,7 +67,25 @@ def parse(uri: str) -> HubPath:
         raise SurgeonError(f"{uri}: not a Hub path ({error}); write it as hf://org/name, hf://org/name@revision or hf://org/name/subfolder.") from None
     if parsed.type not in ("model", "dataset", "space"):
         raise SurgeonError(f"{uri}: surgeon reads model, dataset and space repositories, not {parsed.type}s.")
+    for part, value in (("repository id", parsed.id), ("revision", parsed.revision), ("path", parsed.path_in_repo)):
+        _check_part(uri, part, value or "")
     return HubPath(uri, parsed.id, parsed.type, parsed.revision, parsed.path_in_repo.strip("/"))
+
+
+def _check_part(uri: str, part: str, value: str) -> None:
+    """A part of a Hub path that the cache joins onto its own folders must stay inside them: no
+    ``..``, no absolute path, no backslash (a Windows separator)."""
+    if "\\" in value or value.startswith("/") or ".." in value.split("/"):
+        raise SurgeonError(f"{uri}: the {part} {value!r} climbs out of the repository (.., an absolute path or a backslash); "
+                           "name a repository, revision and path inside it.")
+
+
+def _inside(path: Path, root: Path, uri: str) -> Path:
+    """``path``, once every symlink is resolved, if it lies in ``root`` (the repository's cache
+    folder, whose snapshots link into its blobs); anything else is refused."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise SurgeonError(f"{uri}: {path} leads outside the repository's cache folder ({root}); refusing to read it.")
+    return path
 
 
 def _has_safetensors(files: list[str], folder: str) -> bool:
@@ -163,7 +181,8 @@ def fetch(uri: str) -> Fetched:
         raise SurgeonError(f"{uri}: {hub.repo_id!r} is not a valid repository id ({error}); write it as org/name.") from None
     except OSError as error:  # the client's HTTP, cache and offline errors are all OSErrors
         raise _explain(hub, error) from None
-    target = snapshot / hub.path_in_repo if hub.path_in_repo else snapshot
+    repository = snapshot.parent.parent  # models--org--name: its snapshots link into its blobs
+    target = _inside(snapshot / hub.path_in_repo, repository, uri) if hub.path_in_repo else snapshot
     if not target.exists():
         where = f"{hub.path_in_repo!r} in {hub.repo_id}" if hub.path_in_repo else hub.repo_id
         raise SurgeonError(f"{uri}: found no file surgeon reads at {where}; check the path at {hub.web_url}/tree/{hub.revision or 'main'}.")
@@ -171,7 +190,8 @@ def fetch(uri: str) -> Fetched:
         return Fetched(target, snapshot.name, [target.name])
     # The snapshot folder is shared with every earlier download of this commit: list only what was asked for.
     present = [p.relative_to(snapshot).as_posix() for p in target.rglob("*") if p.is_file()]
-    chosen = filter_repo_objects(present, allow_patterns=allow, ignore_patterns=ignore)
+    chosen = [p for p in filter_repo_objects(present, allow_patterns=allow, ignore_patterns=ignore)
+              if _inside(snapshot / p, repository, uri)]
     return Fetched(target, snapshot.name, sorted(str(PurePosixPath(p).relative_to(hub.path_in_repo or ".")) for p in chosen))
 
 

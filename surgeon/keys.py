@@ -9,15 +9,21 @@ one consistent prefix is added or removed, never a guess per key.
 from __future__ import annotations
 
 import difflib
+import re
+import zlib
 from dataclasses import replace
 from typing import Collection
+
+import torch
 
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 
 
 def _prefix_shift(missing: list[str], base_keys: Collection[str]) -> tuple[str, str] | None:
-    """A (remove, add) prefix pair that maps every missing key onto a base key, if there is one."""
+    """A (remove, add) prefix pair that maps every missing key onto a base key, if there is one:
+    a prefix added, one removed, or one leading component swapped for another
+    (``unet.layers.0…`` → ``model.layers.0…``, a component named differently in the base)."""
     probe = missing[0]
     candidates: set[tuple[str, str]] = set()
     for key in base_keys:
@@ -27,7 +33,11 @@ def _prefix_shift(missing: list[str], base_keys: Collection[str]) -> tuple[str, 
     for cut in range(1, len(parts)):
         if ".".join(parts[cut:]) in base_keys:
             candidates.add((".".join(parts[:cut]) + ".", ""))
-    for remove, add in sorted(candidates, key=lambda c: len(c[0]) + len(c[1])):
+    rest = ".".join(parts[1:])
+    for key in base_keys:
+        if key.endswith("." + rest) and key.count(".") == rest.count(".") + 1:
+            candidates.add((parts[0] + ".", key[: -len(rest)]))
+    for remove, add in sorted(candidates, key=lambda c: (len(c[0]) + len(c[1]), c)):
         if all(k.startswith(remove) and add + k[len(remove):] in base_keys for k in missing):
             return remove, add
     return None
@@ -73,3 +83,20 @@ def check_shapes(adapter: Adapter, shape_of, where: str) -> None:
                     f"{where}: the delta for {key!r} has shape {tuple(delta.shape)} but the base parameter is "
                     f"{expected}; the adapter was made for a different model."
                 )
+
+
+_EMBEDDING_NAME = re.compile(r"embed|^wte$|^wpe$|^shared$")
+
+
+def embedding_name(module: str) -> bool:
+    """Whether a module's own name says it is an embedding (``embed_tokens``, ``word_embeddings``,
+    GPT-2's ``wte``/``wpe``, T5's ``shared``): the one rule used where the model class is not at hand."""
+    return bool(_EMBEDDING_NAME.search(module.rsplit(".", 1)[-1]))
+
+
+def key_generator(seed: int, key: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A random generator for one tensor, seeded from ``seed`` and its key: what is drawn for a key
+    does not depend on which other keys are processed, nor in which order (threads, subsets)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 0x9E3779B1 + zlib.crc32(key.encode())) % 2**63)
+    return generator

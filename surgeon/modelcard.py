@@ -24,11 +24,11 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def recorded(directory: Path) -> dict[str, str]:
     """The ``surgeon_*`` entries recorded in the directory's safetensors headers or ONNX graphs."""
-    from safetensors import safe_open
+    from surgeon.checkpoint import open_safetensors
 
     found: dict[str, str] = {}
     for weights in sorted(directory.glob("*.safetensors")):
-        with safe_open(weights, framework="pt") as handle:
+        with open_safetensors(weights) as handle:
             found.update({k: v for k, v in (handle.metadata() or {}).items() if k in RECORD_KEYS})
     for graph in sorted(directory.glob("*.onnx")):
         import onnx

@@ -206,7 +206,7 @@ def describe_quantization(found: dict[str, QuantizedWeight], config: dict) -> di
     """What ``inspect`` shows of the quantization, or None for a float checkpoint."""
     if not found:
         return None
-    settings = config.get("quantization_config") or {}
+    settings = _settings(config)
     four = [w for w in found.values() if w.bits == 4]
     summary = {
         "method": f"bitsandbytes {'4' if four else '8'}-bit",
@@ -227,12 +227,19 @@ def _one_or_all(values) -> object:
     return found[0] if len(found) == 1 else "/".join(map(str, found))
 
 
+def _settings(config: dict) -> dict:
+    """config.json's ``quantization_config`` (transformers' BitsAndBytesConfig), or {}."""
+    settings = config.get("quantization_config")
+    return settings if isinstance(settings, dict) else {}
+
+
 def dequantized_dtype(config: dict) -> str:
     """The dtype to write a dequantized model in: the one its 4-bit layers computed in
     (``bnb_4bit_compute_dtype``), else bfloat16, the usual dtype of the models people quantize."""
-    value = (config.get("quantization_config") or {}).get("bnb_4bit_compute_dtype")
+    settings = _settings(config)
+    value = settings.get("bnb_4bit_compute_dtype")
     name = value.removeprefix("torch.") if isinstance(value, str) else None
-    return name if name in FLOAT_DTYPES and config["quantization_config"].get("load_in_4bit", True) else "bfloat16"
+    return name if name in FLOAT_DTYPES and settings.get("load_in_4bit", True) else "bfloat16"
 
 
 # --- dequantizing (torch) -------------------------------------------------------------------------

@@ -8,14 +8,13 @@ milliseconds where importing torch takes seconds. Everything else is read in ful
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from surgeon.checkpoint_files import WEIGHT_SUFFIXES, weight_files
+from surgeon.checkpoint_files import WEIGHT_SUFFIXES, model_config, weight_files
 from surgeon.errors import SurgeonError
 from surgeon.header import read_header, read_tensor_bytes
 from surgeon.quantized import describe_quantization, find_quantized, stored_parts
@@ -37,15 +36,9 @@ def _group_name(key: str) -> str:
 
 
 def _low_rank_label(rank: int, scale: float, dora: bool) -> str:
+    """What the header-only summary calls a low-rank delta: :attr:`surgeon.delta.LowRank.label`'s
+    words, without importing torch."""
     return f"{'DoRA' if dora else 'LoRA'} r={rank} scale={scale:g}"
-
-
-def _delta_label(delta) -> str:
-    from surgeon.delta import LowRank
-
-    if isinstance(delta, LowRank):
-        return _low_rank_label(delta.rank, delta.scale, delta.is_dora)
-    return type(delta).__name__.lower()
 
 
 def _describe(values) -> object:
@@ -63,7 +56,7 @@ def adapter_summary(adapter: "Adapter", path: Path, format_description: str) -> 
     groups: Counter = Counter()
     for key, deltas in adapter.items():
         for delta in deltas:
-            groups[(_group_name(key), _delta_label(delta))] += 1
+            groups[(_group_name(key), delta.label)] += 1
     return {
         "path": str(path),
         "kind": "adapter",
@@ -81,26 +74,30 @@ def adapter_summary(adapter: "Adapter", path: Path, format_description: str) -> 
     }
 
 
-def _peft_lora_parts(path: Path) -> tuple[dict, dict] | None:
-    """(config, header entries) of a PEFT LoRA adapter stored as safetensors with none of the
-    options the reader refuses, or None: then the full reader decides, and says what is wrong."""
-    from surgeon.formats.layouts import PEFT_CONFIG, PEFT_WEIGHTS, json_object
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _peft_lora_parts(path: Path) -> tuple[dict, dict]:
+    """(config, header entries) of a PEFT LoRA adapter stored as safetensors, checked as the reader
+    checks them; a SurgeonError where anything is off, and the full reader says what."""
+    from surgeon.formats import adapter_config
+    from surgeon.formats.layouts import PEFT_CONFIG, PEFT_WEIGHTS
     from surgeon.formats.peft_rules import PREFIX, UNSUPPORTED
 
-    config = json_object(path / PEFT_CONFIG)
-    weights = path / PEFT_WEIGHTS[0]
-    if config is None or str(config.get("peft_type", "")).upper() != "LORA" or not weights.is_file():
-        return None
-    if any(config.get(option) not in (None, False, [], {}) for option in UNSUPPORTED):
-        return None
-    entries = read_header(weights).entries
-    return (config, entries) if all(k.startswith(PREFIX) for k in entries) else None
+    config = adapter_config.load(path / PEFT_CONFIG)
+    adapter_config.check_peft(config, path / PEFT_CONFIG)
+    entries = read_header(path / PEFT_WEIGHTS[0]).entries
+    plain = str(config.get("peft_type", "")).upper() == "LORA" and entries \
+        and not any(config.get(option) not in (None, False, [], {}) for option in UNSUPPORTED) \
+        and all(k.startswith(PREFIX) for k in entries)
+    if not plain:
+        raise SurgeonError("not a plain PEFT LoRA")
+    return config, entries
 
 
-def _peft_lora_deltas(config: dict, entries: dict) -> tuple[dict[str, list[tuple[str, str]]], list[tuple[int, float]]] | None:
-    """key → [(kind, label)] in the order the PEFT reader adds them, and each module's (rank, scale);
-    None where the header holds anything the reader would refuse."""
-    from surgeon.formats.peft_rules import LORA_KEY, PREFIX, module_rank_alpha, scale_of
+def _peft_lora_modules(entries: dict) -> tuple[dict[str, dict], dict[str, list[tuple[str, str]]]]:
+    """LoRA parts by module, and whole-tensor replacements by key, as the PEFT reader groups them."""
+    from surgeon.formats.peft_rules import LORA_KEY, PREFIX
 
     modules: dict[str, dict] = {}
     deltas: dict[str, list[tuple[str, str]]] = {}
@@ -108,39 +105,47 @@ def _peft_lora_deltas(config: dict, entries: dict) -> tuple[dict[str, list[tuple
         key = name[len(PREFIX):]
         match = LORA_KEY.match(key)
         if match:
-            modules.setdefault(match["module"], {})[match["part"] + (match["rest"] if match["rest"] == ".bias" else "")] = entry
+            part = match["part"] + (match["rest"] if match["rest"] == ".bias" else "")
+            least = 1 if part in ("lora_magnitude_vector", "lora_B.bias") else 2
+            if entry.dtype not in _FLOAT_DTYPES or len(entry.shape) < least:
+                raise SurgeonError(f"{name}: not a LoRA part the reader takes")
+            modules.setdefault(match["module"], {})[part] = entry
         elif ".lora_" in key:
-            return None
+            raise SurgeonError(f"{name}: a LoRA part surgeon does not know")
         else:
-            deltas.setdefault(key.replace(".base_layer.", ".").replace(".modules_to_save.", "."), []).append(("Replace", "replace"))
+            deltas.setdefault(key.replace(".base_layer.", ".").replace(".modules_to_save.", "."), []).append(("replacement", "replacement"))
+    return modules, deltas
+
+
+def _peft_lora_deltas(config: dict, entries: dict, where: Path) -> tuple[dict[str, list[tuple[str, str]]], list[tuple[int, float]]]:
+    """key → [(kind, label)] in the order the PEFT reader adds them, and each module's (rank, scale)."""
+    from surgeon.formats.peft_rules import check_modules_match, module_rank_alpha, scale_of
+
+    modules, deltas = _peft_lora_modules(entries)
+    check_modules_match(config, modules, where)
     low = []
     for module, parts in modules.items():
         a = parts.get("lora_embedding_A", parts.get("lora_A"))
-        if a is None or parts.get("lora_embedding_B", parts.get("lora_B")) is None or len(a.shape) < 2:
-            return None
         rank, alpha = module_rank_alpha(config, module)
-        if rank != a.shape[0]:
-            return None
+        if a is None or parts.get("lora_embedding_B", parts.get("lora_B")) is None or rank != a.shape[0]:
+            raise SurgeonError(f"{module}: factors the reader refuses")
         scale = scale_of(alpha, rank, bool(config.get("use_rslora", False)))
         dora = "lora_magnitude_vector" in parts
         low.append((rank, scale))
-        deltas.setdefault(module + ".weight", []).append(("DoRA" if dora else "LowRank", _low_rank_label(rank, scale, dora)))
+        deltas.setdefault(module + ".weight", []).append(("DoRA" if dora else "LoRA", _low_rank_label(rank, scale, dora)))
         if "lora_B.bias" in parts:
-            deltas.setdefault(module + ".bias", []).append(("Dense", "dense"))
+            deltas.setdefault(module + ".bias", []).append(("dense", "dense"))
     return deltas, low
 
 
 def peft_header_summary(path: Path, format_description: str) -> dict | None:
     """:func:`adapter_summary` of a PEFT LoRA adapter from its header and config alone, or None
     where only the full reader can tell (a .bin, another PEFT type, anything it would refuse)."""
-    parts = _peft_lora_parts(path)
     try:
-        planned = _peft_lora_deltas(*parts) if parts is not None else None
-    except (TypeError, ValueError, KeyError, re.error):  # a config value of the wrong kind: the reader explains
-        planned = None
-    if planned is None:
+        config, entries = _peft_lora_parts(path)
+        deltas, low = _peft_lora_deltas(config, entries, path)
+    except (SurgeonError, OSError, TypeError, ValueError, KeyError, re.error):
         return None
-    (config, entries), (deltas, low) = parts, planned
     groups = Counter((_group_name(key), label) for key, found in deltas.items() for _, label in found)
     return {
         "path": str(path),
@@ -157,17 +162,6 @@ def peft_header_summary(path: Path, format_description: str) -> dict | None:
         "bytes": sum(e.num_bytes for e in entries.values()),
         "modules": [{"target": name, "delta": label, "count": n} for (name, label), n in groups.items()],
     }
-
-
-def _config(directory: Path | None) -> dict:
-    file = directory / "config.json" if directory is not None else None
-    if file is None or not file.is_file():
-        return {}
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise SurgeonError(f"{file}: not valid JSON ({error}); fix or remove it.") from None
-    return config if isinstance(config, dict) else {}
 
 
 #: name → (dtype, elements, bytes) of each tensor a checkpoint stands for.
@@ -211,7 +205,7 @@ def _tensor_table(files: list[Path], config: dict) -> tuple[Table, dict[str, str
 
 def checkpoint_summary(path: Path) -> dict:
     files = weight_files(path)
-    config = _config(path if path.is_dir() else None)
+    config = model_config(path if path.is_dir() else None)
     table, metadata, quantization = _tensor_table(files, config)
     return {
         "path": str(path),
@@ -235,8 +229,9 @@ def _adapter_summary(path: Path, found, base: Path | None) -> dict:
         if summary is not None:
             return summary
     from surgeon.checkpoint import Checkpoint
+    from surgeon.formats import read_adapter
 
-    adapter = found.read(path, base=Checkpoint(base) if base else None)
+    adapter = read_adapter(path, found.name, base=Checkpoint(base) if base else None)
     return adapter_summary(adapter, path, found.description)
 
 

@@ -286,7 +286,7 @@ def test_refusals(lora_c, tmp_path):
     wrong.add(key, Dense(torch.zeros(3, 3)))
     with pytest.raises(SurgeonError, match="different models"):
         compose([(a, "a"), (wrong, "wrong")], None, ComposeOptions())
-    with pytest.raises(SurgeonError, match="--density"):
+    with pytest.raises(SurgeonError, match="density"):
         ComposeOptions(method="ties")
     with pytest.raises(SurgeonError, match="method svd"):
         ComposeOptions(method="cat", rule=RankRule(rank=4))

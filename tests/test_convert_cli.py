@@ -30,7 +30,7 @@ def test_json_report(fmt, output, variants_root, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["from"] == "peft" and report["to"] == fmt and report["targets"] == 14
-    assert report["deltas"] == {"LowRank": 14}
+    assert report["deltas"] == {"LoRA": 14}  # what the user knows, not a class name
     assert report["check"]["max_relative_error"] < 1e-6
     assert out.is_dir() == (fmt in ("mlx", "peft")) and out.exists()
     assert [p.name for p in tmp_path.iterdir()] == [output]  # no staging left beside it

@@ -196,7 +196,7 @@ def test_sparse_format_round_trip(tmp_path):
     torch.testing.assert_close(part.materialize(), adapter.deltas["a.weight"][0].materialize())
     torch.testing.assert_close(back.deltas["b.bias"][0].weight, torch.arange(4.0))
     assert sparse.index_dtype((2**16, 2**16)) == torch.int64
-    with pytest.raises(SurgeonError, match="LowRank"):
+    with pytest.raises(SurgeonError, match="LoRA delta"):
         bad = Adapter()
         bad.add("c.weight", LowRank(torch.ones(1, 2), torch.ones(2, 1)))
         sparse.write(bad, tmp_path / "bad")
@@ -340,7 +340,7 @@ def test_bad_inputs(llama_pair, tmp_path):
     message = cli_error(base, wide, "-o", tmp_path / "x", "--rank", "4")
     assert "'lm_head.weight'" in message and "(256, 64)" in message and not (tmp_path / "x").exists()
     assert "exactly one of" in cli_error(base, tuned, "-o", tmp_path / "x", "--rank", "4", "--energy", "0.9")
-    assert "--sparse-density" in cli_error(base, tuned, "-o", tmp_path / "x", "--rank", "0")
+    assert "sparse_density" in cli_error(base, tuned, "-o", tmp_path / "x", "--rank", "0")
     only_norms = tmp_path / "norms"
     tune(base, only_norms, lambda k: 1, one_d=0.1, select=lambda k: False)
     assert "none was extracted" in cli_error(base, only_norms, "-o", tmp_path / "x", "--rank", "4")

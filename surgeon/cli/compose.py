@@ -10,63 +10,15 @@ import click
 
 from surgeon.cli.common import (BASE_FOR_NAMES_OPTION, DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION,
                                 OUTPUT_OPTION, SHARD_OPTION, Progress, dtype_option, emit, friendly, provenance,
-                                rank_options, read_adapter_arg, rank_rule)
+                                rank_options, rank_rule)
 from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
-    from surgeon.delta import Adapter
     from surgeon.ops.compose import ComposeReport
 
 #: compose's methods and result kinds, as surgeon.ops.compose defines them (a test keeps the two equal).
 METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 RESULT_KINDS = ("lora", "sparse", "dense")
-
-
-#: Where a result's sparse part goes when it also has a LoRA part (extract's layout, which
-#: `surgeon merge BASE OUT OUT/sparse` applies).
-SPARSE_SUBDIR = "sparse"
-
-
-def split_result(adapter: Adapter) -> tuple[Adapter, Adapter]:
-    """(the part PEFT LoRA can store, the part only a sparse diff can): factor pairs, LoRA biases and
-    replacements go to the first; sparse deltas, and dense ones as sparse at density 1, to the second.
-    Without any factor pair everything goes to the sparse diff, which holds replacements too."""
-    import torch
-
-    from surgeon.delta import Adapter, Dense, LowRank, Sparse
-
-    low_modules = {k.rpartition(".")[0] for k, ds in adapter.items() for d in ds if isinstance(d, LowRank)}
-    lora = Adapter(source_format=adapter.source_format, base_model=adapter.base_model, config=adapter.config, metadata=adapter.metadata)
-    sparse = Adapter(source_format="compose", base_model=adapter.base_model, metadata=adapter.metadata)
-    for key, deltas in adapter.items():
-        module_type = adapter.module_types.get(key, "linear")
-        for delta in deltas:
-            if isinstance(delta, Dense) and key.rpartition(".")[0] not in low_modules:
-                values = delta.delta.reshape(-1)
-                delta = Sparse(torch.arange(values.numel()), values, delta.shape)
-            if isinstance(delta, Sparse) or not low_modules:
-                sparse.add(key, delta, module_type)
-            else:
-                lora.add(key, delta, module_type)
-    return lora, sparse
-
-
-def write_result(adapter: Adapter, staging: Path, output: Path) -> list[str]:
-    """Write a composed adapter: its LoRA part as PEFT at ``output``, its sparse part as surgeon's
-    sparse diff (at ``output``/sparse beside a LoRA, else at ``output``); returns what was written."""
-    from surgeon.formats import peft, sparse
-
-    lora, residual = split_result(adapter)
-    written = []
-    if len(lora):
-        peft.write(lora, staging)
-        written.append(str(output))
-    if len(residual):
-        sparse.write(residual, staging / SPARSE_SUBDIR if len(lora) else staging)
-        written.append(str(output / SPARSE_SUBDIR) if len(lora) else str(output))
-    if not written:
-        raise SurgeonError("the result is empty (every module cancelled out or was cut to rank 0); nothing written.")
-    return written
 
 
 def _summary(report: ComposeReport) -> str:
@@ -147,12 +99,13 @@ def compose(adapters, output, weights, method, negate, rank, energy, max_error, 
     if dtype != "auto":
         raise SurgeonError("--dtype applies when composing full fine-tuned checkpoints; composed adapters keep their "
                            "inputs' dtype.")
+    from surgeon.bundle import write_result
     from surgeon.checkpoint import Checkpoint
     from surgeon.ops.compose import compose as compose_op
+    from surgeon.ops.compose import read_adapters
     from surgeon.output import atomic_output
 
-    checkpoint = Checkpoint(base) if base is not None else None
-    loaded = [(read_adapter_arg(a, format_name, base=checkpoint), str(a)) for a in adapters]
+    loaded = read_adapters(adapters, format_name, base=Checkpoint(base) if base is not None else None)
     inputs = [*adapters, *([base] if base is not None else [])]
     with atomic_output(output, inputs=inputs, force=force) as staging:
         with Progress(len({k for a, _ in loaded for k in a.deltas}), method) as tick:
@@ -220,12 +173,14 @@ def resize(adapter, output, rank, energy, max_error, min_rank, max_rank, base, d
       surgeon resize A --max-error 0.02 -o small/ --json
     """
     rule = rank_rule(rank, energy, max_error, min_rank, max_rank, required=True)
+    from surgeon.bundle import write_result
     from surgeon.checkpoint import Checkpoint
+    from surgeon.ops.compose import read_adapters
     from surgeon.ops.compose import resize as resize_op
     from surgeon.ops.merge import resolve_device
     from surgeon.output import atomic_output
 
-    loaded = read_adapter_arg(adapter, format_name, base=Checkpoint(base) if base is not None else None)
+    ((loaded, _),) = read_adapters([adapter], format_name, base=Checkpoint(base) if base is not None else None)
     with atomic_output(output, inputs=[adapter, *([base] if base is not None else [])], force=force) as staging:
         with Progress(len(loaded), "resize") as tick:
             result, report = resize_op(loaded, rule, resolve_device(device), on_key=tick)

@@ -11,9 +11,6 @@ from surgeon.cli.common import (DEVICE_OPTION, FORCE_OPTION, INPUT, JSON_OPTION,
                                 friendly, provenance, rank_options, rank_rule)
 from surgeon.errors import SurgeonError, missing_extra
 
-SPARSE_SUBDIR = "sparse"
-
-
 @click.command(short_help="Extract a LoRA (and a sparse residual) from a full fine-tune.")
 @click.argument("base", type=INPUT)
 @click.argument("tuned", type=INPUT)
@@ -65,8 +62,8 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     rule = rank_rule(rank, energy, max_error, min_rank, max_rank, required=True)
     import torch
 
+    from surgeon.bundle import write_parts
     from surgeon.checkpoint import Checkpoint
-    from surgeon.formats import peft, sparse
     from surgeon.ops.extract import ExtractOptions
     from surgeon.ops.extract import extract as extract_op
     from surgeon.ops.merge import DTYPES, resolve_device
@@ -90,17 +87,9 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     with atomic_output(output, inputs=inputs, force=force) as staging:
         with Progress(len(base_ckpt), "extract") as tick:
             result = extract_op(base_ckpt, tuned_ckpt, options, on_tensor=tick, keep_spectra=plot_path is not None)
-        metadata = provenance()
-        written = []
-        if len(result.lora):
-            result.lora.metadata.update(metadata)
-            peft.write(result.lora, staging)
-            written.append(str(output))
-        if len(result.sparse):
-            result.sparse.metadata.update(metadata)
-            sparse_dir = staging / SPARSE_SUBDIR if len(result.lora) else staging
-            sparse.write(result.sparse, sparse_dir)
-            written.append(str(output / SPARSE_SUBDIR) if len(result.lora) else str(output))
+        result.lora.metadata.update(provenance())
+        result.sparse.metadata.update(provenance())
+        written = write_parts(result.lora, result.sparse, staging, output)
     report = {"base": str(base), "tuned": str(tuned), "output": str(output), "written": written,
               "merge_command": f"surgeon merge {base} {' '.join(written)} -o merged/", **result.report()}
     if report_path is not None:
@@ -179,7 +168,8 @@ def render(report: dict) -> str:
     lines += [
         "",
         f"{report['changed']} of {report['tensors']} tensors changed: {report['targets']} extracted (rank {ranks}), "
-        f"{report['replaced']} kept whole, {report['skipped']} skipped.",
+        f"{report['replaced']} kept whole, {report['skipped']} skipped"
+        + (f"; {len(report['one_sided'])} non-float tensors in one checkpoint only left out." if report["one_sided"] else "."),
         f"relative error: mean {_fmt(report['mean_relative_error'], '.3e')}, max {_fmt(report['max_relative_error'], '.3e')}; "
         f"adapter {report['adapter_bytes'] / 1e6:.2f} MB = {ratio:.1%} of the full delta ({report['full_delta_bytes'] / 1e6:.2f} MB); "
         f"{report['seconds']:.2f}s.",

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from surgeon.delta import Adapter, Delta, Dense, LowRank, Replace, Sparse
+from surgeon.checkpoint import Checkpoint
+from surgeon.delta import Adapter, Delta, Dense, LowRank, Sparse, exact_sum, promoted_dtype
 from surgeon.errors import SurgeonError
-from surgeon.ops.merge import one_weight_each
+from surgeon.keys import key_generator
+from surgeon.ops.merge import one_weight_each, prepare
 from surgeon.ops.rank import RankRule, tail_error
 from surgeon.ops.svd import factor_split, numerical_rank, truncated_svd
 
@@ -78,16 +80,16 @@ class ComposeOptions:
         if self.keep not in RESULT_KINDS:
             raise SurgeonError(f"unknown result kind {self.keep!r}; choose one of {', '.join(RESULT_KINDS)}.")
         if self.majority_sign not in ("total", "frequency"):
-            raise SurgeonError(f"--majority-sign must be total or frequency; got {self.majority_sign!r}.")
+            raise SurgeonError(f"majority_sign must be total or frequency; got {self.majority_sign!r}.")
         if self.method in DENSE_METHODS:
             if self.density is None or not 0 < self.density <= 1:
-                raise SurgeonError(f"--method {self.method} needs --density in (0, 1], the fraction of each delta's entries to keep.")
+                raise SurgeonError(f"method {self.method} needs a density in (0, 1], the fraction of each delta's entries to keep.")
         elif self.density is not None:
-            raise SurgeonError(f"--density applies to {', '.join(DENSE_METHODS)}, not to --method {self.method}.")
+            raise SurgeonError(f"density applies to {', '.join(DENSE_METHODS)}, not to method {self.method}.")
         if self.method in ("cat", "linear") and self.rule is not None:
-            raise SurgeonError(f"--method {self.method} keeps the ranks it is given; use --method svd to choose a rank.")
+            raise SurgeonError(f"method {self.method} keeps the ranks it is given; use method svd to choose a rank.")
         if self.method in FACTORED_METHODS and self.keep != "lora":
-            raise SurgeonError(f"--as {self.keep} applies to {', '.join(DENSE_METHODS)}; --method {self.method} gives a LoRA.")
+            raise SurgeonError(f"keeping the result as {self.keep} applies to {', '.join(DENSE_METHODS)}; method {self.method} gives a LoRA.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,20 +166,37 @@ def combine_dense(deltas: Sequence[torch.Tensor], weights: Sequence[float], opti
 
 @dataclass
 class _Part:
-    """One adapter's deltas on one key, sorted by kind."""
+    """One adapter's deltas on one key, by what they are: low-rank factors, other additive deltas
+    (summed exactly), whole replacements, and updates that are none of these (DoRA)."""
 
     weight: float
     low: list[LowRank] = field(default_factory=list)
-    sparse: list[Sparse] = field(default_factory=list)
-    dense: list[Dense] = field(default_factory=list)
-    replace: list[Replace] = field(default_factory=list)
+    exact: list[Delta] = field(default_factory=list)
+    replace: list[Delta] = field(default_factory=list)
 
     @classmethod
     def of(cls, deltas: Sequence[Delta], weight: float) -> "_Part":
         part = cls(weight)
         for delta in deltas:
-            {LowRank: part.low, Sparse: part.sparse, Dense: part.dense, Replace: part.replace}[type(delta)].append(delta)
+            if delta.replaces:
+                part.replace.append(delta)
+            elif delta.factored() is not None:
+                part.low.append(delta.factored())
+            else:
+                part.exact.append(delta)
         return part
+
+    @property
+    def additive(self) -> list[Delta]:
+        return [*self.low, *self.exact]
+
+    @property
+    def sparse(self) -> list[Delta]:
+        return [d for d in self.exact if d.sparse_form() is not None]
+
+    @property
+    def dense(self) -> list[Delta]:
+        return [d for d in self.exact if d.sparse_form() is None]
 
 
 def _model_name(base: str) -> str:
@@ -195,8 +214,9 @@ def check_compatible(adapters: Sequence[tuple[Adapter, str]], force: bool = Fals
         (first, one), (second, other) = bases[0], differing[0]
         raise SurgeonError(
             f"{second}: made for base {other!r} but {first} for {one!r}; adapters for different bases do not add up "
-            "(pass --force if they are the same model under two names)."
+            "(force it if they are the same model under two names)."
         )
+    _check_one_namespace(adapters)
     seen: dict[str, tuple[tuple[int, ...], str, str]] = {}
     for adapter, where in adapters:
         for key, deltas in adapter.items():
@@ -217,11 +237,22 @@ def check_compatible(adapters: Sequence[tuple[Adapter, str]], force: bool = Fals
                     )
 
 
-def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
+def _check_one_namespace(adapters: Sequence[tuple[Adapter, str]]) -> None:
+    """Two adapters that name one parameter differently (``unet.model.x`` in a diffusers file,
+    ``model.x`` in a PEFT one) would be summed as two targets: refused, as the base names both."""
+    for adapter, where in adapters:
+        for other, other_where in adapters:
+            keys = other.deltas.keys()
+            for key in adapter.deltas:
+                parts = key.split(".")
+                shorter = next((".".join(parts[i:]) for i in range(1, len(parts)) if ".".join(parts[i:]) in keys), None)
+                if shorter is not None and key not in keys:
+                    raise SurgeonError(f"{where}: names {key!r} where {other_where} names {shorter!r}; "
+                                       "give the base checkpoint so that both are named by its keys.")
+
+
+def _common_dtype(deltas: Sequence[Delta]) -> torch.dtype:
+    return promoted_dtype(d.stored_dtype for d in deltas)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -229,17 +260,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _sum_exact(parts: Sequence[_Part], key_shape: tuple[int, ...]) -> list[Delta]:
-    """Σ wᵢ·(sparse and dense deltas) kept exactly: sparse ones concatenated (duplicates add)."""
-    found: list[Delta] = []
-    sparse = [(s, p.weight) for p in parts for s in p.sparse]
-    if sparse:
-        found.append(Sparse(torch.cat([s.indices for s, _ in sparse]),
-                            torch.cat([s.values * w for s, w in sparse]), key_shape))
-    dense = [(d, p.weight) for p in parts for d in p.dense]
-    if dense:
-        total = sum(d.delta.to(_compute_dtype(d.delta.dtype)) * w for d, w in dense)
-        found.append(Dense(total.to(_common_dtype([d.delta for d, _ in dense]))))
-    return found
+    """Σ wᵢ·(additive deltas that are not low-rank), kept exactly."""
+    terms = [(d, p.weight) for p in parts for d in p.exact]
+    return [exact_sum(terms, key_shape)] if terms else []
 
 
 def _low_terms(parts: Sequence[_Part]) -> list[tuple[LowRank, float]]:
@@ -255,7 +278,7 @@ def _concat(terms: Sequence[tuple[LowRank, float]], shape, magnitude, axis) -> L
         factors, scale = [math.copysign(1.0, c) for c in coefficients], common
     else:
         factors, scale = coefficients, 1.0
-    dtype = _common_dtype([t for low, _ in terms for t in (low.up, low.down)])
+    dtype = _common_dtype([low for low, _ in terms])
     up = torch.cat([low.up.to(dtype) for low, _ in terms], dim=1)
     down = torch.cat([(low.down.to(_compute_dtype(dtype)) * f).to(dtype) for (low, _), f in zip(terms, factors)], dim=0)
     return LowRank(down=down, up=up, scale=scale, shape=shape, magnitude=magnitude, magnitude_axis=axis)
@@ -265,8 +288,8 @@ def _linear(terms: Sequence[tuple[LowRank, float]], key: str, shape) -> LowRank:
     """PEFT's ``linear``: up = Σ √|cᵢ|·upᵢ and down = Σ sign(cᵢ)·√|cᵢ|·downᵢ, scale 1."""
     if len({low.rank for low, _ in terms}) > 1:
         ranks = ", ".join(str(low.rank) for low, _ in terms)
-        raise SurgeonError(f"--method linear adds the factors themselves, so it needs equal ranks, but {key!r} has ranks {ranks}; use cat or svd.")
-    dtype = _common_dtype([t for low, _ in terms for t in (low.up, low.down)])
+        raise SurgeonError(f"method linear adds the factors themselves, so it needs equal ranks, but {key!r} has ranks {ranks}; use cat or svd.")
+    dtype = _common_dtype([low for low, _ in terms])
     work = _compute_dtype(dtype)
     up = sum(low.up.to(work) * math.sqrt(abs(w * low.scale)) for low, w in terms)
     down = sum(low.down.to(work) * math.copysign(math.sqrt(abs(w * low.scale)), w * low.scale) for low, w in terms)
@@ -302,28 +325,22 @@ def _dora(terms: Sequence[tuple[LowRank, float]], key: str) -> tuple[torch.Tenso
 
 def _materialize_part(part: _Part, shape, device, dtype) -> torch.Tensor:
     total = torch.zeros(shape, device=device, dtype=dtype)
-    for delta in [*part.low, *part.sparse, *part.dense]:
-        if isinstance(delta, LowRank) and delta.is_dora:
-            raise SurgeonError("a DoRA update has no additive ΔW for --method ties/dare/magnitude_prune to act on; resize it instead.")
+    for delta in part.additive:
+        if not delta.additive:
+            raise SurgeonError("a DoRA update has no additive ΔW for the ties, dare and magnitude_prune methods to act on; resize it instead.")
         total += delta.materialize(device, dtype)
     return total
 
 
-def module_generator(options: ComposeOptions, key: str) -> torch.Generator:
-    """A generator per module, seeded from --seed and the key, so a module's DARE mask does not
-    depend on which other modules are composed."""
-    generator = torch.Generator(device=options.device)
-    generator.manual_seed((options.seed * 0x9E3779B1 + zlib.crc32(key.encode())) % 2**63)
-    return generator
-
-
 def _compose_dense(key: str, parts: Sequence[_Part], shape, options: ComposeOptions) -> tuple[list[Delta], ModuleReport]:
     ranks_in = [low.rank for p in parts for low in p.low]
-    tensors = [t for p in parts for d in (*p.low, *p.sparse, *p.dense) for t in d.tensors() if t.is_floating_point()]
-    dtype = _common_dtype(tensors)
+    dtype = _common_dtype([d for p in parts for d in p.additive])
     work = _compute_dtype(dtype)
     deltas = [_materialize_part(p, shape, options.device, work) for p in parts]
-    merged = combine_dense(deltas, [p.weight for p in parts], options, module_generator(options, key))
+    if options.method in DENSE_METHODS:
+        merged = combine_dense(deltas, [p.weight for p in parts], options, key_generator(options.seed, key, options.device))
+    else:  # svd of a module with dense parts: the weighted sum, factored to the rank asked for
+        merged = sum(d * p.weight for d, p in zip(deltas, parts))
     del deltas
     report = ModuleReport(key, ranks_in, None)
     if options.keep == "dense" or (merged.dim() < 2 and options.keep == "lora"):
@@ -340,6 +357,10 @@ def _compose_dense(key: str, parts: Sequence[_Part], shape, options: ComposeOpti
 
 
 def _compose_factored(key: str, parts: Sequence[_Part], shape, options: ComposeOptions) -> tuple[list[Delta], ModuleReport]:
+    if options.method == "svd" and options.rule is not None and any(p.dense for p in parts):
+        # dense ΔWs (LoKr, a large LoHa) are factored with the LoRA terms; sparse diffs stay exact
+        found, report = _compose_dense(key, [replace(p, exact=p.dense) for p in parts], shape, options)
+        return found + _sum_exact([replace(p, low=[], exact=p.sparse) for p in parts], shape), report
     terms = _low_terms(parts)
     ranks_in = [low.rank for low, _ in terms]
     report = ModuleReport(key, ranks_in, sum(ranks_in) if terms else None)
@@ -352,7 +373,7 @@ def _compose_factored(key: str, parts: Sequence[_Part], shape, options: ComposeO
             found.append(_linear(terms, key, shape))
             report.rank = ranks_in[0]
         else:
-            dtype = _common_dtype([t for low, _ in terms for t in (low.up, low.down)])
+            dtype = _common_dtype([low for low, _ in terms])
             work = _compute_dtype(dtype)
             u, s, vh = factored_svd([low.up.to(options.device) for low, _ in terms],
                                     [low.down.to(options.device) for low, _ in terms],
@@ -387,16 +408,16 @@ def compose(adapters: Sequence[tuple[Adapter, str]], weights: Sequence[float] | 
     for key in keys:
         parts = [(_Part.of(a.deltas[key], w), where) for (a, where), w in zip(adapters, weights) if key in a.deltas]
         module_type = min((a.module_types.get(key, "linear") for a, _ in adapters if key in a.deltas), key=lambda t: t == "other")
-        shape = tuple(next(iter(parts[0][0].low + parts[0][0].sparse + parts[0][0].dense + parts[0][0].replace)).shape)
+        shape = tuple(next(iter(a.deltas[key][0] for a, _ in adapters if key in a.deltas)).shape)
         for delta in _replacements(key, parts):
             result.add(key, delta, module_type)
-        additive = [p for p, _ in parts if p.low or p.sparse or p.dense]
+        additive = [p for p, _ in parts if p.additive]
         if additive:
             combine = _compose_dense if options.method in DENSE_METHODS else _compose_factored
             deltas, module = combine(key, additive, shape, options)
             for delta in deltas:
                 result.add(key, delta, module_type)
-            if module.ranks_in:
+            if module.ranks_in or module.rank is not None:
                 report.modules.append(module)
         if on_key is not None:
             on_key(key)
@@ -404,19 +425,32 @@ def compose(adapters: Sequence[tuple[Adapter, str]], weights: Sequence[float] | 
     return result, report
 
 
-def _replacements(key: str, parts: Sequence[tuple[_Part, str]]) -> list[Replace]:
+def _replacements(key: str, parts: Sequence[tuple[_Part, str]]) -> list[Delta]:
     """A whole-module replacement (modules_to_save, or the saved base layer of a targeted embedding)
     is not a delta: weights do not scale it, and it is carried over as it is. Two adapters may
     carry the same one (the base layer both saved); two different ones cannot be combined."""
     holders = [(p, where) for p, where in parts if p.replace]
     for part, where in holders[1:]:
         if len(part.replace) != len(holders[0][0].replace) or not all(
-                torch.equal(a.weight, b.weight) for a, b in zip(part.replace, holders[0][0].replace)):
+                torch.equal(a.materialize(dtype=a.stored_dtype), b.materialize(dtype=b.stored_dtype)) for a, b in zip(part.replace, holders[0][0].replace)):
             raise SurgeonError(
                 f"{where}: replaces {key!r} whole (modules_to_save) with other values than {holders[0][1]} does; "
                 "two replacements cannot be combined, so drop that module from one adapter."
             )
     return holders[0][0].replace if holders else []
+
+
+def read_adapters(paths: Sequence[str | Path], format_name: str | None = None,
+                  base: Checkpoint | None = None) -> list[tuple[Adapter, str]]:
+    """The adapters at ``paths`` for :func:`compose` and :func:`resize`, each with where it came
+    from. With ``base`` they are read against it and named by its keys: kohya, LyCORIS and GGUF
+    names resolve only against the base, and an (IA)³ ΔW is computed from its weights."""
+    from surgeon import formats
+
+    loaded = [(formats.read_adapter(Path(p), format_name, base=base), str(p)) for p in paths]
+    if base is None:
+        return loaded
+    return list(zip(prepare(loaded, base, allow_nonfinite=True), [where for _, where in loaded]))
 
 
 def resize(adapter: Adapter, rule: RankRule, device: torch.device = torch.device("cpu"),

@@ -24,7 +24,6 @@ import queue
 import re
 import threading
 import time
-import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -36,12 +35,16 @@ import torch
 from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter, Delta, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
+from surgeon.keys import embedding_name, key_generator
+from surgeon.pairing import paired_keys
 from surgeon.formats.sparse import index_dtype
 from surgeon.ops.norms import frobenius_norm
 from surgeon.ops.rank import RankRule
 from surgeon.ops.svd import factor_split, truncated_svd
 
 EMBEDDING_CHOICES = ("skip", "lora", "full")
+#: Why a key that only one checkpoint holds is left out (see surgeon/pairing.py).
+_ONE_SIDED = "in one checkpoint only, and not a float parameter (a buffer such as position_ids)"
 SPLIT_CHOICES = ("balanced", "up", "down")
 MAX_WORKERS = 4
 
@@ -67,20 +70,20 @@ class ExtractOptions:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparse_density <= 1.0:
-            raise SurgeonError(f"--sparse-density must be in [0, 1]; got {self.sparse_density}.")
+            raise SurgeonError(f"sparse_density must be in [0, 1]; got {self.sparse_density}.")
         if self.rule.rank == 0 and self.sparse_density == 0.0:
-            raise SurgeonError("--rank 0 keeps no low-rank part; give --sparse-density for a pure sparse diff.")
+            raise SurgeonError("rank 0 keeps no low-rank part; give a sparse_density for a pure sparse diff.")
         if self.embeddings not in EMBEDDING_CHOICES:
-            raise SurgeonError(f"--embeddings must be one of {', '.join(EMBEDDING_CHOICES)}; got {self.embeddings!r}.")
+            raise SurgeonError(f"embeddings must be one of {', '.join(EMBEDDING_CHOICES)}; got {self.embeddings!r}.")
         if self.split not in SPLIT_CHOICES:
-            raise SurgeonError(f"--split must be one of {', '.join(SPLIT_CHOICES)}; got {self.split!r}.")
+            raise SurgeonError(f"split must be one of {', '.join(SPLIT_CHOICES)}; got {self.split!r}.")
         if self.alpha is not None and self.alpha <= 0:
-            raise SurgeonError(f"--alpha must be positive; got {self.alpha}.")
+            raise SurgeonError(f"alpha must be positive; got {self.alpha}.")
         for pattern in (*self.include, *self.exclude):
             try:
                 re.compile(pattern)
             except re.error as error:
-                raise SurgeonError(f"--include/--exclude pattern {pattern!r} is not a valid regular expression ({error}).") from None
+                raise SurgeonError(f"include/exclude pattern {pattern!r} is not a valid regular expression ({error}).") from None
 
 
 @dataclass
@@ -120,13 +123,15 @@ class Extraction:
         targets = [r for r in self.rows if r.action in ("lora", "sparse")]
         errors = [r.relative_error_with_sparse if r.relative_error_with_sparse is not None else r.relative_error for r in targets]
         ranks = [r.rank for r in targets if r.action == "lora"]
+        one_sided = [r.key for r in self.rows if r.reason == _ONE_SIDED]
         return {
             "tensors": self.tensors,
             "unchanged": self.unchanged,
-            "changed": len(self.rows),
+            "changed": len(self.rows) - len(one_sided),
             "targets": len(targets),
             "replaced": sum(r.action == "replace" for r in self.rows),
-            "skipped": sum(r.action == "skipped" for r in self.rows),
+            "skipped": sum(r.action == "skipped" for r in self.rows) - len(one_sided),
+            "one_sided": one_sided,
             "rank": {"min": min(ranks), "max": max(ranks), "mean": sum(ranks) / len(ranks)} if ranks else None,
             "mean_relative_error": sum(errors) / len(errors) if errors else None,
             "max_relative_error": max(errors) if errors else None,
@@ -137,25 +142,6 @@ class Extraction:
             "module_types": self.module_types_source,
             "modules": [asdict(r) for r in self.rows],
         }
-
-
-def check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
-    """Same keys and shapes, or an error naming the first difference."""
-    base_keys, tuned_keys = set(base.keys()), set(tuned.keys())
-    if base_keys != tuned_keys:
-        only_base, only_tuned = sorted(base_keys - tuned_keys), sorted(tuned_keys - base_keys)
-        parts = []
-        if only_base:
-            parts.append(f"{len(only_base)} only in {base.path} (e.g. {only_base[0]!r})")
-        if only_tuned:
-            parts.append(f"{len(only_tuned)} only in {tuned.path} (e.g. {only_tuned[0]!r})")
-        raise SurgeonError(f"base and tuned checkpoints hold different tensors: {'; '.join(parts)}; extract needs a fine-tune of this very base.")
-    for key in base.keys():
-        if base.info(key).shape != tuned.info(key).shape:
-            raise SurgeonError(
-                f"{key!r} is {base.info(key).shape} in {base.path} but {tuned.info(key).shape} in {tuned.path}; "
-                "extract needs a fine-tune of this very base (same architecture and vocabulary)."
-            )
 
 
 def module_types(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], str]:
@@ -174,7 +160,7 @@ def module_types(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], str]
         dims = len(checkpoint.info(key).shape)
         if dims >= 3:
             types[key] = "conv"
-        elif dims == 2 and re.search(r"(embed|\bwte\b|\bwpe\b|\.shared\.)", key):
+        elif dims == 2 and embedding_name(key.rpartition(".")[0]):
             types[key] = "embedding"
             embeddings.add(key)
         elif dims == 2:
@@ -423,7 +409,7 @@ def _changed_tensor(key: str, old: torch.Tensor, new: torch.Tensor, module_type:
     if module_type == "other":
         module_type = row.module_type = "conv" if delta.dim() > 2 else "linear"
     outcome.delta_bytes = delta.numel() * new.element_size()
-    generator = torch.Generator().manual_seed((options.seed * 2**32 + zlib.crc32(key.encode())) % 2**63)  # the same whatever the thread order
+    generator = key_generator(options.seed, key)
     _extract_matrix(row, delta, module_type, options, options.factor_dtype or new.dtype, generator, outcome, keep_spectra)
     return outcome
 
@@ -464,15 +450,15 @@ def extract(
     """Factor ``tuned − base`` tensor by tensor. Nothing is written here; the caller writes
     ``lora`` as PEFT and ``sparse`` as a sparse diff."""
     started = time.perf_counter()
-    check_pair(base, tuned)
+    keys, one_sided = paired_keys(base, tuned, "extract needs a fine-tune of this very base")
     types, embeddings, types_source = module_types(base)
     lora = Adapter(source_format="extract", base_model=str(base.path))
     sparse = Adapter(source_format="extract", base_model=str(base.path))
     result = Extraction(lora=lora, sparse=sparse)
     result.module_types_source = types_source
     prefetch = options.prefetch if options.prefetch is not None else (1 if options.device.type == "cuda" else 0)
-    keys = base.keys()
-    result.tensors = len(keys)
+    result.tensors = len(keys) + len(one_sided)
+    result.rows += [Row(k, "skipped", "other", [], 0.0, reason=_ONE_SIDED) for k in one_sided]
     workers, threads = parallelism(options.device)
     local = threading.local()
 
@@ -514,7 +500,7 @@ def extract(
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
-    if not result.rows:
+    if all(r.reason == _ONE_SIDED for r in result.rows):
         raise SurgeonError(f"{base.path} and {tuned.path} are identical: no tensor differs, so there is nothing to extract; nothing was written.")
     if not lora.low_ranks():  # no LoRA to write: whole replacements go with the sparse diff
         for key, deltas in lora.items():

@@ -20,9 +20,10 @@ from typing import Callable, Sequence
 import torch
 
 from surgeon.checkpoint import Checkpoint, StreamingWriter, TensorInfo
-from surgeon.delta import Adapter, Delta, LowRank
+from surgeon.delta import FP32_MAX, Adapter, Delta, all_finite
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
+from surgeon.pairing import paired_keys
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
 from surgeon.quantized import dequantized_dtype
 
@@ -46,11 +47,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SurgeonError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu.")
+        raise SurgeonError("device cuda was asked for, but torch sees no CUDA device; use device cpu.")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise SurgeonError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # meta, mps, ...: tensors there cannot be written
+        raise SurgeonError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N.")
+    return device
 
 
 def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_nonfinite: bool) -> list[Adapter]:
@@ -64,7 +68,7 @@ def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_non
             if bad:
                 raise SurgeonError(
                     f"{where}: the delta for {bad[0]!r} holds NaN or Inf ({len(bad)} such keys); "
-                    "fix the adapter or pass --allow-nonfinite."
+                    "fix the adapter or allow non-finite values."
                 )
         bound.append(adapter)
     return bound
@@ -74,23 +78,27 @@ def _deltas_by_key(adapters: Sequence[Adapter], weights: Sequence[float]) -> dic
     plan: dict[str, list[tuple[Delta, float]]] = {}
     for adapter, weight in zip(adapters, weights):
         for key, deltas in adapter.items():
+            scale = next((d.scale for d in deltas if not abs(weight * getattr(d, "scale", 1.0)) <= FP32_MAX), None)
+            if scale is not None:
+                raise SurgeonError(f"{key!r}: the weight {weight:g} times the delta's scale {scale:g} is beyond fp32's range, "
+                                   "in which merge computes; use a smaller weight.")
             plan.setdefault(key, []).extend((d, weight) for d in deltas)
     return plan
 
 
-def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None) -> None:
+def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None, config: dict) -> None:
+    """The base's other files, beside the weights; ``config`` is the base's config, read (and so
+    checked) before any tensor was written."""
     for path in base.extra_files():
         shutil.copy2(path, out / path.name)
-    config = out / "config.json"
-    if (dtype is not None or base.quantized) and config.is_file():
+    if dtype is not None and config:  # always so for a quantized base: it is written dequantized
         # The copy must describe the weights next to it: their dtype, and no quantization once dequantized.
-        data = json.loads(config.read_text())
         for name in ("torch_dtype", "dtype"):
-            if name in data and dtype is not None:
-                data[name] = _CONFIG_DTYPE_NAMES[dtype]
+            if name in config:
+                config[name] = _CONFIG_DTYPE_NAMES[dtype]
         if base.quantized:
-            data.pop("quantization_config", None)
-        config.write_text(json.dumps(data, indent=2) + "\n")
+            config.pop("quantization_config", None)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 class _Scratch:
@@ -126,6 +134,7 @@ def transform_checkpoint(
     shard_size: int = 5 * 10**9,
     on_tensor: Callable[[str], None] | None = None,
     metadata: dict[str, str] | None = None,
+    allow_nonfinite: bool = False,
 ) -> MergeReport:
     """Write ``base`` with ``plan``'s deltas applied (or removed, with ``undo``) into ``out``.
 
@@ -133,6 +142,7 @@ def transform_checkpoint(
     own dtype; for a quantized base, the dtype it computes in); tensors without deltas are copied,
     cast only when ``dtype`` asks for it.
     ``metadata`` goes into every shard's header (surgeon records how the file was made there).
+    Every tensor written is checked to be finite (one sum: see :func:`all_finite`), unless ``allow_nonfinite``.
     """
     started = time.perf_counter()
     if dtype is None and base.quantized:
@@ -141,6 +151,7 @@ def transform_checkpoint(
     def out_dtype(info: TensorInfo) -> torch.dtype:
         return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
 
+    config = base.config() if dtype is not None else {}
     specs = [(key, TensorInfo(base.info(key).shape, out_dtype(base.info(key)))) for key in base.keys()]
     for key in plan:
         if not base.info(key).dtype.is_floating_point:
@@ -156,29 +167,51 @@ def transform_checkpoint(
             deltas = plan.get(key)
             while len(in_flight) > 1:
                 in_flight.popleft().result()
+            base_tensor, work = tensor, None
             if deltas:
                 work = scratch.work(info.shape).copy_(tensor)
                 work = remove_deltas(work, deltas) if undo else apply_deltas(work, deltas)
                 tensor = scratch.result(info, slot=report.changed).copy_(work)
                 report.changed += 1
-            in_flight.append(io.submit(writer.write, key, tensor.to(dtype=info.dtype).cpu()))
+            tensor = tensor.to(dtype=info.dtype).cpu()
+            if not allow_nonfinite and not all_finite(tensor):
+                raise SurgeonError(_nonfinite_cause(base, key, base_tensor, work, info.dtype))
+            in_flight.append(io.submit(writer.write, key, tensor))
             report.tensors += 1
             if on_tensor is not None:
                 on_tensor(key)
         for write in in_flight:
             write.result()
         report.files = writer.file_names
-    _copy_extras(base, out, dtype)
+    _copy_extras(base, out, dtype, config)
     report.dtype = ", ".join(sorted({str(i.dtype).removeprefix("torch.") for _, i in specs}))
     report.seconds = time.perf_counter() - started
     return report
 
 
+def _nonfinite_cause(base: Checkpoint, key: str, original: torch.Tensor, work: torch.Tensor | None,
+                     dtype: torch.dtype) -> str:
+    """Why the tensor about to be written as ``key`` holds NaN or Inf: the base already did, the
+    fp32 arithmetic overflowed, or the cast to a narrower ``dtype`` did."""
+    anyway = "merge and unmerge write it anyway with --allow-nonfinite"
+    if not all_finite(original):
+        return f"{base.path}: {key!r} already holds NaN or Inf; fix the checkpoint ({anyway})."
+    if work is not None and not all_finite(work):
+        return (f"{key!r} comes out NaN or Inf: the deltas applied to it overflow fp32 (weights or scales too "
+                f"large?); check the adapter's scale and the weights ({anyway}).")
+    return (f"{key!r} overflows {str(dtype).removeprefix('torch.')} when cast (a value beyond its largest finite "
+            f"number); write a wider dtype such as fp32 or bf16 ({anyway}).")
+
+
 def one_weight_each(weights: Sequence[float] | None, inputs: Sequence, what: str = "adapters") -> list[float]:
-    """The -w values, one per input (default 1 each), or an error when their counts differ."""
+    """The -w values, one per input (default 1 each), each a finite number, or an error when their
+    counts differ. (torch's addmm_ treats a NaN alpha as 1, so a NaN weight would merge silently.)"""
     weights = [float(w) for w in weights] if weights else [1.0] * len(inputs)
     if len(weights) != len(inputs):
-        raise SurgeonError(f"got {len(weights)} --weight values for {len(inputs)} {what}; give one per input or none.")
+        raise SurgeonError(f"got {len(weights)} weights for {len(inputs)} {what}; give one per input or none.")
+    bad = next((w for w in weights if not abs(w) <= FP32_MAX), None)  # NaN fails the comparison too
+    if bad is not None:
+        raise SurgeonError(f"weight {bad} is not a finite number within fp32's range; give each input a finite weight.")
     return weights
 
 
@@ -195,9 +228,9 @@ def merge(
     weights = one_weight_each(weights, adapters)
     bound = prepare(adapters, base, allow_nonfinite)
     for adapter, weight, (_, where) in zip(bound, weights, adapters):
-        if weight != 1.0 and any(isinstance(d, LowRank) and d.is_dora for ds in adapter.deltas.values() for d in ds):
-            raise SurgeonError(f"{where}: a DoRA adapter rescales whole rows, so a weight other than 1 has no defined meaning; drop --weight for it.")
-    return transform_checkpoint(base, _deltas_by_key(bound, weights), out, **options)
+        if weight != 1.0 and not all(d.scalable for ds in adapter.deltas.values() for d in ds):
+            raise SurgeonError(f"{where}: a DoRA adapter rescales whole rows, so a weight other than 1 has no defined meaning; give it weight 1.")
+    return transform_checkpoint(base, _deltas_by_key(bound, weights), out, allow_nonfinite=allow_nonfinite, **options)
 
 
 def unmerge(
@@ -217,7 +250,7 @@ def unmerge(
         reason = unmerge_refusal(key, [d for d, _ in deltas])
         if reason:
             raise SurgeonError(f"cannot unmerge: {reason}.")
-    return transform_checkpoint(merged, plan, out, undo=True, **options)
+    return transform_checkpoint(merged, plan, out, undo=True, allow_nonfinite=allow_nonfinite, **options)
 
 
 @dataclass
@@ -227,22 +260,19 @@ class Difference:
     relative: float
 
 
-def check_comparable(a: Checkpoint, b: Checkpoint) -> None:
-    """Refuse two checkpoints that do not hold the same tensors with the same shapes; asked from the
-    headers alone, so that ``unmerge --check`` can refuse a wrong base before writing anything."""
-    if set(a.keys()) != set(b.keys()):
-        only = sorted(set(a.keys()) ^ set(b.keys()))
-        raise SurgeonError(f"{a.path} and {b.path} hold different tensors (e.g. {only[0]!r}); they cannot be compared.")
-    for key in a.keys():
-        if a.info(key).shape != b.info(key).shape:
-            raise SurgeonError(f"{key!r} is {a.info(key).shape} in {a.path} but {b.info(key).shape} in {b.path}.")
+def check_comparable(a: Checkpoint, b: Checkpoint) -> list[str]:
+    """The keys two checkpoints of one model both hold, or an error (:func:`surgeon.pairing.paired_keys`);
+    asked from the headers alone, so that ``unmerge --check`` can refuse a wrong base before writing anything."""
+    keys, _ = paired_keys(a, b, "they are not the same model and cannot be compared")
+    return keys
 
 
 def compare(a: Checkpoint, b: Checkpoint) -> list[Difference]:
-    """Per-tensor max absolute and relative Frobenius difference of two checkpoints with the same keys."""
-    check_comparable(a, b)
+    """Per-tensor max absolute and relative Frobenius difference of two checkpoints of one model
+    (non-float tensors that only one holds are left out, see :mod:`surgeon.pairing`)."""
+    keys = check_comparable(a, b)
     found = []
-    for key in a.keys():
+    for key in keys:
         x = a.get(key).to(torch.float64)
         y = b.get(key).to(torch.float64)
         diff = x - y

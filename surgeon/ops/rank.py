@@ -27,17 +27,17 @@ class RankRule:
     def __post_init__(self) -> None:
         given = [v is not None for v in (self.rank, self.energy, self.max_error)]
         if sum(given) != 1:
-            raise SurgeonError("give exactly one of --rank, --energy or --max-error.")
+            raise SurgeonError("give exactly one of rank, energy or max_error.")
         if self.energy is not None and not 0 < self.energy <= 1:
-            raise SurgeonError(f"--energy must be in (0, 1]; got {self.energy}.")
+            raise SurgeonError(f"energy must be in (0, 1]; got {self.energy}.")
         if self.max_error is not None and not 0 <= self.max_error < 1:
-            raise SurgeonError(f"--max-error must be in [0, 1); got {self.max_error}.")
+            raise SurgeonError(f"max_error must be in [0, 1); got {self.max_error}.")
         if self.rank is not None and self.rank < 0:
-            raise SurgeonError(f"--rank must be 0 or more; got {self.rank}.")
+            raise SurgeonError(f"rank must be 0 or more; got {self.rank}.")
         if self.min_rank < 0:
-            raise SurgeonError(f"--min-rank must be 0 or more; got {self.min_rank}.")
+            raise SurgeonError(f"min_rank must be 0 or more; got {self.min_rank}.")
         if self.max_rank is not None and (self.max_rank < 1 or self.max_rank < self.min_rank):
-            raise SurgeonError(f"--max-rank must be at least 1 and at least --min-rank ({self.min_rank}); got {self.max_rank}.")
+            raise SurgeonError(f"max_rank must be at least 1 and at least min_rank ({self.min_rank}); got {self.max_rank}.")
 
     def choose(self, singular_values: torch.Tensor) -> int:
         """The smallest admissible rank for this spectrum (sorted, descending)."""

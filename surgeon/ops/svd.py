@@ -110,7 +110,7 @@ def truncated_svd(
     total = frobenius_norm(a) ** 2
     if method == "randomized":
         if rule.rank is None:
-            raise SurgeonError("the randomized SVD needs a fixed --rank; use --method exact or gram with --energy or --max-error.")
+            raise SurgeonError("the randomized SVD needs a fixed rank; use method exact or gram with energy or max_error.")
         u, s, vh = _randomized(a, rule.rank, total, generator, tolerance)
     elif method == "gram":
         u, s, vh = _gram(a)

@@ -16,7 +16,9 @@ import torch
 from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Dense
 from surgeon.errors import SurgeonError
-from surgeon.ops.compose import DENSE_METHODS, ComposeOptions, combine_dense, module_generator
+from surgeon.keys import key_generator
+from surgeon.pairing import paired_keys
+from surgeon.ops.compose import DENSE_METHODS, ComposeOptions, combine_dense
 from surgeon.ops.merge import MergeReport, one_weight_each, transform_checkpoint
 
 #: With full deltas cat and linear both mean the plain weighted sum.
@@ -24,19 +26,9 @@ SUM_METHODS = ("cat", "linear")
 
 
 def check_same_layout(base: Checkpoint, tuned: Sequence[Checkpoint]) -> None:
-    """Every fine-tune must hold exactly the base's tensors, with the base's shapes."""
+    """Every fine-tune must hold the base's float tensors, with the base's shapes."""
     for checkpoint in tuned:
-        missing = [k for k in base.keys() if k not in checkpoint]
-        extra = [k for k in checkpoint.keys() if k not in base]
-        if missing or extra:
-            key, where = (missing[0], "lacks") if missing else (extra[0], "has, and the base lacks,")
-            raise SurgeonError(f"{checkpoint.path}: {where} {key!r}; a fine-tune must hold the base's tensors to be merged with it.")
-        for key in base.keys():
-            if checkpoint.info(key).shape != base.info(key).shape:
-                raise SurgeonError(
-                    f"{checkpoint.path}: {key!r} is {checkpoint.info(key).shape} but {base.info(key).shape} in the base "
-                    f"{base.path}; it was not fine-tuned from this base (a resized vocabulary?)."
-                )
+        paired_keys(base, checkpoint, "a fine-tune must hold the base's tensors to be merged with it")
 
 
 class _MergedDeltas(Mapping):
@@ -67,7 +59,7 @@ class _MergedDeltas(Mapping):
         if self.options.method in SUM_METHODS:
             merged = sum(d * w for d, w in zip(deltas, self.weights))
         else:
-            merged = combine_dense(deltas, self.weights, self.options, module_generator(self.options, key))
+            merged = combine_dense(deltas, self.weights, self.options, key_generator(self.options.seed, key, self.options.device))
         return [(Dense(merged), 1.0)]
 
 
@@ -83,10 +75,10 @@ def task_arithmetic(
     rules for ties, dare_* and magnitude_prune. ``write_options`` are transform_checkpoint's
     (dtype, shard_size, on_tensor, metadata)."""
     if options.method not in SUM_METHODS + DENSE_METHODS:
-        raise SurgeonError(f"--method {options.method} needs adapters; with --base use one of {', '.join(SUM_METHODS + DENSE_METHODS)} "
+        raise SurgeonError(f"method {options.method} needs adapters; with a base use one of {', '.join(SUM_METHODS + DENSE_METHODS)} "
                            "(then `surgeon extract` to get a low-rank adapter of the result).")
     if options.rule is not None or options.keep != "lora":
-        raise SurgeonError("--rank, --energy, --max-error and --as shape an adapter; with --base the output is a full checkpoint.")
+        raise SurgeonError("rank, energy, max_error and the result kind shape an adapter; with a base the output is a full checkpoint.")
     weights = one_weight_each(weights, tuned, "fine-tuned checkpoints")
     check_same_layout(base, tuned)
     plan = _MergedDeltas(base, tuned, weights, options)

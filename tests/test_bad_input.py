@@ -1,0 +1,379 @@
+"""Bad input of every kind (issue 11): corrupt files, non-finite values, wrong dtypes, broken configs
+and indexes, Hub paths that climb out of the cache. Each is refused with one ``Error:`` sentence
+naming the file or tensor, exit code 1, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from surgeon.cli import main
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_refused(result, *fragments: str) -> None:
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert result.output.startswith("Error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+@pytest.fixture
+def adapter(fixtures_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(fixtures_dir / "tiny-llama-lora", tmp_path / "adapter"))
+
+
+@pytest.fixture
+def base(fixtures_dir) -> Path:
+    return fixtures_dir / "tiny-llama"
+
+
+def edit_config(adapter: Path, **changes) -> None:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update(changes)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+
+def edit_tensors(adapter: Path, change) -> None:
+    file = adapter / "adapter_model.safetensors"
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file)
+
+
+def header_of(raw: bytes) -> tuple[dict, bytes]:
+    size = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8:8 + size]), raw[8 + size:]
+
+
+def with_header(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def _edit_entry(field: str, value):
+    def corrupt(raw: bytes) -> bytes:
+        header, data = header_of(raw)
+        key = next(k for k in header if k != "__metadata__")
+        header[key][field] = value(header[key][field])
+        return with_header(header, data)
+    return corrupt
+
+
+CORRUPTIONS = {
+    "truncated": lambda raw: raw[: len(raw) // 2],
+    "empty": lambda raw: b"",
+    "header too large": lambda raw: b"\xff" * 8 + raw[8:],
+    "header not json": lambda raw: raw[:8] + b"#" + raw[9:],
+    "header not utf-8": lambda raw: raw[:9] + b"\xff" + raw[10:],
+    "offsets out of range": _edit_entry("data_offsets", lambda o: [o[0], o[1] + 10**6]),
+    "shape beyond the data": _edit_entry("shape", lambda s: [10**6, 10**6]),
+    "unknown dtype": _edit_entry("dtype", lambda d: "Q7"),
+}
+
+
+# -- item 7: a corrupt adapter file is a clean error in every command that reads one ----------------
+
+def _commands(base: Path, adapter: Path, out: Path) -> dict[str, list]:
+    return {
+        "inspect": ["inspect", adapter],
+        "merge": ["merge", base, adapter, "-o", out],
+        "unmerge": ["unmerge", base, adapter, "-o", out],
+        "convert": ["convert", adapter, "--to", "mlx", "-o", out],
+        "resize": ["resize", adapter, "--rank", "2", "-o", out],
+        "compose": ["compose", adapter, adapter, "-o", out],
+    }
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@pytest.mark.parametrize("command", ["inspect", "merge", "unmerge", "convert", "resize", "compose"])
+def test_corrupt_adapter_file_is_not_a_valid_safetensors_file(base, adapter, tmp_path, command, corruption):
+    file = adapter / "adapter_model.safetensors"
+    file.write_bytes(CORRUPTIONS[corruption](file.read_bytes()))
+    result = run(*_commands(base, adapter, tmp_path / "out")[command])
+    assert_refused(result, f"{file}: not a valid safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "offsets out of range", "unknown dtype"])
+def test_corrupt_base_file_gets_the_same_error(base, adapter, tmp_path, corruption):
+    copy = Path(shutil.copytree(base, tmp_path / "base"))
+    file = copy / "model.safetensors"
+    file.write_bytes(CORRUPTIONS[corruption](file.read_bytes()))
+    assert_refused(run("merge", copy, adapter, "-o", tmp_path / "out"), f"{file}: not a valid safetensors file")
+
+
+# -- item 5: nothing non-finite is ever written with exit 0 --------------------------------------------
+
+@pytest.mark.parametrize("weight", ["inf", "-inf", "nan", "1e39"])
+def test_nonfinite_weight_is_refused_before_any_work(base, adapter, tmp_path, weight):
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out", "-w", weight), f"weight {float(weight)}", "finite")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("alpha", ["Infinity", "NaN"])
+def test_nonfinite_alpha_is_refused(base, adapter, tmp_path, alpha):
+    text = (adapter / "adapter_config.json").read_text()
+    config = json.loads(text)
+    (adapter / "adapter_config.json").write_text(text.replace(f'"lora_alpha": {config["lora_alpha"]}', f'"lora_alpha": {alpha}'))
+    assert json.loads((adapter / "adapter_config.json").read_text())["lora_alpha"] != config["lora_alpha"]
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "lora_alpha", "finite")
+    assert not (tmp_path / "out").exists()
+
+
+def test_weight_times_scale_beyond_fp32_is_refused(base, adapter, tmp_path):
+    edit_config(adapter, lora_alpha=1e30)
+    result = run("merge", base, adapter, "-o", tmp_path / "out", "-w", "1e20")
+    assert_refused(result, "the weight 1e+20 times the delta's scale", "beyond fp32's range")
+    edit_config(adapter, lora_alpha=1e300)
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "within fp32's range")
+
+
+def test_finite_factors_whose_product_overflows_are_refused(base, adapter, tmp_path):
+    def huge(tensors):
+        for key in tensors:
+            if "layers.0.self_attn.q_proj" in key:
+                tensors[key].fill_(1e30)
+    edit_tensors(adapter, huge)
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "model.layers.0.self_attn.q_proj.weight", "overflow fp32")
+    assert not (tmp_path / "out").exists()
+
+
+def test_overflow_on_the_cast_to_fp16_is_refused(base, adapter, tmp_path):
+    result = run("merge", base, adapter, "-o", tmp_path / "out", "-w", "1e6", "--dtype", "fp16")
+    assert_refused(result, "overflows float16 when cast")
+    assert not (tmp_path / "out").exists()
+    assert run("merge", base, adapter, "-o", tmp_path / "out", "-w", "1e6", "--dtype", "fp32").exit_code == 0
+
+
+def test_nonfinite_base_is_refused_unless_allowed(base, adapter, tmp_path):
+    copy = Path(shutil.copytree(base, tmp_path / "base"))
+    tensors = load_file(copy / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("inf")
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    assert_refused(run("merge", copy, adapter, "-o", tmp_path / "out"), "'model.norm.weight' already holds NaN or Inf")
+    assert not (tmp_path / "out").exists()
+    assert run("merge", copy, adapter, "-o", tmp_path / "out", "--allow-nonfinite").exit_code == 0
+
+
+# -- item 6: factors that are not float, targets that match nothing, DoRA without magnitudes ---------
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.float8_e4m3fn])
+def test_non_float_factors_are_refused_by_name(base, adapter, tmp_path, dtype):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    edit_tensors(adapter, lambda t: t.update({key: (t[key] * 1000).to(dtype)}))
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), key, str(dtype))
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_float_factors_of_a_kohya_file_are_refused(base, tmp_path):
+    from fixtures.make_fixtures import make_lora
+    from surgeon.formats import read_adapter, write_adapter
+
+    peft = make_lora("llama", base, tmp_path / "peft")
+    file = tmp_path / "k.safetensors"
+    write_adapter(read_adapter(peft), file, "kohya")
+    tensors = load_file(file)
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key] = (tensors[key] * 1000).to(torch.int32)
+    save_file(tensors, file)
+    assert_refused(run("merge", base, file, "-o", tmp_path / "out"), "torch.int32", "fp16, bf16, fp32 or fp64")
+
+
+@pytest.mark.parametrize("targets", [["nothing_like_this"], "no_match_.*"])
+def test_target_modules_that_match_nothing_are_refused(base, adapter, tmp_path, targets):
+    edit_config(adapter, target_modules=targets)
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "target_modules", "matches none")
+
+
+def test_empty_target_modules_are_refused(base, adapter, tmp_path):
+    edit_config(adapter, target_modules=[])
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "target_modules is empty")
+
+
+def test_use_dora_without_magnitudes_is_refused(base, adapter, tmp_path):
+    edit_config(adapter, use_dora=True)
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "use_dora is true", "lacks a lora_magnitude_vector")
+
+
+def test_adapter_with_zero_tensors_is_refused(base, adapter, tmp_path):
+    save_file({}, adapter / "adapter_model.safetensors")
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "holds no tensors")
+    assert_refused(run("inspect", adapter), "holds no tensors")
+
+
+@pytest.mark.parametrize("config", [b"{not json", b"\xff\xfe{}", b"[1, 2]", b'{"r": 8}'])
+def test_inspect_names_a_broken_adapter_config(adapter, config):
+    (adapter / "adapter_config.json").write_bytes(config)
+    assert_refused(run("inspect", adapter), str(adapter / "adapter_config.json"))
+
+
+# -- item 8: adapter_config.json values are validated up front ----------------------------------------
+
+@pytest.mark.parametrize("changes, fragments", [
+    ({"r": None}, ["r is None", "positive integer"]),
+    ({"r": "8"}, ["r is '8'", "positive integer"]),
+    ({"r": 0}, ["r is 0"]),
+    ({"lora_alpha": "16"}, ["lora_alpha is '16'", "finite number"]),
+    ({"lora_alpha": True}, ["lora_alpha is True"]),
+    ({"rank_pattern": {"q_proj(": 4}}, ["rank_pattern key", "not a valid regex"]),
+    ({"alpha_pattern": {"[q": 4}}, ["alpha_pattern key", "not a valid regex"]),
+    ({"rank_pattern": {"q_proj": "4"}}, ["rank_pattern['q_proj'] is '4'"]),
+    ({"alpha_pattern": ["q_proj"]}, ["alpha_pattern is ['q_proj']"]),
+    ({"use_rslora": "yes"}, ["use_rslora is 'yes'", "true or false"]),
+    ({"target_modules": "(unclosed"}, ["target_modules", "not a valid regex"]),
+    ({"target_modules": 3}, ["target_modules is 3"]),
+    ({"peft_type": 7}, ["peft_type is 7"]),
+])
+def test_bad_config_values_are_named(base, adapter, tmp_path, changes, fragments):
+    edit_config(adapter, **changes)
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "adapter_config.json", *fragments)
+    assert_refused(run("inspect", adapter), *fragments)
+
+
+@pytest.mark.parametrize("shape", [(), (8,)])
+def test_factor_that_is_not_a_matrix_is_named(base, adapter, tmp_path, shape):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    edit_tensors(adapter, lambda t: t.update({key: torch.ones(shape)}))
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), key, f"has shape {shape}")
+
+
+def test_dora_magnitude_of_the_wrong_length_is_refused_before_writing(base, tmp_path):
+    from fixtures.make_fixtures import make_lora
+
+    dora = make_lora("llama", base, tmp_path / "dora", use_dora=True)
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector"
+    edit_tensors(dora, lambda t: t.update({key: t[key][:-3]}))
+    assert_refused(run("merge", base, dora, "-o", tmp_path / "out"), "DoRA magnitude has shape (61,)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_mlx_config_values_are_named(base, tmp_path):
+    from fixtures.make_fixtures import make_lora
+    from surgeon.formats import read_adapter, write_adapter
+
+    mlx = tmp_path / "mlx"
+    write_adapter(read_adapter(make_lora("llama", base, tmp_path / "peft")), mlx, "mlx")
+    config = json.loads((mlx / "adapter_config.json").read_text())
+    for field, value, fragment in [("scale", "2", "lora_parameters.scale is '2'"), ("scale", float("inf"), "is inf"),
+                                   ("scale", 1e300, "within fp32's range"),
+                                   ("rank", -1, "lora_parameters.rank is -1")]:
+        broken = {**config, "lora_parameters": {**config["lora_parameters"], field: value}}
+        (mlx / "adapter_config.json").write_text(json.dumps(broken))
+        assert_refused(run("merge", base, mlx, "-o", tmp_path / "out"), fragment)
+
+
+# -- item 9: base-side metadata -----------------------------------------------------------------------
+
+def _sharded_base(base: Path, tmp_path: Path, weight_map) -> Path:
+    copy = Path(shutil.copytree(base, tmp_path / "base"))
+    (copy / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return copy
+
+
+@pytest.mark.parametrize("weight_map, fragment", [
+    (["model.safetensors"], "weight_map is not a mapping"),
+    ({"model.norm.weight": 3}, "weight_map is not a mapping"),
+    ({"model.norm.weight": "/etc/passwd"}, "'/etc/passwd'"),
+    ({"model.norm.weight": "../tiny-llama/model.safetensors"}, "'../tiny-llama/model.safetensors'"),
+    ({"model.norm.weight": ".."}, "'..'"),
+])
+def test_bad_shard_index_is_refused(base, adapter, tmp_path, weight_map, fragment):
+    copy = _sharded_base(base, tmp_path, weight_map)
+    assert_refused(run("inspect", copy), fragment)
+    assert_refused(run("merge", copy, adapter, "-o", tmp_path / "out"), "model.safetensors.index.json", fragment)
+
+
+@pytest.mark.parametrize("config", [b"{broken", b"\xff", b"[]", b'{"architectures": "LlamaForCausalLM"}'])
+def test_broken_base_config_is_named(base, adapter, tmp_path, config):
+    copy = Path(shutil.copytree(base, tmp_path / "base"))
+    (copy / "config.json").write_bytes(config)
+    assert_refused(run("inspect", copy), "config.json")
+    assert_refused(run("merge", copy, adapter, "-o", tmp_path / "out", "--dtype", "bf16"), "config.json")
+    assert not (tmp_path / "out").exists()
+    assert_refused(run("convert", adapter, "--to", "gguf", "--base", copy, "-o", tmp_path / "a.gguf"), "config.json")
+
+
+@pytest.mark.parametrize("changes", [{"num_attention_heads": 0}, {"num_hidden_layers": None}, {"num_key_value_heads": "2"},
+                                     {"num_attention_heads": 3}])
+def test_gguf_needs_sound_head_and_layer_counts(base, adapter, tmp_path, changes):
+    copy = Path(shutil.copytree(base, tmp_path / "base"))
+    config = json.loads((copy / "config.json").read_text())
+    config.update(changes)
+    if config["num_hidden_layers"] is None:
+        del config["num_hidden_layers"]
+    (copy / "config.json").write_text(json.dumps(config))
+    assert_refused(run("convert", adapter, "--to", "gguf", "--base", copy, "-o", tmp_path / "a.gguf"))
+    assert not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_device_that_cannot_hold_results_is_refused(base, adapter, tmp_path, device):
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out", "--device", device), f"unknown device {device!r}")
+
+
+# -- item 12: Hub paths stay inside the repository's cache folder ------------------------------------
+
+@pytest.fixture
+def hub_cache(tmp_path, fixtures_dir, monkeypatch) -> Path:
+    """org/lora in an offline Hub cache under tmp_path, and a credentials file beside the cache."""
+    from huggingface_hub import constants
+    from test_hub import folder_files, write_cache
+
+    cache = tmp_path / "hf-home" / "hub"
+    write_cache(cache, "org/lora", folder_files(fixtures_dir / "tiny-llama-lora"), "b" * 40)
+    (tmp_path / "hf-home" / "credentials.json").write_text('{"token": "secret"}')
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.mark.parametrize("uri", ["hf://org/lora/../../..", "hf://org/lora@../../x/y", "hf://org/lora@main/..",
+                                 "hf://org/lora/a\\..\\b"])
+def test_hub_path_that_climbs_out_is_refused(hub_cache, tmp_path, uri):
+    for args in (["pull", uri, "-o", tmp_path / "out"], ["inspect", uri], ["merge", uri, uri, "-o", tmp_path / "out"]):
+        result = run(*args)
+        assert result.exit_code != 0 and "climbs out of the repository" in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_snapshot_link_leading_outside_the_cache_is_refused(hub_cache, tmp_path):
+    assert run("pull", "hf://org/lora", "-o", tmp_path / "fine").exit_code == 0
+    secret = tmp_path / "credentials.json"
+    secret.write_text('{"token": "secret"}')
+    (hub_cache / "models--org--lora" / "snapshots" / ("b" * 40) / "credentials.json").symlink_to(secret)
+    assert_refused(run("pull", "hf://org/lora", "-o", tmp_path / "out"), "leads outside the repository's cache folder")
+    assert not (tmp_path / "out").exists()
+
+
+# -- item 11 (part): messages say what is actually wrong -----------------------------------------------
+
+def test_random_bytes_in_a_bin_are_not_called_a_pickle_needing_unpickling(adapter, base, tmp_path):
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.bin").write_bytes(bytes(range(256)) * 8)
+    result = run("merge", base, adapter, "-o", tmp_path / "out")
+    assert_refused(result, "adapter_model.bin: not a readable PyTorch checkpoint")
+    assert "full unpickling" not in result.output
+
+
+def test_a_pickle_with_foreign_globals_still_needs_full_unpickling(adapter, base, tmp_path):
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save({"weights": Path("x")}, adapter / "adapter_model.bin")
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "needs full unpickling")
+
+
+def test_factors_whose_ranks_differ_are_named(base, adapter, tmp_path):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    edit_tensors(adapter, lambda t: t.update({key: t[key].T.contiguous()}))
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "'model.layers.0.self_attn.q_proj'", "ranks differ")
