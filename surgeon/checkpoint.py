@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from surgeon.checkpoint_files import SAFETENSORS_INDEX, WEIGHT_SUFFIXES, model_config
 from surgeon.checkpoint_files import weight_files as _weight_files
 from surgeon.errors import SurgeonError
+from surgeon.quantized import QuantizedWeight, dequantize, find_quantized, stored_parts
 
 
 _DTYPE_NAMES = {
@@ -108,6 +109,7 @@ class Checkpoint:
                 self._index_safetensors(file)
             else:
                 self._index_pickle(file)
+        self.quantized = self._take_quantized()
 
     @property
     def directory(self) -> Path | None:
@@ -135,19 +137,39 @@ class Checkpoint:
         for key, tensor in state.items():
             self._add(key, file, TensorInfo(tuple(tensor.shape), tensor.dtype))
 
+    def _take_quantized(self) -> dict[str, QuantizedWeight]:
+        """A bitsandbytes checkpoint is shown as the float weights it stands for: its quantized parts
+        leave the listing, and each weight's info becomes the dequantized one (surgeon/quantized.py)."""
+        entries = {key: (_DTYPE_NAMES[info.dtype], info.shape) for key, info in self._info.items()}
+        found = find_quantized(entries, self._read_bytes, self.config, self.path)
+        for key in stored_parts(found):
+            del self._info[key]
+        for key, weight in found.items():
+            self._info[key] = TensorInfo(weight.shape, getattr(torch, weight.dtype))
+        return found
+
+    def _read_bytes(self, keys: list[str]) -> dict[str, bytes]:
+        return {key: self._read(key).numpy().tobytes() for key in keys}
+
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._info)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return key in self._info
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._info)
 
     def info(self, key: str) -> TensorInfo:
         return self._info[key]
 
     def get(self, key: str) -> torch.Tensor:
+        if key in self.quantized:
+            return dequantize(self.quantized[key], self._read, self.path)
+        return self._read(key)
+
+    def _read(self, key: str) -> torch.Tensor:
+        """One tensor as stored."""
         file = self._where[key]
         if file in self._pickled:
             return self._pickled[file][key]
@@ -155,7 +177,7 @@ class Checkpoint:
             return handle.get_tensor(key)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for key in self._where:
+        for key in self._info:
             yield key, self.get(key)
 
     def num_params(self) -> int:

@@ -98,3 +98,18 @@ def header_or_none(path: Path) -> dict[str, Entry] | None:
         return read_header(path).entries
     except (SurgeonError, OSError):
         return None
+
+
+def read_tensor_bytes(path: Path, names: list[str]) -> dict[str, bytes]:
+    """The stored bytes of a few small tensors, without torch: producers keep JSON in uint8 tensors
+    (bitsandbytes' quant states), and ``inspect`` needs it."""
+    raw, data_size = _raw_header(path)
+    start = path.stat().st_size - data_size
+    found = {}
+    with open(path, "rb") as handle:
+        for name in names:
+            entry = _entry(path, name, raw.get(name), data_size)
+            begin = raw[name]["data_offsets"][0]
+            handle.seek(start + begin)
+            found[name] = handle.read(entry.num_bytes)
+    return found

@@ -308,6 +308,17 @@ def export(source: Path, output: Path, *, task: str | None = None, opset: int | 
         return _export_in(staging, source, output, task, opset, exporter, atol, check, provenance, adapters)
 
 
+def _dequantized(checkpoint, staging: Path) -> Path:
+    """A float copy of a bitsandbytes checkpoint, streamed into the scratch folder: transformers would
+    build bitsandbytes layers from the original, and no ONNX exporter can trace those."""
+    from surgeon.ops.merge import transform_checkpoint
+
+    copy = staging / "dequantized"
+    copy.mkdir()
+    transform_checkpoint(checkpoint, {}, copy, dtype=torch.float32)
+    return copy
+
+
 def _export_in(staging: Path, source: Path, output: Path, task, opset, exporter, atol, check, provenance,
                adapters) -> ExportReport:
     from surgeon.checkpoint import Checkpoint
@@ -319,7 +330,7 @@ def _export_in(staging: Path, source: Path, output: Path, task, opset, exporter,
     task = task or default_task(config)
     report = ExportReport(str(source), str(output), task, TASKS[task][1], (config.get("architectures") or [None])[0], adapters=adapters or [])
     report.external_data = checkpoint.num_params() * 4 > EXTERNAL_DATA_ABOVE  # exported in fp32
-    head, full_config = load_head(source, task)
+    head, full_config = load_head(_dequantized(checkpoint, staging) if checkpoint.quantized else source, task)
     staged = staging / output.name
     started = time.perf_counter()
     report.exporter = export_graph(head, full_config, staged, exporter, opset, report.external_data)

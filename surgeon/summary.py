@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 from surgeon.checkpoint_files import WEIGHT_SUFFIXES, model_config, weight_files
 from surgeon.errors import SurgeonError
-from surgeon.header import read_header
+from surgeon.header import read_header, read_tensor_bytes
+from surgeon.quantized import describe_quantization, find_quantized, stored_parts
 
 if TYPE_CHECKING:
     from surgeon.delta import Adapter
@@ -27,6 +28,7 @@ _TORCH_DTYPE_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
+_ITEM_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def _group_name(key: str) -> str:
@@ -162,33 +164,56 @@ def peft_header_summary(path: Path, format_description: str) -> dict | None:
     }
 
 
-def _tensor_table(files: list[Path]) -> tuple[dict[str, tuple[str, int, int]], dict[str, str]]:
-    """name → (dtype, elements, bytes) and the header metadata: from headers for safetensors
-    files, from the loaded checkpoint for pickles (which have no header)."""
+#: name → (dtype, elements, bytes) of each tensor a checkpoint stands for.
+Table = dict[str, tuple[str, int, int]]
+
+
+def _header_table(files: list[Path], config: dict) -> tuple[Table, dict[str, str], dict | None]:
+    """name → (dtype, elements, bytes) of the logical tensors, the header metadata and the
+    quantization, from the headers alone: a bitsandbytes weight counts as the float tensor it
+    stands for, its quantized parts not at all."""
+    headers = {file: read_header(file) for file in files}
+    entries = {name: (e.dtype, e.shape) for header in headers.values() for name, e in header.entries.items()}
+    holder = {name: file for file, header in headers.items() for name in header.entries}
+
+    def read_bytes(names: list[str]) -> dict[str, bytes]:
+        return {name: read_tensor_bytes(holder[name], [name])[name] for name in names}
+
+    found = find_quantized(entries, read_bytes, lambda: config, files[0].parent if len(files) > 1 else files[0])
+    parts = stored_parts(found)
+    table = {
+        name: (_TORCH_DTYPE_NAMES[e.dtype], e.numel, e.num_bytes)
+        for header in headers.values() for name, e in header.entries.items() if name not in parts
+    }
+    for name, weight in found.items():
+        table[name] = (weight.dtype, weight.numel, weight.numel * _ITEM_SIZES[weight.dtype])
+    metadata = {k: v for header in headers.values() for k, v in header.metadata.items()}
+    return table, metadata, describe_quantization(found, config)
+
+
+def _tensor_table(files: list[Path], config: dict) -> tuple[Table, dict[str, str], dict | None]:
+    """As :func:`_header_table`; pickles have no header, so they are loaded."""
     if all(f.suffix == ".safetensors" for f in files):
-        table, metadata = {}, {}
-        for file in files:
-            header = read_header(file)
-            metadata.update(header.metadata)
-            table.update({k: (_TORCH_DTYPE_NAMES[e.dtype], e.numel, e.num_bytes) for k, e in header.entries.items()})
-        return table, metadata
+        return _header_table(files, config)
     from surgeon.checkpoint import Checkpoint
 
     checkpoint = Checkpoint(files[0].parent if len(files) > 1 else files[0])
     infos = {k: checkpoint.info(k) for k in checkpoint.keys()}
-    return {k: (str(i.dtype).removeprefix("torch."), math.prod(i.shape), i.num_bytes) for k, i in infos.items()}, checkpoint.metadata
+    table = {k: (str(i.dtype).removeprefix("torch."), math.prod(i.shape), i.num_bytes) for k, i in infos.items()}
+    return table, checkpoint.metadata, describe_quantization(checkpoint.quantized, config)
 
 
 def checkpoint_summary(path: Path) -> dict:
     files = weight_files(path)
-    table, metadata = _tensor_table(files)
     config = model_config(path if path.is_dir() else None)
+    table, metadata, quantization = _tensor_table(files, config)
     return {
         "path": str(path),
         "kind": "checkpoint",
         "format": "safetensors" if all(f.suffix == ".safetensors" for f in files) else "pytorch pickle",
         "architecture": (config.get("architectures") or [config.get("model_type")])[0] if config else None,
         "files": [f.name for f in files],
+        "quantization": quantization,
         "tensors": len(table),
         "params": sum(n for _, n, _ in table.values()),
         "bytes": sum(b for _, _, b in table.values()),

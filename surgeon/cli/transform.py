@@ -15,7 +15,7 @@ from surgeon.cli.common import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT,
 def _transform_options(command):
     """The options merge and unmerge share, in the order --help lists them."""
     for option in reversed([
-        dtype_option("Output dtype of float tensors; auto keeps each tensor's own."),
+        dtype_option("Output dtype of float tensors; auto keeps each tensor's own (a bitsandbytes base: its compute dtype, else bf16)."),
         DEVICE_OPTION, SHARD_OPTION, FROM_OPTION, FORCE_OPTION, NONFINITE_OPTION, JSON_OPTION,
     ]):
         command = option(command)

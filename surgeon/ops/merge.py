@@ -25,6 +25,7 @@ from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
 from surgeon.pairing import paired_keys
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
+from surgeon.quantized import dequantized_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -90,11 +91,13 @@ def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None, config:
     checked) before any tensor was written."""
     for path in base.extra_files():
         shutil.copy2(path, out / path.name)
-    if dtype is not None and config:
-        # The copy must describe the weights next to it; a changed dtype is the one edit we make.
+    if dtype is not None and config:  # always so for a quantized base: it is written dequantized
+        # The copy must describe the weights next to it: their dtype, and no quantization once dequantized.
         for name in ("torch_dtype", "dtype"):
             if name in config:
                 config[name] = _CONFIG_DTYPE_NAMES[dtype]
+        if base.quantized:
+            config.pop("quantization_config", None)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -136,11 +139,14 @@ def transform_checkpoint(
     """Write ``base`` with ``plan``'s deltas applied (or removed, with ``undo``) into ``out``.
 
     Float tensors are computed in fp32 on ``device`` and cast to ``dtype`` (default: each tensor's
-    own dtype); tensors without deltas are copied, cast only when ``dtype`` asks for it.
+    own dtype; for a quantized base, the dtype it computes in); tensors without deltas are copied,
+    cast only when ``dtype`` asks for it.
     ``metadata`` goes into every shard's header (surgeon records how the file was made there).
     Every tensor written is checked to be finite (one sum: see :func:`all_finite`), unless ``allow_nonfinite``.
     """
     started = time.perf_counter()
+    if dtype is None and base.quantized:
+        dtype = getattr(torch, dequantized_dtype(base.config()))
 
     def out_dtype(info: TensorInfo) -> torch.dtype:
         return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
