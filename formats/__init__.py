@@ -59,7 +59,8 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("peft", "PEFT LoRA / DoRA (adapter_config.json + adapter_model.safetensors)",
+    Format("peft", "PEFT LoRA / DoRA / LoHa / LoKr / IA3 / VeRA / soft prompt "
+           "(adapter_config.json + adapter_model.safetensors)",
            "a directory with adapter_config.json and adapter_model.safetensors or adapter_model.bin",
            layouts.is_peft, writable=True),
     Format("mlx", "mlx-lm LoRA / DoRA (adapter_config.json + adapters.safetensors)",

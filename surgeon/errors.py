@@ -29,3 +29,13 @@ def describe_os_error(error: OSError) -> str:
     reason = error.strerror or str(error)
     paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
     return f"{' -> '.join(paths)}: {reason}." if paths else f"{reason}."
+
+
+class NotWeightDeltas(SurgeonError):
+    """An adapter surgeon reads but cannot turn into weight deltas (prefix tuning, bottleneck
+    adapters: they add computation at run time, not values to weights). The message is the
+    refusal, saying why and what to use instead; ``facts`` is what ``inspect`` shows of it."""
+
+    def __init__(self, message: str, facts: dict):
+        super().__init__(message)
+        self.facts = facts
