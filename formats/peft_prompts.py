@@ -127,8 +127,10 @@ def _run_time_refusal(peft_type: str, config: dict, tensors: dict[str, torch.Ten
         **{name: config[name] for name in _FACT_FIELDS if config.get(name) not in (None, [], {})},
         "params": sum(t.numel() for t in tensors.values()),
         "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "config": dict(config),
         "modules": [{"target": k, "delta": "x".join(map(str, t.shape)), "count": 1} for k, t in tensors.items()],
     }
-    message = (f"{file}: a PEFT {family} adapter {RUN_TIME[peft_type]}, which no change to the weights can express, so "
-               "it cannot be merged; run it with PEFT (PeftModel.from_pretrained), or train a LoRA instead.")
+    message = (f"{file}: a PEFT {family} adapter {RUN_TIME[peft_type]}, which no change to the weights can express, "
+               "so surgeon cannot merge or convert it; run it with PEFT (PeftModel.from_pretrained), or train a LoRA "
+               "instead.")
     return NotWeightDeltas(message, facts)

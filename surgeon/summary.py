@@ -238,7 +238,7 @@ def human_bytes(count: int) -> str:
 
 def render(summary: dict) -> str:
     """The summary as aligned text lines for a terminal."""
-    skip = {"modules", "format_description", "metadata"}
+    skip = {"modules", "format_description", "metadata", "config"}  # a config is shown in --json only
     rows = []
     for name, value in summary.items():
         if name in skip or value in (None, {}, []):

@@ -39,14 +39,15 @@ def with_tokenizer(arch: str, out: Path) -> Path:
     return out
 
 
-def make_prompt_adapter(arch: str, out: Path, kind: str = "prompt", seed: int = 3) -> tuple[Path, object]:
+def make_prompt_adapter(arch: str, out: Path, kind: str = "prompt", seed: int = 3, **extra) -> tuple[Path, object]:
     """A PEFT prompt-learning adapter on the tiny ``arch`` model, saved by PEFT; and the PEFT model."""
-    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    import peft
 
-    config = {"prompt": PromptTuningConfig, "p-tuning": PromptEncoderConfig, "prefix": PrefixTuningConfig}[kind]
+    config = {"prompt": peft.PromptTuningConfig, "p-tuning": peft.PromptEncoderConfig,
+              "prefix": peft.PrefixTuningConfig, "multitask": peft.MultitaskPromptTuningConfig}[kind]
     torch.manual_seed(seed)
-    model = get_peft_model(load_base(arch, FIXTURES / f"tiny-{arch}"),
-                           config(task_type=TASKS[arch], num_virtual_tokens=VIRTUAL)).eval()
+    model = peft.get_peft_model(load_base(arch, FIXTURES / f"tiny-{arch}"),
+                                config(task_type=TASKS[arch], num_virtual_tokens=VIRTUAL, **extra)).eval()
     model.save_pretrained(out)
     return out, model
 
@@ -55,9 +56,11 @@ def _output(result) -> torch.Tensor:
     return result.logits if hasattr(result, "logits") else result.last_hidden_state
 
 
-@pytest.mark.parametrize("arch,kind", [("llama", "prompt"), ("bert", "prompt"), ("llama", "p-tuning")])
+@pytest.mark.parametrize("arch,kind", [("llama", "prompt"), ("bert", "prompt"), ("llama", "p-tuning"),
+                                       ("llama", "multitask")])
 def test_merged_vocabulary_reproduces_peft(tmp_path, arch, kind):
-    adapter, peft_model = make_prompt_adapter(arch, tmp_path / "adapter", kind)
+    extra = {"num_tasks": 1} if kind == "multitask" else {}
+    adapter, peft_model = make_prompt_adapter(arch, tmp_path / "adapter", kind, **extra)
     base = with_tokenizer(arch, tmp_path / "base")
     result = run("merge", base, adapter, "-o", tmp_path / "merged")
     assert result.exit_code == 0, result.output
@@ -70,7 +73,8 @@ def test_merged_vocabulary_reproduces_peft(tmp_path, arch, kind):
     prefix = tokenizer("".join(f"<|prompt_{i}|>" for i in range(VIRTUAL)), add_special_tokens=False)["input_ids"]
     assert prefix == list(range(256, 256 + VIRTUAL)) and len(tokenizer) == 256 + VIRTUAL
     with torch.no_grad():
-        expected = _output(peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)))[:, VIRTUAL:]
+        task = {"task_ids": torch.tensor([0])} if kind == "multitask" else {}
+        expected = _output(peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), **task))[:, VIRTUAL:]
         got = _output(merged(input_ids=torch.cat([torch.tensor([prefix]), ids], dim=1)))
     got = got[:, VIRTUAL:, :expected.shape[-1]]  # the real vocabulary's logits at the real positions
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -107,6 +111,12 @@ def test_merge_without_tokenizer_and_weight_refused(tmp_path):
     assert result.exit_code == 1 and "weight other than 1" in result.output and "Traceback" not in result.output
 
 
+def test_multitask_prompt_of_several_tasks_refused(tmp_path):
+    adapter, _ = make_prompt_adapter("llama", tmp_path / "adapter", "multitask", num_tasks=2)
+    result = run("merge", FIXTURES / "tiny-llama", adapter, "-o", tmp_path / "merged")
+    assert result.exit_code == 1 and "holds 2 tasks" in result.output and "Traceback" not in result.output
+
+
 def test_inspect_prompt_tuning(tmp_path):
     adapter, _ = make_prompt_adapter("llama", tmp_path / "adapter")
     result = run("inspect", adapter, "--json")
@@ -125,5 +135,86 @@ def test_prefix_tuning_inspected_and_refused(tmp_path):
     assert summary["num_virtual_tokens"] == VIRTUAL and summary["token_dim"] == 32  # 2 key-value heads of 16
     assert summary["params"] == VIRTUAL * 2 * 2 * 32  # a key and a value per layer and virtual token
     result = run("merge", FIXTURES / "tiny-llama", adapter, "-o", tmp_path / "merged")
-    assert result.exit_code == 1 and "cannot be merged" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "cannot merge or convert it" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "merged").exists()
+
+
+# AdapterHub (the adapters library) is not installed beside transformers 5, so its files are written
+# here as its loading.py saves them: build_full_config's JSON, and the module names of its layers.
+def make_adapterhub(out: Path, config: dict, tensors: dict[str, torch.Tensor], pickle: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    full = {"config": config, "hidden_size": 64, "model_class": "BertModel", "model_name": "tiny-bert",
+            "model_type": "bert", "name": "demo", "version": "adapters.1.3.0"}
+    (out / "adapter_config.json").write_text(json.dumps(full, indent=2, sort_keys=True))
+    if pickle:
+        torch.save(tensors, out / "pytorch_adapter.bin")
+    else:
+        save_file(tensors, out / "adapter.safetensors")
+    return out
+
+
+def bottleneck_tensors(positions: tuple[str, ...], size: int = 4) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for layer in range(2):
+        for where in positions:
+            stem = f"encoder.layer.{layer}.{where}.adapters.demo"
+            tensors |= {f"{stem}.adapter_down.0.weight": torch.randn(size, 64),
+                        f"{stem}.adapter_down.0.bias": torch.randn(size),
+                        f"{stem}.adapter_up.weight": torch.randn(64, size), f"{stem}.adapter_up.bias": torch.randn(64)}
+    return tensors
+
+
+PFEIFFER = {"mh_adapter": False, "output_adapter": True, "reduction_factor": 16, "non_linearity": "relu",
+            "original_ln_before": True, "is_parallel": False, "scaling": 1.0, "phm_layer": False}
+HOULSBY = {**PFEIFFER, "mh_adapter": True, "non_linearity": "swish", "original_ln_before": False}
+
+
+@pytest.mark.parametrize("config,positions,pickle,family", [
+    (PFEIFFER, ("output",), False, "Pfeiffer bottleneck adapter"),
+    (HOULSBY, ("attention.output", "output"), True, "Houlsby bottleneck adapter"),
+    ({**PFEIFFER, "is_parallel": True, "scaling": 4.0}, ("output",), False, "parallel bottleneck adapter"),
+])
+def test_adapterhub_bottleneck_inspected_and_refused(tmp_path, config, positions, pickle, family):
+    adapter = make_adapterhub(tmp_path / "hub", config, bottleneck_tensors(positions), pickle)
+    result = run("inspect", adapter, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["format"] == "adapterhub" and summary["family"].startswith(f"AdapterHub {family}")
+    assert summary["layers"] == [0, 1] and summary["bottleneck_size"] == [4] and summary["hidden_size"] == 64
+    assert summary["params"] == 2 * len(positions) * (4 * 64 + 4 + 64 * 4 + 64)
+    assert summary["config"] == config and summary["base_model"] == "tiny-bert"
+    result = run("merge", FIXTURES / "tiny-bert", adapter, "-o", tmp_path / "merged")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and family in lines[0] and "non-linearity" in lines[0]
+    assert not (tmp_path / "merged").exists()
+
+
+def test_adapterhub_lora_and_prefix_say_what_they_are(tmp_path):
+    lora = make_adapterhub(tmp_path / "lora", {"architecture": "lora", "r": 4, "alpha": 8, "selfattn_lora": True},
+                           {"encoder.layer.0.attention.self.query.loras.demo.lora_A": torch.randn(4, 64),
+                            "encoder.layer.0.attention.self.query.loras.demo.lora_B": torch.randn(64, 4)})
+    result = run("merge", FIXTURES / "tiny-bert", lora, "-o", tmp_path / "merged")
+    assert result.exit_code == 1 and "AdapterHub LoRA adapter, which surgeon does not read as weight deltas yet" \
+        in result.output
+    prefix = make_adapterhub(tmp_path / "prefix", {"architecture": "prefix_tuning", "prefix_length": 10},
+                             {"prefix_tunings.demo.wte.weight": torch.randn(10, 64)})
+    summary = json.loads(run("inspect", prefix, "--json").output)
+    assert summary["family"] == "AdapterHub prefix tuning adapter" and summary["prefix_length"] == 10
+    assert "learned keys and values" in summary["merge"]
+
+
+def test_a_lora_after_appended_rows_is_refused_before_writing(tmp_path):
+    from fixtures.make_fixtures import make_lora
+
+    prompt, _ = make_prompt_adapter("llama", tmp_path / "prompt")
+    lora = make_lora("llama", FIXTURES / "tiny-llama", tmp_path / "lora", target_modules=["embed_tokens"], r=2)
+    result = run("merge", FIXTURES / "tiny-llama", prompt, lora, "-o", tmp_path / "merged")
+    assert result.exit_code == 1 and "the one that appends rows given last" in result.output, result.output
+    assert not (tmp_path / "merged").exists()
+    assert run("merge", FIXTURES / "tiny-llama", lora, prompt, "-o", tmp_path / "merged").exit_code == 0
+    result = run("unmerge", tmp_path / "merged", lora, prompt, "-o", tmp_path / "restored",
+                 "--check", FIXTURES / "tiny-llama")
+    assert result.exit_code == 0, result.output
+    assert Checkpoint(tmp_path / "restored").info("lm_head.weight").shape == (256, 64)

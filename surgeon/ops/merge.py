@@ -57,12 +57,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_nonfinite: bool) -> list[Adapter]:
-    """Adapters bound to the base's keys, with shapes and values checked."""
+def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_nonfinite: bool,
+            base_shapes: bool = True) -> list[Adapter]:
+    """Adapters bound to the base's keys, with values checked, and shapes against the base's where
+    ``base_shapes`` (unmerge takes off appended rows before the deltas under them: its shapes are
+    checked in order, when the output is planned)."""
     bound = []
     for adapter, where in adapters:
         adapter = bind_to_base(adapter, base.keys(), where)
-        check_shapes(adapter, lambda key: base.info(key).shape, where)
+        if base_shapes:
+            check_shapes(adapter, lambda key: base.info(key).shape, where)
         if not allow_nonfinite:
             bad = adapter.nonfinite_keys()
             if bad:
@@ -190,9 +194,14 @@ def transform_checkpoint(
     return report
 
 
-def _output_shape(shape: tuple[int, ...], deltas: list[tuple[Delta, float]], undo: bool) -> tuple[int, ...]:
-    """The shape a parameter is written with: the deltas that append rows grow it (or, undone, shrink it)."""
+def _output_shape(key: str, shape: tuple[int, ...], deltas: list[tuple[Delta, float]], undo: bool) -> tuple[int, ...]:
+    """The shape a parameter is written with: the deltas that append rows grow it (or, undone, shrink it).
+    Each delta must fit the shape the ones before it leave (a LoRA after appended rows would not)."""
     for delta, _ in reversed(deltas) if undo else deltas:
+        if not delta.fits(shape):
+            raise SurgeonError(f"{key!r}: a {delta.label} delta does not fit the {tuple(shape)} parameter it would "
+                               "apply to; check that the adapters belong to this model, the one that appends rows "
+                               "given last.")
         shape = delta.output_shape(shape, undo)
     return tuple(shape)
 
@@ -200,8 +209,8 @@ def _output_shape(shape: tuple[int, ...], deltas: list[tuple[Delta, float]], und
 def planned_outputs(base: Checkpoint, plan: dict[str, list[tuple[Delta, float]]], undo: bool,
                     out_dtype: Callable[[TensorInfo], torch.dtype] = lambda info: info.dtype) -> dict[str, TensorInfo]:
     """Every tensor :func:`transform_checkpoint` writes, with the shape the deltas give it and its output dtype."""
-    return {key: TensorInfo(_output_shape(base.info(key).shape, plan.get(key, []), undo), out_dtype(base.info(key)))
-            for key in base.keys()}
+    shapes = {key: _output_shape(key, base.info(key).shape, plan.get(key, []), undo) for key in base.keys()}
+    return {key: TensorInfo(shape, out_dtype(base.info(key))) for key, shape in shapes.items()}
 
 
 @dataclass
@@ -281,7 +290,7 @@ def unmerge(
     """Take adapters back off a merged checkpoint: the inverse of :func:`merge` with the same arguments.
     ``check``, the real base, must be the same model as the restored output (refused before writing)."""
     weights = one_weight_each(weights, adapters)
-    bound = prepare(adapters, merged, allow_nonfinite)
+    bound = prepare(adapters, merged, allow_nonfinite, base_shapes=False)
     plan = _deltas_by_key(bound, weights)
     for key, deltas in plan.items():
         reason = unmerge_refusal(key, [d for d, _ in deltas])
