@@ -218,3 +218,17 @@ def test_a_lora_after_appended_rows_is_refused_before_writing(tmp_path):
                  "--check", FIXTURES / "tiny-llama")
     assert result.exit_code == 0, result.output
     assert Checkpoint(tmp_path / "restored").info("lm_head.weight").shape == (256, 64)
+
+
+def test_tokenizer_of_another_size_is_left_alone_with_a_note(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    adapter, _ = make_prompt_adapter("llama", tmp_path / "adapter")
+    base = shutil.copytree(FIXTURES / "tiny-llama", tmp_path / "base")
+    core = Tokenizer(models.WordLevel({f"w{i}": i for i in range(200)}, unk_token="w0"))
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0").save_pretrained(base)
+    result = run("merge", base, adapter, "-o", tmp_path / "merged")
+    assert result.exit_code == 0 and "note: the tokenizer has 200 tokens but the embedding 256 rows" in result.output
+    assert (tmp_path / "merged" / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    assert "ids 256…259" in (tmp_path / "merged" / "README.md").read_text()

@@ -68,7 +68,7 @@ def merge(base, adapters, output, weights, dtype, device, shard_size, format_nam
     report = _run_transform(merge_op, base, adapters, output, weights, format_name, dtype, device, shard_size, force,
                             allow_nonfinite, "BASE")
     emit(asdict(report), as_json, f"merged {len(adapters)} adapter(s) into {report.changed} of {report.tensors} tensors "
-         f"in {report.seconds:.2f}s -> {output}")
+         f"in {report.seconds:.2f}s -> {output}" + "".join(f"\nnote: {note}" for note in report.notes))
 
 
 def _check_against(report: dict, output: Path, check_base: Path) -> str:
