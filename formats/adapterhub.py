@@ -134,5 +134,5 @@ def read(path: Path, base=None):
     path = Path(path)
     full, tensors, file = _load(path)
     clause, advice = _reason(full["config"])
-    message = f"{file}: an AdapterHub {family(full['config'])}{clause}, so surgeon cannot merge or convert it; {advice}."
-    raise NotWeightDeltas(message, describe(full, tensors))
+    what = f"an AdapterHub {family(full['config'])}{clause}"
+    raise NotWeightDeltas(f"{file}: {what}, so surgeon cannot merge or convert it; {advice}.", describe(full, tensors))

@@ -133,4 +133,4 @@ def _run_time_refusal(peft_type: str, config: dict, tensors: dict[str, torch.Ten
     message = (f"{file}: a PEFT {family} adapter {RUN_TIME[peft_type]}, which no change to the weights can express, "
                "so surgeon cannot merge or convert it; run it with PEFT (PeftModel.from_pretrained), or train a LoRA "
                "instead.")
-    return NotWeightDeltas(message, facts)
+    return NotWeightDeltas(message, facts, peft_runs_it=peft_type == "PREFIX_TUNING")

@@ -34,8 +34,10 @@ def describe_os_error(error: OSError) -> str:
 class NotWeightDeltas(SurgeonError):
     """An adapter surgeon reads but cannot turn into weight deltas (prefix tuning, bottleneck
     adapters: they add computation at run time, not values to weights). The message is the
-    refusal, saying why and what to use instead; ``facts`` is what ``inspect`` shows of it."""
+    refusal, saying why and what to use instead; ``facts`` is what ``inspect`` shows of it;
+    ``peft_runs_it``: PEFT can attach it to the model, so that export-onnx traces it into the graph."""
 
-    def __init__(self, message: str, facts: dict):
+    def __init__(self, message: str, facts: dict, peft_runs_it: bool = False):
         super().__init__(message)
         self.facts = facts
+        self.peft_runs_it = peft_runs_it
