@@ -130,7 +130,9 @@ def _run_time_refusal(peft_type: str, config: dict, tensors: dict[str, torch.Ten
         "config": dict(config),
         "modules": [{"target": k, "delta": "x".join(map(str, t.shape)), "count": 1} for k, t in tensors.items()],
     }
+    traced = peft_type == "PREFIX_TUNING"
+    instead = "run it with PEFT (PeftModel.from_pretrained)" + (
+        ", or trace it into an ONNX graph (surgeon export-onnx --adapter)" if traced else ", or train a LoRA instead")
     message = (f"{file}: a PEFT {family} adapter {RUN_TIME[peft_type]}, which no change to the weights can express, "
-               "so surgeon cannot merge or convert it; run it with PEFT (PeftModel.from_pretrained), or train a LoRA "
-               "instead.")
-    return NotWeightDeltas(message, facts, peft_runs_it=peft_type == "PREFIX_TUNING")
+               f"so surgeon cannot merge or convert it; {instead}.")
+    return NotWeightDeltas(message, facts, peft_runs_it=traced)
