@@ -59,7 +59,8 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("peft", "PEFT LoRA / DoRA (adapter_config.json + adapter_model.safetensors)",
+    Format("peft", "PEFT LoRA / DoRA / LoHa / LoKr / IA3 / VeRA / soft prompt "
+           "(adapter_config.json + adapter_model.safetensors)",
            "a directory with adapter_config.json and adapter_model.safetensors or adapter_model.bin",
            layouts.is_peft, writable=True),
     Format("mlx", "mlx-lm LoRA / DoRA (adapter_config.json + adapters.safetensors)",
@@ -80,6 +81,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("kohya", "kohya / sd-scripts LoRA (one .safetensors, lora_unet_… / lora_te_… names)",
            "a .safetensors file with <lora_unet_|lora_te_…name>.lora_down.weight, .lora_up.weight and .alpha keys",
            layouts.is_kohya, writable=True, writes_file=True, needs_base_to_read=True),
+    Format("adapterhub", "AdapterHub / adapters library (adapter_config.json + adapter.safetensors or "
+           "pytorch_adapter.bin): inspected, not merged", "a directory with adapter_config.json and "
+           "adapter.safetensors or pytorch_adapter.bin", layouts.is_adapterhub),
     Format("sparse", "surgeon sparse diff (sparse_config.json + sparse_model.safetensors)",
            "a directory with sparse_config.json (format surgeon-sparse) and sparse_model.safetensors",
            layouts.is_sparse, writable=True),

@@ -17,6 +17,9 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MLX_CONFIG = "adapter_config.json"
 MLX_WEIGHTS = "adapters.safetensors"
+#: The adapters library's (AdapterHub's) files: its utils.CONFIG_NAME, WEIGHTS_NAME and SAFE_WEIGHTS_NAME.
+ADAPTERHUB_CONFIG = "adapter_config.json"
+ADAPTERHUB_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
 SPARSE_CONFIG = "sparse_config.json"
 SPARSE_WEIGHTS = "sparse_model.safetensors"
 SPARSE_TAG = "surgeon-sparse"
@@ -65,6 +68,11 @@ def is_peft(path: Path) -> bool:
 
 def is_mlx(path: Path) -> bool:
     return path.is_dir() and (path / MLX_WEIGHTS).is_file() and (path / MLX_CONFIG).is_file()
+
+
+def is_adapterhub(path: Path) -> bool:
+    weights = any((path / f).is_file() for f in ADAPTERHUB_WEIGHTS)
+    return path.is_dir() and (path / ADAPTERHUB_CONFIG).is_file() and weights
 
 
 def is_sparse(path: Path) -> bool:

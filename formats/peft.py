@@ -56,11 +56,14 @@ def read(path: Path, base=None) -> Adapter:
     adapter_config.check_peft(config, path / CONFIG_FILE)
     peft_type = config["peft_type"].upper()
     if peft_type != "LORA":
-        from surgeon.formats import peft_tuners
+        from surgeon.formats import peft_prompts, peft_tuners
 
         if peft_type in peft_tuners.PARTS:
             return peft_tuners.read(path, config, base)
-        raise SurgeonError(f"{path / CONFIG_FILE}: peft_type {peft_type!r} is not supported yet; surgeon reads PEFT LoRA, DoRA, LoHa, LoKr, IA3 and VeRA.")
+        if peft_type in peft_prompts.TYPES:
+            return peft_prompts.read(path, config, base)
+        raise SurgeonError(f"{path / CONFIG_FILE}: peft_type {peft_type!r} is not supported yet; surgeon reads PEFT "
+                           "LoRA, DoRA, LoHa, LoKr, IA3, VeRA, prompt tuning and P-tuning.")
     for option, label in _UNSUPPORTED.items():
         if config.get(option) not in (None, False, [], {}):
             raise SurgeonError(f"{path / CONFIG_FILE}: uses {label} ({option}), which surgeon does not support yet.")

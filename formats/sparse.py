@@ -32,6 +32,7 @@ from surgeon.errors import SurgeonError
 from surgeon.formats.layouts import SPARSE_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import SPARSE_TAG as FORMAT_TAG
 from surgeon.formats.layouts import SPARSE_WEIGHTS as WEIGHT_FILE
+from surgeon.formats.lora_only import refusal
 
 NAME = "sparse"
 VERSION = 1
@@ -90,6 +91,9 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
     entries = 0
     for key, deltas in adapter.items():
         sparse = [Sparse.of(d) for d in deltas if d.additive and d.factored() is None]
+        unheld = next((d for d in deltas if not d.replaces and not d.additive and d.factored() is None), None)
+        if unheld is not None:  # appended rows: no ΔW of the parameter's shape
+            raise refusal("a sparse diff", key, unheld)
         others = [d for d in deltas if not d.replaces and d.factored() is not None]
         if others:
             raise SurgeonError(

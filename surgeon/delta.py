@@ -95,6 +95,19 @@ class Delta:
         """Why this delta cannot be taken back off a merged weight, or None if it can."""
         return None
 
+    def fits(self, shape: Shape) -> bool:
+        """Whether the delta applies to a parameter of ``shape`` (its own shape, for a ΔW)."""
+        return tuple(self.shape) == tuple(shape)
+
+    def output_shape(self, shape: Shape, undo: bool = False) -> Shape:
+        """The parameter's shape once the delta is applied (or, with ``undo``, removed): a ΔW keeps it."""
+        return tuple(shape)
+
+    @property
+    def new_tokens(self) -> tuple[str, ...]:
+        """Vocabulary entries the delta adds (names of the embedding rows it appends), in order."""
+        return ()
+
 
 @dataclass(frozen=True, eq=False)
 class LowRank(Delta):
@@ -348,6 +361,69 @@ class Replace(Delta):
             f"{key!r} is replaced whole by the adapter (modules_to_save or a trained bias); the merged file does "
             "not keep the original value"
         )
+
+
+@dataclass(frozen=True, eq=False)
+class AppendRows(Delta):
+    """New rows after the last one of a parameter: the virtual tokens of a prompt-tuning adapter
+    become vocabulary entries (rows of the input embedding, named ``tokens``), and an untied output
+    embedding or output bias grows by as many rows so that the model stays consistent.
+
+    It changes the parameter's shape, which no ΔW does: it fits any parameter whose rows are as
+    wide as its own, answers the grown (or, undone, the shrunk) shape, and is taken back off by
+    dropping the last rows. A weight other than 1 would scale vectors that are looked up, not added.
+    ``derived`` rows follow from another delta's (an untied head's zeros, a tied head's copy of the
+    prompt) and are not the adapter's own parameters.
+    """
+
+    rows: torch.Tensor
+    tokens: tuple[str, ...] = ()
+    derived: bool = False
+    additive = False
+    scalable = False
+    kind = "appended rows"
+
+    def __post_init__(self) -> None:
+        if self.rows.dtype not in FACTOR_DTYPES or self.rows.dim() < 1 or self.rows.shape[0] < 1:
+            raise SurgeonError(f"rows to append must be a non-empty float tensor; got {tuple(self.rows.shape)} "
+                               f"{self.rows.dtype}.")
+        if self.tokens and len(self.tokens) != self.rows.shape[0]:
+            raise SurgeonError(f"{self.rows.shape[0]} rows to append are named by {len(self.tokens)} tokens.")
+
+    @property
+    def shape(self) -> Shape:  # type: ignore[override]
+        return _shape(self.rows.shape)
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape[0]} appended rows" + (" (virtual tokens)" if self.tokens else "")
+
+    @property
+    def new_tokens(self) -> tuple[str, ...]:
+        return tuple(self.tokens)
+
+    def fits(self, shape: Shape) -> bool:
+        return len(shape) == len(self.shape) and tuple(shape[1:]) == self.shape[1:]
+
+    def output_shape(self, shape: Shape, undo: bool = False) -> Shape:
+        rows = shape[0] - self.shape[0] if undo else shape[0] + self.shape[0]
+        if rows < 1:
+            raise SurgeonError(f"a parameter of {shape[0]} rows cannot lose the {self.shape[0]} rows a prompt "
+                               "adapter appended; it is not the merged checkpoint.")
+        return (rows, *shape[1:])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [] if self.derived else [self.rows]
+
+    def materialize(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The rows themselves (they are appended, not added)."""
+        return self.rows.to(device=device, dtype=dtype, copy=True)
+
+    def apply_(self, weight: torch.Tensor, factor: float, reference: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([weight, self.materialize(weight.device, weight.dtype)])
+
+    def remove_(self, weight: torch.Tensor, factor: float) -> torch.Tensor:
+        return weight[: self.output_shape(tuple(weight.shape), undo=True)[0]]
 
 
 def exact_sum(terms: list[tuple[Delta, float]], shape: Shape) -> Delta:

@@ -29,3 +29,15 @@ def describe_os_error(error: OSError) -> str:
     reason = error.strerror or str(error)
     paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
     return f"{' -> '.join(paths)}: {reason}." if paths else f"{reason}."
+
+
+class NotWeightDeltas(SurgeonError):
+    """An adapter surgeon reads but cannot turn into weight deltas (prefix tuning, bottleneck
+    adapters: they add computation at run time, not values to weights). The message is the
+    refusal, saying why and what to use instead; ``facts`` is what ``inspect`` shows of it;
+    ``peft_runs_it``: PEFT can attach it to the model, so that export-onnx traces it into the graph."""
+
+    def __init__(self, message: str, facts: dict, peft_runs_it: bool = False):
+        super().__init__(message)
+        self.facts = facts
+        self.peft_runs_it = peft_runs_it

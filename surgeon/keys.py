@@ -74,11 +74,11 @@ def bind_to_base(adapter: Adapter, base_keys: Collection[str], where: str) -> Ad
 
 
 def check_shapes(adapter: Adapter, shape_of, where: str) -> None:
-    """Every delta's shape must equal its base parameter's, checked before anything is written."""
+    """Every delta must fit its base parameter (a ΔW: the same shape), checked before anything is written."""
     for key, deltas in adapter.items():
         expected = tuple(shape_of(key))
         for delta in deltas:
-            if tuple(delta.shape) != expected:
+            if not delta.fits(expected):
                 raise SurgeonError(
                     f"{where}: the delta for {key!r} has shape {tuple(delta.shape)} but the base parameter is "
                     f"{expected}; the adapter was made for a different model."

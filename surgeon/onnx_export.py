@@ -21,11 +21,15 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from surgeon.errors import SurgeonError, missing_extra
+from surgeon.errors import NotWeightDeltas, SurgeonError, missing_extra
+
+if TYPE_CHECKING:
+    from surgeon.delta import Adapter
 
 # task -> (transformers auto class, the output the graph returns)
 TASKS = {
@@ -76,8 +80,43 @@ class _Head(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)[self.output]
 
 
-def load_head(directory: Path, task: str) -> tuple[_Head, dict]:
-    """The checkpoint in fp32 on CPU, as the export and verification see it, and its config."""
+def split_adapters(paths: list[Path], weights: list[float] | None, format_name: str | None,
+                   base) -> tuple[list[tuple["Adapter", str]], list[float], Path | None]:
+    """The adapters to merge into ``base`` before the export (with their weights), and the one that
+    no weight delta expresses but PEFT runs (prefix tuning), to be traced into the graph with the model."""
+    from surgeon import formats
+    from surgeon.ops.merge import one_weight_each
+
+    merged, merged_weights, run_time = [], [], []
+    for path, weight in zip(paths, one_weight_each(weights, paths)):
+        try:
+            merged.append((formats.read_adapter(path, format_name, base=base), str(path)))
+            merged_weights.append(weight)
+        except NotWeightDeltas as refusal:
+            if not refusal.peft_runs_it:
+                raise
+            if weight != 1.0:
+                raise SurgeonError(f"{path}: a prefix-tuning adapter is run, not added, so a weight other than 1 has "
+                                   "no meaning; give it weight 1.") from None
+            run_time.append(Path(path))
+    if len(run_time) > 1:
+        raise SurgeonError(f"{run_time[1]}: export-onnx traces one prefix-tuning adapter with the model; give one.")
+    return merged, merged_weights, run_time[0] if run_time else None
+
+
+def _with_prefix(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
+    """The model with a prefix-tuning adapter attached as PEFT runs it: its learned keys and values
+    are constants of the traced forward pass, so they become initializers of the graph."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise SurgeonError(missing_extra("test", ["peft"], "export-onnx with a prefix-tuning adapter")) from None
+    return PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
+
+
+def load_head(directory: Path, task: str, prefix: Path | None = None) -> tuple[_Head, dict]:
+    """The checkpoint in fp32 on CPU (with ``prefix`` attached), as the export and verification see
+    it, and its config."""
     import transformers
 
     class_name, output = TASKS[task]
@@ -88,7 +127,7 @@ def load_head(directory: Path, task: str) -> tuple[_Head, dict]:
         raise SurgeonError(f"{directory}: transformers cannot build a {task} model from its config.json ({str(error).splitlines()[0]}); pass --task, or check the checkpoint.") from None
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    return _Head(model, output).eval(), config.to_dict()
+    return _Head(_with_prefix(model, prefix) if prefix else model, output).eval(), config.to_dict()
 
 
 def _limits(config: dict) -> tuple[int, int | None]:
@@ -293,19 +332,20 @@ def dependencies_quiet(verbose: bool):
 
 def export(source: Path, output: Path, *, task: str | None = None, opset: int | None = None, exporter: str = "auto",
            atol: float = 1e-4, check: bool = True, force: bool = False, provenance: dict[str, str] | None = None,
-           adapters: list[str] | None = None, verbose: bool = False) -> ExportReport:
+           adapters: list[str] | None = None, verbose: bool = False, prefix: Path | None = None) -> ExportReport:
     """Export the checkpoint at ``source`` to ``output`` and verify it (unless ``check`` is off).
 
     A graph that fails verification is kept beside the output as ``<output>.unverified`` (with
     ``.unverified.data``), never at the output path; the report says so with ``verified: False``.
     ``provenance`` (how the export was asked for) and the report go into the graph's metadata_props.
+    ``prefix``: a PEFT prefix-tuning adapter traced with the model (see :func:`split_adapters`).
     """
     from surgeon.output import claimed, scratch_beside
 
     require_extra(exporter)
     with dependencies_quiet(verbose), claimed(output, inputs=[source], force=force, directory=False), \
             scratch_beside(output) as staging:
-        return _export_in(staging, source, output, task, opset, exporter, atol, check, provenance, adapters)
+        return _export_in(staging, source, output, task, opset, exporter, atol, check, provenance, adapters, prefix)
 
 
 def _dequantized(checkpoint, staging: Path) -> Path:
@@ -320,7 +360,7 @@ def _dequantized(checkpoint, staging: Path) -> Path:
 
 
 def _export_in(staging: Path, source: Path, output: Path, task, opset, exporter, atol, check, provenance,
-               adapters) -> ExportReport:
+               adapters, prefix) -> ExportReport:
     from surgeon.checkpoint import Checkpoint
 
     checkpoint = Checkpoint(source)
@@ -330,7 +370,7 @@ def _export_in(staging: Path, source: Path, output: Path, task, opset, exporter,
     task = task or default_task(config)
     report = ExportReport(str(source), str(output), task, TASKS[task][1], (config.get("architectures") or [None])[0], adapters=adapters or [])
     report.external_data = checkpoint.num_params() * 4 > EXTERNAL_DATA_ABOVE  # exported in fp32
-    head, full_config = load_head(_dequantized(checkpoint, staging) if checkpoint.quantized else source, task)
+    head, full_config = load_head(_dequantized(checkpoint, staging) if checkpoint.quantized else source, task, prefix)
     staged = staging / output.name
     started = time.perf_counter()
     report.exporter = export_graph(head, full_config, staged, exporter, opset, report.external_data)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surgeon.checkpoint_files import WEIGHT_SUFFIXES, model_config, weight_files
-from surgeon.errors import SurgeonError
+from surgeon.errors import NotWeightDeltas, SurgeonError
 from surgeon.header import read_header, read_tensor_bytes
 from surgeon.quantized import describe_quantization, find_quantized, stored_parts
 
@@ -231,7 +231,11 @@ def _adapter_summary(path: Path, found, base: Path | None) -> dict:
     from surgeon.checkpoint import Checkpoint
     from surgeon.formats import read_adapter
 
-    adapter = read_adapter(path, found.name, base=Checkpoint(base) if base else None)
+    try:
+        adapter = read_adapter(path, found.name, base=Checkpoint(base) if base else None)
+    except NotWeightDeltas as refusal:  # described, though it cannot be merged
+        return {"path": str(path), "kind": "adapter", "format": found.name, "format_description": found.description,
+                **refusal.facts, "merge": str(refusal).partition(": ")[2]}
     return adapter_summary(adapter, path, found.description)
 
 
@@ -259,7 +263,7 @@ def human_bytes(count: int) -> str:
 
 def render(summary: dict) -> str:
     """The summary as aligned text lines for a terminal."""
-    skip = {"modules", "format_description", "metadata"}
+    skip = {"modules", "format_description", "metadata", "config"}  # a config is shown in --json only
     rows = []
     for name, value in summary.items():
         if name in skip or value in (None, {}, []):

@@ -176,3 +176,32 @@ def test_dependencies_stay_quiet_unless_verbose(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "torchvision" not in done.stderr and "Loading weights" not in done.stderr, done.stderr
+
+
+def test_prefix_tuning_is_traced_into_the_graph(tmp_path):
+    """A PEFT prefix-tuning adapter, which no weight delta expresses, runs in the exported graph as PEFT
+    runs it (issue 16): onnxruntime matches PEFT's prefix-tuned forward pass, not the base's."""
+    from peft import PeftModel, PrefixTuningConfig, get_peft_model
+
+    torch.manual_seed(5)
+    get_peft_model(load_base("llama", FIXTURES / "tiny-llama"),
+                   PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).save_pretrained(tmp_path / "prefix")
+    graph = tmp_path / "prefix.onnx"
+    command = ["export-onnx", str(FIXTURES / "tiny-llama"), "--adapter", str(tmp_path / "prefix")]
+    result = CliRunner().invoke(main, [*command, "-o", str(graph), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["verified"] is True
+    rng = np.random.default_rng(3)
+    feed = {"input_ids": rng.integers(0, 256, (3, 11), dtype=np.int64), "attention_mask": np.ones((3, 11), np.int64)}
+    feed["attention_mask"][2, 7:] = 0
+    got = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    inputs = {k: torch.from_numpy(v) for k, v in feed.items()}
+    with torch.no_grad():
+        prefixed = PeftModel.from_pretrained(load_base("llama", FIXTURES / "tiny-llama"), tmp_path / "prefix")
+        expected = prefixed(**inputs).logits
+        base = load_base("llama", FIXTURES / "tiny-llama")(**inputs).logits
+    valid = feed["attention_mask"].astype(bool)
+    assert np.abs(got[valid] - expected.numpy()[valid]).max() <= 1e-4
+    assert np.abs(got[valid] - base.numpy()[valid]).max() > 1e-3
+    scaled = CliRunner().invoke(main, [*command, "-w", "0.5", "-o", str(tmp_path / "scaled.onnx")])
+    assert scaled.exit_code == 1 and "weight other than 1" in scaled.output

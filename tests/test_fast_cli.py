@@ -95,7 +95,7 @@ def test_choices_are_listed_and_help_points_at_no_source_file():
     extract_help = CliRunner().invoke(main, ["extract", "--help"], terminal_width=200).output
     assert ".py" not in extract_help
     merge_help = CliRunner().invoke(main, ["merge", "--help"], terminal_width=200).output
-    assert "[peft|mlx|gguf|ort|diffusers|lycoris|kohya|sparse]" in merge_help
+    assert "[peft|mlx|gguf|ort|diffusers|lycoris|kohya|adapterhub|sparse]" in merge_help
 
 
 def test_swapped_arguments_are_named(fixtures_dir, tmp_path):

@@ -67,6 +67,8 @@ REFUSED = {
         (k, "convert-sparse"): "LoRA delta"
         for k in ("peft-lora", "peft-loha", "peft-vera", "kohya", "lycoris-loha", "diffusers", "mlx", "gguf", "ort")
     },
+    **{("peft-prompt", c): "no ΔW" for c in ("compose", "resize")},
+    **{("peft-prompt", f"convert-{f}"): "cannot hold" for f in CONVERTS},
     **{
         (k, c): "sparse ΔW"
         for k in ("sparse",)
@@ -132,6 +134,10 @@ def kinds(tmp_path_factory) -> dict[str, Path]:
             made[fmt] = root / name
         _sparse(root / "sparse")
         made["sparse"] = root / "sparse"
+        prompt = peft.get_peft_model(load_base("llama", BASE), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                       num_virtual_tokens=3))
+        prompt.save_pretrained(root / "prompt")
+        made["peft-prompt"] = root / "prompt"
     base = Checkpoint(BASE)
     for kind, merged in references.items():  # the reference itself, against PEFT's merge_and_unload
         expected = _expected(made[kind], base)
@@ -200,7 +206,8 @@ class Cell:
     def inspect(self) -> str | None:
         result = CliRunner().invoke(main, ["inspect", str(self.path), "--base", str(BASE), "--json"])
         assert result.exit_code == 0, result.output
-        assert set(json.loads(result.output)["deltas"]) <= {"LoRA", "DoRA", "dense", "sparse", "replacement"}, (
+        kinds = {"LoRA", "DoRA", "dense", "sparse", "replacement", "appended rows"}
+        assert set(json.loads(result.output)["deltas"]) <= kinds, (
             result.output
         )
         return None
@@ -266,6 +273,7 @@ KINDS = [
     "gguf",
     "ort",
     "sparse",
+    "peft-prompt",
 ]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from surgeon.cli.common import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, Progress, emit, friendly,
-                                provenance, read_adapter_arg, verbose_asked)
+                                provenance, verbose_asked)
 from surgeon.errors import SurgeonError
 from surgeon.summary import human_bytes
 
@@ -18,18 +18,23 @@ TASKS = ("causal-lm", "feature-extraction", "masked-lm", "sequence-classificatio
 EXPORTERS = ("auto", "dynamo", "legacy")
 
 
-def _merged_copy(base: Path, adapters: tuple[Path, ...], weights, format_name, device: str, scratch: Path) -> Path:
-    """Merge the adapters into a scratch copy of the base, streaming as ``surgeon merge`` does."""
+def _merged_copy(base: Path, adapters: tuple[Path, ...], weights, format_name, device: str,
+                 scratch: Path) -> tuple[Path, Path | None]:
+    """Merge the adapters into a scratch copy of the base, streaming as ``surgeon merge`` does; and
+    the prefix-tuning adapter to trace with the model, if one is given."""
     from surgeon.checkpoint import Checkpoint
+    from surgeon.onnx_export import split_adapters
     from surgeon.ops.merge import merge, resolve_device
 
     checkpoint = Checkpoint(base)
-    loaded = [(read_adapter_arg(a, format_name, base=checkpoint), str(a)) for a in adapters]
+    loaded, loaded_weights, prefix = split_adapters(list(adapters), list(weights) or None, format_name, checkpoint)
+    if not loaded:
+        return base, prefix
     merged = scratch / "merged"
     merged.mkdir()
     with Progress(len(checkpoint), "merge") as tick:
-        merge(checkpoint, loaded, merged, weights=list(weights) or None, device=resolve_device(device), on_tensor=tick)
-    return merged
+        merge(checkpoint, loaded, merged, weights=loaded_weights, device=resolve_device(device), on_tensor=tick)
+    return merged, prefix
 
 
 def _text(report) -> str:
@@ -55,7 +60,9 @@ def _text(report) -> str:
 @click.command("export-onnx", short_help="Export a checkpoint (adapters merged in) to ONNX and verify it.")
 @click.argument("checkpoint", type=INPUT)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .onnx file to write; weights over 2 GB go to OUTPUT.data beside it.")
-@click.option("--adapter", "adapters", multiple=True, type=INPUT, help="Merge this adapter into CHECKPOINT first (repeat for several; applied in order).")
+@click.option("--adapter", "adapters", multiple=True, type=INPUT,
+              help="Merge this adapter into CHECKPOINT first (repeat for several; applied in order); a PEFT "
+                   "prefix-tuning adapter is traced into the graph with the model instead.")
 @click.option("-w", "--weight", "weights", multiple=True, type=float, help="Scale for each --adapter, in order (default 1).")
 @click.option("--task", type=click.Choice(list(TASKS)), default=None, help="Which head to export; default from config.json's architectures (causal LM -> logits, encoder -> last hidden state).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's own; 17 for legacy).")
@@ -92,8 +99,8 @@ def export_onnx(checkpoint, output, adapters, weights, task, opset, exporter, at
     if adapters:
         with claimed(output, inputs=[checkpoint, *adapters], force=force, directory=False), \
                 scratch_beside(output) as scratch:
-            merged = _merged_copy(checkpoint, adapters, weights, format_name, device, scratch)
-            report = export(merged, output, **options)
+            merged, prefix = _merged_copy(checkpoint, adapters, weights, format_name, device, scratch)
+            report = export(merged, output, prefix=prefix, **options)
     elif weights:
         raise SurgeonError("--weight scales an --adapter; give it only together with --adapter.")
     else:

@@ -23,7 +23,7 @@ def _transform_options(command):
 
 
 def _run_transform(operation, base: Path, adapters: tuple[Path, ...], output: Path, weights, format_name, dtype, device,
-                   shard_size, force, allow_nonfinite, base_role: str):
+                   shard_size, force, allow_nonfinite, base_role: str, **extra):
     from surgeon.checkpoint import Checkpoint, parse_size
     from surgeon.ops.merge import DTYPES, resolve_device
     from surgeon.output import atomic_output
@@ -39,7 +39,7 @@ def _run_transform(operation, base: Path, adapters: tuple[Path, ...], output: Pa
             report = operation(
                 checkpoint, loaded, staging, weights=list(weights) or None, allow_nonfinite=allow_nonfinite,
                 dtype=DTYPES.get(dtype), device=device_obj, shard_size=parse_size(shard_size), on_tensor=tick,
-                metadata=provenance(),
+                metadata=provenance(), **extra,
             )
     report.output = str(output)
     return report
@@ -68,7 +68,7 @@ def merge(base, adapters, output, weights, dtype, device, shard_size, format_nam
     report = _run_transform(merge_op, base, adapters, output, weights, format_name, dtype, device, shard_size, force,
                             allow_nonfinite, "BASE")
     emit(asdict(report), as_json, f"merged {len(adapters)} adapter(s) into {report.changed} of {report.tensors} tensors "
-         f"in {report.seconds:.2f}s -> {output}")
+         f"in {report.seconds:.2f}s -> {output}" + "".join(f"\nnote: {note}" for note in report.notes))
 
 
 def _check_against(report: dict, output: Path, check_base: Path) -> str:
@@ -110,13 +110,12 @@ def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_
       surgeon unmerge out/merged fixtures/tiny-llama-lora -o out/restored --check fixtures/tiny-llama
     """
     from surgeon.checkpoint import Checkpoint
-    from surgeon.ops.merge import check_comparable
     from surgeon.ops.merge import unmerge as unmerge_op
 
-    if check_base:  # refused before anything is written, so a failed --check leaves no output
-        check_comparable(Checkpoint(merged), Checkpoint(check_base))
+    # the restored checkpoint must be the real base's model: refused before anything is written
+    check = Checkpoint(check_base) if check_base else None
     report = asdict(_run_transform(unmerge_op, merged, adapters, output, weights, format_name, dtype, device, shard_size,
-                                   force, allow_nonfinite, "MERGED"))
+                                   force, allow_nonfinite, "MERGED", check=check))
     text = (f"unmerged {len(adapters)} adapter(s) from {report['changed']} of {report['tensors']} tensors "
             f"in {report['seconds']:.2f}s -> {output}")
     if check_base:

@@ -175,15 +175,18 @@ class _Part:
     replace: list[Delta] = field(default_factory=list)
 
     @classmethod
-    def of(cls, deltas: Sequence[Delta], weight: float) -> "_Part":
+    def of(cls, key: str, deltas: Sequence[Delta], weight: float) -> "_Part":
         part = cls(weight)
         for delta in deltas:
             if delta.replaces:
                 part.replace.append(delta)
             elif delta.factored() is not None:
                 part.low.append(delta.factored())
-            else:
+            elif delta.additive:
                 part.exact.append(delta)
+            else:  # appended vocabulary rows: nothing to add to another adapter's ΔW
+                raise SurgeonError(f"{key!r} has {delta.label}, which are no ΔW to combine with other deltas; merge "
+                                   "that adapter into the base instead (surgeon merge).")
         return part
 
     @property
@@ -406,7 +409,8 @@ def compose(adapters: Sequence[tuple[Adapter, str]], weights: Sequence[float] | 
     report = ComposeReport(method=options.method, adapters=len(adapters), weights=weights)
     keys = list(dict.fromkeys(k for adapter, _ in adapters for k in adapter.deltas))
     for key in keys:
-        parts = [(_Part.of(a.deltas[key], w), where) for (a, where), w in zip(adapters, weights) if key in a.deltas]
+        parts = [(_Part.of(key, a.deltas[key], w), where)
+                 for (a, where), w in zip(adapters, weights) if key in a.deltas]
         module_type = min((a.module_types.get(key, "linear") for a, _ in adapters if key in a.deltas), key=lambda t: t == "other")
         shape = tuple(next(iter(a.deltas[key][0] for a, _ in adapters if key in a.deltas)).shape)
         for delta in _replacements(key, parts):

@@ -40,6 +40,7 @@ class MergeReport:
     dtype: str = ""
     device: str = ""
     files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,12 +58,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_nonfinite: bool) -> list[Adapter]:
-    """Adapters bound to the base's keys, with shapes and values checked."""
+def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_nonfinite: bool,
+            base_shapes: bool = True) -> list[Adapter]:
+    """Adapters bound to the base's keys, with values checked, and shapes against the base's where
+    ``base_shapes`` (unmerge takes off appended rows before the deltas under them: its shapes are
+    checked in order, when the output is planned)."""
     bound = []
     for adapter, where in adapters:
         adapter = bind_to_base(adapter, base.keys(), where)
-        check_shapes(adapter, lambda key: base.info(key).shape, where)
+        if base_shapes:
+            check_shapes(adapter, lambda key: base.info(key).shape, where)
         if not allow_nonfinite:
             bad = adapter.nonfinite_keys()
             if bad:
@@ -152,11 +157,12 @@ def transform_checkpoint(
         return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
 
     config = base.config() if dtype is not None else {}
-    specs = [(key, TensorInfo(base.info(key).shape, out_dtype(base.info(key)))) for key in base.keys()]
+    specs = list(planned_outputs(base, plan, undo, out_dtype).items())
     for key in plan:
         if not base.info(key).dtype.is_floating_point:
             raise SurgeonError(f"{base.path}: {key!r} is {base.info(key).dtype}; deltas apply to float weights only.")
-    scratch = _Scratch([TensorInfo(base.info(k).shape, out_dtype(base.info(k))) for k in plan], device)
+    changed = [info for key, info in specs if key in plan]
+    scratch = _Scratch(changed + [TensorInfo(base.info(k).shape, out_dtype(base.info(k))) for k in plan], device)
     report = MergeReport(output=str(out), device=str(device))
     # Writing is as costly as computing, so one thread writes tensor i while this one computes i+1;
     # at most one write is in flight when a result slot is filled, and it uses the other slot.
@@ -169,7 +175,7 @@ def transform_checkpoint(
                 in_flight.popleft().result()
             base_tensor, work = tensor, None
             if deltas:
-                work = scratch.work(info.shape).copy_(tensor)
+                work = scratch.work(tensor.shape).copy_(tensor)
                 work = remove_deltas(work, deltas) if undo else apply_deltas(work, deltas)
                 tensor = scratch.result(info, slot=report.changed).copy_(work)
                 report.changed += 1
@@ -184,9 +190,50 @@ def transform_checkpoint(
             write.result()
         report.files = writer.file_names
     _copy_extras(base, out, dtype, config)
+    tokens = [token for deltas in plan.values() for delta, _ in deltas for token in delta.new_tokens]
+    if tokens:
+        from surgeon.vocabulary import record_tokens
+
+        report.notes += record_tokens(out, tokens, undo)
     report.dtype = ", ".join(sorted({str(i.dtype).removeprefix("torch.") for _, i in specs}))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _output_shape(key: str, shape: tuple[int, ...], deltas: list[tuple[Delta, float]], undo: bool) -> tuple[int, ...]:
+    """The shape a parameter is written with: the deltas that append rows grow it (or, undone, shrink it).
+    Each delta must fit the shape the ones before it leave (a LoRA after appended rows would not)."""
+    for delta, _ in reversed(deltas) if undo else deltas:
+        if not delta.fits(shape):
+            raise SurgeonError(f"{key!r}: a {delta.label} delta does not fit the {tuple(shape)} parameter it would "
+                               "apply to; check that the adapters belong to this model, the one that appends rows "
+                               "given last.")
+        shape = delta.output_shape(shape, undo)
+    return tuple(shape)
+
+
+def planned_outputs(base: Checkpoint, plan: dict[str, list[tuple[Delta, float]]], undo: bool,
+                    out_dtype: Callable[[TensorInfo], torch.dtype] = lambda info: info.dtype) -> dict[str, TensorInfo]:
+    """Every tensor :func:`transform_checkpoint` writes, with the shape the deltas give it and its output dtype."""
+    shapes = {key: _output_shape(key, base.info(key).shape, plan.get(key, []), undo) for key in base.keys()}
+    return {key: TensorInfo(shape, out_dtype(base.info(key))) for key, shape in shapes.items()}
+
+
+@dataclass
+class _Planned:
+    """An output not yet written, as :func:`surgeon.pairing.paired_keys` reads a checkpoint."""
+
+    path: Path
+    specs: dict[str, TensorInfo]
+
+    def keys(self) -> list[str]:
+        return list(self.specs)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.specs
+
+    def info(self, key: str) -> TensorInfo:
+        return self.specs[key]
 
 
 def _nonfinite_cause(base: Checkpoint, key: str, original: torch.Tensor, work: torch.Tensor | None,
@@ -229,7 +276,10 @@ def merge(
     bound = prepare(adapters, base, allow_nonfinite)
     for adapter, weight, (_, where) in zip(bound, weights, adapters):
         if weight != 1.0 and not all(d.scalable for ds in adapter.deltas.values() for d in ds):
-            raise SurgeonError(f"{where}: a DoRA adapter rescales whole rows, so a weight other than 1 has no defined meaning; give it weight 1.")
+            kinds = sorted({d.kind for ds in adapter.deltas.values() for d in ds if not d.scalable})
+            raise SurgeonError(f"{where}: its {' and '.join(kinds)} deltas have no defined meaning at a weight "
+                               "other than 1 (DoRA rescales whole rows, appended rows are looked up whole); "
+                               "give it weight 1.")
     return transform_checkpoint(base, _deltas_by_key(bound, weights), out, allow_nonfinite=allow_nonfinite, **options)
 
 
@@ -240,16 +290,20 @@ def unmerge(
     *,
     weights: Sequence[float] | None = None,
     allow_nonfinite: bool = False,
+    check: Checkpoint | None = None,
     **options,
 ) -> MergeReport:
-    """Take adapters back off a merged checkpoint: the inverse of :func:`merge` with the same arguments."""
+    """Take adapters back off a merged checkpoint: the inverse of :func:`merge` with the same arguments.
+    ``check``, the real base, must be the same model as the restored output (refused before writing)."""
     weights = one_weight_each(weights, adapters)
-    bound = prepare(adapters, merged, allow_nonfinite)
+    bound = prepare(adapters, merged, allow_nonfinite, base_shapes=False)
     plan = _deltas_by_key(bound, weights)
     for key, deltas in plan.items():
         reason = unmerge_refusal(key, [d for d, _ in deltas])
         if reason:
             raise SurgeonError(f"cannot unmerge: {reason}.")
+    if check is not None:
+        check_comparable(_Planned(merged.path, planned_outputs(merged, plan, undo=True)), check)
     return transform_checkpoint(merged, plan, out, undo=True, allow_nonfinite=allow_nonfinite, **options)
 
 
@@ -260,7 +314,7 @@ class Difference:
     relative: float
 
 
-def check_comparable(a: Checkpoint, b: Checkpoint) -> list[str]:
+def check_comparable(a: Checkpoint | _Planned, b: Checkpoint) -> list[str]:
     """The keys two checkpoints of one model both hold, or an error (:func:`surgeon.pairing.paired_keys`);
     asked from the headers alone, so that ``unmerge --check`` can refuse a wrong base before writing anything."""
     keys, _ = paired_keys(a, b, "they are not the same model and cannot be compared")

@@ -1,0 +1,138 @@
+"""AdapterHub adapters (the ``adapters`` library, formerly adapter-transformers): ``adapter_config.json``
+as its ``build_full_config`` writes it (``{"config": {...}, "model_name", "model_class", "hidden_size",
+"name", "version"}``) beside ``adapter.safetensors`` or ``pytorch_adapter.bin`` (its ``utils.py`` names).
+
+The inner config's ``architecture`` picks the method (adapters ``configuration/adapter_config.py``):
+none for a bottleneck adapter — Houlsby (``mh_adapter`` and ``output_adapter``), Pfeiffer
+(``output_adapter`` only), parallel (``is_parallel``, He et al.), Compacter (``phm_layer``) — or
+``prefix_tuning``, ``prompt_tuning``, ``lora`` (``composition_mode`` "scale" is (IA)³), ``reft``,
+or ``union`` (several at once, in ``configs``).
+
+They are read to be described (family, layers, sizes, config) and refused as deltas: a bottleneck
+adapter adds a non-linear module inside the layers, which no change to the weights can express.
+AdapterHub's LoRA and (IA)³ could be, and its prompt tuning could join the vocabulary as PEFT's
+does; surgeon does not read them so yet, and says which.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from surgeon.formats.layouts import ADAPTERHUB_CONFIG as CONFIG_FILE
+from surgeon.formats.layouts import ADAPTERHUB_WEIGHTS as WEIGHT_FILES
+
+from surgeon.checkpoint import load_pickle_weights, read_safetensors
+from surgeon.checkpoint_files import read_json
+from surgeon.errors import NotWeightDeltas, SurgeonError
+
+NAME = "adapterhub"
+#: Why each run-time method cannot become weight deltas, as a clause.
+_RUN_TIME = {
+    "bottleneck": "adds a bottleneck module (down-projection, non-linearity, up-projection) inside the layers at "
+                  "run time",
+    "prefix_tuning": "adds learned keys and values to the attention of every layer at run time",
+    "reft": "edits the hidden representations of chosen positions at run time",
+}
+_NOT_YET = (", which surgeon does not read as weight deltas yet", "run or merge it with the adapters library "
+            "(model.load_adapter, model.merge_adapter)")
+_RUN_TIME_ADVICE = "run it with the adapters library (model.load_adapter), or train a PEFT LoRA instead"
+_FIELDS = ("reduction_factor", "non_linearity", "mh_adapter", "output_adapter", "is_parallel", "scaling",
+           "phm_layer", "inv_adapter", "prefix_length", "bottleneck_size", "r", "alpha", "selfattn_lora",
+           "intermediate_lora", "output_lora", "leave_out")
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _bottleneck_family(config: dict) -> str:
+    if config.get("phm_layer"):
+        name = "Compacter" if config.get("mh_adapter") else "Compacter++"
+    elif config.get("is_parallel"):
+        name = "parallel bottleneck adapter (He et al.)"
+    elif config.get("mh_adapter") and config.get("output_adapter"):
+        name = "Houlsby bottleneck adapter (after attention and feed-forward)"
+    elif config.get("output_adapter"):
+        name = "Pfeiffer bottleneck adapter (after the feed-forward block)"
+    else:
+        name = "bottleneck adapter"
+    return name + (f" with a {config['inv_adapter']} invertible adapter" if config.get("inv_adapter") else "")
+
+
+def _method(config: dict) -> str:
+    architecture = config.get("architecture") or "bottleneck"
+    if architecture == "lora" and config.get("composition_mode") == "scale":
+        return "ia3"
+    return architecture
+
+
+def family(config: dict) -> str:
+    """The method an AdapterHub config describes, in words."""
+    method = _method(config)
+    if method == "union":
+        parts = " + ".join(family(c) for c in config.get("configs") or [] if isinstance(c, dict))
+        return f"union adapter ({parts})"
+    names = {"bottleneck": _bottleneck_family(config), "prefix_tuning": "prefix tuning adapter", "lora": "LoRA adapter",
+             "ia3": "(IA)³ adapter", "prompt_tuning": "prompt tuning adapter", "reft": "ReFT adapter"}
+    return names.get(method, f"{method} adapter")
+
+
+def _reason(config: dict) -> tuple[str, str]:
+    """Why the adapter is not merged (a clause after its name) and what to do instead: the first
+    of its parts that cannot be, for a union."""
+    if _method(config) == "union":
+        parts = [c for c in config.get("configs") or [] if isinstance(c, dict)]
+        return next((_reason(c) for c in parts if _method(c) in _RUN_TIME), _reason(parts[0]) if parts else _NOT_YET)
+    if _method(config) in _RUN_TIME:
+        return f" {_RUN_TIME[_method(config)]}, which no change to the weights can express", _RUN_TIME_ADVICE
+    return _NOT_YET
+
+
+def _load(path: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    full = read_json(path / CONFIG_FILE)
+    if not isinstance(full.get("config"), dict):
+        raise SurgeonError(f"{path / CONFIG_FILE}: has no \"config\" object, which the adapters library writes; "
+                           "restore the file it saved.")
+    file = next(path / name for name in WEIGHT_FILES if (path / name).is_file())
+    tensors = read_safetensors(file)[0] if file.suffix == ".safetensors" else load_pickle_weights(file)
+    return full, tensors, file
+
+
+def _modules(tensors: dict[str, torch.Tensor]) -> list[dict]:
+    """The tensors grouped over layers (``layer.*``), each group's shape and how many layers hold it."""
+    groups: dict[tuple[str, str], int] = {}
+    for key, tensor in tensors.items():
+        group = (_LAYER.sub(".*.", key, count=1), "x".join(map(str, tensor.shape)))
+        groups[group] = groups.get(group, 0) + 1
+    return [{"target": target, "delta": shape, "count": n} for (target, shape), n in groups.items()]
+
+
+def describe(full: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """What ``inspect`` shows of an AdapterHub adapter: family, layers, sizes and config."""
+    config = full["config"]
+    layers = sorted({int(m.group(1)) for k in tensors for m in [_LAYER.search(k)] if m})
+    bottleneck = sorted({int(t.shape[0]) for k, t in tensors.items() if re.search(r"adapter_down\.\d+\.weight$", k)
+                         and t.dim() == 2})
+    facts = {
+        "family": f"AdapterHub {family(config)}",
+        "adapter_name": full.get("name"),
+        "base_model": full.get("model_name"),
+        "model_class": full.get("model_class"),
+        "hidden_size": full.get("hidden_size"),
+        "layers": layers,
+        "bottleneck_size": bottleneck,
+        **{name: config[name] for name in _FIELDS if config.get(name) not in (None, [], {}, False)},
+        "params": sum(t.numel() for t in tensors.values()),
+        "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "config": config,
+        "modules": _modules(tensors),
+    }
+    return {name: value for name, value in facts.items() if value not in (None, [])}
+
+
+def read(path: Path, base=None):
+    """Describe the adapter and refuse it: no AdapterHub method is read as weight deltas."""
+    path = Path(path)
+    full, tensors, file = _load(path)
+    clause, advice = _reason(full["config"])
+    what = f"an AdapterHub {family(full['config'])}{clause}"
+    raise NotWeightDeltas(f"{file}: {what}, so surgeon cannot merge or convert it; {advice}.", describe(full, tensors))
