@@ -165,7 +165,8 @@ def test_extract_on_device_is_the_optimal_truncation(extract_pair, device, case)
             expected = np.sqrt((residual[kept:] ** 2).sum()) / np.linalg.norm(s)
             assert rows[key].relative_error_with_sparse == pytest.approx(expected, rel=1e-3)
             sparse = found.sparse.deltas[key][0].materialize(dtype=torch.float64).reshape(delta.shape).numpy()
-            assert np.linalg.norm(delta.numpy() - optimal - sparse) / np.linalg.norm(s) == pytest.approx(expected, rel=1e-3)
+            left = np.linalg.norm(delta.numpy() - optimal - sparse) / np.linalg.norm(s)
+            assert left == pytest.approx(expected, rel=1e-3)
 
 
 # --- compose and resize ----------------------------------------------------------------------
@@ -206,7 +207,8 @@ def ties_reference(deltas: list[torch.Tensor], weights: list[float], density: fl
     return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
-def dare_reference(deltas: list[torch.Tensor], weights: list[float], density: float, key: str, seed: int) -> torch.Tensor:
+def dare_reference(deltas: list[torch.Tensor], weights: list[float], density: float, key: str,
+                   seed: int) -> torch.Tensor:
     """DARE restated: each delta's entries kept by the key's CPU random stream, rescaled, summed by weight."""
     generator = key_generator(seed, key)
     total = 0
