@@ -247,13 +247,19 @@ def test_worker_threads_do_not_change_the_result(llama_pair, monkeypatch):
         torch.testing.assert_close(many.lora.deltas[key][0].materialize(), delta.materialize(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cpu-whole", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_workspace_delta_is_the_difference_of_the_casts(dtype, monkeypatch):
+def test_workspace_delta_is_the_difference_of_the_casts(dtype, device, monkeypatch):
+    """Sliced (CPU) or whole (GPU; "cpu-whole" runs that path here), new − old of the casts exactly."""
     monkeypatch.setattr(extract_module._Workspace, "SLICE", 1000)  # several slices and a short last one
     gen = torch.Generator().manual_seed(0)
     old = torch.randn(37, 101, generator=gen).to(dtype)
     new = (old.double() + 0.01 * torch.randn(37, 101, generator=gen, dtype=torch.float64)).to(dtype)
-    workspace = extract_module._Workspace(torch.float32, torch.device("cpu"))
+    workspace = extract_module._Workspace(torch.float32, torch.device(device.split("-")[0]))
+    assert workspace.sliced == (device != "cuda")
+    workspace.sliced = device == "cpu"
+    old, new = old.to(workspace._flat.device), new.to(workspace._flat.device)
     assert torch.equal(workspace.delta(old[:2], new[:2]), new[:2].float() - old[:2].float())
     assert torch.equal(workspace.delta(old, new), new.float() - old.float())  # grown
     assert torch.equal(workspace.delta(old[0], new[0]), new[0].float() - old[0].float())  # 1-D, reused
