@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from surgeon.architectures import known_module_types
 from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter, Delta, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
@@ -147,12 +148,15 @@ class Extraction:
 def module_types(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], str]:
     """(module type per weight key, keys of input/output embeddings, how it was found).
 
-    The model class named in ``config.json`` is instantiated on the meta device (no memory,
+    Architectures whose layout is known (surgeon/architectures.py: Llama, Mistral, Qwen, ...)
+    are read off names, without importing transformers. Otherwise the model class named in
+    ``config.json`` is instantiated on the meta device (no memory,
     no weights) and its modules are read off: that is the only reliable way to tell a GPT-2
     ``Conv1D`` (in×out) from a Linear of the transposed shape. Without transformers or a config,
     names and ranks are used: 4-D is conv, ``embed``/``wte``/``wpe`` names are embeddings.
     """
-    found = _types_from_model(checkpoint)
+    found = known_module_types(checkpoint.config(), {k: tuple(checkpoint.info(k).shape) for k in checkpoint.keys()})
+    found = found or _types_from_model(checkpoint)
     if found is not None:
         return found
     types, embeddings = {}, set()
