@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,33 @@ def test_prefetch_thread_gives_the_same_result(llama_pair):
     assert list(results[0].lora.deltas) == list(results[1].lora.deltas)
     for key, (delta,) in results[0].lora.items():
         torch.testing.assert_close(results[1].lora.deltas[key][0].materialize(), delta.materialize(), rtol=0, atol=0)
+
+
+def test_reader_threads_keep_checkpoint_order_and_pass_errors_on(llama_pair, monkeypatch):
+    """Several readers finish out of order (earlier keys read slowest); pairs still come in key
+    order, at most ``prefetch`` + 1 loaded ahead, and a failed read raises in the consumer."""
+    base, tuned = Checkpoint(llama_pair[0]), Checkpoint(llama_pair[1])
+    keys = base.keys()
+    delays = {key: 0.002 * (len(keys) - i) for i, key in enumerate(keys)}
+    real_get, loaded, consumed = Checkpoint.get, [], []
+
+    def slow_get(self, key):
+        time.sleep(delays[key] if self is tuned else 0)
+        if key == keys[-2] and self is tuned and delays.get("fail"):
+            raise OSError(f"disk error reading {key}")
+        if self is tuned:
+            loaded.append(key)
+        return real_get(self, key)
+
+    monkeypatch.setattr(Checkpoint, "get", slow_get)
+    for key, old, new in extract_module._pairs(base, tuned, keys, 3, torch.device("cpu")):
+        consumed.append(key)
+        assert len(loaded) <= len(consumed) + 3
+        torch.testing.assert_close(old, real_get(base, key), rtol=0, atol=0)
+    assert consumed == keys and sorted(loaded) == sorted(keys) and loaded != keys  # read out of order, given in order
+    delays["fail"] = 1
+    with pytest.raises(OSError, match="disk error"):
+        list(extract_module._pairs(base, tuned, keys, 3, torch.device("cpu")))
 
 
 def test_worker_threads_do_not_change_the_result(llama_pair, monkeypatch):
