@@ -94,9 +94,10 @@ def embedding_name(module: str) -> bool:
     return bool(_EMBEDDING_NAME.search(module.rsplit(".", 1)[-1]))
 
 
-def key_generator(seed: int, key: str, device: torch.device | str = "cpu") -> torch.Generator:
-    """A random generator for one tensor, seeded from ``seed`` and its key: what is drawn for a key
-    does not depend on which other keys are processed, nor in which order (threads, subsets)."""
-    generator = torch.Generator(device=device)
+def key_generator(seed: int, key: str) -> torch.Generator:
+    """A CPU random generator for one tensor, seeded from ``seed`` and its key: what is drawn for a
+    key does not depend on which other keys are processed, nor in which order (threads, subsets),
+    nor on the device the result is computed on."""
+    generator = torch.Generator()
     generator.manual_seed((seed * 0x9E3779B1 + zlib.crc32(key.encode())) % 2**63)
     return generator

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,33 @@ def test_prefetch_thread_gives_the_same_result(llama_pair):
         torch.testing.assert_close(results[1].lora.deltas[key][0].materialize(), delta.materialize(), rtol=0, atol=0)
 
 
+def test_reader_threads_keep_checkpoint_order_and_pass_errors_on(llama_pair, monkeypatch):
+    """Several readers finish out of order (earlier keys read slowest); pairs still come in key
+    order, at most ``prefetch`` + 1 loaded ahead, and a failed read raises in the consumer."""
+    base, tuned = Checkpoint(llama_pair[0]), Checkpoint(llama_pair[1])
+    keys = base.keys()
+    delays = {key: 0.002 * (len(keys) - i) for i, key in enumerate(keys)}
+    real_get, loaded, consumed = Checkpoint.get, [], []
+
+    def slow_get(self, key):
+        time.sleep(delays[key] if self is tuned else 0)
+        if key == keys[-2] and self is tuned and delays.get("fail"):
+            raise OSError(f"disk error reading {key}")
+        if self is tuned:
+            loaded.append(key)
+        return real_get(self, key)
+
+    monkeypatch.setattr(Checkpoint, "get", slow_get)
+    for key, old, new in extract_module._pairs(base, tuned, keys, 3, torch.device("cpu")):
+        consumed.append(key)
+        assert len(loaded) <= len(consumed) + 3
+        torch.testing.assert_close(old, real_get(base, key), rtol=0, atol=0)
+    assert consumed == keys and sorted(loaded) == sorted(keys) and loaded != keys  # read out of order, given in order
+    delays["fail"] = 1
+    with pytest.raises(OSError, match="disk error"):
+        list(extract_module._pairs(base, tuned, keys, 3, torch.device("cpu")))
+
+
 def test_worker_threads_do_not_change_the_result(llama_pair, monkeypatch):
     """Matrices are factored by several workers at once; each draws its own seeded sketch, so
     the report's order is a single worker's and the adapter equal to round-off."""
@@ -247,13 +275,19 @@ def test_worker_threads_do_not_change_the_result(llama_pair, monkeypatch):
         torch.testing.assert_close(many.lora.deltas[key][0].materialize(), delta.materialize(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cpu-whole", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_workspace_delta_is_the_difference_of_the_casts(dtype, monkeypatch):
+def test_workspace_delta_is_the_difference_of_the_casts(dtype, device, monkeypatch):
+    """Sliced (CPU) or whole (GPU; "cpu-whole" runs that path here), new − old of the casts exactly."""
     monkeypatch.setattr(extract_module._Workspace, "SLICE", 1000)  # several slices and a short last one
     gen = torch.Generator().manual_seed(0)
     old = torch.randn(37, 101, generator=gen).to(dtype)
     new = (old.double() + 0.01 * torch.randn(37, 101, generator=gen, dtype=torch.float64)).to(dtype)
-    workspace = extract_module._Workspace(torch.float32, torch.device("cpu"))
+    workspace = extract_module._Workspace(torch.float32, torch.device(device.split("-")[0]))
+    assert workspace.sliced == (device != "cuda")
+    workspace.sliced = device == "cpu"
+    old, new = old.to(workspace._flat.device), new.to(workspace._flat.device)
     assert torch.equal(workspace.delta(old[:2], new[:2]), new[:2].float() - old[:2].float())
     assert torch.equal(workspace.delta(old, new), new.float() - old.float())  # grown
     assert torch.equal(workspace.delta(old[0], new[0]), new[0].float() - old[0].float())  # 1-D, reused

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from surgeon.errors import SurgeonError
-from surgeon.ops.rank import RankRule
+from surgeon.ops import svd as svd_module
 from surgeon.ops.norms import frobenius_norm
+from surgeon.ops.rank import RankRule
 from surgeon.ops.svd import KRYLOV_DIMENSIONS, choose_method, factor_split, truncated_svd
 
 
@@ -215,3 +216,60 @@ def test_frobenius_norm_is_accurate_where_a_naive_fp32_sum_is_not(dtype):
     if dtype == torch.float32:  # what the helper is for: torch's own fp32 norm is off in the 4th digit here
         assert abs(float(torch.linalg.vector_norm(values)) / exact - 1) > 1e-5
     assert frobenius_norm(torch.zeros(0)) == 0.0
+
+
+GESVDA_FAILURES = {
+    "good": lambda u, s, vh: (u, s, vh),
+    "raises": None,
+    "nan": lambda u, s, vh: (u, torch.cat([s[:-1], s.new_full((1,), float("nan"))]), vh),
+    "inaccurate": lambda u, s, vh: (u, s * torch.linspace(1.02, 1.0, s.numel(), dtype=s.dtype), vh),
+}
+HARD_INPUTS = {
+    "ill-conditioned": lambda: spectrum_matrix(160, 96, torch.logspace(0, -12, 96)),
+    "rank-deficient": lambda: spectrum_matrix(160, 96, torch.cat([torch.linspace(2, 1, 5), torch.zeros(91)])),
+    "wide-zero-row": lambda: torch.cat([low_rank_plus_noise(160, 95, 8, 1e-3), torch.zeros(160, 1)], 1).T,
+}
+
+
+@pytest.mark.parametrize("failure", sorted(GESVDA_FAILURES))
+@pytest.mark.parametrize("name", sorted(HARD_INPUTS))
+def test_exact_falls_back_when_the_fast_driver_fails(monkeypatch, failure, name):
+    """cuSOLVER's gesvda on CPU by injection: raising, NaN or inaccurate answers go to the reliable
+    driver, a good answer is kept; either way the result is the SVD."""
+    real, calls = torch.linalg.svd, []
+
+    def svd(a, full_matrices=True, driver=None):
+        calls.append(driver)
+        if driver == "gesvda" and GESVDA_FAILURES[failure] is None:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (error code: 50).")
+        found = real(a, full_matrices=full_matrices)
+        return GESVDA_FAILURES[failure](*found) if driver == "gesvda" else found
+
+    monkeypatch.setattr(svd_module, "svd_drivers", lambda a: ("gesvda", None))
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    matrix = HARD_INPUTS[name]()
+    found = truncated_svd(matrix, 8, method="exact")
+    assert calls == (["gesvda"] if failure == "good" else ["gesvda", None])
+    reference = np.linalg.svd(matrix.double().numpy(), compute_uv=False)
+    assert torch.isfinite(found.spectrum).all()
+    np.testing.assert_allclose(found.s.double().numpy(), reference[: found.rank], rtol=1e-5, atol=1e-6 * reference[0])
+    optimal = optimal_error(matrix, found.rank)
+    assert error_of(matrix, found.u * found.s, found.vh) == pytest.approx(optimal, rel=1e-3, abs=1e-5)
+
+
+def test_drivers_by_device_and_precision():
+    cpu = torch.zeros(4, 3)
+    assert svd_module.svd_drivers(cpu) == (None,)
+    if torch.cuda.is_available():
+        assert svd_module.svd_drivers(cpu.cuda()) == ("gesvda", "gesvd")
+        assert svd_module.svd_drivers(cpu.double().cuda()) == ("gesvd",)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", sorted(HARD_INPUTS))
+def test_exact_on_cuda_survives_gesvda(name):
+    matrix = HARD_INPUTS[name]()
+    found = truncated_svd(matrix.cuda(), 8, method="exact")
+    reference = np.linalg.svd(matrix.double().numpy(), compute_uv=False)
+    found_s = found.s.double().cpu().numpy()
+    np.testing.assert_allclose(found_s, reference[: found.rank], rtol=1e-4, atol=1e-6 * reference[0])

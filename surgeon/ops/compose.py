@@ -128,10 +128,12 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` and divide the kept ones by it, so that
-    the expectation is the delta itself."""
+    the expectation is the delta itself. The draw is made on the generator's device (the CPU) and
+    moved: the same seed drops the same entries on every device."""
     if density >= 1:
         return delta
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=delta.dtype) < density
+    drawn = torch.rand(delta.shape, generator=generator, device=generator.device, dtype=delta.dtype)
+    keep = drawn.to(delta.device) < density
     return delta * keep / density
 
 
@@ -341,7 +343,7 @@ def _compose_dense(key: str, parts: Sequence[_Part], shape, options: ComposeOpti
     work = _compute_dtype(dtype)
     deltas = [_materialize_part(p, shape, options.device, work) for p in parts]
     if options.method in DENSE_METHODS:
-        merged = combine_dense(deltas, [p.weight for p in parts], options, key_generator(options.seed, key, options.device))
+        merged = combine_dense(deltas, [p.weight for p in parts], options, key_generator(options.seed, key))
     else:  # svd of a module with dense parts: the weighted sum, factored to the rank asked for
         merged = sum(d * p.weight for d, p in zip(deltas, parts))
     del deltas

@@ -59,7 +59,7 @@ class _MergedDeltas(Mapping):
         if self.options.method in SUM_METHODS:
             merged = sum(d * w for d, w in zip(deltas, self.weights))
         else:
-            merged = combine_dense(deltas, self.weights, self.options, key_generator(self.options.seed, key, self.options.device))
+            merged = combine_dense(deltas, self.weights, self.options, key_generator(self.options.seed, key))
         return [(Dense(merged), 1.0)]
 
 
