@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
@@ -389,6 +389,11 @@ class Adapter:
 
     def __len__(self) -> int:
         return len(self.deltas)
+
+    def renamed(self, rename: Callable[[str], str]) -> "Adapter":
+        """The same adapter with every key passed through ``rename`` (deltas and module types alike)."""
+        return replace(self, deltas={rename(k): v for k, v in self.deltas.items()},
+                       module_types={rename(k): v for k, v in self.module_types.items()})
 
     def __iter__(self):
         return iter(self.deltas.items())

@@ -89,7 +89,7 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
             result = extract_op(base_ckpt, tuned_ckpt, options, on_tensor=tick, keep_spectra=plot_path is not None)
         result.lora.metadata.update(provenance())
         result.sparse.metadata.update(provenance())
-        written = write_parts(result.lora, result.sparse, staging, output)
+        written = write_parts(result.lora, result.sparse, staging, output, base=base_ckpt)
     report = {"base": str(base), "tuned": str(tuned), "output": str(output), "written": written,
               "merge_command": f"surgeon merge {base} {' '.join(written)} -o merged/", **result.report()}
     if report_path is not None:

@@ -37,6 +37,7 @@ from surgeon.delta import Adapter, Delta, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
 from surgeon.keys import embedding_name, key_generator
 from surgeon.layout import paired_keys
+from surgeon.model_names import meta_model, model_names
 from surgeon.formats.sparse import index_dtype
 from surgeon.ops.norms import frobenius_norm
 from surgeon.ops.rank import RankRule
@@ -171,29 +172,14 @@ def module_types(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], str]
 
 
 def _types_from_model(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], str] | None:
-    config = checkpoint.config()
-    architectures = config.get("architectures") or []
-    if not architectures or checkpoint.directory is None:
+    names = model_names(checkpoint)  # refuses a transformers model's checkpoint without transformers
+    if names is None:
         return None
-    try:
-        import transformers
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    cls = getattr(transformers, architectures[0], None)
-    if cls is None:
-        return None
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # its config warnings are about the model, not this run
-    try:
-        model_config = transformers.AutoConfig.from_pretrained(checkpoint.directory)
-        with torch.device("meta"):
-            model = cls._from_config(model_config)
-    except Exception:  # an architecture this transformers cannot build: fall back to names
-        return None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    kinds = ((torch.nn.Embedding, "embedding"), (Conv1D, "conv1d"), (torch.nn.modules.conv._ConvNd, "conv"), (torch.nn.Linear, "linear"))
+    from transformers.pytorch_utils import Conv1D
+
+    model = meta_model(checkpoint.directory, names.model_class)
+    kinds = ((torch.nn.Embedding, "embedding"), (Conv1D, "conv1d"), (torch.nn.modules.conv._ConvNd, "conv"),
+             (torch.nn.Linear, "linear"))
     by_module = {}
     for name, module in model.named_modules():
         for cls_, kind in kinds:
@@ -204,12 +190,12 @@ def _types_from_model(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str],
     output_names = {n + ".weight" for n, m in model.named_modules() if output is not None and m is output}
     types, embeddings = {}, set()
     for key in checkpoint.keys():
-        match = by_module.get(key) or next((t for name, t in by_module.items() if key.endswith("." + name) or name.endswith("." + key)), None)
+        name = names.to_model.get(key) or names.fused[key]
         dims = len(checkpoint.info(key).shape)
-        types[key] = match or ("conv" if dims >= 3 else "linear" if dims == 2 else "other")
-        if types[key] == "embedding" or any(key == n or key.endswith("." + n) or n.endswith("." + key) for n in output_names):
+        types[key] = by_module.get(name) or ("conv" if dims >= 3 else "linear" if dims == 2 else "other")
+        if types[key] == "embedding" or name in output_names:
             embeddings.add(key)
-    return types, embeddings, f"read from {architectures[0]} (transformers)"
+    return types, embeddings, f"read from {names.model_class} (transformers)"
 
 
 def _pairs(base: Checkpoint, tuned: Checkpoint, keys: list[str], prefetch: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -60,7 +60,7 @@ def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_non
     """Adapters bound to the base's keys, with shapes and values checked."""
     bound = []
     for adapter, where in adapters:
-        adapter = bind_to_base(adapter, base.keys(), where)
+        adapter = bind_to_base(adapter, base.keys(), where, checkpoint=base)
         check_shapes(adapter, lambda key: base.info(key).shape, where)
         if not allow_nonfinite:
             bad = adapter.nonfinite_keys()
