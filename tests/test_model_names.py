@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,13 @@ def test_per_expert_deltas_are_written_the_way_peft_converts_them(tmp_path):
         model = peft.PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "adapter").eval()
         torch.testing.assert_close(model(**ids).logits, load(tmp_path / "tuned").eval()(**ids).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_without_transformers_the_names_are_refused_not_guessed(bases, tmp_path, monkeypatch):
+    peft_adapter("vit", bases["vit"], tmp_path / "adapter")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
+    args = ["merge", str(bases["vit"]), str(tmp_path / "adapter"), "-o", str(tmp_path / "m")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and result.output.startswith("Error: "), result.output
+    assert "ViTForImageClassification" in result.output and "pip install transformers" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
