@@ -60,13 +60,14 @@ def bind_to_base(adapter: Adapter, base_keys: Collection[str], where: str, check
         raise _unmatched(unknown, base_keys, where)
     remove, add = shift
 
-    def rename(key: str) -> str:
-        if key in base_keys:
-            return key
-        key = key if key in known else add + key[len(remove):]
-        return key if names is None or key in base_keys else names.checkpoint_key(key, where)
+    def parts(key: str, delta) -> list:
+        if key not in known:
+            key = add + key[len(remove):]
+        if names is None or key in base_keys:
+            return [(key, delta)]
+        return names.checkpoint_parts(key, delta, where)
 
-    return adapter.renamed(rename)
+    return adapter.translated(parts)
 
 
 def _unmatched(missing: list[str], base_keys: set[str], where: str) -> SurgeonError:

@@ -29,7 +29,8 @@ class ModelNames:
 
     model_class: str
     to_model: dict[str, str]  # every checkpoint key that becomes one model parameter → that parameter's name
-    fused: dict[str, str]  # checkpoint key → the model parameter transformers fuses or splits it into
+    splits: dict[str, tuple[str, ...]]  # checkpoint key → the parameters transformers cuts its rows into, in order
+    fused: dict[str, str]  # checkpoint key → the parameter transformers otherwise fuses or splits it into
     model_keys: frozenset[str]  # the model's own state_dict names
     modules: frozenset[str]  # the model's module names (what PEFT's target_modules resolve against)
 
@@ -37,23 +38,44 @@ class ModelNames:
     def to_checkpoint(self) -> dict[str, str]:
         return {name: key for key, name in self.to_model.items()}
 
+    @functools.cached_property
+    def split_parts(self) -> dict[str, tuple[str, int, int]]:
+        """model parameter → (the checkpoint key it is cut from, its place, how many pieces)."""
+        return {name: (key, i, len(names)) for key, names in self.splits.items() for i, name in enumerate(names)}
+
     def model_name(self, key: str, where: str) -> str:
         """The model's name for checkpoint key ``key``; a key transformers fuses or splits is refused."""
-        if key in self.fused:
+        if key in self.fused or key in self.splits:
             raise SurgeonError(
-                f"{where}: transformers fuses or splits {key!r} into {self.fused[key]!r} when it builds "
-                f"{self.model_class}, so a delta on it has no module of its own in the model; merge it into the "
-                "base (surgeon merge) instead.")
+                f"{where}: transformers fuses or splits {key!r} into {self.fused.get(key) or self.splits[key][0]!r} "
+                f"when it builds {self.model_class}, so a delta on it has no module of its own in the model; "
+                "merge it into the base (surgeon merge) instead.")
         return self.to_model.get(key, key)
 
-    def checkpoint_key(self, name: str, where: str) -> str:
-        """The checkpoint key for the model's parameter ``name`` (itself where the two agree)."""
+    def model_parts(self, key: str, delta, where: str) -> list:
+        """(model name, delta) for checkpoint key ``key``: one, or one per piece of a row split."""
+        pieces = self.splits.get(key)
+        if pieces is None:
+            return [(self.model_name(key, where), delta)]
+        size = -(-delta.shape[0] // len(pieces))  # torch.chunk's piece size
+        return [(name, delta.rows(i * size, (i + 1) * size)) for i, name in enumerate(pieces)]
+
+    def checkpoint_parts(self, name: str, delta, where: str) -> list:
+        """(checkpoint key, delta) for the model's parameter ``name``: a piece of a row split is
+        placed at its rows of the checkpoint tensor it is cut from."""
+        if name in self.split_parts:
+            key, index, count = self.split_parts[name]
+            return [(key, delta.placed(index * delta.shape[0], count * delta.shape[0]))]
         fused = sorted(k for k, target in self.fused.items() if target == name)
         if fused:
             raise SurgeonError(
                 f"{where}: {name!r} is built by transformers from several checkpoint tensors ({', '.join(fused[:3])}), "
                 "and surgeon cannot split a delta on it into theirs; merge it with transformers and PEFT instead.")
-        return self.to_checkpoint.get(name, name)
+        return [(self.to_checkpoint.get(name, name), delta)]
+
+    def first_name(self, key: str) -> str:
+        """The model parameter checkpoint key ``key`` becomes (the first, where it becomes several)."""
+        return self.to_model.get(key) or self.fused.get(key) or self.splits[key][0]
 
 
 def model_names(checkpoint) -> ModelNames | None:
@@ -107,16 +129,37 @@ def meta_model(directory: Path, architecture: str) -> torch.nn.Module | None:
 def _names(model: torch.nn.Module, architecture: str, keys: list[str]) -> ModelNames:
     meta = model.state_dict()
     rename = _renamer(model, meta)
-    to_model, fused = {}, {}
+    to_model, splits, fused = {}, {}, {}
     for key in keys:
-        name, converted = rename(key)
-        (fused if converted else to_model)[key] = name
+        name, converter = rename(key)
+        pieces = _row_split(converter, name, meta) if converter is not None else None
+        if converter is None:
+            to_model[key] = name
+        elif pieces:
+            splits[key] = pieces
+        else:
+            fused[key] = name
     modules = frozenset(name for name, _ in model.named_modules())
-    return ModelNames(architecture, to_model, fused, frozenset(meta), modules)
+    return ModelNames(architecture, to_model, splits, fused, frozenset(meta), modules)
+
+
+def _row_split(converter, name: str, meta: dict) -> tuple[str, ...] | None:
+    """The parameters a converter cuts one checkpoint tensor's rows into (``Chunk(dim=0)``, equal
+    pieces, as in a fused qkv or SwiGLU input); None for any other conversion."""
+    from transformers.core_model_loading import Chunk
+
+    operations = converter.operations
+    if len(operations) != 1 or not isinstance(operations[0], Chunk) or operations[0].dim != 0:
+        return None
+    first = converter.target_patterns[0]
+    if operations[0].num_shards_attribute or len(converter.source_patterns) != 1 or not name.endswith(first):
+        return None
+    pieces = tuple(name[: -len(first)] + target for target in converter.target_patterns)
+    return pieces if all(piece in meta for piece in pieces) else None
 
 
 def _renamer(model: torch.nn.Module, meta: dict):
-    """key → (model name, whether a converter fuses or splits it), the way ``from_pretrained`` renames."""
+    """key → (model name, the converter that fuses or splits it, if one does), the way ``from_pretrained`` renames."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, rename_source_key
@@ -125,24 +168,25 @@ def _renamer(model: torch.nn.Module, meta: dict):
     mapping = get_model_conversion_mapping(model)
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
+    by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
     prefix = model.base_model_prefix
 
-    def rename(key: str) -> tuple[str, bool]:
+    def rename(key: str):
         name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
         if name not in meta and key in meta:  # what from_pretrained does: the key was right as it was
             name, pattern = rename_source_key(key, [], [], prefix, meta)
-        return name, pattern is not None
+        return name, by_pattern.get(pattern)
 
     return rename
 
 
 def _legacy_renamer(table: dict[str, str]):
-    def rename(key: str) -> tuple[str, bool]:
+    def rename(key: str):
         for pattern, replacement in table.items():
             name, count = re.subn(pattern, replacement, key)
             if count:
-                return name, False
-        return key, False
+                return name, None
+        return key, None
 
     return rename
 
@@ -159,7 +203,8 @@ def named_for_peft(adapter, checkpoint, where: str):
         return adapter, None
     fused = {key for key in adapter.deltas if key in names.fused}
     converted = _peft_converts(checkpoint.directory, names.model_class, fused)
-    return adapter.renamed(lambda key: key if key in converted else names.model_name(key, where)), names
+    return adapter.translated(lambda key, delta: [(key, delta)] if key in converted
+                              else names.model_parts(key, delta, where)), names
 
 
 def _peft_converts(directory: Path, architecture: str, keys: set[str]) -> set[str]:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from surgeon.checkpoint import Checkpoint
 from surgeon.cli import main
+from surgeon.errors import SurgeonError
 from surgeon.model_names import model_names
 
 transformers = pytest.importorskip("transformers")
@@ -137,23 +138,46 @@ def test_names_come_from_transformers_table(bases):
     names = model_names(Checkpoint(bases["vit"]))
     key = "vit.encoder.layer.0.attention.attention.query.weight"
     assert names.model_name(key, "here") == "vit.layers.0.attention.q_proj.weight"
-    assert names.checkpoint_key("vit.layers.1.mlp.fc2.weight", "here") == "vit.encoder.layer.1.output.dense.weight"
-    assert names.checkpoint_key("classifier.weight", "here") == "classifier.weight"
+    assert names.to_checkpoint["vit.layers.1.mlp.fc2.weight"] == "vit.encoder.layer.1.output.dense.weight"
+    assert names.to_checkpoint["classifier.weight"] == "classifier.weight"
 
 
-def test_a_delta_transformers_splits_is_refused(tmp_path):
-    """Dinov2's SwiGLU ``weights_in`` is chunked into gate_proj and up_proj on load: no module of its
-    own, and PEFT does not convert LoRA factors through that split (it dropped them before)."""
+@pytest.fixture(scope="module")
+def dinov2(tmp_path_factory) -> Path:
+    """Dinov2 with SwiGLU: its checkpoint's ``mlp.weights_in`` is cut in rows into gate_proj and up_proj on load."""
     config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=8,
                                        patch_size=4, use_swiglu_ffn=True, mlp_ratio=2, num_labels=2)
-    transformers.Dinov2ForImageClassification(config).save_pretrained(tmp_path / "base")
-    key = "dinov2.encoder.layer.0.mlp.weights_in.weight"
-    tune(tmp_path / "base", tmp_path / "tuned", lambda k: "encoder" in k)
-    result = CliRunner().invoke(main, ["extract", str(tmp_path / "base"), str(tmp_path / "tuned"),
-                                       "-o", str(tmp_path / "adapter"), "--rank", "2"])
-    assert result.exit_code == 1 and result.output.startswith("Error: "), result.output
-    assert key in result.output and "fuses or splits" in result.output
-    assert not (tmp_path / "adapter").exists()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dinov2") / "base"
+    transformers.Dinov2ForImageClassification(config).save_pretrained(path)
+    return path
+
+
+PIXELS = {"pixel_values": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))}
+
+
+def dino_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**PIXELS).logits
+
+
+def test_a_delta_on_a_tensor_transformers_splits_is_split_for_peft(dinov2, tmp_path):
+    tune(dinov2, tmp_path / "tuned", lambda k: "encoder" in k)
+    invoke("extract", dinov2, tmp_path / "tuned", "-o", tmp_path / "adapter", "--rank", "2")
+    written = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(".mlp.gate_proj.lora_B" in k for k in written) and not any("weights_in" in k for k in written)
+    model = peft.PeftModel.from_pretrained(load(dinov2), tmp_path / "adapter")
+    torch.testing.assert_close(dino_logits(model), dino_logits(load(tmp_path / "tuned")), atol=1e-4, rtol=1e-4)
+
+
+def test_peft_deltas_on_split_parameters_merge_into_their_rows(dinov2, tmp_path):
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "q_proj"], init_lora_weights=False)
+    peft.get_peft_model(load(dinov2), config).save_pretrained(tmp_path / "adapter")
+    expected = dino_logits(peft.PeftModel.from_pretrained(load(dinov2), tmp_path / "adapter"))
+    invoke("merge", dinov2, tmp_path / "adapter", "-o", tmp_path / "merged")
+    assert not torch.allclose(dino_logits(load(dinov2)), expected, atol=1e-3)
+    torch.testing.assert_close(dino_logits(load(tmp_path / "merged")), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_per_expert_deltas_are_written_the_way_peft_converts_them(tmp_path):
@@ -166,6 +190,9 @@ def test_per_expert_deltas_are_written_the_way_peft_converts_them(tmp_path):
     transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "base")
     tune(tmp_path / "base", tmp_path / "tuned", lambda k: ".layers." in k and not k.endswith("gate.weight"))
     invoke("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "adapter", "--rank", "2")
+    expert = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+    with pytest.raises(SurgeonError, match="fuses or splits"):  # no module of its own: never a silent name
+        model_names(Checkpoint(tmp_path / "base")).model_name(expert, "here")
     ids = {"input_ids": torch.tensor([[1, 2, 3, 4, 5]])}
     with torch.no_grad():
         model = peft.PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "adapter").eval()

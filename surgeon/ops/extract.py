@@ -190,7 +190,7 @@ def _types_from_model(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str],
     output_names = {n + ".weight" for n, m in model.named_modules() if output is not None and m is output}
     types, embeddings = {}, set()
     for key in checkpoint.keys():
-        name = names.to_model.get(key) or names.fused[key]
+        name = names.first_name(key)
         dims = len(checkpoint.info(key).shape)
         types[key] = by_module.get(name) or ("conv" if dims >= 3 else "linear" if dims == 2 else "other")
         if types[key] == "embedding" or name in output_names:
