@@ -55,9 +55,10 @@ def write_parts(lora: Adapter, residual: Adapter, staging: Path, output: Path, b
     return written
 
 
-def write_result(adapter: Adapter, staging: Path, output: Path) -> list[str]:
-    """Write a composed adapter split by :func:`split_result`; returns what was written."""
-    written = write_parts(*split_result(adapter), staging, output)
+def write_result(adapter: Adapter, staging: Path, output: Path, base=None) -> list[str]:
+    """Write a composed adapter split by :func:`split_result` (its PEFT part named for the ``base``
+    checkpoint's model class where given); returns what was written."""
+    written = write_parts(*split_result(adapter), staging, output, base=base)
     if not written:
         raise SurgeonError("the result is empty (every module cancelled out or was cut to rank 0); nothing written.")
     return written

@@ -134,6 +134,15 @@ def test_convert_peft_to_peft_with_base_keeps_model_names(bases, tmp_path):
     torch.testing.assert_close(logits("vit", model), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("command", [["resize", "--rank", "4"], ["compose", "--method", "cat"]])
+def test_resize_and_compose_against_the_base_write_model_names(command, bases, tmp_path):
+    """With --base the adapter is read against the checkpoint's keys; the output is PEFT's names again."""
+    expected = peft_adapter("vit", bases["vit"], tmp_path / "adapter")
+    invoke(command[0], tmp_path / "adapter", *command[1:], "--base", bases["vit"], "-o", tmp_path / "out")
+    model = peft.PeftModel.from_pretrained(load(bases["vit"]), tmp_path / "out")
+    torch.testing.assert_close(logits("vit", model), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_names_come_from_transformers_table(bases):
     names = model_names(Checkpoint(bases["vit"]))
     key = "vit.encoder.layer.0.attention.attention.query.weight"
