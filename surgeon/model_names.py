@@ -85,10 +85,7 @@ def model_names(checkpoint) -> ModelNames | None:
     architecture = _architecture(checkpoint)
     if architecture is None:
         return None
-    model = meta_model(checkpoint.directory, architecture)
-    if model is None:
-        return None
-    return _names(model, architecture, checkpoint.keys())
+    return _names(checkpoint.directory, architecture, tuple(checkpoint.keys()))
 
 
 def _architecture(checkpoint) -> str | None:
@@ -126,7 +123,11 @@ def meta_model(directory: Path, architecture: str) -> torch.nn.Module | None:
         transformers.logging.set_verbosity(verbosity)
 
 
-def _names(model: torch.nn.Module, architecture: str, keys: list[str]) -> ModelNames:
+@functools.lru_cache(maxsize=8)
+def _names(directory: Path, architecture: str, keys: tuple[str, ...]) -> ModelNames | None:
+    model = meta_model(directory, architecture)
+    if model is None:
+        return None
     meta = model.state_dict()
     rename = _renamer(model, meta)
     to_model, splits, fused = {}, {}, {}
