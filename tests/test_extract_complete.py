@@ -1,0 +1,76 @@
+"""extract's defaults give a complete adapter: every changed tensor is carried (embeddings and
+heads as LoRA, norms and biases whole as modules_to_save), checked against PEFT on the common
+BERT sequence-classification set-up; what cannot be carried (an embedding tied to the output
+head) is left out with its reason and its share of the change in the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from surgeon.cli import main
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def tune(base: Path, out: Path, select=lambda key: True) -> None:
+    """A full fine-tune: selected 2-D weights move by a rank-2 delta, selected 1-D ones by noise."""
+    shutil.copytree(base, out)
+    state = load_file(out / "model.safetensors")
+    gen = torch.Generator().manual_seed(2)
+    for key, value in state.items():
+        if not (value.is_floating_point() and select(key)):
+            continue
+        if value.dim() == 2:
+            m, n = value.shape
+            state[key] = value + 0.2 * torch.randn(m, 2, generator=gen) @ torch.randn(2, n, generator=gen)
+        elif value.dim() == 1:
+            state[key] = value + 0.1 * torch.randn(value.shape, generator=gen)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+
+
+def extract(base: Path, tuned: Path, out: Path, *extra: str) -> dict:
+    result = CliRunner().invoke(main, ["extract", str(base), str(tuned), "-o", str(out), "--rank", "2", "--json",
+                                       *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_defaults_carry_a_bert_classifier_fine_tune_completely(tmp_path):
+    config = transformers.BertConfig(vocab_size=96, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    tune(tmp_path / "base", tmp_path / "tuned")
+    report = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter")
+    ids = {"input_ids": torch.tensor([[2, 7, 11, 40, 3]]), "token_type_ids": torch.tensor([[0, 0, 1, 1, 1]])}
+    load = transformers.BertForSequenceClassification.from_pretrained
+    with torch.no_grad():
+        expected = load(tmp_path / "tuned").eval()(**ids).logits
+        model = peft.PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "adapter").eval()
+        assert not torch.allclose(load(tmp_path / "base").eval()(**ids).logits, expected, atol=1e-3)
+        torch.testing.assert_close(model(**ids).logits, expected, atol=1e-4, rtol=1e-4)
+    assert report["left_out"] == [] and report["left_out_share"] == 0.0
+
+
+def test_a_tied_embedding_is_left_out_with_its_reason_and_cost(tmp_path):
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tune(tmp_path / "base", tmp_path / "tuned", lambda key: key.endswith(("embed_tokens.weight", "q_proj.weight")))
+    report = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter")
+    (left,) = report["left_out"]
+    assert left["key"] == "model.embed_tokens.weight" and "tied to the output head" in left["reason"]
+    rows = {r["key"]: r for r in report["modules"]}
+    total = sum(r["delta_norm"] ** 2 for r in rows.values())
+    assert report["left_out_share"] == pytest.approx(left["delta_norm"] ** 2 / total) and report["left_out_share"] > 0
+    forced = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "forced", "--embeddings", "lora")
+    assert forced["left_out"] == []
