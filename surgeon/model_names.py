@@ -33,6 +33,7 @@ class ModelNames:
     fused: dict[str, str]  # checkpoint key → the parameter transformers otherwise fuses or splits it into
     model_keys: frozenset[str]  # the model's own state_dict names
     modules: frozenset[str]  # the model's module names (what PEFT's target_modules resolve against)
+    tied: frozenset[str]  # the output head's weight and the parameters that are that very tensor (tied embeddings)
 
     @functools.cached_property
     def to_checkpoint(self) -> dict[str, str]:
@@ -141,7 +142,34 @@ def _names(directory: Path, architecture: str, keys: tuple[str, ...]) -> ModelNa
         else:
             fused[key] = name
     modules = frozenset(name for name, _ in model.named_modules())
-    return ModelNames(architecture, to_model, splits, fused, frozenset(meta), modules)
+    return ModelNames(architecture, to_model, splits, fused, frozenset(meta), modules, frozenset(_tied_names(model)))
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """The names of the output head's weight and of every parameter that is that very tensor."""
+    try:
+        weight = getattr(model.get_output_embeddings(), "weight", None)
+        inputs = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return set()
+    if weight is None or getattr(inputs, "weight", None) is not weight:
+        return set()
+    return {name for name, param in model.named_parameters(remove_duplicate=False) if param is weight}
+
+
+def tied_heads(checkpoint, keys) -> dict[str, str]:
+    """{key: the output head's name} for those of ``keys`` whose parameter transformers ties to an output
+    head that ``checkpoint`` does not store (so a change to the embedding changes the head too).
+    Empty where transformers cannot tell (not installed, or no model class to build)."""
+    try:
+        names = model_names(checkpoint)
+    except SurgeonError:  # no transformers: nothing can be said about ties, and nothing needs translating here
+        return {}
+    if names is None:
+        return {}
+    stored = {names.first_name(key) for key in checkpoint.keys()}
+    heads = sorted(names.tied - stored)
+    return {key: heads[0] for key in keys if heads and names.first_name(key) in names.tied}
 
 
 def _row_split(converter, name: str, meta: dict) -> tuple[str, ...] | None:

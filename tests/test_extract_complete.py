@@ -74,3 +74,38 @@ def test_a_tied_embedding_is_left_out_with_its_reason_and_cost(tmp_path):
     assert report["left_out_share"] == pytest.approx(left["delta_norm"] ** 2 / total) and report["left_out_share"] > 0
     forced = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "forced", "--embeddings", "lora")
     assert forced["left_out"] == []
+
+
+@pytest.fixture
+def tied_llama(tmp_path) -> tuple[Path, Path]:
+    """A tied-embedding llama and a PEFT LoRA on its embedding (and q_proj), with non-zero B."""
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), lora).save_pretrained(
+        tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+def llama_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor([[1, 5, 9, 17, 33]])).logits
+
+
+def test_merging_a_tied_embedding_warns_and_untie_keeps_the_head(tied_llama, tmp_path):
+    base, adapter = tied_llama
+    load = transformers.LlamaForCausalLM.from_pretrained
+    unmerged = llama_logits(peft.PeftModel.from_pretrained(load(base), adapter))
+    merged_by_peft = llama_logits(peft.PeftModel.from_pretrained(load(base), adapter).merge_and_unload())
+    assert not torch.allclose(unmerged, merged_by_peft, atol=1e-3)  # PEFT's merge moves the tied head too
+    result = CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "tied"), "--json"])
+    assert result.exit_code == 0, result.output
+    (note,) = json.loads(result.stdout)["notes"]
+    assert "'model.embed_tokens.weight'" in note and "lm_head" in note and "untie" in note
+    torch.testing.assert_close(llama_logits(load(tmp_path / "tied")), merged_by_peft, atol=1e-5, rtol=1e-5)
+    result = CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "untied"), "--untie"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "untied" / "config.json").read_text())["tie_word_embeddings"] is False
+    torch.testing.assert_close(llama_logits(load(tmp_path / "untied")), unmerged, atol=1e-5, rtol=1e-5)

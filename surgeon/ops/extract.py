@@ -196,7 +196,6 @@ def _types_from_model(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str],
                 break
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_names = {n + ".weight" for n, m in model.named_modules() if output is not None and m is output}
-    tied = _tied_names(model, output)
     types, embeddings = {}, set()
     for key in checkpoint.keys():
         name = names.first_name(key)
@@ -204,20 +203,8 @@ def _types_from_model(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str],
         types[key] = by_module.get(name) or ("conv" if dims >= 3 else "linear" if dims == 2 else "other")
         if types[key] == "embedding" or name in output_names:
             embeddings.add(key)
-    tied_keys = {key for key in checkpoint.keys() if names.first_name(key) in tied}
+    tied_keys = {key for key in checkpoint.keys() if names.first_name(key) in names.tied}
     return types, embeddings, tied_keys, f"read from {names.model_class} (transformers)"
-
-
-def _tied_names(model: torch.nn.Module, output) -> set[str]:
-    """The names of the output head's weight and every parameter that is that very tensor (the tied input embedding)."""
-    weight = getattr(output, "weight", None)
-    try:
-        inputs = model.get_input_embeddings()
-    except (NotImplementedError, AttributeError):
-        return set()
-    if weight is None or getattr(inputs, "weight", None) is not weight:
-        return set()
-    return {name for name, param in model.named_parameters(remove_duplicate=False) if param is weight}
 
 
 def _pairs(base: Checkpoint, tuned: Checkpoint, keys: list[str], prefetch: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
