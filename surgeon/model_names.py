@@ -6,9 +6,11 @@ Qwen2.5-VL's ``model.layers.…`` is ``model.language_model.layers.…``. PEFT n
 the model's names; surgeon's deltas are keyed by the checkpoint's. This module is the one place that
 translates, with transformers' own table for the class named in ``config.json`` (the model is built
 on the meta device, and ``get_model_conversion_mapping`` + ``rename_source_key`` are run on every
-checkpoint key, as ``from_pretrained`` does), never a copied one. Checkpoint tensors that transformers
-fuses or splits (a ``WeightConverter``: per-expert weights stacked into one parameter) have no
-one-to-one name, and a delta on one is refused rather than dropped.
+checkpoint key, as ``from_pretrained`` does), never a copied one. A tensor the table cuts in rows
+(``Chunk(dim=0)``: a fused qkv, SwiGLU's ``weights_in``) has its delta cut the same way, and deltas on
+the pieces are placed back at their rows. Other fusions (per-expert weights stacked into one
+parameter) have no one-to-one name: PEFT's loader converts LoRA factors through some of them, which
+the PEFT writer asks PEFT itself about (:func:`named_for_peft`); any other is refused, never dropped.
 """
 
 from __future__ import annotations
