@@ -260,10 +260,22 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     config["lora_bias"] = any(k.endswith(".lora_B.bias") for k in tensors)
     config["modules_to_save"] = sorted(modules_to_save) or None
     check_modules(names, [*ranks, *(_module_of(k)[0] for k, _ in picked.kept)], "cannot write PEFT LoRA")
+    _check_not_inside(modules_to_save, ranks)
     staging.mkdir(parents=True, exist_ok=True)
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, staging / WEIGHT_FILES[0], metadata={"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}})
     return picked.notes + notes
+
+
+def _check_not_inside(modules_to_save, targets) -> None:
+    """PEFT copies a modules_to_save module whole and does not wrap what lies inside it, so a LoRA
+    target inside one would be ignored without a word; such an adapter is refused instead."""
+    for target in targets:
+        owner = next((m for m in modules_to_save if f".{m}." in f".{target}"), None)
+        if owner is not None:
+            raise SurgeonError(f"cannot write PEFT LoRA: the target {target!r} lies inside {owner!r}, which PEFT "
+                               "copies whole (modules_to_save) and would then ignore its LoRA; merge the adapter "
+                               "instead (surgeon merge), or leave out what changed in the enclosing module itself.")
 
 
 def _targets_cover(config: dict, ranks: dict[str, int]) -> bool:

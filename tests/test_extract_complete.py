@@ -15,6 +15,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from surgeon.cli import main
+from surgeon.delta import Adapter, LowRank, Replace
+from surgeon.errors import SurgeonError
+from surgeon.formats import peft as peft_format
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -109,3 +112,13 @@ def test_merging_a_tied_embedding_warns_and_untie_keeps_the_head(tied_llama, tmp
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "untied" / "config.json").read_text())["tie_word_embeddings"] is False
     torch.testing.assert_close(llama_logits(load(tmp_path / "untied")), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_target_inside_a_whole_copied_module_is_refused(tmp_path):
+    """A changed parameter of a module that is not a leaf (a gate, an attention sink) makes PEFT copy that
+    module whole, which would silently drop the LoRA of the layers inside it."""
+    adapter = Adapter(source_format="extract")
+    adapter.add("layers.0.attn.sinks", Replace(torch.ones(4)), "other")
+    adapter.add("layers.0.attn.q_proj.weight", LowRank(down=torch.ones(2, 8), up=torch.ones(8, 2)), "linear")
+    with pytest.raises(SurgeonError, match="'layers.0.attn.q_proj' lies inside 'layers.0.attn'"):
+        peft_format.write(adapter, tmp_path / "out")
