@@ -13,11 +13,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from surgeon.formats import peft as peft_format
 
 from surgeon.cli import main
 from surgeon.delta import Adapter, LowRank, Replace
 from surgeon.errors import SurgeonError
-from surgeon.formats import peft as peft_format
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
