@@ -198,7 +198,8 @@ def main() -> None:
         outputs[name] = work / f"out-{name}"
         print(f"{name} ...", file=sys.stderr)
         command = [surgeon_executable(), "extract", str(base), str(tuned), "-o", str(outputs[name]), "--rank", str(RANK),
-                   "--method", method, "--device", args.device]
+                   "--method", method, "--device", args.device,
+                   "--embeddings", "skip", "--skip-changed-1d"]  # what mergekit extracts by default: like for like
         results["runs"][name] = run_side(name, command, outputs[name], logs, env)
     venv = None if args.skip_mergekit else mergekit_venv(work)
     if venv is not None:

@@ -62,7 +62,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("peft", "PEFT LoRA / DoRA / LoHa / LoKr / IA3 / VeRA / soft prompt "
            "(adapter_config.json + adapter_model.safetensors)",
            "a directory with adapter_config.json and adapter_model.safetensors or adapter_model.bin",
-           layouts.is_peft, writable=True),
+           layouts.is_peft, writable=True, write_uses_base=True),
     Format("mlx", "mlx-lm LoRA / DoRA (adapter_config.json + adapters.safetensors)",
            "a directory with adapter_config.json (with lora_parameters) and adapters.safetensors",
            layouts.is_mlx, writable=True, write_uses_base=True),

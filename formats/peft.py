@@ -15,7 +15,6 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from surgeon.formats.lora_only import pick_targets, refusal
 from surgeon.formats.peft_rules import LORA_KEY as _LORA_KEY
 from surgeon.formats.peft_rules import PREFIX, check_modules_match, module_rank_alpha, scale_of, targeted
 from surgeon.formats.peft_rules import UNSUPPORTED as _UNSUPPORTED
+from surgeon.model_names import check_modules, named_for_peft
 
 NAME = "peft"
 
@@ -201,16 +201,18 @@ def _one_model(adapter: Adapter) -> tuple[Adapter, list[str]]:
                            f"({', '.join(heads)}) and a PEFT adapter loads into one model; convert it to diffusers or "
                            "kohya instead.")
     cut = len(heads[0]) + 1
-    stripped = replace(adapter, deltas={k[cut:]: v for k, v in adapter.deltas.items()},
-                       module_types={k[cut:]: v for k, v in adapter.module_types.items()})
+    stripped = adapter.renamed(lambda key: key[cut:])
     note = f"the pipeline component prefix '{heads[0]}.' was dropped: PEFT loads the adapter into that model itself."
     return stripped, [note]
 
 
-def write(adapter: Adapter, staging: Path) -> list[str]:
-    """Write ``adapter`` as a PEFT LoRA adapter directory that ``PeftModel.from_pretrained`` loads."""
+def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
+    """Write ``adapter`` as a PEFT LoRA adapter directory that ``PeftModel.from_pretrained`` loads.
+    With the ``base`` checkpoint, keys are written as its model class names its modules (transformers
+    renames some on load), and each must be one of them."""
     source = adapter.config if adapter.source_format == NAME else {}
     adapter, notes = _one_model(adapter)
+    adapter, names = named_for_peft(adapter, base, "cannot write PEFT LoRA")
     picked = pick_targets(adapter, "PEFT LoRA", MODULE_TYPES, allow_dora=True, keeps=("replacement", "dense"))
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -260,10 +262,23 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
     config["use_dora"] = any(magnitudes.values())
     config["lora_bias"] = any(k.endswith(".lora_B.bias") for k in tensors)
     config["modules_to_save"] = sorted(modules_to_save) or None
+    check_modules(names, [*ranks, *(_module_of(k)[0] for k, _ in picked.kept)], "cannot write PEFT LoRA")
+    _check_not_inside(modules_to_save, ranks)
     staging.mkdir(parents=True, exist_ok=True)
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, staging / WEIGHT_FILES[0], metadata={"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}})
     return picked.notes + notes
+
+
+def _check_not_inside(modules_to_save, targets) -> None:
+    """PEFT copies a modules_to_save module whole and does not wrap what lies inside it, so a LoRA
+    target inside one would be ignored without a word; such an adapter is refused instead."""
+    for target in targets:
+        owner = next((m for m in modules_to_save if f".{m}." in f".{target}"), None)
+        if owner is not None:
+            raise SurgeonError(f"cannot write PEFT LoRA: the target {target!r} lies inside {owner!r}, which PEFT "
+                               "copies whole (modules_to_save) and would then ignore its LoRA; merge the adapter "
+                               "instead (surgeon merge), or leave out what changed in the enclosing module itself.")
 
 
 def _targets_cover(config: dict, ranks: dict[str, int]) -> bool:

@@ -24,9 +24,11 @@ _OUTPUT_EMBEDDING = re.compile(r"(^|\.)lm_head\.weight$")
 
 
 def known_module_types(config: Mapping, shapes: Mapping[str, tuple[int, ...]]
-                       ) -> tuple[dict[str, str], set[str], str] | None:
-    """(module type per key, embedding keys, source) as :func:`surgeon.ops.extract.module_types`
-    gives them, for a config naming one of :data:`LINEAR_DECODERS`; None for any other."""
+                       ) -> tuple[dict[str, str], set[str], set[str], str] | None:
+    """(module type per key, embedding keys, tied keys, source) as :func:`surgeon.ops.extract.module_types`
+    gives them, for a config naming one of :data:`LINEAR_DECODERS`; None for any other. The
+    embeddings are tied where the checkpoint stores no ``lm_head`` (the head is the embedding) or
+    the config says ``tie_word_embeddings``."""
     architecture = (config.get("architectures") or [None])[0]
     if architecture not in LINEAR_DECODERS:
         return None
@@ -37,4 +39,6 @@ def known_module_types(config: Mapping, shapes: Mapping[str, tuple[int, ...]]
             types[key] = "embedding"
         if types[key] == "embedding" or _OUTPUT_EMBEDDING.search(key):
             embeddings.add(key)
-    return types, embeddings, f"read from {architecture} (known layout)"
+    stores_head = any(_OUTPUT_EMBEDDING.search(key) for key in shapes)
+    tied = embeddings if not stores_head or config.get("tie_word_embeddings") is True else set()
+    return types, embeddings, set(tied), f"read from {architecture} (known layout)"

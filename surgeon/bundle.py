@@ -39,14 +39,15 @@ def split_result(adapter: Adapter) -> tuple[Adapter, Adapter]:
     return lora, sparse
 
 
-def write_parts(lora: Adapter, residual: Adapter, staging: Path, output: Path) -> list[str]:
-    """Write ``lora`` as PEFT at ``staging`` and ``residual`` as a sparse diff beside it (or in its
-    place when there is no LoRA part); returns the paths written, as ``output`` names them."""
+def write_parts(lora: Adapter, residual: Adapter, staging: Path, output: Path, base=None) -> list[str]:
+    """Write ``lora`` as PEFT at ``staging`` (named for the ``base`` checkpoint's model class where
+    given) and ``residual`` as a sparse diff beside it (or in its place when there is no LoRA part);
+    returns the paths written, as ``output`` names them."""
     from surgeon.formats import peft, sparse
 
     written = []
     if len(lora):
-        peft.write(lora, staging)
+        peft.write(lora, staging, base=base)
         written.append(str(output))
     if len(residual):
         sparse.write(residual, staging / SPARSE_SUBDIR if len(lora) else staging)
@@ -54,9 +55,10 @@ def write_parts(lora: Adapter, residual: Adapter, staging: Path, output: Path) -
     return written
 
 
-def write_result(adapter: Adapter, staging: Path, output: Path) -> list[str]:
-    """Write a composed adapter split by :func:`split_result`; returns what was written."""
-    written = write_parts(*split_result(adapter), staging, output)
+def write_result(adapter: Adapter, staging: Path, output: Path, base=None) -> list[str]:
+    """Write a composed adapter split by :func:`split_result` (its PEFT part named for the ``base``
+    checkpoint's model class where given); returns what was written."""
+    written = write_parts(*split_result(adapter), staging, output, base=base)
     if not written:
         raise SurgeonError("the result is empty (every module cancelled out or was cut to rank 0); nothing written.")
     return written

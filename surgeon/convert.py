@@ -115,7 +115,8 @@ def _read_back(module, staging: Path, base: Checkpoint | None, source: Adapter) 
                           "resolves; pass --base to have the output checked")
         raise
     # A writer may add a prefix the source had not (diffusers' component): match keys the way merge does.
-    written = bind_to_base(written, base.keys() if base is not None else source.deltas.keys(), "the written adapter")
+    written = bind_to_base(written, base.keys() if base is not None else source.deltas.keys(), "the written adapter",
+                           checkpoint=base)
     return verify_round_trip(source, written), None
 
 
@@ -130,7 +131,7 @@ def convert_adapter(source: Path, target_format: str, output: Path, format_name:
     target = formats.get(target_format)
     adapter = formats.read_adapter(source, format_name, base=base)
     if base is not None:
-        adapter = bind_to_base(adapter, base.keys(), str(source))
+        adapter = bind_to_base(adapter, base.keys(), str(source), checkpoint=base)
         check_shapes(adapter, lambda key: base.info(key).shape, str(source))
         notes = drop_base_copies(adapter, base)
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
@@ -107,6 +107,26 @@ class Delta:
     def new_tokens(self) -> tuple[str, ...]:
         """Vocabulary entries the delta adds (names of the embedding rows it appends), in order."""
         return ()
+
+    def rows(self, start: int, stop: int) -> "Delta":
+        """The delta on rows ``start:stop`` (first axis) alone: how it follows a parameter that
+        transformers splits in rows into several (:mod:`surgeon.model_names`)."""
+        self._must_add("split")
+        return Dense(self.materialize(dtype=self.stored_dtype)[start:stop])
+
+    def placed(self, start: int, total: int) -> "Delta":
+        """This delta as rows ``start:`` of a parameter of ``total`` rows, zero elsewhere: the inverse of
+        :meth:`rows`, for a delta on one of the parameters transformers makes from one checkpoint tensor."""
+        self._must_add("placed into a fused parameter")
+        piece = self.materialize(dtype=self.stored_dtype)
+        whole = piece.new_zeros((total, *piece.shape[1:]))
+        whole[start:start + piece.shape[0]] = piece
+        return Dense(whole)
+
+    def _must_add(self, what: str) -> None:
+        if not self.additive:
+            raise SurgeonError(f"{self.label} cannot be {what} row by row: it is no sum over rows; "
+                               "merge it with transformers and PEFT instead.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,6 +239,17 @@ class LowRank(Delta):
             f"{key!r} has a DoRA update, which rescales each row by its magnitude over the norm of the unmerged "
             "weight; the merged file does not keep that norm, so the base cannot be recovered from it"
         )
+
+    def rows(self, start: int, stop: int) -> Delta:
+        self._must_add("split")
+        # each piece owns its factors: writers store them as tensors of their own
+        return LowRank(self.down.clone(), self.up[start:stop].clone(), self.scale, (stop - start, *self.shape[1:]))
+
+    def placed(self, start: int, total: int) -> Delta:
+        self._must_add("placed into a fused parameter")
+        up = self.up.new_zeros((total, self.rank))
+        up[start:start + self.up.shape[0]] = self.up
+        return LowRank(self.down, up, self.scale, (total, *self.shape[1:]))
 
     @classmethod
     def stack(cls, key: str, deltas: list[LowRank]) -> LowRank:
@@ -356,6 +387,9 @@ class Replace(Delta):
     def remove_(self, weight: torch.Tensor, factor: float) -> torch.Tensor:
         return self.materialize(weight.device, weight.dtype)
 
+    def rows(self, start: int, stop: int) -> Delta:
+        return Replace(self.weight[start:stop])
+
     def unmerge_refusal(self, key: str) -> str | None:
         return (
             f"{key!r} is replaced whole by the adapter (modules_to_save or a trained bias); the merged file does "
@@ -465,6 +499,21 @@ class Adapter:
 
     def __len__(self) -> int:
         return len(self.deltas)
+
+    def renamed(self, rename: Callable[[str], str]) -> "Adapter":
+        """The same adapter with every key passed through ``rename`` (deltas and module types alike)."""
+        return replace(self, deltas={rename(k): v for k, v in self.deltas.items()},
+                       module_types={rename(k): v for k, v in self.module_types.items()})
+
+    def translated(self, parts: Callable[[str, Delta], list[tuple[str, Delta]]]) -> "Adapter":
+        """The same adapter with every (key, delta) replaced by ``parts(key, delta)``: renamed, or cut
+        into several (keys keep their module type)."""
+        result = replace(self, deltas={}, module_types={})
+        for key, deltas in self.deltas.items():
+            for delta in deltas:
+                for new_key, new_delta in parts(key, delta):
+                    result.add(new_key, new_delta, self.module_types.get(key, "linear"))
+        return result
 
     def __iter__(self):
         return iter(self.deltas.items())

@@ -11,13 +11,13 @@ from __future__ import annotations
 import difflib
 import re
 import zlib
-from dataclasses import replace
 from typing import Collection
 
 import torch
 
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
+from surgeon.model_names import model_names
 
 
 def _prefix_shift(missing: list[str], base_keys: Collection[str]) -> tuple[str, str] | None:
@@ -43,33 +43,42 @@ def _prefix_shift(missing: list[str], base_keys: Collection[str]) -> tuple[str, 
     return None
 
 
-def bind_to_base(adapter: Adapter, base_keys: Collection[str], where: str) -> Adapter:
+def bind_to_base(adapter: Adapter, base_keys: Collection[str], where: str, checkpoint=None) -> Adapter:
     """The adapter with every key renamed to the base checkpoint's own, or an error naming the
-    first key that matches nothing and the closest base keys."""
+    first key that matches nothing and the closest base keys. Keys named the way the model class
+    of ``checkpoint`` (a :class:`surgeon.checkpoint.Checkpoint`) names its parameters, as PEFT names
+    them, are translated with transformers' conversion table (:mod:`surgeon.model_names`)."""
     base_keys = set(base_keys)
     missing = [k for k in adapter.deltas if k not in base_keys]
     if not missing:
         return adapter
-    shift = _prefix_shift(missing, base_keys)
+    names = model_names(checkpoint) if checkpoint is not None else None
+    known = base_keys | (names.model_keys if names is not None else set())
+    unknown = [k for k in missing if k not in known]
+    shift = _prefix_shift(unknown, known) if unknown else ("", "")
     if shift is None:
-        key = missing[0]
-        close = difflib.get_close_matches(key, list(base_keys), n=3, cutoff=0.5)
-        hint = f" Closest base keys: {', '.join(close)}." if close else ""
-        if key.endswith("lm_head.weight"):
-            hint += " A base with tied embeddings stores no lm_head; untie it or target the embedding."
-        raise SurgeonError(
-            f"{where}: the adapter targets {key!r}, which the base checkpoint does not have "
-            f"({len(missing)} such keys).{hint}"
-        )
+        raise _unmatched(unknown, base_keys, where)
     remove, add = shift
 
-    def rename(key: str) -> str:
-        return key if key in base_keys else add + key[len(remove):]
+    def parts(key: str, delta) -> list:
+        if key not in known:
+            key = add + key[len(remove):]
+        if names is None or key in base_keys:
+            return [(key, delta)]
+        return names.checkpoint_parts(key, delta, where)
 
-    return replace(
-        adapter,
-        deltas={rename(k): v for k, v in adapter.deltas.items()},
-        module_types={rename(k): v for k, v in adapter.module_types.items()},
+    return adapter.translated(parts)
+
+
+def _unmatched(missing: list[str], base_keys: set[str], where: str) -> SurgeonError:
+    key = missing[0]
+    close = difflib.get_close_matches(key, list(base_keys), n=3, cutoff=0.5)
+    hint = f" Closest base keys: {', '.join(close)}." if close else ""
+    if key.endswith("lm_head.weight"):
+        hint += " A base with tied embeddings stores no lm_head; untie it or target the embedding."
+    return SurgeonError(
+        f"{where}: the adapter targets {key!r}, which the base checkpoint does not have "
+        f"({len(missing)} such keys).{hint}"
     )
 
 

@@ -37,12 +37,12 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("architecture", sorted(architectures.LINEAR_DECODERS))
 def test_known_layout_agrees_with_the_built_model(saved, monkeypatch, architecture):
     checkpoint = Checkpoint(saved[architecture])
-    types, embeddings, source = module_types(checkpoint)
+    types, embeddings, tied, source = module_types(checkpoint)
     assert source == f"read from {architecture} (known layout)"
     monkeypatch.setattr(architectures, "LINEAR_DECODERS", frozenset())
-    built_types, built_embeddings, built_source = module_types(checkpoint)
+    built_types, built_embeddings, built_tied, built_source = module_types(checkpoint)
     assert built_source == f"read from {architecture} (transformers)"
-    assert types == built_types and embeddings == built_embeddings
+    assert types == built_types and embeddings == built_embeddings and tied == built_tied
     assert "embedding" in types.values() and "linear" in types.values()
 
 

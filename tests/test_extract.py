@@ -134,15 +134,20 @@ def test_report_accounts_for_every_changed_tensor(llama_pair, tmp_path):
     base, tuned, _ = llama_pair
     embedded = tmp_path / "tuned"
     tune(tuned, embedded, lambda k: 2, select=lambda k: "embed" in k or "lm_head" in k, seed=3)
-    report = run_cli(base, embedded, "-o", tmp_path / "adapter", "--rank", "4", "--exclude", r"layers\.1\.mlp")
+    report = run_cli(base, embedded, "-o", tmp_path / "adapter", "--rank", "4", "--exclude", r"layers\.1\.mlp",
+                     "--embeddings", "skip", "--skip-changed-1d")
     rows = {r["key"]: r for r in report["modules"]}
     changed = [k for k in Checkpoint(base).keys() if not torch.equal(Checkpoint(base).get(k), Checkpoint(embedded).get(k))]
     assert sorted(rows) == sorted(changed)
     assert rows["model.embed_tokens.weight"]["action"] == "skipped" and "--embeddings" in rows["model.embed_tokens.weight"]["reason"]
     assert rows["lm_head.weight"]["action"] == "skipped"
-    assert "--keep-changed-1d" in rows["model.norm.weight"]["reason"] and rows["model.norm.weight"]["delta_norm"] > 0
+    assert "--skip-changed-1d" in rows["model.norm.weight"]["reason"] and rows["model.norm.weight"]["delta_norm"] > 0
     assert rows["model.layers.1.mlp.up_proj.weight"]["reason"].startswith("excluded")
     assert report["changed"] == report["targets"] + report["replaced"] + report["skipped"]
+    left = {r["key"]: r["delta_norm"] for r in report["left_out"]}  # what is missing, and its share of the change
+    assert sorted(left) == sorted(k for k, r in rows.items() if r["action"] == "skipped")
+    total = sum(r["delta_norm"] ** 2 for r in rows.values())
+    assert report["left_out_share"] == pytest.approx(sum(n**2 for n in left.values()) / total)
 
 
 def test_lora_plus_sparse_closer_by_the_kept_entries(llama_pair, tmp_path):
@@ -300,8 +305,9 @@ def test_reported_only_tensors_do_not_grow_the_workspace():
     old = torch.randn(3000, 64)
     new = old + 0.01
     workspace = extract_module._Workspace(torch.float32, torch.device("cpu"))
-    options = ExtractOptions(rule=RankRule(rank=4))
-    outcome = extract_module._changed_tensor("embed.weight", old, new, "embedding", True, options, workspace, False)
+    options = ExtractOptions(rule=RankRule(rank=4), embeddings="skip")
+    outcome = extract_module._changed_tensor("embed.weight", old, new, "embedding", "embedding", options, workspace,
+                                             False)
     assert outcome.row.action == "skipped" and "embedding" in outcome.row.reason and not outcome.parts
     assert outcome.row.delta_norm == pytest.approx(0.01 * (3000 * 64) ** 0.5, rel=1e-4)
     assert workspace._flat.numel() == 0
@@ -377,7 +383,7 @@ def test_bad_inputs(llama_pair, tmp_path):
     assert "sparse_density" in cli_error(base, tuned, "-o", tmp_path / "x", "--rank", "0")
     only_norms = tmp_path / "norms"
     tune(base, only_norms, lambda k: 1, one_d=0.1, select=lambda k: False)
-    assert "none was extracted" in cli_error(base, only_norms, "-o", tmp_path / "x", "--rank", "4")
+    assert "none was extracted" in cli_error(base, only_norms, "-o", tmp_path / "x", "--rank", "4", "--skip-changed-1d")
 
 
 def test_table_and_plot(llama_pair, tmp_path):

@@ -105,13 +105,14 @@ def compose(adapters, output, weights, method, negate, rank, energy, max_error, 
     from surgeon.ops.compose import read_adapters
     from surgeon.output import atomic_output
 
-    loaded = read_adapters(adapters, format_name, base=Checkpoint(base) if base is not None else None)
+    base_ckpt = Checkpoint(base) if base is not None else None
+    loaded = read_adapters(adapters, format_name, base=base_ckpt)
     inputs = [*adapters, *([base] if base is not None else [])]
     with atomic_output(output, inputs=inputs, force=force) as staging:
         with Progress(len({k for a, _ in loaded for k in a.deltas}), method) as tick:
             result, report = compose_op(loaded, weights or None, options, force=force, on_key=tick)
         result.metadata = provenance()
-        written = write_result(result, staging, output)
+        written = write_result(result, staging, output, base=base_ckpt)
     report.output = " + ".join(written)
     emit(_report_dict(report, written), as_json, f"composed {len(adapters)} adapter(s) by {method}: {_summary(report)}")
 
@@ -180,11 +181,12 @@ def resize(adapter, output, rank, energy, max_error, min_rank, max_rank, base, d
     from surgeon.ops.merge import resolve_device
     from surgeon.output import atomic_output
 
-    ((loaded, _),) = read_adapters([adapter], format_name, base=Checkpoint(base) if base is not None else None)
+    base_ckpt = Checkpoint(base) if base is not None else None
+    ((loaded, _),) = read_adapters([adapter], format_name, base=base_ckpt)
     with atomic_output(output, inputs=[adapter, *([base] if base is not None else [])], force=force) as staging:
         with Progress(len(loaded), "resize") as tick:
             result, report = resize_op(loaded, rule, resolve_device(device), on_key=tick)
         result.metadata = {**loaded.metadata, **provenance()}
-        written = write_result(result, staging, output)
+        written = write_result(result, staging, output, base=base_ckpt)
     report.output = " + ".join(written)
     emit(_report_dict(report, written), as_json, f"resized {adapter}: {_summary(report)}")

@@ -18,9 +18,11 @@ from surgeon.errors import SurgeonError, missing_extra
 @rank_options
 @click.option("--sparse-density", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Also keep this fraction of each residual's largest entries, written to OUTPUT/sparse/.")
-@click.option("--embeddings", type=click.Choice(["skip", "lora", "full"]), default="skip", show_default=True,
-              help="Embeddings and lm_head: leave out (listed in the report), factor like the rest, or keep whole.")
-@click.option("--keep-changed-1d", is_flag=True, help="Keep changed norms and biases as whole replacements (PEFT modules_to_save).")
+@click.option("--embeddings", type=click.Choice(["auto", "skip", "lora", "full"]), default="auto", show_default=True,
+              help="Embeddings and lm_head: factor like the rest (auto: unless tied to the output head, which an "
+                   "adapter cannot carry), leave out (listed in the report), or keep whole.")
+@click.option("--keep-changed-1d/--skip-changed-1d", default=True, show_default=True,
+              help="Keep changed norms and biases as whole replacements (PEFT modules_to_save), or leave them out.")
 @click.option("--include", multiple=True, help="Only base keys matching this regex (repeatable).")
 @click.option("--exclude", multiple=True, help="Leave out base keys matching this regex (repeatable).")
 @click.option("--method", type=click.Choice(["auto", "exact", "gram", "randomized"]), default="auto", show_default=True,
@@ -89,7 +91,7 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
             result = extract_op(base_ckpt, tuned_ckpt, options, on_tensor=tick, keep_spectra=plot_path is not None)
         result.lora.metadata.update(provenance())
         result.sparse.metadata.update(provenance())
-        written = write_parts(result.lora, result.sparse, staging, output)
+        written = write_parts(result.lora, result.sparse, staging, output, base=base_ckpt)
     report = {"base": str(base), "tuned": str(tuned), "output": str(output), "written": written,
               "merge_command": f"surgeon merge {base} {' '.join(written)} -o merged/", **result.report()}
     if report_path is not None:
@@ -170,9 +172,19 @@ def render(report: dict) -> str:
         f"{report['changed']} of {report['tensors']} tensors changed: {report['targets']} extracted (rank {ranks}), "
         f"{report['replaced']} kept whole, {report['skipped']} skipped"
         + (f"; {len(report['one_sided'])} non-float tensors in one checkpoint only left out." if report["one_sided"] else "."),
+        *_left_out_line(report),
         f"relative error: mean {_fmt(report['mean_relative_error'], '.3e')}, max {_fmt(report['max_relative_error'], '.3e')}; "
         f"adapter {report['adapter_bytes'] / 1e6:.2f} MB = {ratio:.1%} of the full delta ({report['full_delta_bytes'] / 1e6:.2f} MB); "
         f"{report['seconds']:.2f}s.",
         f"written: {', '.join(report['written'])}; merge with: {report['merge_command']}",
     ]
     return "\n".join(lines)
+
+
+def _left_out_line(report: dict) -> list[str]:
+    left = report["left_out"]
+    if not left:
+        return []
+    shown = ", ".join(f"{r['key']} ({r['reason']})" for r in left[:3]) + (", ..." if len(left) > 3 else "")
+    share = report["left_out_share"]
+    return [f"left out {len(left)} changed tensors, {share:.2%} of the total squared change: {shown}."]

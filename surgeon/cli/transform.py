@@ -51,8 +51,11 @@ def _run_transform(operation, base: Path, adapters: tuple[Path, ...], output: Pa
 @OUTPUT_OPTION
 @click.option("-w", "--weight", "weights", multiple=True, type=float,
               help="Scale for each adapter, in order (repeat once per adapter; default 1).")
+@click.option("--untie", is_flag=True, help="Where a changed embedding is tied to the output head, keep the head as "
+              "it was (what PEFT computes unmerged) and write it untied, instead of letting it follow the embedding.")
 @_transform_options
-def merge(base, adapters, output, weights, dtype, device, shard_size, format_name, force, allow_nonfinite, as_json) -> None:
+def merge(base, adapters, output, weights, untie, dtype, device, shard_size, format_name, force, allow_nonfinite,
+          as_json) -> None:
     """Merge ADAPTERS into the BASE checkpoint and write a full checkpoint to -o.
 
     Each merged weight is computed in fp32 and cast back to the base's dtype (or --dtype).
@@ -66,7 +69,7 @@ def merge(base, adapters, output, weights, dtype, device, shard_size, format_nam
     from surgeon.ops.merge import merge as merge_op
 
     report = _run_transform(merge_op, base, adapters, output, weights, format_name, dtype, device, shard_size, force,
-                            allow_nonfinite, "BASE")
+                            allow_nonfinite, "BASE", untie=untie)
     emit(asdict(report), as_json, f"merged {len(adapters)} adapter(s) into {report.changed} of {report.tensors} tensors "
          f"in {report.seconds:.2f}s -> {output}" + "".join(f"\nnote: {note}" for note in report.notes))
 

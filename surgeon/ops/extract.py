@@ -4,9 +4,11 @@ Every weight whose delta is non-zero becomes a :class:`LowRank` of the rank its 
 (:class:`RankRule`), optionally followed by a :class:`Sparse` residual holding the largest
 entries of what the low-rank part missed. Keeping the k largest entries of the residual R cuts
 the squared error by exactly the sum of their squares, so the report can say what the sparse
-part buys. Changed tensors that are not targeted (1-D norms and biases, embeddings left out,
-excluded keys, integer buffers) are listed in the report with the norm of their change: nothing
-that differs is dropped without a line saying so.
+part buys. By default the adapter is complete: embeddings and heads are factored too, changed
+1-D norms and biases kept whole (PEFT modules_to_save). What is left out (by choice, an
+embedding tied to the output head, which no adapter carries, excluded keys, integer buffers) is
+listed in the report with the norm of its change and, in total, its share of the squared change:
+nothing that differs is dropped without a line saying so.
 
 On CPU a few worker threads factor one pair each (see :func:`parallelism`); the reading
 thread stays at most one pair ahead of them, so memory holds a delta per worker, not a model
@@ -37,13 +39,14 @@ from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter, Delta, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
 from surgeon.keys import embedding_name, key_generator
+from surgeon.model_names import meta_model, model_names
 from surgeon.pairing import paired_keys
 from surgeon.formats.sparse import index_dtype
 from surgeon.ops.norms import frobenius_norm
 from surgeon.ops.rank import RankRule
 from surgeon.ops.svd import factor_split, truncated_svd
 
-EMBEDDING_CHOICES = ("skip", "lora", "full")
+EMBEDDING_CHOICES = ("auto", "skip", "lora", "full")
 #: Why a key that only one checkpoint holds is left out (see surgeon/pairing.py).
 _ONE_SIDED = "in one checkpoint only, and not a float parameter (a buffer such as position_ids)"
 SPLIT_CHOICES = ("balanced", "up", "down")
@@ -61,8 +64,8 @@ class ExtractOptions:
     split: str = "balanced"
     alpha: float | None = None
     sparse_density: float = 0.0
-    embeddings: str = "skip"
-    keep_changed_1d: bool = False
+    embeddings: str = "auto"  # lora, except an embedding tied to the output head (no adapter can carry it)
+    keep_changed_1d: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     factor_dtype: torch.dtype | None = None
@@ -126,6 +129,8 @@ class Extraction:
         errors = [r.relative_error_with_sparse if r.relative_error_with_sparse is not None else r.relative_error for r in targets]
         ranks = [r.rank for r in targets if r.action == "lora"]
         one_sided = [r.key for r in self.rows if r.reason == _ONE_SIDED]
+        left = [r for r in self.rows if r.action == "skipped" and r.reason != _ONE_SIDED]
+        change = sum(r.delta_norm**2 for r in self.rows if math.isfinite(r.delta_norm))
         return {
             "tensors": self.tensors,
             "unchanged": self.unchanged,
@@ -134,6 +139,10 @@ class Extraction:
             "replaced": sum(r.action == "replace" for r in self.rows),
             "skipped": sum(r.action == "skipped" for r in self.rows) - len(one_sided),
             "one_sided": one_sided,
+            # what the adapter leaves out, and its cost: the share of the total squared change it does not carry
+            "left_out": [{"key": r.key, "reason": r.reason, "delta_norm": r.delta_norm} for r in left],
+            "left_out_share": sum(r.delta_norm**2 for r in left if math.isfinite(r.delta_norm)) / change
+            if change else 0.0,
             "rank": {"min": min(ranks), "max": max(ranks), "mean": sum(ranks) / len(ranks)} if ranks else None,
             "mean_relative_error": sum(errors) / len(errors) if errors else None,
             "max_relative_error": max(errors) if errors else None,
@@ -146,8 +155,8 @@ class Extraction:
         }
 
 
-def module_types(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], str]:
-    """(module type per weight key, keys of input/output embeddings, how it was found).
+def module_types(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], set[str], str]:
+    """(module type per weight key, keys of input/output embeddings, those tied to one another, how it was found).
 
     Architectures whose layout is known (surgeon/architectures.py: Llama, Mistral, Qwen, ...)
     are read off names, without importing transformers. Otherwise the model class named in
@@ -172,33 +181,18 @@ def module_types(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], str]
             types[key] = "linear"
             if re.search(r"(^|\.)lm_head\.", key):
                 embeddings.add(key)
-    return types, embeddings, "guessed from tensor names (no config.json or transformers)"
+    return types, embeddings, set(), "guessed from tensor names (no config.json or transformers)"
 
 
-def _types_from_model(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], str] | None:
-    config = checkpoint.config()
-    architectures = config.get("architectures") or []
-    if not architectures or checkpoint.directory is None:
+def _types_from_model(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str], set[str], str] | None:
+    names = model_names(checkpoint)  # refuses a transformers model's checkpoint without transformers
+    if names is None:
         return None
-    try:
-        import transformers
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    cls = getattr(transformers, architectures[0], None)
-    if cls is None:
-        return None
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # its config warnings are about the model, not this run
-    try:
-        model_config = transformers.AutoConfig.from_pretrained(checkpoint.directory)
-        with torch.device("meta"):
-            model = cls._from_config(model_config)
-    except Exception:  # an architecture this transformers cannot build: fall back to names
-        return None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    kinds = ((torch.nn.Embedding, "embedding"), (Conv1D, "conv1d"), (torch.nn.modules.conv._ConvNd, "conv"), (torch.nn.Linear, "linear"))
+    from transformers.pytorch_utils import Conv1D
+
+    model = meta_model(checkpoint.directory, names.model_class)
+    kinds = ((torch.nn.Embedding, "embedding"), (Conv1D, "conv1d"), (torch.nn.modules.conv._ConvNd, "conv"),
+             (torch.nn.Linear, "linear"))
     by_module = {}
     for name, module in model.named_modules():
         for cls_, kind in kinds:
@@ -209,12 +203,13 @@ def _types_from_model(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str],
     output_names = {n + ".weight" for n, m in model.named_modules() if output is not None and m is output}
     types, embeddings = {}, set()
     for key in checkpoint.keys():
-        match = by_module.get(key) or next((t for name, t in by_module.items() if key.endswith("." + name) or name.endswith("." + key)), None)
+        name = names.first_name(key)
         dims = len(checkpoint.info(key).shape)
-        types[key] = match or ("conv" if dims >= 3 else "linear" if dims == 2 else "other")
-        if types[key] == "embedding" or any(key == n or key.endswith("." + n) or n.endswith("." + key) for n in output_names):
+        types[key] = by_module.get(name) or ("conv" if dims >= 3 else "linear" if dims == 2 else "other")
+        if types[key] == "embedding" or name in output_names:
             embeddings.add(key)
-    return types, embeddings, f"read from {architectures[0]} (transformers)"
+    tied_keys = {key for key in checkpoint.keys() if names.first_name(key) in names.tied}
+    return types, embeddings, tied_keys, f"read from {names.model_class} (transformers)"
 
 
 def _pairs(base: Checkpoint, tuned: Checkpoint, keys: list[str], prefetch: int,
@@ -404,9 +399,24 @@ class _Outcome:
     delta_bytes: int = 0
 
 
-def _changed_tensor(key: str, old: torch.Tensor, new: torch.Tensor, module_type: str, is_embedding: bool, options: ExtractOptions,
-                    workspace: _Workspace, keep_spectra: bool) -> _Outcome:
+_EMBEDDING_LEFT_OUT = {
+    "embedding": "embedding or lm_head, left out by --embeddings skip",
+    "tied": "embedding tied to the output head: PEFT would apply an adapter on it to the input only, so the tuned "
+            "output head would be lost; merge the fine-tune instead, or force it with --embeddings lora or full",
+}
+
+
+def _embedding_mode(embedding: str, options: ExtractOptions) -> str:
+    """skip, lora or full for an embedding: "auto" factors it, unless it is tied to the output head."""
+    if options.embeddings != "auto":
+        return options.embeddings
+    return "skip" if embedding == "tied" else "lora"
+
+
+def _changed_tensor(key: str, old: torch.Tensor, new: torch.Tensor, module_type: str, embedding: str,
+                    options: ExtractOptions, workspace: _Workspace, keep_spectra: bool) -> _Outcome:
     """Everything about one tensor that differs: its delta, its row, and what to extract from it.
+    ``embedding``: "embedding" for an input or output embedding, "tied" for one tied to the other.
     Runs in a worker thread; it touches nothing shared."""
     shape = tuple(old.shape)
     if not (old.is_floating_point() and new.is_floating_point()):
@@ -417,9 +427,9 @@ def _changed_tensor(key: str, old: torch.Tensor, new: torch.Tensor, module_type:
     if not _matches(key, options):
         row.reason = "excluded by --include/--exclude"
     elif len(shape) <= 1:
-        whole = options.keep_changed_1d or "1-D (norm or bias); keep it with --keep-changed-1d"
-    elif is_embedding and options.embeddings != "lora":
-        whole = options.embeddings == "full" or "embedding or lm_head; extract it with --embeddings lora or full"
+        whole = options.keep_changed_1d or "1-D (norm or bias), left out by --skip-changed-1d"
+    elif embedding and _embedding_mode(embedding, options) != "lora":
+        whole = _embedding_mode(embedding, options) == "full" or _EMBEDDING_LEFT_OUT[embedding]
     if row.reason or whole is not None:
         row.delta_norm = workspace.difference_norm(old, new)
         if whole is True:
@@ -478,7 +488,7 @@ def extract(
     ``lora`` as PEFT and ``sparse`` as a sparse diff."""
     started = time.perf_counter()
     keys, one_sided = paired_keys(base, tuned, "extract needs a fine-tune of this very base")
-    types, embeddings, types_source = module_types(base)
+    types, embeddings, tied, types_source = module_types(base)
     lora = Adapter(source_format="extract", base_model=str(base.path))
     sparse = Adapter(source_format="extract", base_model=str(base.path))
     result = Extraction(lora=lora, sparse=sparse)
@@ -492,7 +502,9 @@ def extract(
     def job(key: str, old: torch.Tensor, new: torch.Tensor) -> _Outcome:
         if not hasattr(local, "workspace"):
             local.workspace = _Workspace(options.precision, options.device)
-        return _changed_tensor(key, old, new, types.get(key, "other"), key in embeddings, options, local.workspace, keep_spectra)
+        embedding = "tied" if key in tied else "embedding" if key in embeddings else ""
+        return _changed_tensor(key, old, new, types.get(key, "other"), embedding, options, local.workspace,
+                               keep_spectra)
 
     pending: deque[tuple[str, Future]] = deque()
 

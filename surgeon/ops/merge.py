@@ -22,7 +22,8 @@ import torch
 from surgeon.checkpoint import Checkpoint, StreamingWriter, TensorInfo
 from surgeon.delta import FP32_MAX, Adapter, Delta, all_finite
 from surgeon.errors import SurgeonError
-from surgeon.keys import bind_to_base, check_shapes
+from surgeon.keys import bind_to_base, check_shapes, embedding_name
+from surgeon.model_names import tied_heads
 from surgeon.pairing import paired_keys
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
 from surgeon.quantized import dequantized_dtype
@@ -65,7 +66,7 @@ def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_non
     checked in order, when the output is planned)."""
     bound = []
     for adapter, where in adapters:
-        adapter = bind_to_base(adapter, base.keys(), where)
+        adapter = bind_to_base(adapter, base.keys(), where, checkpoint=base)
         if base_shapes:
             check_shapes(adapter, lambda key: base.info(key).shape, where)
         if not allow_nonfinite:
@@ -91,18 +92,21 @@ def _deltas_by_key(adapters: Sequence[Adapter], weights: Sequence[float]) -> dic
     return plan
 
 
-def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None, config: dict) -> None:
+def _copy_extras(base: Checkpoint, out: Path, dtype: torch.dtype | None, config: dict, untie: bool) -> None:
     """The base's other files, beside the weights; ``config`` is the base's config, read (and so
     checked) before any tensor was written."""
     for path in base.extra_files():
         shutil.copy2(path, out / path.name)
-    if dtype is not None and config:  # always so for a quantized base: it is written dequantized
-        # The copy must describe the weights next to it: their dtype, and no quantization once dequantized.
+    if (dtype is not None or untie) and config:  # dtype is set for a quantized base: it is written dequantized
+        # The copy must describe the weights next to it: their dtype, no quantization once dequantized, untied heads.
         for name in ("torch_dtype", "dtype"):
-            if name in config:
+            if name in config and dtype is not None:
                 config[name] = _CONFIG_DTYPE_NAMES[dtype]
         if base.quantized:
             config.pop("quantization_config", None)
+        for section in (config, config.get("text_config")):
+            if untie and isinstance(section, dict):
+                section["tie_word_embeddings"] = False
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -140,8 +144,11 @@ def transform_checkpoint(
     on_tensor: Callable[[str], None] | None = None,
     metadata: dict[str, str] | None = None,
     allow_nonfinite: bool = False,
+    untied: dict[str, str] | None = None,
 ) -> MergeReport:
     """Write ``base`` with ``plan``'s deltas applied (or removed, with ``undo``) into ``out``.
+    ``untied``: {output head: tied embedding key}: each head is written as its embedding was in
+    ``base``, and config.json says the two are no longer tied.
 
     Float tensors are computed in fp32 on ``device`` and cast to ``dtype`` (default: each tensor's
     own dtype; for a quantized base, the dtype it computes in); tensors without deltas are copied,
@@ -156,8 +163,12 @@ def transform_checkpoint(
     def out_dtype(info: TensorInfo) -> torch.dtype:
         return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
 
-    config = base.config() if dtype is not None else {}
-    specs = list(planned_outputs(base, plan, undo, out_dtype).items())
+    untied = untied or {}
+    config = base.config() if dtype is not None or untied else {}
+    sources = {**{key: key for key in base.keys()}, **untied}  # output key → the base key it is computed from
+    planned = planned_outputs(base, plan, undo, out_dtype)
+    specs = [(key, planned[key] if key in planned else TensorInfo(base.info(source).shape, out_dtype(base.info(source))))
+             for key, source in sources.items()]
     for key in plan:
         if not base.info(key).dtype.is_floating_point:
             raise SurgeonError(f"{base.path}: {key!r} is {base.info(key).dtype}; deltas apply to float weights only.")
@@ -169,7 +180,7 @@ def transform_checkpoint(
     with StreamingWriter(out, specs, shard_size=shard_size, metadata=metadata) as writer, ThreadPoolExecutor(1) as io:
         in_flight: deque[Future] = deque()
         for key, info in specs:
-            tensor = base.get(key)
+            tensor = base.get(sources[key])
             deltas = plan.get(key)
             while len(in_flight) > 1:
                 in_flight.popleft().result()
@@ -189,7 +200,7 @@ def transform_checkpoint(
         for write in in_flight:
             write.result()
         report.files = writer.file_names
-    _copy_extras(base, out, dtype, config)
+    _copy_extras(base, out, dtype, config, bool(untied))
     tokens = [token for deltas in plan.values() for delta, _ in deltas for token in delta.new_tokens]
     if tokens:
         from surgeon.vocabulary import record_tokens
@@ -269,9 +280,12 @@ def merge(
     *,
     weights: Sequence[float] | None = None,
     allow_nonfinite: bool = False,
+    untie: bool = False,
     **options,
 ) -> MergeReport:
-    """Merge adapters into ``base``, in the order given, each scaled by its weight (default 1)."""
+    """Merge adapters into ``base``, in the order given, each scaled by its weight (default 1).
+    ``untie``: where a changed embedding is tied to the output head, write the head as it was
+    (what PEFT computes before merging) instead of letting it follow the embedding."""
     weights = one_weight_each(weights, adapters)
     bound = prepare(adapters, base, allow_nonfinite)
     for adapter, weight, (_, where) in zip(bound, weights, adapters):
@@ -280,7 +294,20 @@ def merge(
             raise SurgeonError(f"{where}: its {' and '.join(kinds)} deltas have no defined meaning at a weight "
                                "other than 1 (DoRA rescales whole rows, appended rows are looked up whole); "
                                "give it weight 1.")
-    return transform_checkpoint(base, _deltas_by_key(bound, weights), out, allow_nonfinite=allow_nonfinite, **options)
+    plan = _deltas_by_key(bound, weights)
+    tied = tied_heads(base, [k for k in plan if embedding_name(k.rpartition(".")[0])])
+    if untie and not tied:
+        raise SurgeonError(f"untie: the adapters change no embedding of {base.path} that is tied to an output head; "
+                           "there is nothing to untie.")
+    untied = {head: key for key, head in tied.items()} if untie else None
+    report = transform_checkpoint(base, plan, out, allow_nonfinite=allow_nonfinite, untied=untied, **options)
+    report.notes += [] if untie else [_tied_note(key, head) for key, head in tied.items()]
+    return report
+
+
+def _tied_note(key: str, head: str) -> str:
+    return (f"{key!r} is tied to the output head {head!r}, so the merged embedding changes the head too (as PEFT's "
+            "merge does; PEFT's unmerged adapter leaves the head as it was); untie to keep the head as it was.")
 
 
 def unmerge(
