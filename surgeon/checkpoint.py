@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,15 @@ class Checkpoint:
         return model_config(self.directory)
 
 
+def _torch_load(file: Path):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:  # pickles older than the zip format cannot be mapped
+        if "mmap" not in str(error):
+            raise
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
 def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
     """A legacy PyTorch pickle, loaded without running any code it may carry.
 
@@ -191,12 +201,9 @@ def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
     safetensors file the mapping lasts as long as the checkpoint, so a .bin input can grow the
     resident set towards its size. Convert large .bin models to safetensors first."""
     try:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:  # pickles older than the zip format cannot be mapped
-            if "mmap" not in str(error):
-                raise
-            state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a pickle protocol before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            state = _torch_load(file)
     except pickle.UnpicklingError as error:
         # torch says "Weights only load failed" both for a pickle that names a global it does not
         # allow (which only full unpickling could load) and for bytes that are no pickle at all.

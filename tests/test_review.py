@@ -36,3 +36,21 @@ def test_force_replaces_its_own_single_file_output_even_without_a_suffix(fixture
     command = ["convert", fixtures_dir / "tiny-llama-lora", "--to", "ort", "-o", out]
     assert run(*command).exit_code == 0
     assert run(*command, "--force").exit_code == 0, run(*command, "--force").output
+
+
+def test_a_plain_pickle_is_refused_in_one_line_without_torch_warnings(tmp_path, recwarn):
+    import pickle
+    import warnings
+
+    warnings.simplefilter("always")
+    path = tmp_path / "weights.bin"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    assert_one_line_error(run("inspect", path), "not a readable PyTorch checkpoint")
+    assert not [str(w.message) for w in recwarn.list if "pickle protocol" in str(w.message)]
+
+
+def test_a_truncated_onnx_runtime_adapter_is_one_line(fixtures_dir, tmp_path):
+    adapter = tmp_path / "adapter.onnx_adapter"
+    assert run("convert", fixtures_dir / "tiny-llama-lora", "--to", "ort", "-o", adapter).exit_code == 0
+    adapter.write_bytes(adapter.read_bytes()[:500])
+    assert_one_line_error(run("inspect", adapter), "not a readable ONNX Runtime adapter")

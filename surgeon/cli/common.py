@@ -38,7 +38,8 @@ def friendly(command):
             return command(*args, **kwargs)
         except SurgeonError as error:
             details = f"\n{error.details}" if verbose_asked() and error.details else ""
-            raise click.ClickException(f"{error}{details}") from None
+            sentence = " ".join(str(error).split())  # one line, whatever a library's message held
+            raise click.ClickException(f"{sentence}{details}") from None
         except OSError as error:
             raise click.ClickException(describe_os_error(error)) from None
 
