@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from surgeon.checkpoint_files import WEIGHT_SUFFIXES
 from surgeon.errors import SurgeonError
 from surgeon.header import header_or_none
 
@@ -27,6 +28,12 @@ def is_checkpoint(path: Path) -> bool:
         return any((path / name).is_file() for name in _CHECKPOINT_FILES)
     entries = header_or_none(path) if path.suffix == ".safetensors" else None
     return bool(entries) and not _looks_like_adapter_keys(entries)
+
+
+def holds_weights(path: Path) -> bool:
+    """Whether ``path`` is, or holds, model weights: a checkpoint's reader should get it, not an adapter's."""
+    weights = path.suffix in WEIGHT_SUFFIXES if path.is_file() else any(path.glob("*.safetensors"))
+    return weights or is_checkpoint(path)
 
 
 def describe(path: Path) -> str:

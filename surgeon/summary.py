@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from surgeon.checkpoint_files import WEIGHT_SUFFIXES, model_config, weight_files
+from surgeon.checkpoint_files import model_config, weight_files
 from surgeon.errors import SurgeonError
 from surgeon.header import read_header
 
@@ -213,13 +213,12 @@ def _adapter_summary(path: Path, found, base: Path | None) -> dict:
 def summarise(path: Path, format_name: str | None = None, base: Path | None = None) -> dict:
     """The summary of an adapter or a checkpoint; one sentence when PATH is neither."""
     from surgeon import formats
-    from surgeon.recognise import describe, is_checkpoint, looked_for
+    from surgeon.recognise import describe, holds_weights, looked_for
 
     found = formats.get(format_name) if format_name else formats.detect(path)
     if found is not None:
         return _adapter_summary(path, found, base)
-    weights = path.suffix in WEIGHT_SUFFIXES if path.is_file() else any(path.glob("*.safetensors"))
-    if not (weights or is_checkpoint(path)):
+    if not holds_weights(path):
         raise SurgeonError(f"{path}: {describe(path)}; neither an adapter nor a checkpoint.", details=looked_for())
     return checkpoint_summary(path)
 

@@ -64,3 +64,14 @@ def test_header_only_inspect_refuses_a_dtype_surgeon_does_not_handle_as_the_read
     save_file({"weight": torch.zeros(3, dtype=getattr(torch, dtype))}, tmp_path / "model.safetensors")
     name = {"uint16": "U16", "complex64": "C64"}[dtype]
     assert_one_line_error(run("inspect", tmp_path / "model.safetensors"), f"has dtype {name}, which surgeon does not handle")
+
+
+def test_compose_does_not_call_a_non_model_file_a_full_checkpoint(fixtures_dir, tmp_path):
+    result = run("compose", fixtures_dir / "tiny-llama-lora", fixtures_dir / "make_fixtures.py",
+                 "--base", fixtures_dir / "tiny-llama", "-o", tmp_path / "out")
+    assert_one_line_error(result, "make_fixtures.py: a .py file", "not an adapter")
+
+
+def test_compose_of_full_fine_tunes_without_base_points_at_base(fixtures_dir, tmp_path):
+    result = run("compose", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama", "-o", tmp_path / "out")
+    assert_one_line_error(result, "tiny-llama: a full model checkpoint", "--base")
