@@ -40,6 +40,7 @@ class Format:
     write_needs_base: bool = False  # names or head counts come from the base's config (GGUF)
     write_uses_base: bool = False  # uses the base where given (mlx-lm counts layers from the last)
     needs_base_to_read: bool = False  # names only the base resolves (kohya, LyCORIS)
+    file_suffix: str | None = None  # what detection needs a written file to be called (by name, not by magic)
 
     @property
     def module(self) -> ModuleType:
@@ -73,13 +74,13 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("diffusers", "diffusers LoRA (pytorch_lora_weights.safetensors, unet./transformer./text_encoder. prefixes)",
            "a .safetensors file (or a directory with pytorch_lora_weights.safetensors) whose keys start with unet., "
            "transformer. or text_encoder. and hold lora_A/lora_B or lora.down/lora.up",
-           layouts.is_diffusers, writable=True, writes_file=True),
+           layouts.is_diffusers, writable=True, writes_file=True, file_suffix=".safetensors"),
     Format("lycoris", "LyCORIS LoHa / LoKr / (IA)³ / full / LoCon (one .safetensors, kohya-style names)",
            "a .safetensors file with kohya-style names and hada_w1_a, lokr_w1(_a), diff, w_norm or on_input parts "
            "(or lycoris_ names)", layouts.is_lycoris, needs_base_to_read=True),
     Format("kohya", "kohya / sd-scripts LoRA (one .safetensors, lora_unet_… / lora_te_… names)",
            "a .safetensors file with <lora_unet_|lora_te_…name>.lora_down.weight, .lora_up.weight and .alpha keys",
-           layouts.is_kohya, writable=True, writes_file=True, needs_base_to_read=True),
+           layouts.is_kohya, writable=True, writes_file=True, needs_base_to_read=True, file_suffix=".safetensors"),
     Format("sparse", "surgeon sparse diff (sparse_config.json + sparse_model.safetensors)",
            "a directory with sparse_config.json (format surgeon-sparse) and sparse_model.safetensors",
            layouts.is_sparse, writable=True),

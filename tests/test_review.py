@@ -75,3 +75,11 @@ def test_compose_does_not_call_a_non_model_file_a_full_checkpoint(fixtures_dir, 
 def test_compose_of_full_fine_tunes_without_base_points_at_base(fixtures_dir, tmp_path):
     result = run("compose", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama", "-o", tmp_path / "out")
     assert_one_line_error(result, "tiny-llama: a full model checkpoint", "--base")
+
+
+@pytest.mark.parametrize("target", ["kohya", "diffusers"])
+def test_convert_refuses_a_file_name_that_surgeon_would_not_recognise(fixtures_dir, tmp_path, target):
+    out = tmp_path / "adapter"
+    result = run("convert", fixtures_dir / "tiny-llama-lora", "--to", target, "-o", out, "--base", fixtures_dir / "tiny-llama")
+    assert_one_line_error(result, ".safetensors", "adapter.safetensors")
+    assert not out.exists()
