@@ -77,3 +77,14 @@ def refuse_swapped(base: Path, adapters: list[Path], base_role: str = "BASE") ->
     for path in adapters:
         if detect(path) is None and is_checkpoint(path):
             raise not_an_adapter(path, f"did you swap {base_role} and ADAPTER?")
+
+
+def refuse_adapter_for_checkpoint(path: Path, role: str) -> None:
+    """Refuse an adapter where a command takes only full checkpoints (extract's BASE and TUNED),
+    pointing at the command that applies it."""
+    from surgeon.formats import detect
+
+    found = detect(path)
+    if found is not None:
+        raise SurgeonError(f"{path}: is a {found.name} adapter, but {role} is a full checkpoint; "
+                           f"to apply the adapter, run surgeon merge BASE {path} -o OUT.")

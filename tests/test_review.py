@@ -83,3 +83,10 @@ def test_convert_refuses_a_file_name_that_surgeon_would_not_recognise(fixtures_d
     result = run("convert", fixtures_dir / "tiny-llama-lora", "--to", target, "-o", out, "--base", fixtures_dir / "tiny-llama")
     assert_one_line_error(result, ".safetensors", "adapter.safetensors")
     assert not out.exists()
+
+
+def test_extract_with_an_adapter_as_base_does_not_ask_about_an_adapter_argument_it_lacks(fixtures_dir, tmp_path):
+    lora, base = fixtures_dir / "tiny-llama-lora", fixtures_dir / "tiny-llama"
+    result = run("extract", lora, base, "--rank", "2", "-o", tmp_path / "e")
+    assert_one_line_error(result, "BASE is a full", "surgeon merge BASE")
+    assert "ADAPTER?" not in result.output

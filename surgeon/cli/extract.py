@@ -68,10 +68,10 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     from surgeon.ops.extract import extract as extract_op
     from surgeon.ops.merge import DTYPES, resolve_device
     from surgeon.output import atomic_output, check_destination
-    from surgeon.recognise import refuse_swapped
+    from surgeon.recognise import refuse_adapter_for_checkpoint
 
-    refuse_swapped(base, [], "BASE")
-    refuse_tuned_adapter(tuned)
+    refuse_adapter_for_checkpoint(base, "BASE")
+    refuse_adapter_for_checkpoint(tuned, "TUNED")
     options = ExtractOptions(
         rule=rule,
         method=method, precision=torch.float64 if precision == "fp64" else torch.float32, split=split, alpha=alpha,
@@ -99,15 +99,6 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
         with atomic_output(plot_path, inputs=inputs, force=force, directory=False) as staged:
             plot_spectra(result, staged, plot_path.suffix[1:] or "png")
     emit(report, as_json, render(report))
-
-
-def refuse_tuned_adapter(tuned: Path) -> None:
-    from surgeon.formats import detect
-
-    found = detect(tuned)
-    if found is not None:
-        raise SurgeonError(f"{tuned}: is a {found.name} adapter, but TUNED is a full fine-tuned checkpoint; "
-                           f"to apply the adapter, run surgeon merge BASE {tuned} -o OUT.")
 
 
 def _require_matplotlib():
