@@ -3,7 +3,8 @@
 - Inputs are never written: a destination that is, holds, or lies inside an input is refused.
 - Nothing is replaced without ``--force``; and ``--force`` replaces only a file of a kind surgeon
   writes (:data:`SURGEON_FILES`, or a GGUF or ONNX Runtime adapter by its magic) or a directory
-  holding nothing but what surgeon writes (:data:`SURGEON_WRITES`). ``-o . --force`` in a project folder is refused, naming what it holds.
+  holding nothing but what surgeon writes (:data:`SURGEON_WRITES`). ``-o . --force`` in a project
+  folder is refused, naming what it holds.
 - One run at a time per destination: a lock file beside it (``.NAME.surgeon-lock``, holding the
   PID, with an advisory ``flock`` the kernel drops when the process dies) turns a second
   concurrent run into an error instead of a silent replacement.
