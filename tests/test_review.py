@@ -90,3 +90,18 @@ def test_extract_with_an_adapter_as_base_does_not_ask_about_an_adapter_argument_
     result = run("extract", lora, base, "--rank", "2", "-o", tmp_path / "e")
     assert_one_line_error(result, "BASE is a full", "surgeon merge BASE")
     assert "ADAPTER?" not in result.output
+
+
+def test_convert_publishes_nothing_when_reading_back_fails_for_a_format_that_needs_no_base(fixtures_dir, tmp_path,
+                                                                                            monkeypatch):
+    import surgeon.formats.ort as ort
+    from surgeon.errors import SurgeonError
+
+    def broken(path, base=None):
+        raise SurgeonError(f"{path}: not a readable ONNX Runtime adapter (a writer bug).")
+
+    monkeypatch.setattr(ort, "read", broken)
+    out = tmp_path / "a.onnx_adapter"
+    result = run("convert", fixtures_dir / "tiny-llama-lora", "--to", "ort", "-o", out)
+    assert_one_line_error(result, "not a readable ONNX Runtime adapter")
+    assert not out.exists()
