@@ -105,3 +105,37 @@ def test_convert_publishes_nothing_when_reading_back_fails_for_a_format_that_nee
     result = run("convert", fixtures_dir / "tiny-llama-lora", "--to", "ort", "-o", out)
     assert_one_line_error(result, "not a readable ONNX Runtime adapter")
     assert not out.exists()
+
+
+def _broken_lora(fixtures_dir: Path, tmp_path: Path, change) -> Path:
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    adapter = Path(shutil.copytree(fixtures_dir / "tiny-llama-lora", tmp_path / "adapter"))
+    tensors, config = load_file(adapter / "adapter_model.safetensors"), json.loads((adapter / "adapter_config.json").read_text())
+    change(tensors, config, torch)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return adapter
+
+
+def _wider_lora_b(tensors, config, torch):
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+
+
+def _dora_magnitude_too_long(tensors, config, torch):
+    for key in [k for k in tensors if "lora_B" in k]:
+        tensors[key.replace("lora_B.weight", "lora_magnitude_vector")] = torch.ones(tensors[key].shape[0] + 1)
+    config["use_dora"] = True
+
+
+@pytest.mark.parametrize("change", [_wider_lora_b, _dora_magnitude_too_long])
+def test_header_only_inspect_refuses_factor_shapes_the_reader_refuses(fixtures_dir, tmp_path, change):
+    adapter = _broken_lora(fixtures_dir, tmp_path, change)
+    header = run("inspect", adapter)
+    full = run("inspect", adapter, "--base", fixtures_dir / "tiny-llama")
+    assert_one_line_error(full, str(adapter), "the file is damaged")
+    assert header.output == full.output
