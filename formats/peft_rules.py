@@ -78,8 +78,8 @@ def factor_rank(file: Path, module: str, a_shape: tuple, b_shape: tuple, magnitu
     lora_B is 1×1, and a DoRA magnitude has one entry per output (lora_B's first axis)."""
     rank = int(a_shape[0])
     if b_shape[1] != rank:
-        raise SurgeonError(f"{file}: {module!r} has factors of shapes {tuple(a_shape)} and {tuple(b_shape)}, whose ranks "
-                           "differ; the file is damaged.")
+        raise SurgeonError(f"{file}: {module!r} has factors of shapes {tuple(a_shape)} and {tuple(b_shape)}, "
+                           "whose ranks differ; the file is damaged.")
     if len(a_shape) > 2 and any(d != 1 for d in b_shape[2:]):
         raise SurgeonError(f"{file}: {module!r} has a convolutional lora_B with a kernel {tuple(b_shape[2:])}; "
                            "only 1×1 is supported.")

@@ -63,7 +63,8 @@ def test_header_only_inspect_refuses_a_dtype_surgeon_does_not_handle_as_the_read
 
     save_file({"weight": torch.zeros(3, dtype=getattr(torch, dtype))}, tmp_path / "model.safetensors")
     name = {"uint16": "U16", "complex64": "C64"}[dtype]
-    assert_one_line_error(run("inspect", tmp_path / "model.safetensors"), f"has dtype {name}, which surgeon does not handle")
+    result = run("inspect", tmp_path / "model.safetensors")
+    assert_one_line_error(result, f"has dtype {name}, which surgeon does not handle")
 
 
 def test_compose_does_not_call_a_non_model_file_a_full_checkpoint(fixtures_dir, tmp_path):
@@ -80,7 +81,8 @@ def test_compose_of_full_fine_tunes_without_base_points_at_base(fixtures_dir, tm
 @pytest.mark.parametrize("target", ["kohya", "diffusers"])
 def test_convert_refuses_a_file_name_that_surgeon_would_not_recognise(fixtures_dir, tmp_path, target):
     out = tmp_path / "adapter"
-    result = run("convert", fixtures_dir / "tiny-llama-lora", "--to", target, "-o", out, "--base", fixtures_dir / "tiny-llama")
+    result = run("convert", fixtures_dir / "tiny-llama-lora", "--to", target, "-o", out,
+                 "--base", fixtures_dir / "tiny-llama")
     assert_one_line_error(result, ".safetensors", "adapter.safetensors")
     assert not out.exists()
 
@@ -95,6 +97,7 @@ def test_extract_with_an_adapter_as_base_does_not_ask_about_an_adapter_argument_
 def test_convert_publishes_nothing_when_reading_back_fails_for_a_format_that_needs_no_base(fixtures_dir, tmp_path,
                                                                                             monkeypatch):
     import surgeon.formats.ort as ort
+
     from surgeon.errors import SurgeonError
 
     def broken(path, base=None):
@@ -114,7 +117,8 @@ def _broken_lora(fixtures_dir: Path, tmp_path: Path, change) -> Path:
     from safetensors.torch import load_file, save_file
 
     adapter = Path(shutil.copytree(fixtures_dir / "tiny-llama-lora", tmp_path / "adapter"))
-    tensors, config = load_file(adapter / "adapter_model.safetensors"), json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
     change(tensors, config, torch)
     save_file(tensors, adapter / "adapter_model.safetensors")
     (adapter / "adapter_config.json").write_text(json.dumps(config))
