@@ -143,3 +143,10 @@ def test_header_only_inspect_refuses_factor_shapes_the_reader_refuses(fixtures_d
     full = run("inspect", adapter, "--base", fixtures_dir / "tiny-llama")
     assert_one_line_error(full, str(adapter), "the file is damaged")
     assert header.output == full.output
+
+
+def test_a_detection_failure_says_where_the_full_rules_are(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    short = run("inspect", tmp_path / "notes.txt")
+    assert_one_line_error(short, "surgeon --verbose")
+    assert "What each format looks like" in run("--verbose", "inspect", tmp_path / "notes.txt").output

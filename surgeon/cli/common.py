@@ -37,7 +37,8 @@ def friendly(command):
         try:
             return command(*args, **kwargs)
         except SurgeonError as error:
-            details = f"\n{error.details}" if verbose_asked() and error.details else ""
+            details = "" if not error.details else f"\n{error.details}" if verbose_asked() else \
+                " (surgeon --verbose COMMAND ... says more)"
             sentence = " ".join(str(error).split())  # one line, whatever a library's message held
             raise click.ClickException(f"{sentence}{details}") from None
         except OSError as error:
