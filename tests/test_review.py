@@ -150,3 +150,8 @@ def test_a_detection_failure_says_where_the_full_rules_are(tmp_path):
     short = run("inspect", tmp_path / "notes.txt")
     assert_one_line_error(short, "surgeon --verbose")
     assert "What each format looks like" in run("--verbose", "inspect", tmp_path / "notes.txt").output
+
+
+@pytest.mark.parametrize("command", ["inspect", "resize"])
+def test_base_help_names_gguf_which_cannot_be_read_without_it(command):
+    assert "GGUF" in " ".join(run(command, "--help").output.split())

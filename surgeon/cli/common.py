@@ -127,7 +127,7 @@ OUTPUT_OPTION = click.option("-o", "--output", required=True, type=click.Path(pa
                              help="Output directory; written atomically.")
 BASE_FOR_NAMES_OPTION = click.option(
     "--base", "base", type=INPUT, default=None,
-    help="The base checkpoint, for adapters whose names only it resolves (kohya, LyCORIS) or whose writer needs it.")
+    help="The base checkpoint, for adapters only it resolves (kohya, LyCORIS, GGUF) or whose writer needs it.")
 
 
 def dtype_option(help_text: str):
