@@ -14,6 +14,7 @@ from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
+from surgeon.ops.merge import refuse_nonfinite
 from surgeon.output import atomic_output
 
 # Round-off allowed between the source's ΔW and the written one's, relative to the largest |ΔW|,
@@ -132,6 +133,7 @@ def convert_adapter(source: Path, target_format: str, output: Path, format_name:
                            f"is it recognised; give a name such as {output.with_suffix(target.file_suffix).name}.")
     base = Checkpoint(base_path) if base_path is not None else None
     adapter = formats.read_adapter(source, format_name, base=base)
+    refuse_nonfinite(adapter, str(source))
     if base is not None:
         adapter = bind_to_base(adapter, base.keys(), str(source))
         check_shapes(adapter, lambda key: base.info(key).shape, str(source))

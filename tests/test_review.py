@@ -143,3 +143,20 @@ def test_a_detection_failure_says_where_the_full_rules_are(tmp_path):
 @pytest.mark.parametrize("command", ["inspect", "resize"])
 def test_base_help_names_gguf_which_cannot_be_read_without_it(command):
     assert "GGUF" in " ".join(run(command, "--help").output.split())
+
+
+def _nan_in_lora_b(tensors, config, torch):
+    tensors[next(k for k in tensors if "lora_B" in k)][0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("command", [
+    ["resize", "--rank", "2"],
+    ["compose"],
+    ["compose", "--method", "svd", "--rank", "2"],
+    ["convert", "--to", "mlx"],
+])
+def test_commands_without_allow_nonfinite_refuse_a_nan_adapter(fixtures_dir, tmp_path, command):
+    adapter = _broken_lora(fixtures_dir, tmp_path, _nan_in_lora_b)
+    result = run(command[0], adapter, *command[1:], "-o", tmp_path / "out")
+    assert_one_line_error(result, "holds NaN or Inf")
+    assert not (tmp_path / "out").exists()
