@@ -160,3 +160,18 @@ def test_commands_without_allow_nonfinite_refuse_a_nan_adapter(fixtures_dir, tmp
     result = run(command[0], adapter, *command[1:], "-o", tmp_path / "out")
     assert_one_line_error(result, "holds NaN or Inf")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def tuned(fixtures_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tuned") / "merged"
+    assert run("merge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-o", out).exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("files", [["--plot", "spectra.xyz"], ["--report", "same.json", "--plot", "same.json"]])
+def test_extract_refuses_a_plot_it_cannot_write_before_any_work(fixtures_dir, tuned, tmp_path, monkeypatch, files):
+    monkeypatch.chdir(tmp_path)
+    result = run("extract", fixtures_dir / "tiny-llama", tuned, "--rank", "2", "-o", "adapter", *files)
+    assert_one_line_error(result, files[-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

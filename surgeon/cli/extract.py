@@ -79,7 +79,7 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
         factor_dtype=DTYPES.get(dtype), device=resolve_device(device),
     )
     if plot_path is not None:
-        _require_matplotlib()
+        _check_plot(plot_path, report_path)
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
     inputs = [Path(base), Path(tuned)]
     for path in filter(None, (report_path, plot_path)):  # refused now, not after the work
@@ -101,11 +101,17 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     emit(report, as_json, render(report))
 
 
-def _require_matplotlib():
+def _check_plot(plot_path: Path, report_path: Path | None) -> None:
+    """Refuse, before any work, a plot that could not be written: no matplotlib, a file type it
+    does not draw, or the report's own file."""
     try:
-        import matplotlib  # noqa: F401
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise SurgeonError(missing_extra("plot", ["matplotlib"], "--plot")) from None
+    if plot_path.suffix[1:] and plot_path.suffix[1:] not in FigureCanvasBase.get_supported_filetypes():
+        raise SurgeonError(f"{plot_path}: matplotlib draws no {plot_path.suffix} files; name the plot .png, .svg or .pdf.")
+    if report_path is not None and plot_path.resolve() == report_path.resolve():
+        raise SurgeonError(f"{plot_path}: named by both --report and --plot; give each its own file.")
 
 
 def plot_spectra(result, path: Path, image_format: str = "png") -> None:
