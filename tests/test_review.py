@@ -175,3 +175,12 @@ def test_extract_refuses_a_plot_it_cannot_write_before_any_work(fixtures_dir, tu
     result = run("extract", fixtures_dir / "tiny-llama", tuned, "--rank", "2", "-o", "adapter", *files)
     assert_one_line_error(result, files[-1])
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", [".", "sub"])
+def test_unmerge_never_writes_over_or_into_its_check_base(fixtures_dir, tuned, tmp_path, where):
+    check = Path(shutil.copytree(fixtures_dir / "tiny-llama", tmp_path / "base"))
+    before = (check / "model.safetensors").read_bytes()
+    result = run("unmerge", tuned, fixtures_dir / "tiny-llama-lora", "-o", check / where, "--check", check, "--force")
+    assert_one_line_error(result, "the input")
+    assert (check / "model.safetensors").read_bytes() == before and not (check / "sub").exists()

@@ -23,7 +23,7 @@ def _transform_options(command):
 
 
 def _run_transform(operation, base: Path, adapters: tuple[Path, ...], output: Path, weights, format_name, dtype, device,
-                   shard_size, force, allow_nonfinite, base_role: str):
+                   shard_size, force, allow_nonfinite, base_role: str, also_read: tuple[Path, ...] = ()):
     from surgeon.checkpoint import Checkpoint, parse_size
     from surgeon.ops.merge import DTYPES, resolve_device
     from surgeon.output import atomic_output
@@ -34,7 +34,7 @@ def _run_transform(operation, base: Path, adapters: tuple[Path, ...], output: Pa
     checkpoint = Checkpoint(base)
     loaded = [(read_adapter_arg(a, format_name, base=checkpoint), str(a)) for a in adapters]
     device_obj = resolve_device(device)
-    with atomic_output(output, inputs=[base, *adapters], force=force) as staging:
+    with atomic_output(output, inputs=[base, *adapters, *also_read], force=force) as staging:
         with Progress(len(checkpoint), operation.__name__) as tick:
             report = operation(
                 checkpoint, loaded, staging, weights=list(weights) or None, allow_nonfinite=allow_nonfinite,
@@ -116,7 +116,7 @@ def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_
     if check_base:  # refused before anything is written, so a failed --check leaves no output
         check_comparable(Checkpoint(merged), Checkpoint(check_base))
     report = asdict(_run_transform(unmerge_op, merged, adapters, output, weights, format_name, dtype, device, shard_size,
-                                   force, allow_nonfinite, "MERGED"))
+                                   force, allow_nonfinite, "MERGED", also_read=(check_base,) if check_base else ()))
     text = (f"unmerged {len(adapters)} adapter(s) from {report['changed']} of {report['tensors']} tensors "
             f"in {report['seconds']:.2f}s -> {output}")
     if check_base:
