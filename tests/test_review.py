@@ -184,3 +184,13 @@ def test_unmerge_never_writes_over_or_into_its_check_base(fixtures_dir, tuned, t
     result = run("unmerge", tuned, fixtures_dir / "tiny-llama-lora", "-o", check / where, "--check", check, "--force")
     assert_one_line_error(result, "the input")
     assert (check / "model.safetensors").read_bytes() == before and not (check / "sub").exists()
+
+
+def test_pull_never_writes_into_the_hub_cache_it_reads(tmp_path):
+    from test_hub import FIXTURES, folder_files, hub_env, surgeon, write_cache
+
+    write_cache(tmp_path / "hf-home" / "hub", "org/lora", folder_files(FIXTURES / "tiny-llama-lora"), "b" * 40)
+    snapshot = tmp_path / "hf-home" / "hub" / "models--org--lora" / "snapshots" / ("b" * 40)
+    done = surgeon(hub_env(tmp_path, HF_HUB_OFFLINE="1"), "pull", "hf://org/lora", "-o", str(snapshot / "copy"))
+    assert done.returncode == 1 and "inside the input" in done.stderr, done.stderr
+    assert not (snapshot / "copy").exists()
