@@ -245,6 +245,10 @@ def claimed(dest: str | Path, *, inputs: Iterable[Path] = (), force: bool = Fals
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
+        blocking = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise SurgeonError(f"{blocking}: is a file, not a folder, so {dest} cannot be written inside it; "
+                               "choose another output path.") from None
         raise SurgeonError(f"{dest.parent}: cannot create the output's folder ({error.strerror}).") from None
     with _locked(dest):
         _clear_stale(dest)

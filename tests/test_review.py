@@ -194,3 +194,17 @@ def test_pull_never_writes_into_the_hub_cache_it_reads(tmp_path):
     done = surgeon(hub_env(tmp_path, HF_HUB_OFFLINE="1"), "pull", "hf://org/lora", "-o", str(snapshot / "copy"))
     assert done.returncode == 1 and "inside the input" in done.stderr, done.stderr
     assert not (snapshot / "copy").exists()
+
+
+def test_an_output_under_a_file_says_the_file_is_no_folder(fixtures_dir, tmp_path):
+    (tmp_path / "notes").write_text("mine")
+    result = run("merge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-o", tmp_path / "notes" / "out")
+    assert_one_line_error(result, f"{tmp_path / 'notes'}: is a file, not a folder")
+
+
+def test_extract_writes_nothing_when_its_report_cannot_be_written(fixtures_dir, tuned, tmp_path):
+    (tmp_path / "notes").write_text("mine")
+    result = run("extract", fixtures_dir / "tiny-llama", tuned, "--rank", "2", "-o", tmp_path / "adapter",
+                 "--report", tmp_path / "notes" / "report.json")
+    assert_one_line_error(result, "notes")
+    assert not (tmp_path / "adapter").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
@@ -67,7 +68,7 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     from surgeon.ops.extract import ExtractOptions
     from surgeon.ops.extract import extract as extract_op
     from surgeon.ops.merge import DTYPES, resolve_device
-    from surgeon.output import atomic_output, check_destination
+    from surgeon.output import atomic_output, claimed
     from surgeon.recognise import refuse_adapter_for_checkpoint
 
     refuse_adapter_for_checkpoint(base, "BASE")
@@ -82,22 +83,23 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
         _check_plot(plot_path, report_path)
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
     inputs = [Path(base), Path(tuned)]
-    for path in filter(None, (report_path, plot_path)):  # refused now, not after the work
-        check_destination(path, [*inputs, output], force, directory=False)
-    with atomic_output(output, inputs=inputs, force=force) as staging:
-        with Progress(len(base_ckpt), "extract") as tick:
-            result = extract_op(base_ckpt, tuned_ckpt, options, on_tensor=tick, keep_spectra=plot_path is not None)
-        result.lora.metadata.update(provenance())
-        result.sparse.metadata.update(provenance())
-        written = write_parts(result.lora, result.sparse, staging, output)
-    report = {"base": str(base), "tuned": str(tuned), "output": str(output), "written": written,
-              "merge_command": f"surgeon merge {base} {' '.join(written)} -o merged/", **result.report()}
-    if report_path is not None:
-        with atomic_output(report_path, inputs=inputs, force=force, directory=False) as staged:
-            staged.write_text(json.dumps(report, indent=2) + "\n")
-    if plot_path is not None:
-        with atomic_output(plot_path, inputs=inputs, force=force, directory=False) as staged:
-            plot_spectra(result, staged, plot_path.suffix[1:] or "png")
+    with ExitStack() as held:  # the report and plot are claimed (checked, locked) now, not after the work
+        for path in filter(None, (report_path, plot_path)):
+            held.enter_context(claimed(path, inputs=[*inputs, output], force=force, directory=False))
+        with atomic_output(output, inputs=inputs, force=force) as staging:
+            with Progress(len(base_ckpt), "extract") as tick:
+                result = extract_op(base_ckpt, tuned_ckpt, options, on_tensor=tick, keep_spectra=plot_path is not None)
+            result.lora.metadata.update(provenance())
+            result.sparse.metadata.update(provenance())
+            written = write_parts(result.lora, result.sparse, staging, output)
+        report = {"base": str(base), "tuned": str(tuned), "output": str(output), "written": written,
+                  "merge_command": f"surgeon merge {base} {' '.join(written)} -o merged/", **result.report()}
+        if report_path is not None:
+            with atomic_output(report_path, inputs=inputs, force=force, directory=False) as staged:
+                staged.write_text(json.dumps(report, indent=2) + "\n")
+        if plot_path is not None:
+            with atomic_output(plot_path, inputs=inputs, force=force, directory=False) as staged:
+                plot_spectra(result, staged, plot_path.suffix[1:] or "png")
     emit(report, as_json, render(report))
 
 
