@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from surgeon.delta import Adapter
 
 
+#: Suffixes that name a file; an output that is a directory must not carry one.
+FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".onnx_adapter", ".json", ".npz")
+
+
 @dataclass(frozen=True)
 class Format:
     """One adapter format: its name, how to recognise it, and what its writer needs."""
@@ -41,6 +45,17 @@ class Format:
     write_uses_base: bool = False  # uses the base where given (mlx-lm counts layers from the last)
     needs_base_to_read: bool = False  # names only the base resolves (kohya, LyCORIS)
     file_suffix: str | None = None  # what detection needs a written file to be called (by name, not by magic)
+
+    def check_output(self, output: Path) -> None:
+        """Refuse an output name this format cannot be written to, or not recognised by after:
+        a file's suffix for a directory format, and a suffix detection needs for a file format."""
+        output = Path(output)
+        if not self.writes_file and output.suffix in FILE_SUFFIXES:
+            raise SurgeonError(f"{output} names a {output.suffix} file, but a {self.name} adapter is a directory; "
+                               f"give a folder such as {output.with_suffix('')}/.")
+        if self.file_suffix and output.suffix != self.file_suffix:
+            raise SurgeonError(f"{output}: a {self.name} adapter is a {self.file_suffix} file, and only by that name "
+                               f"is it recognised; give a name such as {output.with_suffix(self.file_suffix).name}.")
 
     @property
     def module(self) -> ModuleType:

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from surgeon.checkpoint_files import SAFETENSORS_INDEX, WEIGHT_SUFFIXES, model_config
+from surgeon.checkpoint_files import SAFETENSORS_INDEX, WEIGHT_SUFFIXES, model_config, parse_size  # noqa: F401
 from surgeon.checkpoint_files import weight_files as _weight_files
 from surgeon.errors import SurgeonError
 
@@ -40,23 +40,6 @@ _DTYPE_NAMES = {
     torch.float8_e5m2: "F8_E5M2",
 }
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count, as bytes (decimal units, as transformers uses)."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    raw = text.strip().upper()
-    number = raw.rstrip("KMGTIB")
-    unit = raw[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or not math.isfinite(value) or value <= 0:
-        raise SurgeonError(f"cannot read the size {text!r}; write it like 5GB, 500MB or 2GiB.")
-    return int(value * units[unit])
 
 
 # What a corrupt file makes the safetensors library (and torch, decoding its buffers) raise.

@@ -127,10 +127,7 @@ def convert_adapter(source: Path, target_format: str, output: Path, format_name:
 
     started = time.perf_counter()
     target = formats.get(target_format)
-    output = Path(output)
-    if target.file_suffix and output.suffix != target.file_suffix:
-        raise SurgeonError(f"{output}: a {target_format} adapter is a {target.file_suffix} file, and only by that name "
-                           f"is it recognised; give a name such as {output.with_suffix(target.file_suffix).name}.")
+    target.check_output(output)
     base = Checkpoint(base_path) if base_path is not None else None
     adapter = formats.read_adapter(source, format_name, base=base)
     refuse_nonfinite(adapter, str(source))

@@ -208,3 +208,17 @@ def test_extract_writes_nothing_when_its_report_cannot_be_written(fixtures_dir, 
                  "--report", tmp_path / "notes" / "report.json")
     assert_one_line_error(result, "notes")
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["merge", "fixtures/tiny-llama-lora", "fixtures/tiny-llama", "-o", "x"],  # swapped BASE and ADAPTER
+    ["unmerge", "fixtures/tiny-llama", "fixtures/tiny-llama", "-o", "x"],  # a checkpoint as ADAPTER
+    ["extract", "fixtures/tiny-llama", "fixtures/tiny-llama-lora", "--rank", "2", "-o", "x"],  # an adapter as TUNED
+    ["merge", "fixtures/tiny-llama", "fixtures/tiny-llama-lora", "-o", "x", "--shard-size", "0"],
+    ["convert", "fixtures/tiny-llama-lora", "--to", "kohya", "-o", "x"],  # a name kohya files are not known by
+])
+def test_argument_and_detection_errors_import_no_torch(args):
+    from test_fast_cli import run_fresh
+
+    found = run_fresh(*args)
+    assert found["code"] == 1 and found["heavy"] == [], found

@@ -16,11 +16,9 @@ import click
 
 from surgeon import __version__
 from surgeon.errors import SurgeonError, describe_os_error
-from surgeon.formats import FORMATS
+from surgeon.formats import FILE_SUFFIXES, FORMATS
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
-#: Suffixes that name a file; an output that is a directory must not carry one.
-FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".onnx_adapter", ".json", ".npz")
 
 
 def verbose_asked() -> bool:

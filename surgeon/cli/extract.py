@@ -60,6 +60,10 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
       surgeon merge base/ adapter/ adapter/sparse -o merged/     # LoRA, then the residual
       surgeon extract base/ tuned/ -o diff/ --rank 0 --sparse-density 0.01
     """
+    from surgeon.recognise import refuse_adapter_for_checkpoint
+
+    refuse_adapter_for_checkpoint(base, "BASE")  # before torch is imported: these answer at once
+    refuse_adapter_for_checkpoint(tuned, "TUNED")
     rule = rank_rule(rank, energy, max_error, min_rank, max_rank, required=True)
     import torch
 
@@ -69,10 +73,7 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     from surgeon.ops.extract import extract as extract_op
     from surgeon.ops.merge import DTYPES, resolve_device
     from surgeon.output import atomic_output, claimed
-    from surgeon.recognise import refuse_adapter_for_checkpoint
 
-    refuse_adapter_for_checkpoint(base, "BASE")
-    refuse_adapter_for_checkpoint(tuned, "TUNED")
     options = ExtractOptions(
         rule=rule,
         method=method, precision=torch.float64 if precision == "fp64" else torch.float32, split=split, alpha=alpha,
