@@ -85,7 +85,8 @@ def parse_size(text: str | int) -> int:
     """'5GB', '500MB', '2GiB' or a byte count, as bytes (decimal units, as transformers uses)."""
     if isinstance(text, int):
         return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     raw = text.strip().upper()
     number = raw.rstrip("KMGTIB")
     unit = raw[len(number):]

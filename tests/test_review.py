@@ -198,7 +198,8 @@ def test_pull_never_writes_into_the_hub_cache_it_reads(tmp_path):
 
 def test_an_output_under_a_file_says_the_file_is_no_folder(fixtures_dir, tmp_path):
     (tmp_path / "notes").write_text("mine")
-    result = run("merge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-o", tmp_path / "notes" / "out")
+    out = tmp_path / "notes" / "out"
+    result = run("merge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-o", out)
     assert_one_line_error(result, f"{tmp_path / 'notes'}: is a file, not a folder")
 
 
