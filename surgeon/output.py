@@ -47,7 +47,8 @@ SURGEON_WRITES = (
 )
 # What a single-file output (convert's file formats, --report, --plot, export-onnx) may replace
 # with --force: the same, plus reports, plots and ONNX graphs. A notes.txt or a script is not.
-SURGEON_FILES = (*SURGEON_WRITES, "*.json", "*.onnx", "*.onnx.unverified", "*.png", "*.svg", "*.pdf")
+SURGEON_FILES = (*SURGEON_WRITES, "*.json", "*.onnx", "*.onnx.unverified",
+                 *(f"*.{image}" for image in ("png", "svg", "svgz", "pdf", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp")))
 NAME_MAX = 255  # bytes in one path component on every common filesystem
 # Room that staging names add to the output's name: ".NAME.surgeon-<pid>-old-<8 random>".
 _ADDED = len(".") + len(".surgeon-") + 10 + len("-old-") + 8
