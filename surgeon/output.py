@@ -248,7 +248,7 @@ def claimed(dest: str | Path, *, inputs: Iterable[Path] = (), force: bool = Fals
     except OSError as error:
         blocking = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
-            raise SurgeonError(f"{blocking}: is a file, not a folder, so {dest} cannot be written inside it; "
+            raise SurgeonError(f"{dest.parent}: cannot create the output's folder: {blocking} is a file, not a folder; "
                                "choose another output path.") from None
         raise SurgeonError(f"{dest.parent}: cannot create the output's folder ({error.strerror}).") from None
     with _locked(dest):

@@ -200,7 +200,7 @@ def test_an_output_under_a_file_says_the_file_is_no_folder(fixtures_dir, tmp_pat
     (tmp_path / "notes").write_text("mine")
     out = tmp_path / "notes" / "out"
     result = run("merge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-o", out)
-    assert_one_line_error(result, f"{tmp_path / 'notes'}: is a file, not a folder")
+    assert_one_line_error(result, f"{tmp_path / 'notes'} is a file, not a folder")
 
 
 def test_extract_writes_nothing_when_its_report_cannot_be_written(fixtures_dir, tuned, tmp_path):
