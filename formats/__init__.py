@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from surgeon.delta import Adapter
 
 
+#: Suffixes that name a file; an output that is a directory must not carry one.
+FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".onnx_adapter", ".json", ".npz")
+
+
 @dataclass(frozen=True)
 class Format:
     """One adapter format: its name, how to recognise it, and what its writer needs."""
@@ -40,6 +44,18 @@ class Format:
     write_needs_base: bool = False  # names or head counts come from the base's config (GGUF)
     write_uses_base: bool = False  # uses the base where given (mlx-lm counts layers from the last)
     needs_base_to_read: bool = False  # names only the base resolves (kohya, LyCORIS)
+    file_suffix: str | None = None  # what detection needs a written file to be called (by name, not by magic)
+
+    def check_output(self, output: Path) -> None:
+        """Refuse an output name this format cannot be written to, or not recognised by after:
+        a file's suffix for a directory format, and a suffix detection needs for a file format."""
+        output = Path(output)
+        if not self.writes_file and output.suffix in FILE_SUFFIXES:
+            raise SurgeonError(f"{output} names a {output.suffix} file, but a {self.name} adapter is a directory; "
+                               f"give a folder such as {output.with_suffix('')}/.")
+        if self.file_suffix and output.suffix != self.file_suffix:
+            raise SurgeonError(f"{output}: a {self.name} adapter is a {self.file_suffix} file, and only by that name "
+                               f"is it recognised; give a name such as {output.with_suffix(self.file_suffix).name}.")
 
     @property
     def module(self) -> ModuleType:
@@ -74,13 +90,13 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("diffusers", "diffusers LoRA (pytorch_lora_weights.safetensors, unet./transformer./text_encoder. prefixes)",
            "a .safetensors file (or a directory with pytorch_lora_weights.safetensors) whose keys start with unet., "
            "transformer. or text_encoder. and hold lora_A/lora_B or lora.down/lora.up",
-           layouts.is_diffusers, writable=True, writes_file=True),
+           layouts.is_diffusers, writable=True, writes_file=True, file_suffix=".safetensors"),
     Format("lycoris", "LyCORIS LoHa / LoKr / (IA)³ / full / LoCon (one .safetensors, kohya-style names)",
            "a .safetensors file with kohya-style names and hada_w1_a, lokr_w1(_a), diff, w_norm or on_input parts "
            "(or lycoris_ names)", layouts.is_lycoris, needs_base_to_read=True),
     Format("kohya", "kohya / sd-scripts LoRA (one .safetensors, lora_unet_… / lora_te_… names)",
            "a .safetensors file with <lora_unet_|lora_te_…name>.lora_down.weight, .lora_up.weight and .alpha keys",
-           layouts.is_kohya, writable=True, writes_file=True, needs_base_to_read=True),
+           layouts.is_kohya, writable=True, writes_file=True, needs_base_to_read=True, file_suffix=".safetensors"),
     Format("adapterhub", "AdapterHub / adapters library (adapter_config.json + adapter.safetensors or "
            "pytorch_adapter.bin): inspected, not merged", "a directory with adapter_config.json and "
            "adapter.safetensors or pytorch_adapter.bin", layouts.is_adapterhub),

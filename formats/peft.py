@@ -29,7 +29,7 @@ from surgeon.formats.layouts import PEFT_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import PEFT_WEIGHTS as WEIGHT_FILES
 from surgeon.formats.lora_only import pick_targets, refusal
 from surgeon.formats.peft_rules import LORA_KEY as _LORA_KEY
-from surgeon.formats.peft_rules import PREFIX, check_modules_match, module_rank_alpha, scale_of, targeted
+from surgeon.formats.peft_rules import PREFIX, check_modules_match, factor_rank, module_rank_alpha, scale_of, targeted
 from surgeon.formats.peft_rules import UNSUPPORTED as _UNSUPPORTED
 from surgeon.model_names import check_modules, named_for_peft
 
@@ -113,23 +113,18 @@ def read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslora
     b = parts.get("lora_embedding_B" if embedding else "lora_B")
     if a is None or b is None:
         raise SurgeonError(f"{file}: module {module!r} has only one of its LoRA factors; the file is incomplete.")
-    rank = int(a.shape[0])
-    if b.shape[1] != rank:
-        raise SurgeonError(f"{file}: {module!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, whose ranks "
-                           "differ; the file is damaged.")
+    magnitude = parts.get("lora_magnitude_vector")
+    rank = factor_rank(file, module, a.shape, b.shape, None if magnitude is None else magnitude.shape)
     configured_rank, alpha = module_rank_alpha(config, module)
     if configured_rank != rank:
         raise SurgeonError(
             f"{file}: {module!r} has rank {rank} in its tensors but {configured_rank} in {CONFIG_FILE}; the config does not belong to these weights."
         )
     scale = scale_of(alpha, rank, rslora)
-    magnitude = parts.get("lora_magnitude_vector")
     if embedding:
         module_type, up, down, shape, axis = "embedding", a.T, b.T, (a.shape[1], b.shape[0]), 1
     elif a.dim() > 2:
         module_type, axis = "conv", 0
-        if any(d != 1 for d in b.shape[2:]):
-            raise SurgeonError(f"{file}: {module!r} has a convolutional lora_B with a kernel {tuple(b.shape[2:])}; only 1×1 is supported.")
         up, down, shape = b.reshape(b.shape[0], rank), a.reshape(rank, -1), (b.shape[0], *a.shape[1:])
     elif fan_in_fan_out:
         module_type, up, down, shape, axis = "conv1d", a.T, b.T, (a.shape[1], b.shape[0]), 1

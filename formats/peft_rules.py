@@ -70,3 +70,20 @@ def check_modules_match(config: dict, modules: dict[str, dict], where: Path) -> 
         has = "has" if not dora else "lacks"
         raise SurgeonError(f"{where}: use_dora is {str(dora).lower()} but {wrong!r} {has} a lora_magnitude_vector; "
                            "the config does not belong to these weights.")
+
+
+def factor_rank(file: Path, module: str, a_shape: tuple, b_shape: tuple, magnitude_shape: tuple | None = None) -> int:
+    """The rank of one module's LoRA factors, checked from their shapes alone (the reader and
+    header-only ``inspect`` both ask here): lora_B's second axis is the rank too, a convolutional
+    lora_B is 1×1, and a DoRA magnitude has one entry per output (lora_B's first axis)."""
+    rank = int(a_shape[0])
+    if b_shape[1] != rank:
+        raise SurgeonError(f"{file}: {module!r} has factors of shapes {tuple(a_shape)} and {tuple(b_shape)}, "
+                           "whose ranks differ; the file is damaged.")
+    if len(a_shape) > 2 and any(d != 1 for d in b_shape[2:]):
+        raise SurgeonError(f"{file}: {module!r} has a convolutional lora_B with a kernel {tuple(b_shape[2:])}; "
+                           "only 1×1 is supported.")
+    if magnitude_shape is not None and math.prod(magnitude_shape) != b_shape[0]:
+        raise SurgeonError(f"{file}: in {module!r}, the DoRA magnitude has shape {tuple(magnitude_shape)}, but lora_B "
+                           f"has {b_shape[0]} outputs; the file is damaged.")
+    return rank

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from surgeon.checkpoint_files import SAFETENSORS_INDEX, WEIGHT_SUFFIXES, model_config
+from surgeon.checkpoint_files import SAFETENSORS_INDEX, WEIGHT_SUFFIXES, model_config, parse_size  # noqa: F401
 from surgeon.checkpoint_files import weight_files as _weight_files
 from surgeon.errors import SurgeonError
 from surgeon.quantized import QuantizedWeight, dequantize, find_quantized, stored_parts
@@ -40,23 +41,6 @@ _DTYPE_NAMES = {
     torch.float8_e5m2: "F8_E5M2",
 }
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count, as bytes (decimal units, as transformers uses)."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    raw = text.strip().upper()
-    number = raw.rstrip("KMGTIB")
-    unit = raw[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or not math.isfinite(value) or value <= 0:
-        raise SurgeonError(f"cannot read the size {text!r}; write it like 5GB, 500MB or 2GiB.")
-    return int(value * units[unit])
 
 
 # What a corrupt file makes the safetensors library (and torch, decoding its buffers) raise.
@@ -206,6 +190,15 @@ class Checkpoint:
         return model_config(self.directory)
 
 
+def _torch_load(file: Path):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:  # pickles older than the zip format cannot be mapped
+        if "mmap" not in str(error):
+            raise
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
 def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
     """A legacy PyTorch pickle, loaded without running any code it may carry.
 
@@ -213,12 +206,9 @@ def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
     safetensors file the mapping lasts as long as the checkpoint, so a .bin input can grow the
     resident set towards its size. Convert large .bin models to safetensors first."""
     try:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:  # pickles older than the zip format cannot be mapped
-            if "mmap" not in str(error):
-                raise
-            state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a pickle protocol before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            state = _torch_load(file)
     except pickle.UnpicklingError as error:
         # torch says "Weights only load failed" both for a pickle that names a global it does not
         # allow (which only full unpickling could load) and for bytes that are no pickle at all.

@@ -4,6 +4,7 @@ directory's usual names. Apart from the tensors, so that ``inspect`` can list th
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
@@ -78,3 +79,21 @@ def model_config(directory: Path | None) -> dict:
         if config.get(field) is not None and not isinstance(config[field], kind):
             raise SurgeonError(f"{file}: {field} is {config[field]!r}, not a {kind.__name__}; fix config.json.")
     return config
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count, as bytes (decimal units, as transformers uses)."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    raw = text.strip().upper()
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or not math.isfinite(value) or value <= 0:
+        raise SurgeonError(f"cannot read the size {text!r}; write it like 5GB, 500MB or 2GiB.")
+    return int(value * units[unit])

@@ -14,6 +14,7 @@ from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes
+from surgeon.ops.merge import refuse_nonfinite
 from surgeon.output import atomic_output
 
 # Round-off allowed between the source's ΔW and the written one's, relative to the largest |ΔW|,
@@ -106,14 +107,13 @@ def _equals_base(weight: torch.Tensor, base: Checkpoint, key: str) -> bool:
     return original.dtype == weight.dtype and torch.equal(original, weight)
 
 
-def _read_back(module, staging: Path, base: Checkpoint | None, source: Adapter) -> tuple[dict | None, str | None]:
-    try:
-        written = module.read(staging, base=base)
-    except SurgeonError:
-        if base is None:
-            return None, ("not read back for checking: this format names parameters in a way only the base model "
-                          "resolves; pass --base to have the output checked")
-        raise
+def _read_back(target, staging: Path, base: Checkpoint | None, source: Adapter) -> tuple[dict | None, str | None]:
+    """The round-trip check; skipped (with a note) only where the format cannot be read without the
+    base. Any other failure to read the output back is an error: nothing unchecked is published."""
+    if base is None and target.needs_base_to_read:
+        return None, ("not read back for checking: this format names parameters in a way only the base model "
+                      "resolves; pass --base to have the output checked")
+    written = target.read(staging, base=base)
     # A writer may add a prefix the source had not (diffusers' component): match keys the way merge does.
     written = bind_to_base(written, base.keys() if base is not None else source.deltas.keys(), "the written adapter",
                            checkpoint=base)
@@ -127,9 +127,11 @@ def convert_adapter(source: Path, target_format: str, output: Path, format_name:
     from surgeon import formats
 
     started = time.perf_counter()
-    base = Checkpoint(base_path) if base_path is not None else None
     target = formats.get(target_format)
+    target.check_output(output)
+    base = Checkpoint(base_path) if base_path is not None else None
     adapter = formats.read_adapter(source, format_name, base=base)
+    refuse_nonfinite(adapter, str(source))
     if base is not None:
         adapter = bind_to_base(adapter, base.keys(), str(source), checkpoint=base)
         check_shapes(adapter, lambda key: base.info(key).shape, str(source))

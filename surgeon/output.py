@@ -1,9 +1,10 @@
 """Outputs that cannot destroy anything: every file and directory surgeon writes goes through here.
 
 - Inputs are never written: a destination that is, holds, or lies inside an input is refused.
-- Nothing is replaced without ``--force``; and ``--force`` replaces only a regular file (for a
-  single-file output) or a directory holding nothing but what surgeon writes
-  (:data:`SURGEON_WRITES`). ``-o . --force`` in a project folder is refused, naming what it holds.
+- Nothing is replaced without ``--force``; and ``--force`` replaces only a file of a kind surgeon
+  writes (:data:`SURGEON_FILES`, or a GGUF or ONNX Runtime adapter by its magic) or a directory
+  holding nothing but what surgeon writes (:data:`SURGEON_WRITES`). ``-o . --force`` in a project
+  folder is refused, naming what it holds.
 - One run at a time per destination: a lock file beside it (``.NAME.surgeon-lock``, holding the
   PID, with an advisory ``flock`` the kernel drops when the process dies) turns a second
   concurrent run into an error instead of a silent replacement.
@@ -44,6 +45,10 @@ SURGEON_WRITES = (
     "*config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json", "vocab.json", "vocab.txt",
     "merges.txt", "*.model", "*.tiktoken", "*.jinja", "chat_template.json", "README.md",
 )
+# What a single-file output (convert's file formats, --report, --plot, export-onnx) may replace
+# with --force: the same, plus reports, plots and ONNX graphs. A notes.txt or a script is not.
+SURGEON_FILES = (*SURGEON_WRITES, "*.json", "*.onnx", "*.onnx.unverified",
+                 *(f"*.{image}" for image in ("png", "svg", "svgz", "pdf", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp")))
 NAME_MAX = 255  # bytes in one path component on every common filesystem
 # Room that staging names add to the output's name: ".NAME.surgeon-<pid>-old-<8 random>".
 _ADDED = len(".") + len(".surgeon-") + 10 + len("-old-") + 8
@@ -116,12 +121,20 @@ def _foreign(directory: Path, prefix: str = "") -> Iterator[str]:
             yield name
 
 
+def _surgeon_file(path: Path) -> bool:
+    """Whether ``path`` is a file of a kind surgeon writes: by its name, or, for an adapter file
+    named without a suffix, by its GGUF or ONNX Runtime magic."""
+    from surgeon.formats.layouts import is_gguf, is_ort
+
+    return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in SURGEON_FILES) or is_gguf(path) or is_ort(path)
+
+
 def _check_replaceable(dest: Path, directory: bool) -> None:
-    """What --force may replace: a regular file by a file; by a directory, one of surgeon's own."""
+    """What --force may replace: by a file, a file of a kind surgeon writes; by a directory, one of surgeon's own."""
     if not directory:
-        if not dest.is_file():
-            raise SurgeonError(f"{dest}: is not a regular file, and --force replaces only files here; "
-                               "choose another output path.")
+        if not dest.is_file() or not _surgeon_file(dest):
+            raise SurgeonError(f"{dest}: is not a file of a kind surgeon writes, and --force replaces only surgeon's "
+                               "own outputs; remove it or choose another output path.")
         return
     if not dest.is_dir():
         raise SurgeonError(f"{dest}: is a file, and --force replaces only a directory surgeon wrote; "
@@ -233,6 +246,10 @@ def claimed(dest: str | Path, *, inputs: Iterable[Path] = (), force: bool = Fals
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
+        blocking = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise SurgeonError(f"{dest.parent}: cannot create the output's folder: {blocking} is a file, not a folder; "
+                               "choose another output path.") from None
         raise SurgeonError(f"{dest.parent}: cannot create the output's folder ({error.strerror}).") from None
     with _locked(dest):
         _clear_stale(dest)

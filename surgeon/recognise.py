@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from surgeon.checkpoint_files import WEIGHT_SUFFIXES
 from surgeon.errors import SurgeonError
 from surgeon.header import header_or_none
 
@@ -27,6 +28,12 @@ def is_checkpoint(path: Path) -> bool:
         return any((path / name).is_file() for name in _CHECKPOINT_FILES)
     entries = header_or_none(path) if path.suffix == ".safetensors" else None
     return bool(entries) and not _looks_like_adapter_keys(entries)
+
+
+def holds_weights(path: Path) -> bool:
+    """Whether ``path`` is, or holds, model weights: a checkpoint's reader should get it, not an adapter's."""
+    weights = path.suffix in WEIGHT_SUFFIXES if path.is_file() else any(path.glob("*.safetensors"))
+    return weights or is_checkpoint(path)
 
 
 def describe(path: Path) -> str:
@@ -70,3 +77,14 @@ def refuse_swapped(base: Path, adapters: list[Path], base_role: str = "BASE") ->
     for path in adapters:
         if detect(path) is None and is_checkpoint(path):
             raise not_an_adapter(path, f"did you swap {base_role} and ADAPTER?")
+
+
+def refuse_adapter_for_checkpoint(path: Path, role: str) -> None:
+    """Refuse an adapter where a command takes only full checkpoints (extract's BASE and TUNED),
+    pointing at the command that applies it."""
+    from surgeon.formats import detect
+
+    found = detect(path)
+    if found is not None:
+        raise SurgeonError(f"{path}: is a {found.name} adapter, but {role} is a full checkpoint; "
+                           f"to apply the adapter, run surgeon merge BASE {path} -o OUT.")

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from surgeon.checkpoint_files import WEIGHT_SUFFIXES, model_config, weight_files
+from surgeon.checkpoint_files import model_config, weight_files
 from surgeon.errors import NotWeightDeltas, SurgeonError
 from surgeon.header import read_header, read_tensor_bytes
 from surgeon.quantized import describe_quantization, find_quantized, stored_parts
@@ -119,18 +119,20 @@ def _peft_lora_modules(entries: dict) -> tuple[dict[str, dict], dict[str, list[t
 
 def _peft_lora_deltas(config: dict, entries: dict, where: Path) -> tuple[dict[str, list[tuple[str, str]]], list[tuple[int, float]]]:
     """key → [(kind, label)] in the order the PEFT reader adds them, and each module's (rank, scale)."""
-    from surgeon.formats.peft_rules import check_modules_match, module_rank_alpha, scale_of
+    from surgeon.formats.peft_rules import check_modules_match, factor_rank, module_rank_alpha, scale_of
 
     modules, deltas = _peft_lora_modules(entries)
     check_modules_match(config, modules, where)
     low = []
     for module, parts in modules.items():
-        a = parts.get("lora_embedding_A", parts.get("lora_A"))
+        a, b = parts.get("lora_embedding_A", parts.get("lora_A")), parts.get("lora_embedding_B", parts.get("lora_B"))
         rank, alpha = module_rank_alpha(config, module)
-        if a is None or parts.get("lora_embedding_B", parts.get("lora_B")) is None or rank != a.shape[0]:
+        magnitude = parts.get("lora_magnitude_vector")
+        shapes = None if a is None or b is None else (a.shape, b.shape, None if magnitude is None else magnitude.shape)
+        if shapes is None or rank != factor_rank(where, module, *shapes):
             raise SurgeonError(f"{module}: factors the reader refuses")
         scale = scale_of(alpha, rank, bool(config.get("use_rslora", False)))
-        dora = "lora_magnitude_vector" in parts
+        dora = magnitude is not None
         low.append((rank, scale))
         deltas.setdefault(module + ".weight", []).append(("DoRA" if dora else "LoRA", _low_rank_label(rank, scale, dora)))
         if "lora_B.bias" in parts:
@@ -242,13 +244,12 @@ def _adapter_summary(path: Path, found, base: Path | None) -> dict:
 def summarise(path: Path, format_name: str | None = None, base: Path | None = None) -> dict:
     """The summary of an adapter or a checkpoint; one sentence when PATH is neither."""
     from surgeon import formats
-    from surgeon.recognise import describe, is_checkpoint, looked_for
+    from surgeon.recognise import describe, holds_weights, looked_for
 
     found = formats.get(format_name) if format_name else formats.detect(path)
     if found is not None:
         return _adapter_summary(path, found, base)
-    weights = path.suffix in WEIGHT_SUFFIXES if path.is_file() else any(path.glob("*.safetensors"))
-    if not (weights or is_checkpoint(path)):
+    if not holds_weights(path):
         raise SurgeonError(f"{path}: {describe(path)}; neither an adapter nor a checkpoint.", details=looked_for())
     return checkpoint_summary(path)
 

@@ -16,11 +16,9 @@ import click
 
 from surgeon import __version__
 from surgeon.errors import SurgeonError, describe_os_error
-from surgeon.formats import FORMATS
+from surgeon.formats import FILE_SUFFIXES, FORMATS
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
-#: Suffixes that name a file; an output that is a directory must not carry one.
-FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".onnx_adapter", ".json", ".npz")
 
 
 def verbose_asked() -> bool:
@@ -37,8 +35,10 @@ def friendly(command):
         try:
             return command(*args, **kwargs)
         except SurgeonError as error:
-            details = f"\n{error.details}" if verbose_asked() and error.details else ""
-            raise click.ClickException(f"{error}{details}") from None
+            details = "" if not error.details else f"\n{error.details}" if verbose_asked() else \
+                " (surgeon --verbose COMMAND ... says more)"
+            sentence = " ".join(str(error).split())  # one line, whatever a library's message held
+            raise click.ClickException(f"{sentence}{details}") from None
         except OSError as error:
             raise click.ClickException(describe_os_error(error)) from None
 
@@ -125,7 +125,7 @@ OUTPUT_OPTION = click.option("-o", "--output", required=True, type=click.Path(pa
                              help="Output directory; written atomically.")
 BASE_FOR_NAMES_OPTION = click.option(
     "--base", "base", type=INPUT, default=None,
-    help="The base checkpoint, for adapters whose names only it resolves (kohya, LyCORIS) or whose writer needs it.")
+    help="The base checkpoint, for adapters only it resolves (kohya, LyCORIS, GGUF) or whose writer needs it.")
 
 
 def dtype_option(help_text: str):

@@ -93,7 +93,10 @@ def compose(adapters, output, weights, method, negate, rank, energy, max_error, 
 
     options = ComposeOptions(method=method, rule=rule, density=density, majority_sign=majority_sign, seed=seed, keep=keep,
                              device=resolve_device(device))
-    if base is not None and _all_checkpoints(adapters, format_name):
+    if _all_checkpoints(adapters, format_name):
+        if base is None:
+            raise SurgeonError(f"{adapters[0]}: a full model checkpoint; compose takes full fine-tunes only with --base, "
+                               "the checkpoint they were tuned from.")
         _compose_checkpoints(base, adapters, output, weights, options, dtype, shard_size, force, as_json)
         return
     if dtype != "auto":
@@ -120,8 +123,12 @@ def compose(adapters, output, weights, method, negate, rank, energy, max_error, 
 def _all_checkpoints(paths: tuple[Path, ...], format_name: str | None) -> bool:
     """Whether PATHS are full fine-tunes (task arithmetic) rather than adapters; a mix is refused."""
     from surgeon import formats
+    from surgeon.recognise import holds_weights, not_an_adapter
 
     adapters = [p for p in paths if format_name or formats.detect(p) is not None]
+    stray = next((p for p in paths if p not in adapters and not holds_weights(p)), None)
+    if stray is not None:
+        raise not_an_adapter(stray)
     if adapters and len(adapters) < len(paths):
         checkpoint = next(p for p in paths if p not in adapters)
         raise SurgeonError(f"{checkpoint}: is a full checkpoint while {adapters[0]} is an adapter; compose takes "

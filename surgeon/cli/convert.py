@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from surgeon.cli.common import FILE_SUFFIXES, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, emit, friendly
+from surgeon.cli.common import FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, emit, friendly
 from surgeon.errors import SurgeonError
 from surgeon.formats import FORMATS, writers
 
@@ -56,9 +56,7 @@ def convert(source: Path, target_format: str, output: Path, base_path: Path | No
     if target.write_needs_base and base_path is None:
         raise SurgeonError(f"--to {target_format} needs --base, the base model's checkpoint directory (config.json beside "
                            "the weights): its tensor names and head counts come from there.")
-    if not target.writes_file and output.suffix in FILE_SUFFIXES:
-        raise SurgeonError(f"{output} names a {output.suffix} file, but a {target_format} adapter is a directory; "
-                           f"give a folder such as {output.with_suffix('')}/.")
+    target.check_output(output)
     from surgeon.convert import convert_adapter
 
     report = convert_adapter(source, target_format, output, format_name, base_path, force)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
@@ -61,6 +62,10 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
       surgeon merge base/ adapter/ adapter/sparse -o merged/     # LoRA, then the residual
       surgeon extract base/ tuned/ -o diff/ --rank 0 --sparse-density 0.01
     """
+    from surgeon.recognise import refuse_adapter_for_checkpoint
+
+    refuse_adapter_for_checkpoint(base, "BASE")  # before torch is imported: these answer at once
+    refuse_adapter_for_checkpoint(tuned, "TUNED")
     rule = rank_rule(rank, energy, max_error, min_rank, max_rank, required=True)
     import torch
 
@@ -69,11 +74,8 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
     from surgeon.ops.extract import ExtractOptions
     from surgeon.ops.extract import extract as extract_op
     from surgeon.ops.merge import DTYPES, resolve_device
-    from surgeon.output import atomic_output, check_destination
-    from surgeon.recognise import refuse_swapped
+    from surgeon.output import atomic_output, claimed
 
-    refuse_swapped(base, [], "BASE")
-    refuse_tuned_adapter(tuned)
     options = ExtractOptions(
         rule=rule,
         method=method, precision=torch.float64 if precision == "fp64" else torch.float32, split=split, alpha=alpha,
@@ -81,42 +83,40 @@ def extract(base, tuned, output, rank, energy, max_error, min_rank, max_rank, sp
         factor_dtype=DTYPES.get(dtype), device=resolve_device(device),
     )
     if plot_path is not None:
-        _require_matplotlib()
+        _check_plot(plot_path, report_path)
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
     inputs = [Path(base), Path(tuned)]
-    for path in filter(None, (report_path, plot_path)):  # refused now, not after the work
-        check_destination(path, [*inputs, output], force, directory=False)
-    with atomic_output(output, inputs=inputs, force=force) as staging:
-        with Progress(len(base_ckpt), "extract") as tick:
-            result = extract_op(base_ckpt, tuned_ckpt, options, on_tensor=tick, keep_spectra=plot_path is not None)
-        result.lora.metadata.update(provenance())
-        result.sparse.metadata.update(provenance())
-        written = write_parts(result.lora, result.sparse, staging, output, base=base_ckpt)
-    report = {"base": str(base), "tuned": str(tuned), "output": str(output), "written": written,
-              "merge_command": f"surgeon merge {base} {' '.join(written)} -o merged/", **result.report()}
-    if report_path is not None:
-        with atomic_output(report_path, inputs=inputs, force=force, directory=False) as staged:
-            staged.write_text(json.dumps(report, indent=2) + "\n")
-    if plot_path is not None:
-        with atomic_output(plot_path, inputs=inputs, force=force, directory=False) as staged:
-            plot_spectra(result, staged, plot_path.suffix[1:] or "png")
+    with ExitStack() as held:  # the report and plot are claimed (checked, locked) now, not after the work
+        for path in filter(None, (report_path, plot_path)):
+            held.enter_context(claimed(path, inputs=[*inputs, output], force=force, directory=False))
+        with atomic_output(output, inputs=inputs, force=force) as staging:
+            with Progress(len(base_ckpt), "extract") as tick:
+                result = extract_op(base_ckpt, tuned_ckpt, options, on_tensor=tick, keep_spectra=plot_path is not None)
+            result.lora.metadata.update(provenance())
+            result.sparse.metadata.update(provenance())
+            written = write_parts(result.lora, result.sparse, staging, output, base=base_ckpt)
+        report = {"base": str(base), "tuned": str(tuned), "output": str(output), "written": written,
+                  "merge_command": f"surgeon merge {base} {' '.join(written)} -o merged/", **result.report()}
+        if report_path is not None:
+            with atomic_output(report_path, inputs=inputs, force=force, directory=False) as staged:
+                staged.write_text(json.dumps(report, indent=2) + "\n")
+        if plot_path is not None:
+            with atomic_output(plot_path, inputs=inputs, force=force, directory=False) as staged:
+                plot_spectra(result, staged, plot_path.suffix[1:] or "png")
     emit(report, as_json, render(report))
 
 
-def refuse_tuned_adapter(tuned: Path) -> None:
-    from surgeon.formats import detect
-
-    found = detect(tuned)
-    if found is not None:
-        raise SurgeonError(f"{tuned}: is a {found.name} adapter, but TUNED is a full fine-tuned checkpoint; "
-                           f"to apply the adapter, run surgeon merge BASE {tuned} -o OUT.")
-
-
-def _require_matplotlib():
+def _check_plot(plot_path: Path, report_path: Path | None) -> None:
+    """Refuse, before any work, a plot that could not be written: no matplotlib, a file type it
+    does not draw, or the report's own file."""
     try:
-        import matplotlib  # noqa: F401
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise SurgeonError(missing_extra("plot", ["matplotlib"], "--plot")) from None
+    if plot_path.suffix[1:] and plot_path.suffix[1:] not in FigureCanvasBase.get_supported_filetypes():
+        raise SurgeonError(f"{plot_path}: matplotlib draws no {plot_path.suffix} files; name the plot .png, .svg or .pdf.")
+    if report_path is not None and plot_path.resolve() == report_path.resolve():
+        raise SurgeonError(f"{plot_path}: named by both --report and --plot; give each its own file.")
 
 
 def plot_spectra(result, path: Path, image_format: str = "png") -> None:

@@ -41,7 +41,7 @@ def pull(source: str, output: Path, force: bool, as_json: bool) -> None:
     if not source.startswith("hf://"):
         raise SurgeonError(f"{source}: pull takes a Hub path like hf://org/name; a local path needs no pulling.")
     fetched = fetch(source)
-    with atomic_output(output, force=force) as staging:
+    with atomic_output(output, inputs=[fetched.path], force=force) as staging:
         for name in fetched.files:
             origin = fetched.path if fetched.path.is_file() else fetched.path / name
             (staging / name).parent.mkdir(parents=True, exist_ok=True)

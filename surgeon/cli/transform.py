@@ -22,23 +22,31 @@ def _transform_options(command):
     return friendly(command)
 
 
-def _run_transform(operation, base: Path, adapters: tuple[Path, ...], output: Path, weights, format_name, dtype, device,
-                   shard_size, force, allow_nonfinite, base_role: str, **extra):
-    from surgeon.checkpoint import Checkpoint, parse_size
-    from surgeon.ops.merge import DTYPES, resolve_device
-    from surgeon.output import atomic_output
+def _answer_at_once(base: Path, adapters: tuple[Path, ...], format_name, shard_size: str, base_role: str) -> int:
+    """The checks that need no torch, made before it is imported: swapped arguments and the shard
+    size (in bytes, returned)."""
+    from surgeon.checkpoint_files import parse_size
     from surgeon.recognise import refuse_swapped
 
     if format_name is None:
         refuse_swapped(base, list(adapters), base_role)
+    return parse_size(shard_size)
+
+
+def _run_transform(operation, base: Path, adapters: tuple[Path, ...], output: Path, weights, format_name, dtype, device,
+                   shard_bytes: int, force, allow_nonfinite, also_read: tuple[Path, ...] = (), **extra):
+    from surgeon.checkpoint import Checkpoint
+    from surgeon.ops.merge import DTYPES, resolve_device
+    from surgeon.output import atomic_output
+
     checkpoint = Checkpoint(base)
     loaded = [(read_adapter_arg(a, format_name, base=checkpoint), str(a)) for a in adapters]
     device_obj = resolve_device(device)
-    with atomic_output(output, inputs=[base, *adapters], force=force) as staging:
+    with atomic_output(output, inputs=[base, *adapters, *also_read], force=force) as staging:
         with Progress(len(checkpoint), operation.__name__) as tick:
             report = operation(
                 checkpoint, loaded, staging, weights=list(weights) or None, allow_nonfinite=allow_nonfinite,
-                dtype=DTYPES.get(dtype), device=device_obj, shard_size=parse_size(shard_size), on_tensor=tick,
+                dtype=DTYPES.get(dtype), device=device_obj, shard_size=shard_bytes, on_tensor=tick,
                 metadata=provenance(), **extra,
             )
     report.output = str(output)
@@ -66,10 +74,11 @@ def merge(base, adapters, output, weights, untie, dtype, device, shard_size, for
     Example:
       surgeon merge fixtures/tiny-llama fixtures/tiny-llama-lora -o out/merged
     """
+    shard_bytes = _answer_at_once(base, adapters, format_name, shard_size, "BASE")
     from surgeon.ops.merge import merge as merge_op
 
-    report = _run_transform(merge_op, base, adapters, output, weights, format_name, dtype, device, shard_size, force,
-                            allow_nonfinite, "BASE", untie=untie)
+    report = _run_transform(merge_op, base, adapters, output, weights, format_name, dtype, device, shard_bytes, force,
+                            allow_nonfinite, untie=untie)
     emit(asdict(report), as_json, f"merged {len(adapters)} adapter(s) into {report.changed} of {report.tensors} tensors "
          f"in {report.seconds:.2f}s -> {output}" + "".join(f"\nnote: {note}" for note in report.notes))
 
@@ -112,13 +121,14 @@ def unmerge(merged, adapters, output, weights, check_base, dtype, device, shard_
     Example:
       surgeon unmerge out/merged fixtures/tiny-llama-lora -o out/restored --check fixtures/tiny-llama
     """
+    shard_bytes = _answer_at_once(merged, adapters, format_name, shard_size, "MERGED")
     from surgeon.checkpoint import Checkpoint
     from surgeon.ops.merge import unmerge as unmerge_op
 
     # the restored checkpoint must be the real base's model: refused before anything is written
     check = Checkpoint(check_base) if check_base else None
-    report = asdict(_run_transform(unmerge_op, merged, adapters, output, weights, format_name, dtype, device, shard_size,
-                                   force, allow_nonfinite, "MERGED", check=check))
+    report = asdict(_run_transform(unmerge_op, merged, adapters, output, weights, format_name, dtype, device, shard_bytes,
+                                   force, allow_nonfinite, also_read=(check_base,) if check_base else (), check=check))
     text = (f"unmerged {len(adapters)} adapter(s) from {report['changed']} of {report['tensors']} tensors "
             f"in {report['seconds']:.2f}s -> {output}")
     if check_base:

@@ -25,7 +25,7 @@ from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter, Delta, Dense, LowRank, Sparse, exact_sum, promoted_dtype
 from surgeon.errors import SurgeonError
 from surgeon.keys import key_generator
-from surgeon.ops.merge import one_weight_each, prepare
+from surgeon.ops.merge import one_weight_each, prepare, refuse_nonfinite
 from surgeon.ops.rank import RankRule, tail_error
 from surgeon.ops.svd import factor_split, numerical_rank, truncated_svd
 
@@ -454,6 +454,8 @@ def read_adapters(paths: Sequence[str | Path], format_name: str | None = None,
     from surgeon import formats
 
     loaded = [(formats.read_adapter(Path(p), format_name, base=base), str(p)) for p in paths]
+    for adapter, where in loaded:
+        refuse_nonfinite(adapter, where)
     if base is None:
         return loaded
     return list(zip(prepare(loaded, base, allow_nonfinite=True), [where for _, where in loaded]))

@@ -70,14 +70,18 @@ def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_non
         if base_shapes:
             check_shapes(adapter, lambda key: base.info(key).shape, where)
         if not allow_nonfinite:
-            bad = adapter.nonfinite_keys()
-            if bad:
-                raise SurgeonError(
-                    f"{where}: the delta for {bad[0]!r} holds NaN or Inf ({len(bad)} such keys); "
-                    "fix the adapter or allow non-finite values."
-                )
+            refuse_nonfinite(adapter, where, " or allow non-finite values")
         bound.append(adapter)
     return bound
+
+
+def refuse_nonfinite(adapter: Adapter, where: str, otherwise: str = "") -> None:
+    """Refuse an adapter whose stored tensors hold NaN or Inf: nothing computed from it is finite,
+    and an SVD of it does not converge."""
+    bad = adapter.nonfinite_keys()
+    if bad:
+        raise SurgeonError(f"{where}: the delta for {bad[0]!r} holds NaN or Inf ({len(bad)} such keys); "
+                           f"fix the adapter{otherwise}.")
 
 
 def _deltas_by_key(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[tuple[Delta, float]]]:
