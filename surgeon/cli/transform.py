@@ -51,8 +51,18 @@ def _run_transform(operation, base: Path, adapters: tuple[Path, ...], output: Pa
 @OUTPUT_OPTION
 @click.option("-w", "--weight", "weights", multiple=True, type=float,
               help="Scale for each adapter, in order (repeat once per adapter; default 1).")
+@click.option("--quantized-base", type=click.Choice(["nf4", "fp4"]), default=None,
+              help="BASE is the 16-bit model a QLoRA adapter was trained on in 4 bits: merge into its weights as "
+                   "bitsandbytes quantizes them (the layers transformers quantizes).")
+@click.option("--double-quant", is_flag=True, help="With --quantized-base: bnb_4bit_use_double_quant was on.")
+@click.option("--blocksize", type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]),
+              default="64", show_default=True, help="With --quantized-base: the 4-bit blocksize.")
+@click.option("--report", "qlora_report", is_flag=True,
+              help="With --quantized-base: per module and in total, how far the result is from the model as trained "
+                   "and from the naive merge (relative Frobenius distances).")
 @_transform_options
-def merge(base, adapters, output, weights, dtype, device, shard_size, format_name, force, allow_nonfinite, as_json) -> None:
+def merge(base, adapters, output, weights, quantized_base, double_quant, blocksize, qlora_report, dtype, device,
+          shard_size, format_name, force, allow_nonfinite, as_json) -> None:
     """Merge ADAPTERS into the BASE checkpoint and write a full checkpoint to -o.
 
     Each merged weight is computed in fp32 and cast back to the base's dtype (or --dtype).
@@ -64,11 +74,13 @@ def merge(base, adapters, output, weights, dtype, device, shard_size, format_nam
       surgeon merge fixtures/tiny-llama fixtures/tiny-llama-lora -o out/merged
     """
     from surgeon.ops.merge import merge as merge_op
+    from surgeon.ops.qlora import describe, qlora_operation
 
-    report = _run_transform(merge_op, base, adapters, output, weights, format_name, dtype, device, shard_size, force,
+    operation = qlora_operation(quantized_base, double_quant, int(blocksize), qlora_report) or merge_op
+    report = _run_transform(operation, base, adapters, output, weights, format_name, dtype, device, shard_size, force,
                             allow_nonfinite, "BASE")
     emit(asdict(report), as_json, f"merged {len(adapters)} adapter(s) into {report.changed} of {report.tensors} tensors "
-         f"in {report.seconds:.2f}s -> {output}")
+         f"in {report.seconds:.2f}s -> {output}{describe(report)}")
 
 
 def _check_against(report: dict, output: Path, check_base: Path) -> str:
