@@ -132,19 +132,26 @@ def state_tensor(state: dict) -> torch.Tensor:
     return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
 
 
-def roundtrip(weight: torch.Tensor, scheme: Scheme, conv1d: bool = False) -> torch.Tensor:
-    """``weight`` as bitsandbytes hands it to a forward pass once it has quantized it by ``scheme``:
-    dequantize(quantize(W)), in the weight's dtype (fp32 for int8, as bitsandbytes dequantizes it).
-    A ``conv1d`` (GPT-2) weight is quantized as the Linear bitsandbytes makes of it, transposed."""
-    source = weight.t().contiguous() if conv1d else weight
-    if scheme.bits == 8:
-        parts, state = quantize_int8(source), {}
-    else:
-        parts, state = quantize_4bit(source, scheme)
-    stored = QuantizedWeight("weight", scheme.bits, {role: role for role in parts}, state, tuple(weight.shape),
+def quantize(weight: torch.Tensor, scheme: Scheme) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`quantize_4bit` or :func:`quantize_int8` by ``scheme`` (an 8-bit weight has no state)."""
+    return (quantize_int8(weight), {}) if scheme.bits == 8 else quantize_4bit(weight, scheme)
+
+
+def dequantize_parts(parts: dict[str, torch.Tensor], state: dict, scheme: Scheme, shape: tuple[int, ...],
+                     conv1d: bool = False) -> torch.Tensor:
+    """What bitsandbytes dequantizes :func:`quantize`'s result to: in the quantized weight's dtype
+    (fp32 for int8), as the ``shape`` presented (transposed back for a ``conv1d``)."""
+    stored = QuantizedWeight("weight", scheme.bits, {role: role for role in parts}, state, tuple(shape),
                              state.get("dtype", "float32"), conv1d)
     return dequantize(stored, parts.__getitem__, "in memory")
 
+
+def roundtrip(weight: torch.Tensor, scheme: Scheme, conv1d: bool = False) -> torch.Tensor:
+    """``weight`` as bitsandbytes hands it to a forward pass once it has quantized it by ``scheme``:
+    dequantize(quantize(W)). A ``conv1d`` (GPT-2) weight is quantized as the Linear bitsandbytes
+    makes of it, transposed."""
+    source = weight.t().contiguous() if conv1d else weight
+    return dequantize_parts(*quantize(source, scheme), scheme, tuple(weight.shape), conv1d)
 
 
 def bnb_linear_weights(config: dict, keys: list[str], where: object) -> dict[str, bool]:

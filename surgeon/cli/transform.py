@@ -12,10 +12,13 @@ from surgeon.cli.common import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT,
                                 read_adapter_arg)
 
 
-def _transform_options(command):
-    """The options merge and unmerge share, in the order --help lists them."""
+def _transform_options(command, quantized: tuple[str, ...] = ()):
+    """The options merge and unmerge share, in the order --help lists them (merge's --dtype also
+    takes the ``quantized`` bitsandbytes kinds)."""
     for option in reversed([
-        dtype_option("Output dtype of float tensors; auto keeps each tensor's own (a bitsandbytes base: its compute dtype, else bf16)."),
+        dtype_option("Output dtype of float tensors; auto keeps each tensor's own (a bitsandbytes base: its compute "
+                     "dtype, else bf16)." + (" nf4/fp4/int8: a bitsandbytes checkpoint." if quantized else ""),
+                     quantized),
         DEVICE_OPTION, SHARD_OPTION, FROM_OPTION, FORCE_OPTION, NONFINITE_OPTION, JSON_OPTION,
     ]):
         command = option(command)
@@ -54,13 +57,13 @@ def _run_transform(operation, base: Path, adapters: tuple[Path, ...], output: Pa
 @click.option("--quantized-base", type=click.Choice(["nf4", "fp4"]), default=None,
               help="BASE is the 16-bit model a QLoRA adapter was trained on in 4 bits: merge into its weights as "
                    "bitsandbytes quantizes them (the layers transformers quantizes).")
-@click.option("--double-quant", is_flag=True, help="With --quantized-base: bnb_4bit_use_double_quant was on.")
+@click.option("--double-quant", is_flag=True, help="With --quantized-base or --dtype nf4/fp4: bnb_4bit_use_double_quant.")
 @click.option("--blocksize", type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]),
-              default="64", show_default=True, help="With --quantized-base: the 4-bit blocksize.")
+              default="64", show_default=True, help="With --quantized-base or --dtype nf4/fp4: the 4-bit blocksize.")
 @click.option("--report", "qlora_report", is_flag=True,
               help="With --quantized-base: per module and in total, how far the result is from the model as trained "
                    "and from the naive merge (relative Frobenius distances).")
-@_transform_options
+@lambda command: _transform_options(command, quantized=("nf4", "fp4", "int8"))
 def merge(base, adapters, output, weights, quantized_base, double_quant, blocksize, qlora_report, dtype, device,
           shard_size, format_name, force, allow_nonfinite, as_json) -> None:
     """Merge ADAPTERS into the BASE checkpoint and write a full checkpoint to -o.
@@ -74,9 +77,9 @@ def merge(base, adapters, output, weights, quantized_base, double_quant, blocksi
       surgeon merge fixtures/tiny-llama fixtures/tiny-llama-lora -o out/merged
     """
     from surgeon.ops.merge import merge as merge_op
-    from surgeon.ops.qlora import describe, qlora_operation
+    from surgeon.ops.qlora import describe, merge_operation
 
-    operation = qlora_operation(quantized_base, double_quant, int(blocksize), qlora_report) or merge_op
+    operation = merge_operation(quantized_base, double_quant, int(blocksize), qlora_report, dtype) or merge_op
     report = _run_transform(operation, base, adapters, output, weights, format_name, dtype, device, shard_size, force,
                             allow_nonfinite, "BASE")
     emit(asdict(report), as_json, f"merged {len(adapters)} adapter(s) into {report.changed} of {report.tensors} tensors "

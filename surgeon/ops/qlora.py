@@ -21,6 +21,7 @@ from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.ops.apply import apply_deltas
 from surgeon.ops.merge import MergeReport, _deltas_by_key, merge, one_weight_each, prepare
+from surgeon.ops.quantized_output import BnbEncoder
 from surgeon.quantize import Scheme, bnb_linear_weights, roundtrip
 
 
@@ -61,8 +62,10 @@ class Distance:
 @dataclass
 class QLoRAReport(MergeReport):
     quantized_modules: int = 0  # weights quantized and dequantized before merging
-    scheme: dict = field(default_factory=dict)
+    scheme: dict = field(default_factory=dict)  # the base's quantization, if any
     distances: list[dict] = field(default_factory=list)  # with report: asdict of each Distance
+    output_scheme: dict = field(default_factory=dict)  # the output's quantization, if any
+    quantization_error: list[dict] = field(default_factory=list)  # what writing it quantized cost, per module
 
 
 class _Sums:
@@ -107,44 +110,59 @@ def qlora_merge(
     adapters: Sequence[tuple[Adapter, str]],
     out: Path,
     *,
-    scheme: Scheme,
+    scheme: Scheme | None,
     report: bool = False,
+    output: Scheme | None = None,
     weights: Sequence[float] | None = None,
     allow_nonfinite: bool = False,
     **options,
-) -> MergeReport:
-    """:func:`surgeon.ops.merge.merge` into ``base`` as bitsandbytes quantizes it with ``scheme``;
-    with ``report``, the result's :class:`Distance` per module and in total."""
-    quantized = QuantizedBase(base, scheme)
-    merged = merge(quantized, adapters, out, weights=weights, allow_nonfinite=allow_nonfinite, **options)
-    result = QLoRAReport(**asdict(merged), quantized_modules=len(quantized.targets), scheme=asdict(scheme))
+) -> QLoRAReport:
+    """:func:`surgeon.ops.merge.merge` into ``base`` as bitsandbytes quantizes it with ``scheme``
+    (None: as stored); with ``report``, the result's :class:`Distance` per module and in total;
+    with ``output``, written as a bitsandbytes checkpoint quantized by it, and its error measured."""
+    source = QuantizedBase(base, scheme) if scheme else base
+    encoder = BnbEncoder(output, base.keys(), base.config(), base.path) if output else None
+    merged = merge(source, adapters, out, weights=weights, allow_nonfinite=allow_nonfinite, encoder=encoder,
+                   **options)
+    result = QLoRAReport(**asdict(merged))
+    if scheme:
+        result.quantized_modules, result.scheme = len(source.targets), asdict(scheme)
+    if encoder:
+        result.output_scheme, result.quantization_error = asdict(output), encoder.total_error()
     if report:
         plan = _deltas_by_key(prepare(adapters, base, allow_nonfinite), one_weight_each(weights, adapters))
-        result.distances = [asdict(d) for d in distances(quantized, plan, Checkpoint(out))]
+        result.distances = [asdict(d) for d in distances(source, plan, Checkpoint(out))]
     return result
 
 
-def qlora_operation(kind: str | None, double_quant: bool, blocksize: int, report: bool):
-    """The merge operation for these options: a QLoRA merge, or None for a plain one (which takes
-    none of them)."""
-    if kind is None:
-        if double_quant or blocksize != 64 or report:
-            raise SurgeonError("double_quant, blocksize and report describe a quantized base; name its "
-                               "quantization (nf4 or fp4) too.")
+def merge_operation(kind: str | None, double_quant: bool, blocksize: int, report: bool, dtype: str):
+    """The merge operation for these options: a QLoRA merge into a base quantized by ``kind``
+    and/or one written quantized (``dtype`` nf4, fp4 or int8), or None for a plain merge."""
+    output = Scheme(dtype, double_quant, blocksize) if dtype in ("nf4", "fp4", "int8") else None
+    if kind is None and (report or ((double_quant or blocksize != 64) and output is None)):
+        raise SurgeonError("double_quant, blocksize and report describe a quantized base or output; name its "
+                           "quantization (nf4 or fp4) too.")
+    if kind is None and output is None:
         return None
-    scheme = Scheme(kind, double_quant, blocksize)
+    scheme = Scheme(kind, double_quant, blocksize) if kind else None
 
     def qlora(*args, **kwargs) -> QLoRAReport:
-        return qlora_merge(*args, scheme=scheme, report=report, **kwargs)
+        return qlora_merge(*args, scheme=scheme, report=report, output=output, **kwargs)
 
     return qlora
 
 
 def describe(report: MergeReport) -> str:
-    """The text lines a QLoRA merge adds to merge's summary: the distances table, when measured."""
+    """The text lines a QLoRA merge adds to merge's summary: what was quantized, and the distances."""
     if not isinstance(report, QLoRAReport):
         return ""
-    text = f"\nquantized and dequantized {report.quantized_modules} weights as bitsandbytes {report.scheme['kind']}"
+    text = ""
+    if report.scheme:
+        text += f"\nmerged into the base as bitsandbytes {report.scheme['kind']} quantizes it " \
+                f"({report.quantized_modules} weights)"
+    if report.output_scheme:
+        text += f"\nwritten as bitsandbytes {report.output_scheme['kind']}: relative quantization error " \
+                f"{report.quantization_error[-1]['relative']:.3g} in total"
     if report.distances:
         width = max(len(d["module"]) for d in report.distances)
         text += (f"\nrelative Frobenius distance of the merged weights\n{'module':<{width}}  "
