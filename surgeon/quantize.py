@@ -166,7 +166,7 @@ def bnb_linear_weights(config: dict, keys: list[str], where: object) -> dict[str
         from transformers.quantizers.quantizers_utils import should_convert_module
     except ImportError:
         raise SurgeonError("a quantized base is quantized by transformers' rules; install transformers.") from None
-    model = _meta_model(transformers, config, where)
+    model = causal_lm(config, where, torch.device("meta"))
     skipped = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
     prefix = model.base_model_prefix + "."
     found = {}
@@ -178,20 +178,23 @@ def bnb_linear_weights(config: dict, keys: list[str], where: object) -> dict[str
     return found
 
 
-def _meta_model(transformers, config: dict, where: object) -> torch.nn.Module:
-    """The causal LM ``config`` describes, built on the meta device (no memory, no weights)."""
+def causal_lm(config: dict, where: object, device: torch.device) -> torch.nn.Module:
+    """The causal LM ``config`` describes, built by transformers on ``device`` (on meta: no memory,
+    no weights; elsewhere: fp32, randomly initialised)."""
+    import transformers
+
     if not config.get("model_type"):
-        raise SurgeonError(f"{where}: no config.json with a model_type beside the weights; a quantized base "
-                           "needs it to know which layers bitsandbytes quantizes.")
+        raise SurgeonError(f"{where}: no config.json with a model_type beside the weights; surgeon needs it to "
+                           "build the model in transformers (which layers bitsandbytes quantizes, the probe).")
     settings = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its remarks on a config are not surgeon's output
     try:
         built = transformers.AutoConfig.for_model(config["model_type"], **settings)
-        with torch.device("meta"):
-            return transformers.AutoModelForCausalLM.from_config(built)
+        with torch.device(device):
+            return transformers.AutoModelForCausalLM.from_config(built, dtype=torch.float32)
     except (ValueError, KeyError, TypeError) as error:
         raise SurgeonError(f"{where}: transformers cannot build this model from its config.json ({error}); "
-                           "a quantized base needs a model transformers knows.") from None
+                           "use a model transformers knows.") from None
     finally:
         transformers.logging.set_verbosity(verbosity)

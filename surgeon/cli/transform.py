@@ -63,9 +63,12 @@ def _run_transform(operation, base: Path, adapters: tuple[Path, ...], output: Pa
 @click.option("--report", "qlora_report", is_flag=True,
               help="With --quantized-base: per module and in total, how far the result is from the model as trained "
                    "and from the naive merge (relative Frobenius distances).")
+@click.option("--probe", "qlora_probe", is_flag=True,
+              help="With --quantized-base: run the model (built by transformers, held in fp32) on a few fixed tokens "
+                   "and print the max logit difference from the model as trained, and the naive merge's.")
 @lambda command: _transform_options(command, quantized=("nf4", "fp4", "int8"))
-def merge(base, adapters, output, weights, quantized_base, double_quant, blocksize, qlora_report, dtype, device,
-          shard_size, format_name, force, allow_nonfinite, as_json) -> None:
+def merge(base, adapters, output, weights, quantized_base, double_quant, blocksize, qlora_report, qlora_probe, dtype,
+          device, shard_size, format_name, force, allow_nonfinite, as_json) -> None:
     """Merge ADAPTERS into the BASE checkpoint and write a full checkpoint to -o.
 
     Each merged weight is computed in fp32 and cast back to the base's dtype (or --dtype).
@@ -79,7 +82,7 @@ def merge(base, adapters, output, weights, quantized_base, double_quant, blocksi
     from surgeon.ops.merge import merge as merge_op
     from surgeon.ops.qlora import describe, merge_operation
 
-    operation = merge_operation(quantized_base, double_quant, int(blocksize), qlora_report, dtype) or merge_op
+    operation = merge_operation(quantized_base, double_quant, int(blocksize), qlora_report, qlora_probe, dtype) or merge_op
     report = _run_transform(operation, base, adapters, output, weights, format_name, dtype, device, shard_size, force,
                             allow_nonfinite, "BASE")
     emit(asdict(report), as_json, f"merged {len(adapters)} adapter(s) into {report.changed} of {report.tensors} tensors "

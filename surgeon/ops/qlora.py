@@ -21,6 +21,7 @@ from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.ops.apply import apply_deltas
 from surgeon.ops.merge import MergeReport, _deltas_by_key, merge, one_weight_each, prepare
+from surgeon.ops.probe import probe as probe_logits
 from surgeon.ops.quantized_output import BnbEncoder
 from surgeon.quantize import Scheme, bnb_linear_weights, roundtrip
 
@@ -66,6 +67,7 @@ class QLoRAReport(MergeReport):
     distances: list[dict] = field(default_factory=list)  # with report: asdict of each Distance
     output_scheme: dict = field(default_factory=dict)  # the output's quantization, if any
     quantization_error: list[dict] = field(default_factory=list)  # what writing it quantized cost, per module
+    probe: dict = field(default_factory=dict)  # with probe: max logit differences from the model as trained
 
 
 class _Sums:
@@ -112,6 +114,7 @@ def qlora_merge(
     *,
     scheme: Scheme | None,
     report: bool = False,
+    probe: bool = False,
     output: Scheme | None = None,
     weights: Sequence[float] | None = None,
     allow_nonfinite: bool = False,
@@ -119,7 +122,7 @@ def qlora_merge(
 ) -> QLoRAReport:
     """:func:`surgeon.ops.merge.merge` into ``base`` as bitsandbytes quantizes it with ``scheme``
     (None: as stored); with ``report``, the result's :class:`Distance` per module and in total;
-    with ``output``, written as a bitsandbytes checkpoint quantized by it, and its error measured."""
+    with ``probe``, the largest logit differences (:mod:`surgeon.ops.probe`); with ``output``, written as a bitsandbytes checkpoint quantized by it, and its error measured."""
     source = QuantizedBase(base, scheme) if scheme else base
     encoder = BnbEncoder(output, base.keys(), base.config(), base.path) if output else None
     merged = merge(source, adapters, out, weights=weights, allow_nonfinite=allow_nonfinite, encoder=encoder,
@@ -129,25 +132,28 @@ def qlora_merge(
         result.quantized_modules, result.scheme = len(source.targets), asdict(scheme)
     if encoder:
         result.output_scheme, result.quantization_error = asdict(output), encoder.total_error()
-    if report:
+    if report or probe:
         plan = _deltas_by_key(prepare(adapters, base, allow_nonfinite), one_weight_each(weights, adapters))
+    if report:
         result.distances = [asdict(d) for d in distances(source, plan, Checkpoint(out))]
+    if probe:
+        result.probe = probe_logits(source, plan, Checkpoint(out), base.path)
     return result
 
 
-def merge_operation(kind: str | None, double_quant: bool, blocksize: int, report: bool, dtype: str):
+def merge_operation(kind: str | None, double_quant: bool, blocksize: int, report: bool, probe: bool, dtype: str):
     """The merge operation for these options: a QLoRA merge into a base quantized by ``kind``
     and/or one written quantized (``dtype`` nf4, fp4 or int8), or None for a plain merge."""
     output = Scheme(dtype, double_quant, blocksize) if dtype in ("nf4", "fp4", "int8") else None
-    if kind is None and (report or ((double_quant or blocksize != 64) and output is None)):
-        raise SurgeonError("double_quant, blocksize and report describe a quantized base or output; name its "
+    if kind is None and (report or probe or ((double_quant or blocksize != 64) and output is None)):
+        raise SurgeonError("double_quant, blocksize, report and probe describe a quantized base or output; name its "
                            "quantization (nf4 or fp4) too.")
     if kind is None and output is None:
         return None
     scheme = Scheme(kind, double_quant, blocksize) if kind else None
 
     def qlora(*args, **kwargs) -> QLoRAReport:
-        return qlora_merge(*args, scheme=scheme, report=report, output=output, **kwargs)
+        return qlora_merge(*args, scheme=scheme, report=report, probe=probe, output=output, **kwargs)
 
     return qlora
 
@@ -170,4 +176,8 @@ def describe(report: MergeReport) -> str:
         for d in report.distances:
             text += (f"\n{d['module']:<{width}}  {d['to_trained']:10.3g}  {d['to_naive']:8.3g}  "
                      f"{d['naive_to_trained']:16.3g}")
+    if report.probe:
+        text += (f"\nmax logit difference from the model as trained on {len(report.probe['token_ids'])} tokens: "
+                 f"{report.probe['max_logit_difference']:.3g} (naive merge: "
+                 f"{report.probe['naive_max_logit_difference']:.3g})")
     return text
