@@ -160,7 +160,6 @@ def bnb_linear_weights(config: dict, keys: list[str], where: object) -> dict[str
     (``replace_with_bnb_linear``: ``nn.Linear`` and ``Conv1D`` modules outside
     ``get_modules_to_not_convert``), on the model built from ``config`` without weights."""
     try:
-        import transformers
         from transformers.pytorch_utils import Conv1D
         from transformers.quantizers.base import HfQuantizer
         from transformers.quantizers.quantizers_utils import should_convert_module

@@ -122,7 +122,8 @@ def qlora_merge(
 ) -> QLoRAReport:
     """:func:`surgeon.ops.merge.merge` into ``base`` as bitsandbytes quantizes it with ``scheme``
     (None: as stored); with ``report``, the result's :class:`Distance` per module and in total;
-    with ``probe``, the largest logit differences (:mod:`surgeon.ops.probe`); with ``output``, written as a bitsandbytes checkpoint quantized by it, and its error measured."""
+    with ``probe``, the largest logit differences (:mod:`surgeon.ops.probe`); with ``output``,
+    written as a bitsandbytes checkpoint quantized by it, and its error measured."""
     source = QuantizedBase(base, scheme) if scheme else base
     encoder = BnbEncoder(output, base.keys(), base.config(), base.path) if output else None
     merged = merge(source, adapters, out, weights=weights, allow_nonfinite=allow_nonfinite, encoder=encoder,
