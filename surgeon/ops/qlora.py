@@ -9,7 +9,6 @@ naive merge into ``W`` (the number people argue about) is measured per module on
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +21,7 @@ from surgeon.errors import SurgeonError
 from surgeon.ops.apply import apply_deltas
 from surgeon.ops.merge import MergeReport, _deltas_by_key, merge, one_weight_each, prepare
 from surgeon.ops.probe import probe as probe_logits
-from surgeon.ops.quantized_output import BnbEncoder
+from surgeon.ops.quantized_output import BnbEncoder, relative_distance
 from surgeon.quantize import Scheme, bnb_linear_weights, roundtrip
 
 
@@ -80,11 +79,7 @@ class _Sums:
         self.values = [a + b for a, b in zip(self.values, squares)]
 
     def total(self) -> Distance:
-        return Distance("total", *(_ratio(self.values[i], self.values[i + 1]) for i in (0, 2, 4)))
-
-
-def _ratio(difference: float, reference: float) -> float:
-    return math.sqrt(difference / reference) if reference else math.sqrt(difference)
+        return Distance("total", *(relative_distance(self.values[i], self.values[i + 1]) for i in (0, 2, 4)))
 
 
 def _squares(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -103,7 +98,7 @@ def distances(base: QuantizedBase, plan: dict, merged: Checkpoint) -> list[Dista
         squares = (*_squares(result, trained), *_squares(result, naive), *_squares(naive, trained))
         sums.add(*squares)
         found.append(Distance(key.removesuffix(".weight"),
-                              *(_ratio(squares[i], squares[i + 1]) for i in (0, 2, 4))))
+                              *(relative_distance(squares[i], squares[i + 1]) for i in (0, 2, 4))))
     return [*found, sums.total()]
 
 

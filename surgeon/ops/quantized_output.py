@@ -87,7 +87,7 @@ class BnbEncoder:
         difference = float(torch.sum((quantized.double() - exact.double()) ** 2))
         norm = float(torch.sum(exact.double() ** 2))
         self._squares = [self._squares[0] + difference, self._squares[1] + norm]
-        self.errors.append(QuantizationError(key.removesuffix(".weight"), _ratio(difference, norm)))
+        self.errors.append(QuantizationError(key.removesuffix(".weight"), relative_distance(difference, norm)))
 
     def finish(self, out: Path, writer: StreamingWriter, config: dict, float_dtype: str) -> None:
         """The quant states' file, the index of every file, and a config.json that says how the
@@ -123,8 +123,10 @@ class BnbEncoder:
 
     def total_error(self) -> list[dict]:
         """Each quantized module's error and the total, for the report."""
-        return [asdict(e) for e in self.errors] + [asdict(QuantizationError("total", _ratio(*self._squares)))]
+        total = QuantizationError("total", relative_distance(*self._squares))
+        return [asdict(e) for e in [*self.errors, total]]
 
 
-def _ratio(difference: float, reference: float) -> float:
+def relative_distance(difference: float, reference: float) -> float:
+    """sqrt(difference / reference) of two squared Frobenius norms; absolute where the reference is 0."""
     return math.sqrt(difference / reference) if reference else math.sqrt(difference)
