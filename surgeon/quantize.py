@@ -92,8 +92,10 @@ def _codes_4bit(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, table:
         scaled = torch.cat([scaled, scaled.new_zeros(1)])
     order = torch.argsort(table)
     sorted_table = table[order]
-    codes = torch.bucketize(scaled, (sorted_table[:-1] + sorted_table[1:]) / 2, out_int32=True)
-    return order[codes].to(torch.uint8)
+    codes = torch.bucketize(scaled, (sorted_table[:-1] + sorted_table[1:]) / 2, out_int32=True).to(torch.uint8)
+    if torch.equal(order, torch.arange(16)):  # NF4's table is sorted: its codes are the buckets
+        return codes
+    return order.to(torch.uint8)[codes.long()]
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:
