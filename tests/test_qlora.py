@@ -179,3 +179,64 @@ def test_quantized_base_refuses_a_quantized_checkpoint_and_a_model_without_confi
         lines = result.output.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:") and words in lines[0], lines
         assert not (tmp_path / "out").exists()
+
+
+def _stored(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    found = {}
+    for file in sorted(path.glob("*.safetensors")):
+        found.update(load_file(file))
+    return found
+
+
+@pytest.mark.parametrize("arch, kind, double", [("llama", "nf4", True), ("gpt2", "fp4", False),
+                                               ("gpt2", "int8", False)])
+def test_quantized_output_is_what_transformers_saves(arch, kind, double, fixtures_dir, tmp_path, eager_bitsandbytes):
+    """merge --dtype nf4|fp4|int8 writes, tensor for tensor, what transformers + bitsandbytes save
+    after quantizing the same merged weights on loading; and transformers loads it as that model."""
+    base, adapter = fixtures_dir / f"tiny-{arch}", fixtures_dir / f"tiny-{arch}-lora"
+    options = ["--double-quant"] if double else []
+    _merge(str(base), str(adapter), "-o", str(tmp_path / "float"))
+    result = CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "ours"), "--dtype", kind,
+                                       *options, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    settings = (dict(load_in_8bit=True) if kind == "int8" else
+                dict(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double))
+    _quiet()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", quantization_config=transformers.BitsAndBytesConfig(**settings), device_map="cpu")
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours_stored, theirs_stored = _stored(tmp_path / "ours"), _stored(tmp_path / "theirs")
+    assert set(ours_stored) == set(theirs_stored)
+    for key, value in theirs_stored.items():
+        assert ours_stored[key].dtype == value.dtype and torch.equal(ours_stored[key], value), key
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", device_map="cpu")
+    bnb_class = bnb.nn.Linear8bitLt if kind == "int8" else bnb.nn.Linear4bit
+    assert sum(isinstance(m, bnb_class) for m in loaded.modules()) == len(report["quantization_error"]) - 1 > 0
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, theirs(input_ids=IDS).logits)
+    assert 0 < report["quantization_error"][-1]["relative"] < 0.2
+
+
+def test_compose_of_fine_tunes_writes_a_quantized_checkpoint(fixtures_dir, tmp_path):
+    """compose --base ... --dtype nf4: the task-arithmetic result, each quantized weight's parts
+    those of the same result written in float and quantized (held to bitsandbytes above)."""
+    base, adapter = fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora"
+    _merge(str(base), str(adapter), "-o", str(tmp_path / "t1"))
+    _merge(str(base), str(adapter), "-o", str(tmp_path / "t2"), "-w", "-0.5")
+    runs = {}
+    for dtype in ("auto", "nf4"):
+        result = CliRunner().invoke(main, ["compose", str(tmp_path / "t1"), str(tmp_path / "t2"), "--base", str(base),
+                                           "-o", str(tmp_path / dtype), "--dtype", dtype, "--json"])
+        assert result.exit_code == 0, result.output
+        runs[dtype] = json.loads(result.stdout)
+    stored, composed = _stored(tmp_path / "nf4"), Checkpoint(tmp_path / "auto")
+    targets = QuantizedBase(Checkpoint(base), Scheme("nf4")).targets
+    for key in targets:
+        parts, _ = quantize_4bit(composed.get(key), Scheme("nf4"))
+        assert torch.equal(stored[key], parts.pop("weight")), key
+        assert all(torch.equal(stored[f"{key}.{role}"], value) for role, value in parts.items()), key
+    assert torch.equal(stored["lm_head.weight"], composed.get("lm_head.weight"))
+    assert len(runs["nf4"]["quantization_error"]) == len(targets) + 1 and "quantization_error" not in runs["auto"]

@@ -21,7 +21,7 @@ from surgeon.errors import SurgeonError
 from surgeon.ops.apply import apply_deltas
 from surgeon.ops.merge import MergeReport, _deltas_by_key, merge, one_weight_each, prepare
 from surgeon.ops.probe import probe as probe_logits
-from surgeon.ops.quantized_output import BnbEncoder, relative_distance
+from surgeon.ops.quantized_output import QUANTIZED_DTYPES, encoder_for, relative_distance
 from surgeon.quantize import Scheme, bnb_linear_weights, roundtrip
 
 
@@ -120,7 +120,7 @@ def qlora_merge(
     with ``probe``, the largest logit differences (:mod:`surgeon.ops.probe`); with ``output``,
     written as a bitsandbytes checkpoint quantized by it, and its error measured."""
     source = QuantizedBase(base, scheme) if scheme else base
-    encoder = BnbEncoder(output, base.keys(), base.config(), base.path) if output else None
+    encoder = encoder_for(output.kind, base, output.double_quant, output.blocksize) if output else None
     merged = merge(source, adapters, out, weights=weights, allow_nonfinite=allow_nonfinite, encoder=encoder,
                    **options)
     result = QLoRAReport(**asdict(merged))
@@ -140,7 +140,7 @@ def qlora_merge(
 def merge_operation(kind: str | None, double_quant: bool, blocksize: int, report: bool, probe: bool, dtype: str):
     """The merge operation for these options: a QLoRA merge into a base quantized by ``kind``
     and/or one written quantized (``dtype`` nf4, fp4 or int8), or None for a plain merge."""
-    output = Scheme(dtype, double_quant, blocksize) if dtype in ("nf4", "fp4", "int8") else None
+    output = Scheme(dtype, double_quant, blocksize) if dtype in QUANTIZED_DTYPES else None
     if kind is None and (report or probe or ((double_quant or blocksize != 64) and output is None)):
         raise SurgeonError("double_quant, blocksize, report and probe describe a quantized base or output; name its "
                            "quantization (nf4 or fp4) too.")

@@ -23,6 +23,8 @@ from surgeon.checkpoint_files import SAFETENSORS_INDEX
 from surgeon.quantize import NESTED_BLOCKSIZE, Scheme, bnb_linear_weights, dequantize_parts, quantize, state_tensor
 
 STATES_FILE = "model-quant-states.safetensors"
+#: The output dtypes that mean a bitsandbytes checkpoint.
+QUANTIZED_DTYPES = ("nf4", "fp4", "int8")
 
 
 @dataclass
@@ -130,3 +132,10 @@ class BnbEncoder:
 def relative_distance(difference: float, reference: float) -> float:
     """sqrt(difference / reference) of two squared Frobenius norms; absolute where the reference is 0."""
     return math.sqrt(difference / reference) if reference else math.sqrt(difference)
+
+
+def encoder_for(dtype: str, base, double_quant: bool = False, blocksize: int = 64) -> BnbEncoder | None:
+    """The encoder that writes ``base``'s model quantized when ``dtype`` is nf4, fp4 or int8; None otherwise."""
+    if dtype not in QUANTIZED_DTYPES:
+        return None
+    return BnbEncoder(Scheme(dtype, double_quant, blocksize), base.keys(), base.config(), base.path)
