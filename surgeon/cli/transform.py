@@ -76,8 +76,10 @@ def merge(base, adapters, output, weights, quantized_base, double_quant, blocksi
     shape) before anything is written; config and tokenizer files are copied along.
 
     \b
-    Example:
+    Examples:
       surgeon merge fixtures/tiny-llama fixtures/tiny-llama-lora -o out/merged
+      surgeon merge BASE QLORA_ADAPTER -o out/merged --quantized-base nf4 --double-quant --report
+      surgeon merge BASE ADAPTER -o out/merged-nf4 --dtype nf4 --double-quant
     """
     from surgeon.ops.merge import merge as merge_op
     from surgeon.ops.qlora import describe, merge_operation
