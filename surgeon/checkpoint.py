@@ -288,6 +288,7 @@ class StreamingWriter:
                 self._slots[key] = (shard_number, len(header) + begin, info)
         self._pending = set(self._slots)
         self.file_names = names
+        self.weight_map = weight_map  # key → file, for an index that lists more files than these
         if count > 1:
             index = {"metadata": {"total_size": sum(i.num_bytes for _, _, i in self._slots.values())}, "weight_map": weight_map}
             (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -128,8 +128,9 @@ BASE_FOR_NAMES_OPTION = click.option(
     help="The base checkpoint, for adapters only it resolves (kohya, LyCORIS, GGUF) or whose writer needs it.")
 
 
-def dtype_option(help_text: str):
-    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True, help=help_text)
+def dtype_option(help_text: str, extra: tuple[str, ...] = ()):
+    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES + extra), default="auto", show_default=True,
+                        help=help_text)
 
 
 def rank_options(command):

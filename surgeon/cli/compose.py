@@ -46,7 +46,8 @@ def _report_dict(report: ComposeReport, written: list[str]) -> dict:
 @click.option("--base", type=INPUT, default=None,
               help="The base checkpoint: resolves adapter names only it can (kohya, LyCORIS, GGUF); when ADAPTERS are "
                    "full fine-tuned checkpoints, their deltas are merged into it and a full checkpoint is written.")
-@dtype_option("With full fine-tuned checkpoints and --base: output dtype of float tensors.")
+@dtype_option("With full fine-tuned checkpoints and --base: output dtype of float tensors (nf4/fp4/int8: a bitsandbytes "
+              "checkpoint).", ("nf4", "fp4", "int8"))
 @DEVICE_OPTION
 @SHARD_OPTION
 @FROM_OPTION
@@ -139,17 +140,20 @@ def _all_checkpoints(paths: tuple[Path, ...], format_name: str | None) -> bool:
 def _compose_checkpoints(base, tuned, output, weights, options, dtype, shard_size, force, as_json) -> None:
     from surgeon.checkpoint import Checkpoint, parse_size
     from surgeon.ops.merge import DTYPES
+    from surgeon.ops.quantized_output import encoder_for
     from surgeon.ops.task_arithmetic import task_arithmetic
     from surgeon.output import atomic_output
 
     checkpoint = Checkpoint(base)
+    encoder = encoder_for(dtype, checkpoint)
     with atomic_output(output, inputs=[Path(base), *map(Path, tuned)], force=force) as staging:
         with Progress(len(checkpoint), options.method) as tick:
             report = task_arithmetic(checkpoint, [Checkpoint(t) for t in tuned], staging, weights or None, options,
                                      dtype=DTYPES.get(dtype), shard_size=parse_size(shard_size),
-                                     on_tensor=tick, metadata=provenance())
+                                     on_tensor=tick, metadata=provenance(), encoder=encoder)
     report.output = str(output)
-    emit(asdict(report), as_json, f"merged {len(tuned)} fine-tune(s) by {options.method} into {report.changed} of "
+    summary = asdict(report) | ({"quantization_error": encoder.total_error()} if encoder else {})
+    emit(summary, as_json, f"merged {len(tuned)} fine-tune(s) by {options.method} into {report.changed} of "
          f"{report.tensors} tensors in {report.seconds:.2f}s -> {output}")
 
 

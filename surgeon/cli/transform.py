@@ -12,10 +12,13 @@ from surgeon.cli.common import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT,
                                 read_adapter_arg)
 
 
-def _transform_options(command):
-    """The options merge and unmerge share, in the order --help lists them."""
+def _transform_options(command, quantized: tuple[str, ...] = ()):
+    """The options merge and unmerge share, in the order --help lists them (merge's --dtype also
+    takes the ``quantized`` bitsandbytes kinds)."""
     for option in reversed([
-        dtype_option("Output dtype of float tensors; auto keeps each tensor's own (a bitsandbytes base: its compute dtype, else bf16)."),
+        dtype_option("Output dtype of float tensors; auto keeps each tensor's own (a bitsandbytes base: its compute "
+                     "dtype, else bf16)." + (" nf4/fp4/int8: a bitsandbytes checkpoint." if quantized else ""),
+                     quantized),
         DEVICE_OPTION, SHARD_OPTION, FROM_OPTION, FORCE_OPTION, NONFINITE_OPTION, JSON_OPTION,
     ]):
         command = option(command)
@@ -61,9 +64,21 @@ def _run_transform(operation, base: Path, adapters: tuple[Path, ...], output: Pa
               help="Scale for each adapter, in order (repeat once per adapter; default 1).")
 @click.option("--untie", is_flag=True, help="Where a changed embedding is tied to the output head, keep the head as "
               "it was (what PEFT computes unmerged) and write it untied, instead of letting it follow the embedding.")
-@_transform_options
-def merge(base, adapters, output, weights, untie, dtype, device, shard_size, format_name, force, allow_nonfinite,
-          as_json) -> None:
+@click.option("--quantized-base", type=click.Choice(["nf4", "fp4"]), default=None,
+              help="BASE is the 16-bit model a QLoRA adapter was trained on in 4 bits: merge into its weights as "
+                   "bitsandbytes quantizes them (the layers transformers quantizes).")
+@click.option("--double-quant", is_flag=True, help="With --quantized-base or --dtype nf4/fp4: bnb_4bit_use_double_quant.")
+@click.option("--blocksize", type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]),
+              default="64", show_default=True, help="With --quantized-base or --dtype nf4/fp4: the 4-bit blocksize.")
+@click.option("--report", "qlora_report", is_flag=True,
+              help="With --quantized-base: per module and in total, how far the result is from the model as trained "
+                   "and from the naive merge (relative Frobenius distances).")
+@click.option("--probe", "qlora_probe", is_flag=True,
+              help="With --quantized-base: run the model (built by transformers, held in fp32) on a few fixed tokens "
+                   "and print the max logit difference from the model as trained, and the naive merge's.")
+@lambda command: _transform_options(command, quantized=("nf4", "fp4", "int8"))
+def merge(base, adapters, output, weights, untie, quantized_base, double_quant, blocksize, qlora_report, qlora_probe, dtype,
+          device, shard_size, format_name, force, allow_nonfinite, as_json) -> None:
     """Merge ADAPTERS into the BASE checkpoint and write a full checkpoint to -o.
 
     Each merged weight is computed in fp32 and cast back to the base's dtype (or --dtype).
@@ -71,16 +86,20 @@ def merge(base, adapters, output, weights, untie, dtype, device, shard_size, for
     shape) before anything is written; config and tokenizer files are copied along.
 
     \b
-    Example:
+    Examples:
       surgeon merge fixtures/tiny-llama fixtures/tiny-llama-lora -o out/merged
+      surgeon merge BASE QLORA_ADAPTER -o out/merged --quantized-base nf4 --double-quant --report
+      surgeon merge BASE ADAPTER -o out/merged-nf4 --dtype nf4 --double-quant
     """
     shard_bytes = _answer_at_once(base, adapters, format_name, shard_size, "BASE")
     from surgeon.ops.merge import merge as merge_op
+    from surgeon.ops.qlora import describe, merge_operation
 
-    report = _run_transform(merge_op, base, adapters, output, weights, format_name, dtype, device, shard_bytes, force,
+    operation = merge_operation(quantized_base, double_quant, int(blocksize), qlora_report, qlora_probe, dtype) or merge_op
+    report = _run_transform(operation, base, adapters, output, weights, format_name, dtype, device, shard_bytes, force,
                             allow_nonfinite, untie=untie)
     emit(asdict(report), as_json, f"merged {len(adapters)} adapter(s) into {report.changed} of {report.tensors} tensors "
-         f"in {report.seconds:.2f}s -> {output}" + "".join(f"\nnote: {note}" for note in report.notes))
+         f"in {report.seconds:.2f}s -> {output}" + "".join(f"\nnote: {note}" for note in report.notes) + describe(report))
 
 
 def _check_against(report: dict, output: Path, check_base: Path) -> str:

@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -27,6 +27,9 @@ from surgeon.model_names import tied_heads
 from surgeon.pairing import paired_keys
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
 from surgeon.quantized import dequantized_dtype
+
+if TYPE_CHECKING:
+    from surgeon.ops.quantized_output import BnbEncoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -149,6 +152,7 @@ def transform_checkpoint(
     metadata: dict[str, str] | None = None,
     allow_nonfinite: bool = False,
     untied: dict[str, str] | None = None,
+    encoder: "BnbEncoder | None" = None,
 ) -> MergeReport:
     """Write ``base`` with ``plan``'s deltas applied (or removed, with ``undo``) into ``out``.
     ``untied``: {output head: tied embedding key}: each head is written as its embedding was in
@@ -159,6 +163,7 @@ def transform_checkpoint(
     cast only when ``dtype`` asks for it.
     ``metadata`` goes into every shard's header (surgeon records how the file was made there).
     Every tensor written is checked to be finite (one sum: see :func:`all_finite`), unless ``allow_nonfinite``.
+    An ``encoder`` writes the result as a bitsandbytes checkpoint (:mod:`surgeon.ops.quantized_output`).
     """
     started = time.perf_counter()
     if dtype is None and base.quantized:
@@ -181,7 +186,8 @@ def transform_checkpoint(
     report = MergeReport(output=str(out), device=str(device))
     # Writing is as costly as computing, so one thread writes tensor i while this one computes i+1;
     # at most one write is in flight when a result slot is filled, and it uses the other slot.
-    with StreamingWriter(out, specs, shard_size=shard_size, metadata=metadata) as writer, ThreadPoolExecutor(1) as io:
+    stored = encoder.layout(specs) if encoder else specs
+    with StreamingWriter(out, stored, shard_size=shard_size, metadata=metadata) as writer, ThreadPoolExecutor(1) as io:
         in_flight: deque[Future] = deque()
         for key, info in specs:
             tensor = base.get(sources[key])
@@ -197,7 +203,7 @@ def transform_checkpoint(
             tensor = tensor.to(dtype=info.dtype).cpu()
             if not allow_nonfinite and not all_finite(tensor):
                 raise SurgeonError(_nonfinite_cause(base, key, base_tensor, work, info.dtype))
-            in_flight.append(io.submit(writer.write, key, tensor))
+            in_flight.append(io.submit(_write, writer, encoder, key, tensor))
             report.tensors += 1
             if on_tensor is not None:
                 on_tensor(key)
@@ -210,6 +216,9 @@ def transform_checkpoint(
         from surgeon.vocabulary import record_tokens
 
         report.notes += record_tokens(out, tokens, undo)
+    if encoder:
+        float_dtypes = {str(i.dtype).removeprefix("torch.") for _, i in specs if i.dtype.is_floating_point}
+        encoder.finish(out, writer, base.config(), "bfloat16" if len(float_dtypes) != 1 else float_dtypes.pop())
     report.dtype = ", ".join(sorted({str(i.dtype).removeprefix("torch.") for _, i in specs}))
     report.seconds = time.perf_counter() - started
     return report
@@ -249,6 +258,12 @@ class _Planned:
 
     def info(self, key: str) -> TensorInfo:
         return self.specs[key]
+
+
+def _write(writer: StreamingWriter, encoder: "BnbEncoder | None", key: str, tensor: torch.Tensor) -> None:
+    """One result, as the tensors that store it (an encoder may quantize it into several)."""
+    for name, part in (encoder.encode(key, tensor) if encoder else {key: tensor}).items():
+        writer.write(name, part)
 
 
 def _nonfinite_cause(base: Checkpoint, key: str, original: torch.Tensor, work: torch.Tensor | None,
