@@ -71,8 +71,12 @@ def bench_parser(doc: str, name: str) -> argparse.ArgumentParser:
     """The options every benchmark shares: --workdir, --layers, --keep, --json, and the hidden
     --role/paths by which a benchmark runs its own build and check steps as children."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=REPO / "bench-work" / name,
-                        help=f"inputs and outputs (default: bench-work/{name}, git-ignored)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=REPO / "bench-work" / name,
+        help=f"inputs and outputs (default: bench-work/{name}, git-ignored)",
+    )
     parser.add_argument("--layers", type=int, default=22, help="decoder layers (default 22, the full size)")
     parser.add_argument("--keep", action="store_true", help="reuse inputs of an earlier --keep run, and keep them")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")

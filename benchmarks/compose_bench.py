@@ -53,9 +53,17 @@ def make_adapter(out: Path, layers: int, rank: int, alpha: int, seed: int) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": sorted({n.rpartition(".")[2] for n in PROJECTIONS}), "base_model_name_or_path": "tinyllama-shapes",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted({n.rpartition(".")[2] for n in PROJECTIONS}),
+        "base_model_name_or_path": "tinyllama-shapes",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
@@ -89,8 +97,10 @@ def run_measured(command: list[str], threads: int | None) -> dict:
     out_chunks: list[str] = []
     err_chunks: list[str] = []
 
-    readers = [threading.Thread(target=lambda s, c: c.append(s.read()), args=(stream, chunks))
-               for stream, chunks in ((process.stdout, out_chunks), (process.stderr, err_chunks))]
+    readers = [
+        threading.Thread(target=lambda s, c: c.append(s.read()), args=(stream, chunks))
+        for stream, chunks in ((process.stdout, out_chunks), (process.stderr, err_chunks))
+    ]
     for reader in readers:
         reader.start()
     _, status, usage = os.wait4(process.pid, 0)
@@ -101,7 +111,11 @@ def run_measured(command: list[str], threads: int | None) -> dict:
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command[:3])} failed:\n{''.join(err_chunks)[-3000:]}")
     stdout = "".join(out_chunks)
-    return {"wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "report": json.loads(stdout[stdout.index("{"):])}
+    return {
+        "wall_seconds": wall,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "report": json.loads(stdout[stdout.index("{") :]),
+    }
 
 
 def errors(results: dict[str, Path], adapters: list[Path], rank: int) -> dict[str, float]:
@@ -133,37 +147,87 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--workdir", type=Path, default=None, help="Where the adapters go (default: a temporary directory).")
-    parser.add_argument("--peft-layers", type=int, default=None, help="Run PEFT on the first N layers only and scale its time to --layers.")
-    parser.add_argument("--threads", type=int, default=None, help="Intra-op threads of both tools (default: torch's). "
-                        "On a loaded machine 1 avoids OpenMP oversubscription, which hurts surgeon's many small QRs most.")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="Where the adapters go (default: a temporary directory)."
+    )
+    parser.add_argument(
+        "--peft-layers",
+        type=int,
+        default=None,
+        help="Run PEFT on the first N layers only and scale its time to --layers.",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="Intra-op threads of both tools (default: torch's). "
+        "On a loaded machine 1 avoids OpenMP oversubscription, which hurts surgeon's many small QRs most.",
+    )
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-error", action="store_true", help="Do not measure the errors (saves the dense SVDs).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     args = parser.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="compose-bench-"))
-    adapters = [make_adapter(work / "a", args.layers, args.rank, 2 * args.rank, 0),
-                make_adapter(work / "b", args.layers, args.rank, args.rank, 1)]
-    figures: dict = {"layers": args.layers, "rank": args.rank, "modules": args.layers * len(PROJECTIONS),
-                     "threads": args.threads or torch.get_num_threads(), "load_average": os.getloadavg()[0], "torch": torch.__version__}
+    adapters = [
+        make_adapter(work / "a", args.layers, args.rank, 2 * args.rank, 0),
+        make_adapter(work / "b", args.layers, args.rank, args.rank, 1),
+    ]
+    figures: dict = {
+        "layers": args.layers,
+        "rank": args.rank,
+        "modules": args.layers * len(PROJECTIONS),
+        "threads": args.threads or torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+        "torch": torch.__version__,
+    }
 
     out = work / "surgeon-out"
-    surgeon = run_measured([sys.executable, "-c", "from surgeon.cli import main; main()", "compose", *map(str, adapters), "--method", "svd", "--rank",
-                            str(args.rank), "--device", "cpu", "-o", str(out), "--force", "--json"], args.threads)
-    figures["surgeon"] = {"wall_seconds": surgeon["wall_seconds"], "compose_seconds": surgeon["report"]["seconds"],
-                          "peak_rss_mb": surgeon["peak_rss_mb"]}
+    surgeon = run_measured(
+        [
+            sys.executable,
+            "-c",
+            "from surgeon.cli import main; main()",
+            "compose",
+            *map(str, adapters),
+            "--method",
+            "svd",
+            "--rank",
+            str(args.rank),
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+            "--force",
+            "--json",
+        ],
+        args.threads,
+    )
+    figures["surgeon"] = {
+        "wall_seconds": surgeon["wall_seconds"],
+        "compose_seconds": surgeon["report"]["seconds"],
+        "peak_rss_mb": surgeon["peak_rss_mb"],
+    }
     if not args.skip_peft:
         import peft
 
         peft_out = work / "peft-out"
         peft_layers = min(args.peft_layers or args.layers, args.layers)
         # PEFT loads the adapters into a model of peft_layers blocks and ignores the layers it lacks
-        result = run_measured([sys.executable, "-c", PEFT_CHILD, *map(str, adapters), str(peft_out), str(peft_layers), str(args.rank)], args.threads)
+        result = run_measured(
+            [sys.executable, "-c", PEFT_CHILD, *map(str, adapters), str(peft_out), str(peft_layers), str(args.rank)],
+            args.threads,
+        )
         scale = args.layers / peft_layers
-        figures["peft"] = {"version": peft.__version__, "layers_run": peft_layers, "compose_seconds_measured": result["report"]["compose_seconds"],
-                           "compose_seconds": result["report"]["compose_seconds"] * scale, "extrapolated": scale != 1,
-                           "wall_seconds_measured": result["wall_seconds"], "peak_rss_mb_measured": result["peak_rss_mb"]}
+        figures["peft"] = {
+            "version": peft.__version__,
+            "layers_run": peft_layers,
+            "compose_seconds_measured": result["report"]["compose_seconds"],
+            "compose_seconds": result["report"]["compose_seconds"] * scale,
+            "extrapolated": scale != 1,
+            "wall_seconds_measured": result["wall_seconds"],
+            "peak_rss_mb_measured": result["peak_rss_mb"],
+        }
         figures["speedup_compose"] = figures["peft"]["compose_seconds"] / figures["surgeon"]["compose_seconds"]
         if scale == 1:
             figures["speedup_wall"] = figures["peft"]["wall_seconds_measured"] / figures["surgeon"]["wall_seconds"]

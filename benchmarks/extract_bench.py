@@ -28,8 +28,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import load_average, mib, own_peak_rss, run_measured, table  # noqa: E402
 from merge_bench import build_base, child_env, linear_shapes, surgeon_executable, warm_page_cache  # noqa: E402
+
+from _measure import load_average, mib, own_peak_rss, run_measured, table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TRUE_RANK, RANK, DELTA_STD, NOISE_STD = 32, 64, 0.002, 0.0001
@@ -45,6 +46,7 @@ for key in base.keys():
 
 
 # --- children: building the inputs, measuring the outputs ------------------------------------------------
+
 
 def build_tuned(base: Path, out: Path) -> None:
     """base + a rank-32 delta + noise on every linear weight, bf16, streamed a tensor at a time."""
@@ -81,7 +83,11 @@ def measure_errors(base: Path, tuned: Path, outputs: dict[str, Path]) -> dict:
 
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
     adapters = {name: bind_to_base(peft.read(path), base_ckpt.keys(), str(path)) for name, path in outputs.items()}
-    targets = [k for k in base_ckpt.keys() if len(base_ckpt.info(k).shape) == 2 and k.rsplit(".", 2)[-2] in {n.rsplit(".", 1)[-1] for n in linear_shapes()}]
+    targets = [
+        k
+        for k in base_ckpt.keys()
+        if len(base_ckpt.info(k).shape) == 2 and k.rsplit(".", 2)[-2] in {n.rsplit(".", 1)[-1] for n in linear_shapes()}
+    ]
     errors: dict[str, list[float]] = {name: [] for name in outputs}
     for key in targets:
         delta = tuned_ckpt.get(key).double() - base_ckpt.get(key).double()
@@ -90,13 +96,20 @@ def measure_errors(base: Path, tuned: Path, outputs: dict[str, Path]) -> dict:
             found = [d for d in adapter.deltas.get(key, []) if hasattr(d, "rank")]
             approx = sum(d.materialize(dtype=torch.float64) for d in found) if found else torch.zeros_like(delta)
             errors[name].append(float(torch.linalg.norm(delta - approx)) / norm)
-    return {name: {"mean_relative_error": sum(v) / len(v), "max_relative_error": max(v), "targets": len(targets),
-                   "extracted": sum(1 for k in targets if adapters[name].deltas.get(k)),
-                   "ranks": sorted({d.rank for d in adapters[name].low_ranks().values()})}
-            for name, v in errors.items()}
+    return {
+        name: {
+            "mean_relative_error": sum(v) / len(v),
+            "max_relative_error": max(v),
+            "targets": len(targets),
+            "extracted": sum(1 for k in targets if adapters[name].deltas.get(k)),
+            "ranks": sorted({d.rank for d in adapters[name].low_ranks().values()}),
+        }
+        for name, v in errors.items()
+    }
 
 
 # --- the parent: orchestration and report ----------------------------------------------------------------
+
 
 def child(role: str, *arguments) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--role", role, *map(str, arguments)]
@@ -140,28 +153,52 @@ def report(results: dict) -> str:
     for name, run in results["runs"].items():
         error = results["errors"].get(name, {})
         baseline = results["import_rss"].get(name.split("-")[0])
-        rows.append([name, f"{run['wall_s']:.1f}", f"{run['cpu_s']:.1f}", mib(run["peak_rss"]),
-                     mib(run["peak_rss"] - baseline) if baseline else "-",
-                     f"{error['mean_relative_error']:.6f}" if error else "-", f"{error['max_relative_error']:.6f}" if error else "-",
-                     mib(results["adapter_bytes"][name]) if name in results.get("adapter_bytes", {}) else "-"])
-    lines = [table(["", "wall s", "CPU s", "peak RSS", "working memory", "mean rel. error", "max rel. error", "adapter"], rows)]
+        rows.append(
+            [
+                name,
+                f"{run['wall_s']:.1f}",
+                f"{run['cpu_s']:.1f}",
+                mib(run["peak_rss"]),
+                mib(run["peak_rss"] - baseline) if baseline else "-",
+                f"{error['mean_relative_error']:.6f}" if error else "-",
+                f"{error['max_relative_error']:.6f}" if error else "-",
+                mib(results["adapter_bytes"][name]) if name in results.get("adapter_bytes", {}) else "-",
+            ]
+        )
+    lines = [
+        table(
+            ["", "wall s", "CPU s", "peak RSS", "working memory", "mean rel. error", "max rel. error", "adapter"], rows
+        )
+    ]
     if "mergekit" in results["runs"]:
         mergekit, theirs = results["runs"]["mergekit"], results["errors"]["mergekit"]["mean_relative_error"]
         for name, run in results["runs"].items():
             if name.startswith("surgeon"):
                 ours = results["errors"][name]["mean_relative_error"]
-                lines.append(f"{name}: {mergekit['wall_s'] / run['wall_s']:.1f}× less wall time, {mergekit['cpu_s'] / run['cpu_s']:.1f}× less CPU time "
-                             f"than mergekit; mean error {100 * (ours / theirs - 1):+.4f}% relative to mergekit's")
-    lines.append(f"largest tensor {mib(results['largest_tensor_bytes'])} (bf16); {results['modules']} targets at rank {RANK}; "
-                 f"load average before / after: {results['load_before']} / {results['load_after']} ({os.cpu_count()} CPUs)")
+                lines.append(
+                    f"{name}: {mergekit['wall_s'] / run['wall_s']:.1f}× less wall time, "
+                    f"{mergekit['cpu_s'] / run['cpu_s']:.1f}× less CPU time "
+                    f"than mergekit; mean error {100 * (ours / theirs - 1):+.4f}% relative to mergekit's"
+                )
+    lines.append(
+        f"largest tensor {mib(results['largest_tensor_bytes'])} (bf16); {results['modules']} targets at rank {RANK}; "
+        f"load average before / after: {results['load_before']} / {results['load_after']} ({os.cpu_count()} CPUs)"
+    )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=REPO / "bench-work" / "extract", help="inputs and outputs (default: bench-work/extract, git-ignored)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=REPO / "bench-work" / "extract",
+        help="inputs and outputs (default: bench-work/extract, git-ignored)",
+    )
     parser.add_argument("--layers", type=int, default=22, help="decoder layers (default 22, the full size)")
-    parser.add_argument("--methods", default="randomized,gram,exact", help="surgeon SVD methods to time (comma-separated)")
+    parser.add_argument(
+        "--methods", default="randomized,gram,exact", help="surgeon SVD methods to time (comma-separated)"
+    )
     parser.add_argument("--device", default="cpu", help="surgeon's --device (and mergekit's --cuda when cuda)")
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--keep", action="store_true", help="reuse inputs of an earlier --keep run, and keep them")
@@ -177,7 +214,9 @@ def main() -> None:
         return
     if args.role == "errors":
         base, tuned, *pairs = args.paths
-        print(json.dumps(measure_errors(Path(base), Path(tuned), {n: Path(p) for n, p in zip(pairs[::2], pairs[1::2])})))
+        print(
+            json.dumps(measure_errors(Path(base), Path(tuned), {n: Path(p) for n, p in zip(pairs[::2], pairs[1::2])}))
+        )
         return
 
     work = args.workdir.resolve()
@@ -187,38 +226,83 @@ def main() -> None:
     warm_page_cache(base)
     warm_page_cache(tuned)
     env = child_env(None)
-    results: dict = {"layers": args.layers, "rank": RANK, "modules": args.layers * len(linear_shapes()), "build": build,
-                     "load_before": load_average(), "runs": {}, "import_rss": {}, "errors": {},
-                     "largest_tensor_bytes": 32000 * 2048 * 2}
-    results["import_rss"]["surgeon"] = run_measured("surgeon imports", [sys.executable, "-c", SURGEON_IMPORTS], logs / "surgeon-imports.log", env).peak_rss
-    results["runs"]["read-both"] = run_side("read-both", [sys.executable, "-c", READ_BOTH, str(base), str(tuned)], work / "none", logs, env)
+    results: dict = {
+        "layers": args.layers,
+        "rank": RANK,
+        "modules": args.layers * len(linear_shapes()),
+        "build": build,
+        "load_before": load_average(),
+        "runs": {},
+        "import_rss": {},
+        "errors": {},
+        "largest_tensor_bytes": 32000 * 2048 * 2,
+    }
+    results["import_rss"]["surgeon"] = run_measured(
+        "surgeon imports", [sys.executable, "-c", SURGEON_IMPORTS], logs / "surgeon-imports.log", env
+    ).peak_rss
+    results["runs"]["read-both"] = run_side(
+        "read-both", [sys.executable, "-c", READ_BOTH, str(base), str(tuned)], work / "none", logs, env
+    )
     outputs = {}
     for method in [m for m in args.methods.split(",") if m]:
         name = f"surgeon-{method}"
         outputs[name] = work / f"out-{name}"
         print(f"{name} ...", file=sys.stderr)
-        command = [surgeon_executable(), "extract", str(base), str(tuned), "-o", str(outputs[name]), "--rank", str(RANK),
-                   "--method", method, "--device", args.device,
-                   "--embeddings", "skip", "--skip-changed-1d"]  # what mergekit extracts by default: like for like
+        command = [
+            surgeon_executable(),
+            "extract",
+            str(base),
+            str(tuned),
+            "-o",
+            str(outputs[name]),
+            "--rank",
+            str(RANK),
+            "--method",
+            method,
+            "--device",
+            args.device,
+            "--embeddings",
+            "skip",
+            "--skip-changed-1d",
+        ]  # what mergekit extracts by default: like for like
         results["runs"][name] = run_side(name, command, outputs[name], logs, env)
     venv = None if args.skip_mergekit else mergekit_venv(work)
     if venv is not None:
         print("mergekit-extract-lora ...", file=sys.stderr)
         python = str(venv / "bin" / "python")
-        results["mergekit_version"] = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-                                                     capture_output=True, text=True).stdout.strip()
-        results["import_rss"]["mergekit"] = run_measured("mergekit imports", [python, "-c", MERGEKIT_IMPORTS], logs / "mergekit-imports.log", env).peak_rss
+        results["mergekit_version"] = subprocess.run(
+            [python, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        results["import_rss"]["mergekit"] = run_measured(
+            "mergekit imports", [python, "-c", MERGEKIT_IMPORTS], logs / "mergekit-imports.log", env
+        ).peak_rss
         outputs["mergekit"] = work / "out-mergekit"
-        command = [str(venv / "bin" / "mergekit-extract-lora"), "--model", str(tuned), "--base-model", str(base),
-                   "--out-path", str(outputs["mergekit"]), "--max-rank", str(RANK), "--no-copy-tokenizer", "--quiet"]
-        results["runs"]["mergekit"] = run_side("mergekit", command + (["--cuda"] if args.device.startswith("cuda") else []),
-                                               outputs["mergekit"], logs, env)
+        command = [
+            str(venv / "bin" / "mergekit-extract-lora"),
+            "--model",
+            str(tuned),
+            "--base-model",
+            str(base),
+            "--out-path",
+            str(outputs["mergekit"]),
+            "--max-rank",
+            str(RANK),
+            "--no-copy-tokenizer",
+            "--quiet",
+        ]
+        results["runs"]["mergekit"] = run_side(
+            "mergekit", command + (["--cuda"] if args.device.startswith("cuda") else []), outputs["mergekit"], logs, env
+        )
     results["load_after"] = load_average()
     results["parent_peak_rss"] = own_peak_rss()
     pairs = [str(x) for name, path in outputs.items() for x in (name, path)]
     measured = subprocess.run(child("errors", base, tuned, *pairs), capture_output=True, text=True, check=True)
     results["errors"] = json.loads(measured.stdout.strip().splitlines()[-1])
-    results["adapter_bytes"] = {name: sum(f.stat().st_size for f in path.rglob("*.safetensors")) for name, path in outputs.items()}
+    results["adapter_bytes"] = {
+        name: sum(f.stat().st_size for f in path.rglob("*.safetensors")) for name, path in outputs.items()
+    }
     for out in outputs.values():
         shutil.rmtree(out, ignore_errors=True)
     if not args.keep:

@@ -47,9 +47,17 @@ MERGEKIT = "import sys; sys.argv[0] = 'mergekit-extract-lora'; from mergekit.scr
 def tensor_shapes(size: dict, layers: int) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor of a LlamaForCausalLM of these dimensions, in checkpoint order."""
     h, i = size["hidden"], size["intermediate"]
-    per_layer = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h),
-                 "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i),
-                 "input_layernorm": (h,), "post_attention_layernorm": (h,)}
+    per_layer = {
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (h, h),
+        "self_attn.v_proj": (h, h),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+        "input_layernorm": (h,),
+        "post_attention_layernorm": (h,),
+    }
     shapes = [("model.embed_tokens.weight", (size["vocab"], h))]
     for layer in range(layers):
         shapes += [(f"model.layers.{layer}.{name}.weight", shape) for name, shape in per_layer.items()]
@@ -57,11 +65,23 @@ def tensor_shapes(size: dict, layers: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def llama_config(size: dict, layers: int) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": size["hidden"],
-            "intermediate_size": size["intermediate"], "num_hidden_layers": layers,
-            "num_attention_heads": size["heads"], "num_key_value_heads": size["heads"], "vocab_size": size["vocab"],
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False,
-            "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": size["hidden"],
+        "intermediate_size": size["intermediate"],
+        "num_hidden_layers": layers,
+        "num_attention_heads": size["heads"],
+        "num_key_value_heads": size["heads"],
+        "vocab_size": size["vocab"],
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
 
 
 def is_target(key: str) -> bool:
@@ -187,20 +207,52 @@ def runs(args: argparse.Namespace, work: Path, env: dict, deadline: float) -> tu
     for method in args.methods.split(","):
         name = f"surgeon-{method}"
         outputs[name] = work / f"out-{name}"
-        command = [sys.executable, "-c", SURGEON, "extract", str(base), str(tuned), "-o", str(outputs[name]),
-                   "--rank", str(RANK), "--method", method, "--device", args.device]
+        command = [
+            sys.executable,
+            "-c",
+            SURGEON,
+            "extract",
+            str(base),
+            str(tuned),
+            "-o",
+            str(outputs[name]),
+            "--rank",
+            str(RANK),
+            "--method",
+            method,
+            "--device",
+            args.device,
+        ]
         results[name] = timed(name, command, work, env, limit())
     if args.mergekit_path and (args.mergekit_path / "mergekit").is_dir():
         outputs["mergekit"] = work / "out-mergekit"
-        command = [sys.executable, "-c", MERGEKIT, "--model", str(tuned), "--base-model", str(base), "--out-path",
-                   str(outputs["mergekit"]), "--max-rank", str(RANK), "--no-copy-tokenizer", "--quiet"]
-        mergekit_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(args.mergekit_path),
-                                                                          env.get("PYTHONPATH")]))}
-        results["mergekit"] = timed("mergekit", command + (["--cuda"] if args.device.startswith("cuda") else []),
-                                    work, mergekit_env, limit())
+        command = [
+            sys.executable,
+            "-c",
+            MERGEKIT,
+            "--model",
+            str(tuned),
+            "--base-model",
+            str(base),
+            "--out-path",
+            str(outputs["mergekit"]),
+            "--max-rank",
+            str(RANK),
+            "--no-copy-tokenizer",
+            "--quiet",
+        ]
+        mergekit_env = {
+            **env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(args.mergekit_path), env.get("PYTHONPATH")])),
+        }
+        results["mergekit"] = timed(
+            "mergekit", command + (["--cuda"] if args.device.startswith("cuda") else []), work, mergekit_env, limit()
+        )
     else:
-        print(f"no mergekit in {args.mergekit_path}; run through gpu_bench.sh with wheels to compare with it",
-              file=sys.stderr)
+        print(
+            f"no mergekit in {args.mergekit_path}; run through gpu_bench.sh with wheels to compare with it",
+            file=sys.stderr,
+        )
     return results, {name: path for name, path in outputs.items() if "failed" not in results[name]}
 
 
@@ -213,12 +265,21 @@ def report(results: dict) -> str:
             rows.append([name, "failed", "", "", "", ""])
             continue
         error = results["errors"].get(name)
-        rows.append([name, f"{run['wall_s']:.1f}", f"{run['wall_s'] / cold:.2f}×" if cold else "",
-                     f"{theirs / run['wall_s']:.2f}×" if theirs and name != "cold-read" else "",
-                     f"{error['mean']:.5f}" if error else "", f"{error['max']:.5f}" if error else ""])
-    head = (f"{results['device_name']}; {results['layers']} layers of {results['size']}, rank {RANK}; "
-            f"inputs {results['input_gb']:.1f} GB, built in {results['build_s']:.0f} s; "
-            f"cold read inside the child {results.get('read_inside_s', float('nan')):.1f} s")
+        rows.append(
+            [
+                name,
+                f"{run['wall_s']:.1f}",
+                f"{run['wall_s'] / cold:.2f}×" if cold else "",
+                f"{theirs / run['wall_s']:.2f}×" if theirs and name != "cold-read" else "",
+                f"{error['mean']:.5f}" if error else "",
+                f"{error['max']:.5f}" if error else "",
+            ]
+        )
+    head = (
+        f"{results['device_name']}; {results['layers']} layers of {results['size']}, rank {RANK}; "
+        f"inputs {results['input_gb']:.1f} GB, built in {results['build_s']:.0f} s; "
+        f"cold read inside the child {results.get('read_inside_s', float('nan')):.1f} s"
+    )
     return head + "\n" + table(["run", "wall s", "× cold read", "mergekit ÷ run", "mean error", "max error"], rows)
 
 
@@ -235,11 +296,19 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--size", choices=sorted(SIZES), default="7b")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--methods", default="auto,exact", help="surgeon --method values to time (comma-separated)")
-    parser.add_argument("--mergekit-path", type=Path, default=REPO / "bench-work" / "mergekit-pkgs",
-                        help="a folder holding the mergekit package (pip install --target); skipped when absent")
+    parser.add_argument(
+        "--mergekit-path",
+        type=Path,
+        default=REPO / "bench-work" / "mergekit-pkgs",
+        help="a folder holding the mergekit package (pip install --target); skipped when absent",
+    )
     parser.add_argument("--run-timeout", type=float, default=180, help="seconds each timed run may take")
-    parser.add_argument("--budget", type=float, default=470,
-                        help="seconds for the whole benchmark: runs are stopped so that it ends in time (8 min)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=470,
+        help="seconds for the whole benchmark: runs are stopped so that it ends in time (8 min)",
+    )
     parser.add_argument("--results", type=Path, help="also write the figures here as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the inputs and adapters")
     parser.add_argument("--role", help=argparse.SUPPRESS)
@@ -267,15 +336,24 @@ def main() -> None:
     print(f"building a {args.size}-shaped pair of {args.layers} layers in {work} on {args.device} ...", file=sys.stderr)
     started = time.perf_counter()
     run_measured("build", child("build", work, args.size, args.layers, args.device), work / "logs" / "build.log", env)
-    results = {"device_name": device_name(args.device), "size": args.size, "layers": args.layers,
-               "build_s": time.perf_counter() - started,
-               "input_gb": sum(f.stat().st_size for f in work.rglob("*.safetensors")) / 1e9}
+    results = {
+        "device_name": device_name(args.device),
+        "size": args.size,
+        "layers": args.layers,
+        "build_s": time.perf_counter() - started,
+        "input_gb": sum(f.stat().st_size for f in work.rglob("*.safetensors")) / 1e9,
+    }
     results["runs"], outputs = runs(args, work, env, deadline)
     if "failed" not in results["runs"]["cold-read"]:
         results["read_inside_s"] = json.loads((work / "logs" / "cold-read.log").read_text().splitlines()[-1])["seconds"]
     pairs = [str(x) for name, path in outputs.items() for x in (name, path)]
-    measured = subprocess.run(child("errors", work / "base", work / "tuned", args.device, *pairs), env=env,
-                              capture_output=True, text=True, check=True)
+    measured = subprocess.run(
+        child("errors", work / "base", work / "tuned", args.device, *pairs),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     results["errors"] = json.loads(measured.stdout.strip().splitlines()[-1])
     if args.results:
         args.results.write_text(json.dumps(results, indent=2))

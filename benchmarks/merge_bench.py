@@ -36,21 +36,28 @@ INPUTS_VERSION = 1
 
 SURGEON_IMPORTS = "import torch, safetensors, surgeon.cli, surgeon.ops.merge, surgeon.formats"
 PEFT_IMPORTS = "import torch\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
-PEFT_MERGE = PEFT_IMPORTS + """import sys
+PEFT_MERGE = (
+    PEFT_IMPORTS
+    + """import sys
 base, adapter, out = sys.argv[1:4]
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 """
+)
 
 
 def linear_shapes() -> dict[str, tuple[int, int]]:
     """(out, in) of each LoRA target in one decoder layer."""
     kv = HIDDEN // HEADS * KV_HEADS
     return {
-        "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (kv, HIDDEN), "self_attn.v_proj": (kv, HIDDEN),
-        "self_attn.o_proj": (HIDDEN, HIDDEN), "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
-        "mlp.up_proj": (INTERMEDIATE, HIDDEN), "mlp.down_proj": (HIDDEN, INTERMEDIATE),
+        "self_attn.q_proj": (HIDDEN, HIDDEN),
+        "self_attn.k_proj": (kv, HIDDEN),
+        "self_attn.v_proj": (kv, HIDDEN),
+        "self_attn.o_proj": (HIDDEN, HIDDEN),
+        "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
+        "mlp.up_proj": (INTERMEDIATE, HIDDEN),
+        "mlp.down_proj": (HIDDEN, INTERMEDIATE),
     }
 
 
@@ -58,12 +65,15 @@ def base_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     shapes = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
     for i in range(layers):
         shapes += [(f"model.layers.{i}.{name}.weight", shape) for name, shape in linear_shapes().items()]
-        shapes += [(f"model.layers.{i}.input_layernorm.weight", (HIDDEN,)),
-                   (f"model.layers.{i}.post_attention_layernorm.weight", (HIDDEN,))]
+        shapes += [
+            (f"model.layers.{i}.input_layernorm.weight", (HIDDEN,)),
+            (f"model.layers.{i}.post_attention_layernorm.weight", (HIDDEN,)),
+        ]
     return shapes + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
 
 
 # --- children: building the inputs, checking the outputs -------------------------------------------------
+
 
 def build_base(path: Path, layers: int) -> None:
     """config.json by transformers, and one model.safetensors written a tensor at a time: the
@@ -72,9 +82,17 @@ def build_base(path: Path, layers: int) -> None:
     from transformers import LlamaConfig
 
     path.mkdir(parents=True)
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers, vocab_size=VOCAB,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, dtype="bfloat16")
+    config = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=layers,
+        vocab_size=VOCAB,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(path)
     shapes = base_shapes(layers)
@@ -103,8 +121,9 @@ def build_adapter(path: Path, base: Path, layers: int) -> None:
     from safetensors.torch import save_file
 
     targets = sorted({name.split(".")[-1] for name in linear_shapes()})
-    LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, task_type="CAUSAL_LM",
-               base_model_name_or_path=str(base)).save_pretrained(path)
+    LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=str(base)
+    ).save_pretrained(path)
     generator = torch.Generator().manual_seed(1)
     tensors = {}
     for i in range(layers):
@@ -139,12 +158,23 @@ def verify(base: Path, adapter: Path, surgeon_out: Path, peft_out: Path, layers:
         return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0**-126))) - 7)
 
     files = {"base": _tensor_files(base), "surgeon": _tensor_files(surgeon_out), "peft": _tensor_files(peft_out)}
-    result = {"same_keys": set(files["surgeon"]) == set(files["peft"]) == set(files["base"]), "merged": {}, "untouched": {}}
+    result = {
+        "same_keys": set(files["surgeon"]) == set(files["peft"]) == set(files["base"]),
+        "merged": {},
+        "untouched": {},
+    }
     factors = _tensor_files(adapter)
     scale = ALPHA / RANK
     last = layers - 1
-    picks = [(0, "self_attn.q_proj"), (0, "self_attn.k_proj"), (last // 2, "mlp.down_proj"), (last // 2, "mlp.gate_proj"),
-             (last, "self_attn.v_proj"), (last, "self_attn.o_proj"), (last, "mlp.up_proj")]
+    picks = [
+        (0, "self_attn.q_proj"),
+        (0, "self_attn.k_proj"),
+        (last // 2, "mlp.down_proj"),
+        (last // 2, "mlp.gate_proj"),
+        (last, "self_attn.v_proj"),
+        (last, "self_attn.o_proj"),
+        (last, "mlp.up_proj"),
+    ]
     for layer, name in picks:
         key = f"model.layers.{layer}.{name}.weight"
         prefix = f"base_model.model.model.layers.{layer}.{name}"
@@ -162,13 +192,19 @@ def verify(base: Path, adapter: Path, surgeon_out: Path, peft_out: Path, layers:
             "correctly_rounded_peft": float((p == rounded).double().mean()),
             "max_abs_delta": float((reference - get(files["base"], key).double()).abs().max()),
         }
-    for key in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", f"model.layers.{last}.input_layernorm.weight"):
+    for key in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        f"model.layers.{last}.input_layernorm.weight",
+    ):
         original = get(files["base"], key)
         result["untouched"][key] = all(torch.equal(original, get(files[side], key)) for side in ("surgeon", "peft"))
     return result
 
 
 # --- the parent: orchestration and report ----------------------------------------------------------------
+
 
 def surgeon_executable() -> str:
     """The installed console script itself, not a pyenv-style shim that would add its own start-up."""
@@ -230,41 +266,68 @@ def summarize(runs: list[Run], baseline: list[Run]) -> dict:
     import_wall = statistics.median(r.wall_s for r in baseline)
     peak = statistics.median(r.peak_rss for r in runs)
     base_rss = statistics.median(r.peak_rss for r in baseline)
-    return {"wall_s": wall, "cpu_s": statistics.median(r.cpu_s for r in runs), "peak_rss": peak,
-            "import_wall_s": import_wall, "import_rss": base_rss,
-            "work_wall_s": wall - import_wall, "working_memory": peak - base_rss}
+    return {
+        "wall_s": wall,
+        "cpu_s": statistics.median(r.cpu_s for r in runs),
+        "peak_rss": peak,
+        "import_wall_s": import_wall,
+        "import_rss": base_rss,
+        "work_wall_s": wall - import_wall,
+        "working_memory": peak - base_rss,
+    }
 
 
 def report(results: dict) -> str:
     rows = []
     for side, s in results["sides"].items():
-        rows.append([side, f"{s['wall_s']:.1f}", f"{s['work_wall_s']:.1f}", f"{s['cpu_s']:.1f}", mib(s["peak_rss"]),
-                     mib(s["import_rss"]), mib(s["working_memory"])])
+        rows.append(
+            [
+                side,
+                f"{s['wall_s']:.1f}",
+                f"{s['work_wall_s']:.1f}",
+                f"{s['cpu_s']:.1f}",
+                mib(s["peak_rss"]),
+                mib(s["import_rss"]),
+                mib(s["working_memory"]),
+            ]
+        )
     lines = [table(["", "wall s", "wall - imports s", "CPU s", "peak RSS", "imports-only RSS", "working memory"], rows)]
     r = results["ratios"]
-    lines.append(f"\nsurgeon / PEFT: wall time {r['wall']:.3f} (1/{1 / r['wall']:.1f}), wall without imports "
-                 f"{r['work_wall']:.3f} (1/{1 / r['work_wall']:.1f}), working memory {r['working_memory']:.3f} "
-                 f"(1/{1 / r['working_memory']:.1f}); targets: <= 0.2 each")
+    lines.append(
+        f"\nsurgeon / PEFT: wall time {r['wall']:.3f} (1/{1 / r['wall']:.1f}), wall without imports "
+        f"{r['work_wall']:.3f} (1/{1 / r['work_wall']:.1f}), working memory {r['working_memory']:.3f} "
+        f"(1/{1 / r['working_memory']:.1f}); targets: <= 0.2 each"
+    )
     if len(results["runs"]["surgeon"]) > 1:
         for side, runs in results["runs"].items():
             lines.append(f"{side} runs: " + ", ".join(f"{x['wall_s']:.1f}s/{mib(x['peak_rss'])}" for x in runs))
     check = results["check"]
     worst = max(check["merged"].values(), key=lambda m: m["ulps_surgeon_vs_peft"])
-    lines.append(f"outputs agree: same keys {check['same_keys']}, untouched tensors identical {all(check['untouched'].values())}, "
-                 f"merged tensors differ by at most {worst['ulps_surgeon_vs_peft']:.0f} bf16 ulp "
-                 f"(max abs {max(m['max_abs_surgeon_vs_peft'] for m in check['merged'].values()):.2e}, "
-                 f"{max(m['fraction_differing'] for m in check['merged'].values()):.2%} of elements at most; "
-                 f"equal to the fp64 reference rounded to bf16: surgeon {min(m['correctly_rounded_surgeon'] for m in check['merged'].values()):.4%}, "
-                 f"PEFT {min(m['correctly_rounded_peft'] for m in check['merged'].values()):.4%} of elements at least)")
-    lines.append(f"load average before / after: {results['load_before']} / {results['load_after']} ({os.cpu_count()} CPUs, "
-                 f"torch threads: {results['threads'] or 'default'})")
+    lines.append(
+        f"outputs agree: same keys {check['same_keys']}, untouched tensors identical "
+        f"{all(check['untouched'].values())}, "
+        f"merged tensors differ by at most {worst['ulps_surgeon_vs_peft']:.0f} bf16 ulp "
+        f"(max abs {max(m['max_abs_surgeon_vs_peft'] for m in check['merged'].values()):.2e}, "
+        f"{max(m['fraction_differing'] for m in check['merged'].values()):.2%} of elements at most; "
+        "equal to the fp64 reference rounded to bf16: surgeon "
+        f"{min(m['correctly_rounded_surgeon'] for m in check['merged'].values()):.4%}, "
+        f"PEFT {min(m['correctly_rounded_peft'] for m in check['merged'].values()):.4%} of elements at least)"
+    )
+    lines.append(
+        f"load average before / after: {results['load_before']} / {results['load_after']} ({os.cpu_count()} CPUs, "
+        f"torch threads: {results['threads'] or 'default'})"
+    )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = bench_parser(__doc__, "merge")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per side, interleaved; figures are medians (default 1)")
-    parser.add_argument("--threads", type=int, help="torch threads for both sides (OMP/MKL_NUM_THREADS; default: torch's own choice)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per side, interleaved; figures are medians (default 1)"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads for both sides (OMP/MKL_NUM_THREADS; default: torch's own choice)"
+    )
     args = parser.parse_args()
 
     if args.role == "build":
@@ -281,28 +344,48 @@ def main() -> None:
     build = prepare_inputs(work, args.layers, args.keep)
     warm_page_cache(base)
     env = child_env(args.threads)
-    results = {"layers": args.layers, "threads": args.threads, "load_before": load_average(), "build": build.as_dict() if build else None,
-               "runs": {"surgeon": [], "peft": []}, "baselines": {"surgeon": [], "peft": []}}
+    results = {
+        "layers": args.layers,
+        "threads": args.threads,
+        "load_before": load_average(),
+        "build": build.as_dict() if build else None,
+        "runs": {"surgeon": [], "peft": []},
+        "baselines": {"surgeon": [], "peft": []},
+    }
     imports = {"surgeon": SURGEON_IMPORTS, "peft": PEFT_IMPORTS}
     outputs = {side: work / f"out-{side}" for side in imports}
     for attempt in range(args.repeat):
         for side in ("surgeon", "peft"):
             print(f"run {attempt + 1}/{args.repeat}: {side} ...", file=sys.stderr)
-            results["baselines"][side].append(import_baseline(side, imports[side], logs / f"{side}-imports-{attempt}.log", env).as_dict())
+            results["baselines"][side].append(
+                import_baseline(side, imports[side], logs / f"{side}-imports-{attempt}.log", env).as_dict()
+            )
             results["runs"][side].append(run_side(side, base, adapter, outputs[side], logs, attempt, env).as_dict())
     results["load_after"] = load_average()
     results["parent_peak_rss"] = own_peak_rss()
     floor = min(r["peak_rss"] for group in results["baselines"].values() for r in group)
     if results["parent_peak_rss"] >= floor:
-        sys.exit(f"this process reached {mib(results['parent_peak_rss'])}, above a child's figure; the RSS figures are not per-child.")
-    check = subprocess.run(child("verify", base, adapter, outputs["surgeon"], outputs["peft"], args.layers),
-                           capture_output=True, text=True, check=True)
+        sys.exit(
+            f"this process reached {mib(results['parent_peak_rss'])}, above a child's figure; the RSS figures are not "
+            "per-child."
+        )
+    check = subprocess.run(
+        child("verify", base, adapter, outputs["surgeon"], outputs["peft"], args.layers),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     results["check"] = json.loads(check.stdout.strip().splitlines()[-1])
-    results["sides"] = {side: summarize([Run(**r) for r in results["runs"][side]], [Run(**r) for r in results["baselines"][side]])
-                        for side in imports}
+    results["sides"] = {
+        side: summarize([Run(**r) for r in results["runs"][side]], [Run(**r) for r in results["baselines"][side]])
+        for side in imports
+    }
     s, p = results["sides"]["surgeon"], results["sides"]["peft"]
-    results["ratios"] = {"wall": s["wall_s"] / p["wall_s"], "work_wall": s["work_wall_s"] / p["work_wall_s"],
-                         "working_memory": s["working_memory"] / p["working_memory"]}
+    results["ratios"] = {
+        "wall": s["wall_s"] / p["wall_s"],
+        "work_wall": s["work_wall_s"] / p["work_wall_s"],
+        "working_memory": s["working_memory"] / p["working_memory"],
+    }
     tidy(work, outputs.values(), args.keep)
     print(json.dumps(results, indent=2) if args.json else report(results))
 

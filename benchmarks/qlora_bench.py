@@ -39,9 +39,13 @@ from merge_bench import (  # noqa: E402
 from _measure import Run, bench_parser, import_baseline, load_average, mib, own_peak_rss, run_measured, table, tidy  # noqa: E402
 
 SURGEON_IMPORTS = "import torch, safetensors, surgeon.cli, surgeon.ops.qlora, surgeon.formats, transformers"
-USERS_IMPORTS = ("import torch\nfrom transformers import AutoModelForCausalLM, BitsAndBytesConfig\n"
-                 "from peft import PeftModel\nimport bitsandbytes\n")
-USERS_MERGE = USERS_IMPORTS + """import sys
+USERS_IMPORTS = (
+    "import torch\nfrom transformers import AutoModelForCausalLM, BitsAndBytesConfig\n"
+    "from peft import PeftModel\nimport bitsandbytes\n"
+)
+USERS_MERGE = (
+    USERS_IMPORTS
+    + """import sys
 base, adapter, out = sys.argv[1:4]
 config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                             bnb_4bit_compute_dtype=torch.bfloat16)
@@ -50,6 +54,7 @@ model = model.dequantize()
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 """
+)
 
 
 def verify(base: Path, adapter: Path, surgeon_out: Path, users_out: Path, layers: int) -> dict:
@@ -86,7 +91,8 @@ def verify(base: Path, adapter: Path, surgeon_out: Path, users_out: Path, layers
         }
     result["untouched_identical"] = all(
         torch.equal(get(files["surgeon"], k), get(files["users"], k).to(torch.bfloat16))
-        for k in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"))
+        for k in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
+    )
     return result
 
 
@@ -94,30 +100,57 @@ def run_side(side: str, base: Path, adapter: Path, out: Path, logs: Path, env: d
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
     if side == "surgeon":
-        command = [surgeon_executable(), "merge", str(base), str(adapter), "-o", str(out), "--quantized-base", "nf4",
-                   "--double-quant", "--dtype", "bf16"]
+        command = [
+            surgeon_executable(),
+            "merge",
+            str(base),
+            str(adapter),
+            "-o",
+            str(out),
+            "--quantized-base",
+            "nf4",
+            "--double-quant",
+            "--dtype",
+            "bf16",
+        ]
     else:
         command = [sys.executable, "-c", USERS_MERGE, str(base), str(adapter), str(out)]
     return run_measured(side, command, logs / f"{side}.log", env)
 
 
 def report(results: dict) -> str:
-    rows = [[side, f"{s['wall_s']:.1f}", f"{s['work_wall_s']:.1f}", f"{s['cpu_s']:.1f}", mib(s["peak_rss"]),
-             mib(s["import_rss"]), mib(s["working_memory"])] for side, s in results["sides"].items()]
+    rows = [
+        [
+            side,
+            f"{s['wall_s']:.1f}",
+            f"{s['work_wall_s']:.1f}",
+            f"{s['cpu_s']:.1f}",
+            mib(s["peak_rss"]),
+            mib(s["import_rss"]),
+            mib(s["working_memory"]),
+        ]
+        for side, s in results["sides"].items()
+    ]
     lines = [table(["", "wall s", "wall - imports s", "CPU s", "peak RSS", "imports-only RSS", "working memory"], rows)]
     r = results["ratios"]
-    lines.append(f"\nsurgeon / today's route: wall time {r['wall']:.3f} (1/{1 / r['wall']:.1f}), working memory "
-                 f"{r['working_memory']:.3f} (1/{1 / r['working_memory']:.1f}); targets: <= 0.2 each")
+    lines.append(
+        f"\nsurgeon / today's route: wall time {r['wall']:.3f} (1/{1 / r['wall']:.1f}), working memory "
+        f"{r['working_memory']:.3f} (1/{1 / r['working_memory']:.1f}); targets: <= 0.2 each"
+    )
     check = results["check"]
     merged = check["merged"].values()
-    lines.append(f"outputs: same keys {check['same_keys']}, untouched tensors identical "
-                 f"{check['untouched_identical']}, "
-                 f"merged tensors differ by at most {max(m['ulps_surgeon_vs_users'] for m in merged):.0f} bf16 ulp "
-                 f"({max(m['fraction_differing'] for m in merged):.2%} of elements at most); equal to the fp64 "
-                 f"reference rounded to bf16: surgeon {min(m['correctly_rounded_surgeon'] for m in merged):.4%}, "
-                 f"today's route {min(m['correctly_rounded_users'] for m in merged):.4%} of elements at least")
-    lines.append(f"layers {results['layers']}; load average before / after: {results['load_before']} / "
-                 f"{results['load_after']} ({os.cpu_count()} CPUs)")
+    lines.append(
+        f"outputs: same keys {check['same_keys']}, untouched tensors identical "
+        f"{check['untouched_identical']}, "
+        f"merged tensors differ by at most {max(m['ulps_surgeon_vs_users'] for m in merged):.0f} bf16 ulp "
+        f"({max(m['fraction_differing'] for m in merged):.2%} of elements at most); equal to the fp64 "
+        f"reference rounded to bf16: surgeon {min(m['correctly_rounded_surgeon'] for m in merged):.4%}, "
+        f"today's route {min(m['correctly_rounded_users'] for m in merged):.4%} of elements at least"
+    )
+    lines.append(
+        f"layers {results['layers']}; load average before / after: {results['load_before']} / "
+        f"{results['load_after']} ({os.cpu_count()} CPUs)"
+    )
     return "\n".join(lines)
 
 
@@ -141,8 +174,17 @@ def main() -> None:
     results["load_after"] = load_average()
     if own_peak_rss() >= min(r.peak_rss for r in results["baselines"].values()):
         sys.exit("this process grew above a child's figure; the RSS figures are not per-child.")
-    verify_command = [sys.executable, str(Path(__file__).resolve()), "--role", "verify", str(base), str(adapter),
-                      str(outputs["surgeon"]), str(outputs["users"]), str(args.layers)]
+    verify_command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--role",
+        "verify",
+        str(base),
+        str(adapter),
+        str(outputs["surgeon"]),
+        str(outputs["users"]),
+        str(args.layers),
+    ]
     check = subprocess.run(verify_command, capture_output=True, text=True, check=True, env=env)
     results["check"] = json.loads(check.stdout.strip().splitlines()[-1])
     results["sides"] = {side: summarize([results["runs"][side]], [results["baselines"][side]]) for side in imports}

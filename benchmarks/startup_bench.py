@@ -32,8 +32,15 @@ def commands(scratch: Path) -> dict[str, list[str]]:
         "surgeon --help": [*SURGEON, "--help"],
         "surgeon inspect fixtures/tiny-llama-lora": [*SURGEON, "inspect", str(FIXTURES / "tiny-llama-lora")],
         "surgeon inspect fixtures/tiny-llama": [*SURGEON, "inspect", str(FIXTURES / "tiny-llama")],
-        "surgeon merge (tiny fixture)": [*SURGEON, "merge", str(FIXTURES / "tiny-llama"), str(FIXTURES / "tiny-llama-lora"),
-                                         "-o", str(scratch / "merged"), "--force"],
+        "surgeon merge (tiny fixture)": [
+            *SURGEON,
+            "merge",
+            str(FIXTURES / "tiny-llama"),
+            str(FIXTURES / "tiny-llama-lora"),
+            "-o",
+            str(scratch / "merged"),
+            "--force",
+        ],
     }
 
 
@@ -53,14 +60,23 @@ def measure(repeat: int) -> dict[str, list[float]]:
 def report(walls: dict[str, list[float]]) -> dict:
     medians = {label: statistics.median(found) for label, found in walls.items()}
     torch_import = medians["python -c 'import torch'"]
-    rows = {label: {"median_s": round(m, 3), "vs_torch_import": round(m / torch_import, 2)} for label, m in medians.items()}
+    rows = {
+        label: {"median_s": round(m, 3), "vs_torch_import": round(m / torch_import, 2)} for label, m in medians.items()
+    }
     checks = {
         "--help <= 0.3 s": medians["surgeon --help"] <= 0.3,
-        "header-only inspect <= 0.3 s": max(medians["surgeon inspect fixtures/tiny-llama-lora"],
-                                             medians["surgeon inspect fixtures/tiny-llama"]) <= 0.3,
+        "header-only inspect <= 0.3 s": max(
+            medians["surgeon inspect fixtures/tiny-llama-lora"], medians["surgeon inspect fixtures/tiny-llama"]
+        )
+        <= 0.3,
         "tiny merge <= 1.3x import torch": medians["surgeon merge (tiny fixture)"] <= 1.3 * torch_import,
     }
-    return {"runs": len(next(iter(walls.values()))), "load_average": os.getloadavg()[0], "commands": rows, "targets": checks}
+    return {
+        "runs": len(next(iter(walls.values()))),
+        "load_average": os.getloadavg()[0],
+        "commands": rows,
+        "targets": checks,
+    }
 
 
 def main() -> None:

@@ -51,11 +51,15 @@ class Format:
         a file's suffix for a directory format, and a suffix detection needs for a file format."""
         output = Path(output)
         if not self.writes_file and output.suffix in FILE_SUFFIXES:
-            raise SurgeonError(f"{output} names a {output.suffix} file, but a {self.name} adapter is a directory; "
-                               f"give a folder such as {output.with_suffix('')}/.")
+            raise SurgeonError(
+                f"{output} names a {output.suffix} file, but a {self.name} adapter is a directory; "
+                f"give a folder such as {output.with_suffix('')}/."
+            )
         if self.file_suffix and output.suffix != self.file_suffix:
-            raise SurgeonError(f"{output}: a {self.name} adapter is a {self.file_suffix} file, and only by that name "
-                               f"is it recognised; give a name such as {output.with_suffix(self.file_suffix).name}.")
+            raise SurgeonError(
+                f"{output}: a {self.name} adapter is a {self.file_suffix} file, and only by that name "
+                f"is it recognised; give a name such as {output.with_suffix(self.file_suffix).name}."
+            )
 
     @property
     def module(self) -> ModuleType:
@@ -68,42 +72,95 @@ class Format:
         if not self.writable:
             raise SurgeonError(f"surgeon reads {self.name} but does not write it; it writes {', '.join(writers())}.")
         if self.write_needs_base and base is None:
-            raise SurgeonError(f"writing {self.name} needs the base model's checkpoint directory (config.json beside the weights).")
+            raise SurgeonError(
+                f"writing {self.name} needs the base model's checkpoint directory (config.json beside the weights)."
+            )
         if self.write_needs_base or self.write_uses_base:
             return list(self.module.write(adapter, staging, base=base) or [])
         return list(self.module.write(adapter, staging) or [])
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("peft", "PEFT LoRA / DoRA / LoHa / LoKr / IA3 / VeRA / soft prompt "
-           "(adapter_config.json + adapter_model.safetensors)",
-           "a directory with adapter_config.json and adapter_model.safetensors or adapter_model.bin",
-           layouts.is_peft, writable=True, write_uses_base=True),
-    Format("mlx", "mlx-lm LoRA / DoRA (adapter_config.json + adapters.safetensors)",
-           "a directory with adapter_config.json (with lora_parameters) and adapters.safetensors",
-           layouts.is_mlx, writable=True, write_uses_base=True),
-    Format("gguf", "GGUF LoRA adapter for llama.cpp (adapter.gguf)", "a file starting with the GGUF magic",
-           layouts.is_gguf, writable=True, writes_file=True, write_needs_base=True),
-    Format("ort", "ONNX Runtime LoRA adapter (.onnx_adapter)",
-           "a file with the ONNX Runtime adapter identifier TORT at byte 4 (.onnx_adapter)",
-           layouts.is_ort, writable=True, writes_file=True),
-    Format("diffusers", "diffusers LoRA (pytorch_lora_weights.safetensors, unet./transformer./text_encoder. prefixes)",
-           "a .safetensors file (or a directory with pytorch_lora_weights.safetensors) whose keys start with unet., "
-           "transformer. or text_encoder. and hold lora_A/lora_B or lora.down/lora.up",
-           layouts.is_diffusers, writable=True, writes_file=True, file_suffix=".safetensors"),
-    Format("lycoris", "LyCORIS LoHa / LoKr / (IA)³ / full / LoCon (one .safetensors, kohya-style names)",
-           "a .safetensors file with kohya-style names and hada_w1_a, lokr_w1(_a), diff, w_norm or on_input parts "
-           "(or lycoris_ names)", layouts.is_lycoris, needs_base_to_read=True),
-    Format("kohya", "kohya / sd-scripts LoRA (one .safetensors, lora_unet_… / lora_te_… names)",
-           "a .safetensors file with <lora_unet_|lora_te_…name>.lora_down.weight, .lora_up.weight and .alpha keys",
-           layouts.is_kohya, writable=True, writes_file=True, needs_base_to_read=True, file_suffix=".safetensors"),
-    Format("adapterhub", "AdapterHub / adapters library (adapter_config.json + adapter.safetensors or "
-           "pytorch_adapter.bin): inspected, not merged", "a directory with adapter_config.json and "
-           "adapter.safetensors or pytorch_adapter.bin", layouts.is_adapterhub),
-    Format("sparse", "surgeon sparse diff (sparse_config.json + sparse_model.safetensors)",
-           "a directory with sparse_config.json (format surgeon-sparse) and sparse_model.safetensors",
-           layouts.is_sparse, writable=True),
-)}
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format(
+            "peft",
+            "PEFT LoRA / DoRA / LoHa / LoKr / IA3 / VeRA / soft prompt "
+            "(adapter_config.json + adapter_model.safetensors)",
+            "a directory with adapter_config.json and adapter_model.safetensors or adapter_model.bin",
+            layouts.is_peft,
+            writable=True,
+            write_uses_base=True,
+        ),
+        Format(
+            "mlx",
+            "mlx-lm LoRA / DoRA (adapter_config.json + adapters.safetensors)",
+            "a directory with adapter_config.json (with lora_parameters) and adapters.safetensors",
+            layouts.is_mlx,
+            writable=True,
+            write_uses_base=True,
+        ),
+        Format(
+            "gguf",
+            "GGUF LoRA adapter for llama.cpp (adapter.gguf)",
+            "a file starting with the GGUF magic",
+            layouts.is_gguf,
+            writable=True,
+            writes_file=True,
+            write_needs_base=True,
+        ),
+        Format(
+            "ort",
+            "ONNX Runtime LoRA adapter (.onnx_adapter)",
+            "a file with the ONNX Runtime adapter identifier TORT at byte 4 (.onnx_adapter)",
+            layouts.is_ort,
+            writable=True,
+            writes_file=True,
+        ),
+        Format(
+            "diffusers",
+            "diffusers LoRA (pytorch_lora_weights.safetensors, unet./transformer./text_encoder. prefixes)",
+            "a .safetensors file (or a directory with pytorch_lora_weights.safetensors) whose keys start with unet., "
+            "transformer. or text_encoder. and hold lora_A/lora_B or lora.down/lora.up",
+            layouts.is_diffusers,
+            writable=True,
+            writes_file=True,
+            file_suffix=".safetensors",
+        ),
+        Format(
+            "lycoris",
+            "LyCORIS LoHa / LoKr / (IA)³ / full / LoCon (one .safetensors, kohya-style names)",
+            "a .safetensors file with kohya-style names and hada_w1_a, lokr_w1(_a), diff, w_norm or on_input parts "
+            "(or lycoris_ names)",
+            layouts.is_lycoris,
+            needs_base_to_read=True,
+        ),
+        Format(
+            "kohya",
+            "kohya / sd-scripts LoRA (one .safetensors, lora_unet_… / lora_te_… names)",
+            "a .safetensors file with <lora_unet_|lora_te_…name>.lora_down.weight, .lora_up.weight and .alpha keys",
+            layouts.is_kohya,
+            writable=True,
+            writes_file=True,
+            needs_base_to_read=True,
+            file_suffix=".safetensors",
+        ),
+        Format(
+            "adapterhub",
+            "AdapterHub / adapters library (adapter_config.json + adapter.safetensors or "
+            "pytorch_adapter.bin): inspected, not merged",
+            "a directory with adapter_config.json and adapter.safetensors or pytorch_adapter.bin",
+            layouts.is_adapterhub,
+        ),
+        Format(
+            "sparse",
+            "surgeon sparse diff (sparse_config.json + sparse_model.safetensors)",
+            "a directory with sparse_config.json (format surgeon-sparse) and sparse_model.safetensors",
+            layouts.is_sparse,
+            writable=True,
+        ),
+    )
+}
 
 
 def get(name: str) -> Format:

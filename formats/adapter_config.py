@@ -27,7 +27,7 @@ def load(file: Path) -> dict:
     """The config in ``file``, with ``peft_type`` checked to be a string."""
     config = read_json(file)
     if not isinstance(config.get("peft_type", ""), str):
-        raise SurgeonError(f"{file}: peft_type is {config['peft_type']!r}; it must be a string such as \"LORA\".")
+        raise SurgeonError(f'{file}: peft_type is {config["peft_type"]!r}; it must be a string such as "LORA".')
     return config
 
 
@@ -56,7 +56,9 @@ def _check_regex(pattern, file: Path, field: str) -> None:
     try:
         re.compile(rf"(.*\.)?({pattern})$")
     except re.error as error:
-        raise SurgeonError(f"{file}: {field} has {pattern!r}, which is not a valid regex ({error}); fix {file.name}.") from None
+        raise SurgeonError(
+            f"{file}: {field} has {pattern!r}, which is not a valid regex ({error}); fix {file.name}."
+        ) from None
 
 
 def _check_pattern(config: dict, file: Path, field: str, check_value) -> None:
@@ -80,8 +82,10 @@ def check_modules(value, file: Path, field: str, allow_empty: bool) -> None:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _fail(file, field, value, "a list of module names or one regex")
     if not value and not allow_empty:
-        raise SurgeonError(f"{file}: {field} is empty, so the adapter targets nothing (PEFT refuses it too); "
-                           "list the modules it was trained on.")
+        raise SurgeonError(
+            f"{file}: {field} is empty, so the adapter targets nothing (PEFT refuses it too); "
+            "list the modules it was trained on."
+        )
 
 
 def check_peft(config: dict, file: Path) -> None:

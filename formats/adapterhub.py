@@ -20,27 +20,44 @@ import re
 from pathlib import Path
 
 import torch
-from surgeon.formats.layouts import ADAPTERHUB_CONFIG as CONFIG_FILE
-from surgeon.formats.layouts import ADAPTERHUB_WEIGHTS as WEIGHT_FILES
 
 from surgeon.checkpoint import load_pickle_weights, read_safetensors
 from surgeon.checkpoint_files import read_json
 from surgeon.errors import NotWeightDeltas, SurgeonError
+from surgeon.formats.layouts import ADAPTERHUB_CONFIG as CONFIG_FILE
+from surgeon.formats.layouts import ADAPTERHUB_WEIGHTS as WEIGHT_FILES
 
 NAME = "adapterhub"
 #: Why each run-time method cannot become weight deltas, as a clause.
 _RUN_TIME = {
     "bottleneck": "adds a bottleneck module (down-projection, non-linearity, up-projection) inside the layers at "
-                  "run time",
+    "run time",
     "prefix_tuning": "adds learned keys and values to the attention of every layer at run time",
     "reft": "edits the hidden representations of chosen positions at run time",
 }
-_NOT_YET = (", which surgeon does not read as weight deltas yet", "run or merge it with the adapters library "
-            "(model.load_adapter, model.merge_adapter)")
+_NOT_YET = (
+    ", which surgeon does not read as weight deltas yet",
+    "run or merge it with the adapters library (model.load_adapter, model.merge_adapter)",
+)
 _RUN_TIME_ADVICE = "run it with the adapters library (model.load_adapter), or train a PEFT LoRA instead"
-_FIELDS = ("reduction_factor", "non_linearity", "mh_adapter", "output_adapter", "is_parallel", "scaling",
-           "phm_layer", "inv_adapter", "prefix_length", "bottleneck_size", "r", "alpha", "selfattn_lora",
-           "intermediate_lora", "output_lora", "leave_out")
+_FIELDS = (
+    "reduction_factor",
+    "non_linearity",
+    "mh_adapter",
+    "output_adapter",
+    "is_parallel",
+    "scaling",
+    "phm_layer",
+    "inv_adapter",
+    "prefix_length",
+    "bottleneck_size",
+    "r",
+    "alpha",
+    "selfattn_lora",
+    "intermediate_lora",
+    "output_lora",
+    "leave_out",
+)
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
@@ -71,8 +88,14 @@ def family(config: dict) -> str:
     if method == "union":
         parts = " + ".join(family(c) for c in config.get("configs") or [] if isinstance(c, dict))
         return f"union adapter ({parts})"
-    names = {"bottleneck": _bottleneck_family(config), "prefix_tuning": "prefix tuning adapter", "lora": "LoRA adapter",
-             "ia3": "(IA)³ adapter", "prompt_tuning": "prompt tuning adapter", "reft": "ReFT adapter"}
+    names = {
+        "bottleneck": _bottleneck_family(config),
+        "prefix_tuning": "prefix tuning adapter",
+        "lora": "LoRA adapter",
+        "ia3": "(IA)³ adapter",
+        "prompt_tuning": "prompt tuning adapter",
+        "reft": "ReFT adapter",
+    }
     return names.get(method, f"{method} adapter")
 
 
@@ -90,8 +113,10 @@ def _reason(config: dict) -> tuple[str, str]:
 def _load(path: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
     full = read_json(path / CONFIG_FILE)
     if not isinstance(full.get("config"), dict):
-        raise SurgeonError(f"{path / CONFIG_FILE}: has no \"config\" object, which the adapters library writes; "
-                           "restore the file it saved.")
+        raise SurgeonError(
+            f'{path / CONFIG_FILE}: has no "config" object, which the adapters library writes; '
+            "restore the file it saved."
+        )
     file = next(path / name for name in WEIGHT_FILES if (path / name).is_file())
     tensors = read_safetensors(file)[0] if file.suffix == ".safetensors" else load_pickle_weights(file)
     return full, tensors, file
@@ -110,8 +135,9 @@ def describe(full: dict, tensors: dict[str, torch.Tensor]) -> dict:
     """What ``inspect`` shows of an AdapterHub adapter: family, layers, sizes and config."""
     config = full["config"]
     layers = sorted({int(m.group(1)) for k in tensors for m in [_LAYER.search(k)] if m})
-    bottleneck = sorted({int(t.shape[0]) for k, t in tensors.items() if re.search(r"adapter_down\.\d+\.weight$", k)
-                         and t.dim() == 2})
+    bottleneck = sorted(
+        {int(t.shape[0]) for k, t in tensors.items() if re.search(r"adapter_down\.\d+\.weight$", k) and t.dim() == 2}
+    )
     facts = {
         "family": f"AdapterHub {family(config)}",
         "adapter_name": full.get("name"),

@@ -32,10 +32,10 @@ from surgeon.checkpoint import load_pickle_weights, read_safetensors
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.formats import kohya_names
+from surgeon.formats.adapter_config import check_peft
 from surgeon.formats.layouts import DIFFUSERS_COMPONENTS as COMPONENTS
 from surgeon.formats.layouts import DIFFUSERS_WEIGHTS as WEIGHT_FILES
 from surgeon.formats.layouts import diffusers_file as weight_file
-from surgeon.formats.adapter_config import check_peft
 from surgeon.formats.lora_only import metadata_note, pick_targets
 from surgeon.formats.peft import check_part, peft_factors, rank_alpha_config, read_module
 
@@ -87,7 +87,10 @@ def _normalise(component: str, rest: str, file: Path) -> tuple[str, str]:
         return f"{old['parent']}.{projection}", _SIDES[old["side"]]
     match = _PART.match(rest)
     if match is None:
-        raise SurgeonError(f"{file}: tensor '{component}.{rest}' is not a LoRA part surgeon knows in diffusers files; refusing rather than dropping it.")
+        raise SurgeonError(
+            f"{file}: tensor '{component}.{rest}' is not a LoRA part surgeon knows in diffusers files; refusing rather "
+            "than dropping it."
+        )
     if match["peft"]:
         part = match["peft"]
         part = "lora_magnitude_vector" if part.startswith("lora_magnitude_vector") else part.replace(".weight", "")
@@ -107,10 +110,15 @@ def read(path: Path, base=None) -> Adapter:
     for key, tensor in tensors.items():
         component, _, rest = key.partition(".")
         if component not in COMPONENTS or not rest:
-            raise SurgeonError(f"{file}: tensor {key!r} does not start with a pipeline component ({', '.join(COMPONENTS)}); the file is not a diffusers LoRA.")
+            raise SurgeonError(
+                f"{file}: tensor {key!r} does not start with a pipeline component ({', '.join(COMPONENTS)}); the file "
+                "is not a diffusers LoRA."
+            )
         module, part = _normalise(component, rest, file)
         if part == "alpha" and tensor.numel() != 1:
-            raise SurgeonError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)} instead of one number; the file is damaged.")
+            raise SurgeonError(
+                f"{file}: tensor {key!r} has shape {tuple(tensor.shape)} instead of one number; the file is damaged."
+            )
         if part != "alpha":
             check_part(file, key, tensor, 1 if part in ("lora_magnitude_vector", "lora_B.bias") else 2)
         modules[f"{component}.{module}"][part] = tensor

@@ -62,8 +62,10 @@ def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 def _half_head(weight: torch.Tensor, heads: int) -> int:
     """Half a head's rows; the rows must split into ``heads`` heads of an even size."""
     if weight.shape[0] % (2 * heads):
-        raise SurgeonError(f"a q/k LoRA factor has {weight.shape[0]} rows, which do not split into {heads} heads of an even "
-                           "size; the base's head counts do not fit the adapter.")
+        raise SurgeonError(
+            f"a q/k LoRA factor has {weight.shape[0]} rows, which do not split into {heads} heads of an even "
+            "size; the base's head counts do not fit the adapter."
+        )
     return weight.shape[0] // heads // 2
 
 
@@ -71,8 +73,10 @@ def _count(config: dict, field: str, where: str) -> int:
     """A positive count from the base's config.json (layers, heads): names and permutations depend on it."""
     value = config.get(field)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SurgeonError(f"{where}: the base's config.json has {field} = {value!r}; GGUF needs it as a positive integer, "
-                           "so the base's config is broken or not a transformers config.")
+        raise SurgeonError(
+            f"{where}: the base's config.json has {field} = {value!r}; GGUF needs it as a positive integer, "
+            "so the base's config is broken or not a transformers config."
+        )
     return value
 
 
@@ -81,13 +85,18 @@ class _Layout:
 
     def __init__(self, base, where: str):
         if base is None:
-            raise SurgeonError(f"{where}: GGUF needs the base model (surgeon convert --base BASE; surgeon merge BASE ...): tensor names and llama's q/k permutation come from its config.json.")
+            raise SurgeonError(
+                f"{where}: GGUF needs the base model (surgeon convert --base BASE; surgeon merge BASE ...): tensor "
+                "names and llama's q/k permutation come from its config.json."
+            )
         config = base.config()
         config = {**config, **config.get("text_config", {})}
         architecture = (config.get("architectures") or [None])[0]
         if architecture not in ARCHITECTURES:
-            raise SurgeonError(f"{where}: surgeon writes GGUF LoRA for {', '.join(ARCHITECTURES)}; the base is {architecture!r}, "
-                               "whose llama.cpp conversion may transform weights beyond renaming them.")
+            raise SurgeonError(
+                f"{where}: surgeon writes GGUF LoRA for {', '.join(ARCHITECTURES)}; the base is {architecture!r}, "
+                "whose llama.cpp conversion may transform weights beyond renaming them."
+            )
         gguf = _gguf()
         member, self.permutes = ARCHITECTURES[architecture]
         self.arch = getattr(gguf.MODEL_ARCH, member)
@@ -101,9 +110,16 @@ class _Layout:
     def name(self, key: str) -> str:
         name = self.names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise SurgeonError(f"{self.where}: {key!r} has no tensor in llama.cpp's {self.arch_name} layout (gguf-py's name map), so a GGUF LoRA cannot target it.")
+            raise SurgeonError(
+                f"{self.where}: {key!r} has no tensor in llama.cpp's {self.arch_name} layout (gguf-py's name map), so "
+                "a "
+                "GGUF LoRA cannot target it."
+            )
         if name == "output.weight" and self.tied:
-            raise SurgeonError(f"{self.where}: {key!r} targets the output head of a base with tied embeddings, which llama.cpp ignores; target the embedding instead.")
+            raise SurgeonError(
+                f"{self.where}: {key!r} targets the output head of a base with tied embeddings, which llama.cpp "
+                "ignores; target the embedding instead."
+            )
         return name
 
     def row_heads(self, key: str) -> int | None:
@@ -121,7 +137,9 @@ def _to_numpy(tensor: torch.Tensor, gguf) -> tuple[np.ndarray, object]:
         raw = tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
         return raw, gguf.GGMLQuantizationType.BF16
     if tensor.dtype not in (torch.float32, torch.float16):
-        raise SurgeonError(f"cannot write GGUF: a LoRA factor has dtype {tensor.dtype}; llama.cpp takes f32, f16 or bf16.")
+        raise SurgeonError(
+            f"cannot write GGUF: a LoRA factor has dtype {tensor.dtype}; llama.cpp takes f32, f16 or bf16."
+        )
     return tensor.contiguous().numpy(), None
 
 
@@ -133,7 +151,10 @@ def _from_reader(tensor, gguf) -> torch.Tensor:
         return torch.from_numpy(raw).view(torch.bfloat16)
     if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         return torch.from_numpy(np.array(tensor.data).reshape(shape))
-    raise SurgeonError(f"GGUF tensor {tensor.name!r} is {kind.name}; surgeon reads f32, f16 and bf16 LoRA factors (llama.cpp does too).")
+    raise SurgeonError(
+        f"GGUF tensor {tensor.name!r} is {kind.name}; surgeon reads f32, f16 and bf16 LoRA factors (llama.cpp does "
+        "too)."
+    )
 
 
 def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
@@ -176,10 +197,15 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
 
     notes = picked.notes
     if folded:
-        notes.append(f"{folded} of {len(targets)} modules have a scale other than alpha/rank with alpha={float(alpha):g} "
-                     "(rsLoRA or per-module alphas); it is folded into their lora_b.")
+        notes.append(
+            f"{folded} of {len(targets)} modules have a scale other than alpha/rank with alpha={float(alpha):g} "
+            "(rsLoRA or per-module alphas); it is folded into their lora_b."
+        )
     if permuted:
-        notes.append(f"lora_b of {permuted} q_proj/k_proj modules permuted by rows, as llama.cpp permutes those weights for {layout.arch_name}.")
+        notes.append(
+            f"lora_b of {permuted} q_proj/k_proj modules permuted by rows, as llama.cpp permutes those weights for "
+            f"{layout.arch_name}."
+        )
     return notes
 
 
@@ -203,33 +229,46 @@ def read(path: Path, base=None) -> Adapter:
     layout = _Layout(base, str(path))
     fields, tensors = _load(path, gguf)
     if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
-        raise SurgeonError(f"{path}: a GGUF file but not a LoRA adapter (general.type={fields.get('general.type')!r}, "
-                           f"adapter.type={fields.get('adapter.type')!r}); a full model is not an adapter.")
+        raise SurgeonError(
+            f"{path}: a GGUF file but not a LoRA adapter (general.type={fields.get('general.type')!r}, "
+            f"adapter.type={fields.get('adapter.type')!r}); a full model is not an adapter."
+        )
     if fields.get("general.architecture") != layout.arch_name:
-        raise SurgeonError(f"{path}: the adapter is for {fields.get('general.architecture')!r} but the base is {layout.arch_name!r}.")
+        raise SurgeonError(
+            f"{path}: the adapter is for {fields.get('general.architecture')!r} but the base is {layout.arch_name!r}."
+        )
     alpha = fields.get("adapter.lora.alpha") or 0.0
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise SurgeonError(f"{path}: adapter.lora.alpha is {alpha!r}, not a finite number; the file is damaged.")
-    keys = {layout.names.get_name(k, try_suffixes=(".weight", ".bias")): k for k in base.keys() if k.endswith(".weight")}
+    keys = {
+        layout.names.get_name(k, try_suffixes=(".weight", ".bias")): k for k in base.keys() if k.endswith(".weight")
+    }
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         stem, _, suffix = name.rpartition(".")
         if suffix not in ("lora_a", "lora_b"):
-            raise SurgeonError(f"{path}: tensor {name!r} is not a lora_a or lora_b; surgeon reads LoRA-only GGUF adapters.")
+            raise SurgeonError(
+                f"{path}: tensor {name!r} is not a lora_a or lora_b; surgeon reads LoRA-only GGUF adapters."
+            )
         pairs.setdefault(stem, {})[suffix] = tensor
 
-    metadata = {k[len(METADATA_PREFIX):]: str(v) for k, v in fields.items() if k.startswith(METADATA_PREFIX)}
+    metadata = {k[len(METADATA_PREFIX) :]: str(v) for k, v in fields.items() if k.startswith(METADATA_PREFIX)}
     config = {k: v for k, v in fields.items() if k.startswith(("general.", "adapter.")) and not isinstance(v, list)}
     adapter = Adapter(source_format=NAME, base_model=fields.get(BASE_MODEL_KEY), config=config, metadata=metadata)
     for stem, pair in pairs.items():
         if stem not in keys:
-            raise SurgeonError(f"{path}: tensor {stem!r} matches no parameter of the base model; the adapter was made for another model.")
+            raise SurgeonError(
+                f"{path}: tensor {stem!r} matches no parameter of the base model; the adapter was made for another "
+                "model."
+            )
         if len(pair) != 2:
             raise SurgeonError(f"{path}: {stem!r} has only one of lora_a and lora_b; the file is incomplete.")
         key, a, b = keys[stem], pair["lora_a"], pair["lora_b"]
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] < 1:
-            raise SurgeonError(f"{path}: {stem!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, not matrices "
-                               "of a positive rank; the file is damaged.")
+            raise SurgeonError(
+                f"{path}: {stem!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, not matrices "
+                "of a positive rank; the file is damaged."
+            )
         rank = int(b.shape[1])
         scale = alpha / rank if alpha else 1.0
         if stem.startswith("token_embd."):

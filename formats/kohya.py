@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from surgeon.checkpoint import read_safetensors
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
-from surgeon.formats.layouts import KOHYA_PARTS as LORA_PARTS
 from surgeon.formats.kohya_names import PREFIXES, kohya_names, resolve, split_prefix
+from surgeon.formats.layouts import KOHYA_PARTS as LORA_PARTS
 from surgeon.formats.lora_only import metadata_note, pick_targets
 from surgeon.lycoris_math import dora_magnitude, scale_of
 
@@ -35,8 +35,6 @@ _KEPT_METADATA = ("ss_", "modelspec.")
 _STALE_METADATA = ("modelspec.hash_sha256",)
 
 
-
-
 def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """{name: {part: tensor}} for keys ``name.part``."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -44,8 +42,6 @@ def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
         stem, _, part = key.partition(".")
         modules.setdefault(stem, {})[part] = tensor
     return modules
-
-
 
 
 def lora_delta(parts: dict[str, torch.Tensor], shape: tuple[int, ...], where: str) -> LowRank:
@@ -61,11 +57,19 @@ def lora_delta(parts: dict[str, torch.Tensor], shape: tuple[int, ...], where: st
     down, up = down.reshape(rank, -1), up.reshape(up.shape[0], -1)
     if up.shape[1] != rank or up.shape[0] * down.shape[1] != math.prod(shape):
         raise SurgeonError(
-            f"{where}: lora_up {tuple(parts['lora_up.weight'].shape)} and lora_down {tuple(parts['lora_down.weight'].shape)} "
+            f"{where}: lora_up {tuple(parts['lora_up.weight'].shape)} and lora_down "
+            f"{tuple(parts['lora_down.weight'].shape)} "
             f"do not make a ΔW for the base weight of shape {shape}; the adapter was made for another model."
         )
     magnitude, axis = (None, 0) if "dora_scale" not in parts else dora_magnitude(parts["dora_scale"], shape, where)
-    return LowRank(down=down, up=up, scale=scale_of(parts.get("alpha"), rank), shape=shape, magnitude=magnitude, magnitude_axis=axis)
+    return LowRank(
+        down=down,
+        up=up,
+        scale=scale_of(parts.get("alpha"), rank),
+        shape=shape,
+        magnitude=magnitude,
+        magnitude_axis=axis,
+    )
 
 
 def module_type(shape: tuple[int, ...]) -> str:
@@ -88,7 +92,10 @@ def read_modules(path: Path, base, known_parts: tuple[str, ...], format_name: st
     adapter = Adapter(source_format=format_name, base_model=metadata.get("ss_sd_model_name"), metadata=metadata)
     adapter.config = {
         "kohya_names": {module: stem for stem, (_, module) in resolved.items()},
-        "components": {module: [PREFIXES[split_prefix(stem)[0]], module[len(prefix):]] for stem, (prefix, module) in resolved.items()},
+        "components": {
+            module: [PREFIXES[split_prefix(stem)[0]], module[len(prefix) :]]
+            for stem, (prefix, module) in resolved.items()
+        },
     }
     return [(stem, resolved[stem][1], parts) for stem, parts in modules.items()], adapter
 
@@ -121,7 +128,9 @@ def _summary(values: list[float]) -> str:
     return str(values[0]) if len(set(values)) == 1 else "Dynamic"
 
 
-def _metadata(adapter: Adapter, ranks: dict[bool, list[int]], alphas: dict[bool, list[float]]) -> tuple[dict[str, str], list[str]]:
+def _metadata(
+    adapter: Adapter, ranks: dict[bool, list[int]], alphas: dict[bool, list[float]]
+) -> tuple[dict[str, str], list[str]]:
     """Kept ``ss_*``/``modelspec.*`` fields with the network fields set to what is written.
     ``ss_network_dim``/``_alpha`` describe the linear (and 1×1) modules, k×k convolutions go in
     ``ss_network_args`` as sd-scripts does; "Dynamic" where modules differ, as its resize tool writes."""
@@ -160,7 +169,10 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
         ranks[kernel].append(delta.rank)
         alphas[kernel].append(alpha)
     if any(t.delta.magnitude is not None for t in targets):
-        notes.append("DoRA magnitudes were written as LyCORIS dora_scale tensors, which ComfyUI and LyCORIS apply; sd-scripts itself ignores them.")
+        notes.append(
+            "DoRA magnitudes were written as LyCORIS dora_scale tensors, which ComfyUI and LyCORIS apply; sd-scripts "
+            "itself ignores them."
+        )
     metadata, dropped = _metadata(adapter, ranks, alphas)
     save_file(tensors, staging, metadata=metadata)
     return notes + dropped

@@ -40,7 +40,7 @@ def split_prefix(stem: str) -> tuple[str, str] | None:
     """(prefix, underscored module path) of a kohya name, or None if it has no known prefix."""
     for prefix in _BY_LENGTH:
         if stem.startswith(prefix + "_"):
-            return prefix, stem[len(prefix) + 1:]
+            return prefix, stem[len(prefix) + 1 :]
     return None
 
 
@@ -100,7 +100,9 @@ def resolve(stems: Iterable[str], base, where: str) -> dict[str, tuple[str, str]
             found = index.get(split_prefix(stem)[1], {}).get(chosen, []) if chosen is not None else []
             if len(found) > 1:
                 raise SurgeonError(
-                    f"{where}: {stem!r} fits several base modules ({', '.join(found)}), which the '.'→'_' naming cannot tell apart."
+                    f"{where}: {stem!r} fits several base modules ({', '.join(found)}), which the '.'→'_' naming "
+                    "cannot "
+                    "tell apart."
                 )
             if found:
                 resolved[stem] = (chosen, found[0])
@@ -110,7 +112,9 @@ def resolve(stems: Iterable[str], base, where: str) -> dict[str, tuple[str, str]
         raise SurgeonError(
             f"{where}: {len(unresolved)} of {len(stems)} modules match no weight of the base checkpoint {base.path}: "
             f"{_shown(unresolved)}. Pass the base the adapter was trained on (an SDXL LoRA names SGM blocks like "
-            "input_blocks, an SD 1.x one diffusers blocks like down_blocks; text-encoder modules need a base that holds the text encoder)."
+            "input_blocks, an SD 1.x one diffusers blocks like down_blocks; text-encoder modules need a base that "
+            "holds "
+            "the text encoder)."
         )
     return resolved
 
@@ -159,8 +163,12 @@ def kohya_names(adapter, modules: Iterable[str]) -> dict[str, str]:
     names, _ = recorded(adapter)
     where = components(adapter, modules)
     present = {c for c, _ in where.values()}
-    built = {m: names.get(m) or f"{kohya_prefix(where[m][0], present)}_{where[m][1].replace('.', '_')}" for m in modules}
+    built = {
+        m: names.get(m) or f"{kohya_prefix(where[m][0], present)}_{where[m][1].replace('.', '_')}" for m in modules
+    }
     clashes = [name for name, n in Counter(built.values()).items() if n > 1]
     if clashes:
-        raise SurgeonError(f"cannot write kohya names: several modules become {clashes[0]!r} once '.' is turned into '_'.")
+        raise SurgeonError(
+            f"cannot write kohya names: several modules become {clashes[0]!r} once '.' is turned into '_'."
+        )
     return built

@@ -100,8 +100,11 @@ def is_ort(path: Path) -> bool:
 def is_diffusers(path: Path) -> bool:
     file = diffusers_file(path)
     keys = header_keys(file) if file is not None else None
-    return bool(keys) and all(k.partition(".")[0] in DIFFUSERS_COMPONENTS for k in keys) \
+    return (
+        bool(keys)
+        and all(k.partition(".")[0] in DIFFUSERS_COMPONENTS for k in keys)
         and any(_DIFFUSERS_HINT.search(k) for k in keys)
+    )
 
 
 def is_lycoris(path: Path) -> bool:
@@ -109,10 +112,16 @@ def is_lycoris(path: Path) -> bool:
     if not keys or not kohya_style(keys):
         return False
     parts = {k.partition(".")[2] for k in keys}
-    return bool(parts & set(LYCORIS_PARTS) or parts & set(LYCORIS_REFUSED)) or any(k.startswith("lycoris_") for k in keys)
+    return bool(parts & set(LYCORIS_PARTS) or parts & set(LYCORIS_REFUSED)) or any(
+        k.startswith("lycoris_") for k in keys
+    )
 
 
 def is_kohya(path: Path) -> bool:
     keys = header_keys(path)
-    return bool(keys) and kohya_style(keys) and any(k.endswith(".lora_down.weight") for k in keys) \
+    return (
+        bool(keys)
+        and kohya_style(keys)
+        and any(k.endswith(".lora_down.weight") for k in keys)
         and all(k.partition(".")[2] in KOHYA_PARTS for k in keys)
+    )

@@ -48,26 +48,38 @@ class Picked:
 def refusal(format_name: str, key: str, delta: Delta) -> SurgeonError:
     """The one-sentence error for a delta ``format_name`` cannot hold, with what to do instead."""
     kind = _KIND_NAMES.get(delta.kind, delta.kind)
-    return SurgeonError(f"cannot write {format_name}: {key!r} has {kind}, which {format_name} cannot hold; "
-                        f"{_ADVICE.get(delta.kind, 'merge it into the base instead (surgeon merge)')}.")
+    return SurgeonError(
+        f"cannot write {format_name}: {key!r} has {kind}, which {format_name} cannot hold; "
+        f"{_ADVICE.get(delta.kind, 'merge it into the base instead (surgeon merge)')}."
+    )
 
 
-def _target(key: str, lows: list[LowRank], module_type: str, format_name: str, module_types,
-            allow_dora: bool) -> Target:
+def _target(
+    key: str, lows: list[LowRank], module_type: str, format_name: str, module_types, allow_dora: bool
+) -> Target:
     if module_type not in module_types:
-        raise SurgeonError(f"cannot write {format_name}: {key!r} belongs to a module of kind {module_type!r}, and "
-                           f"surgeon writes {format_name} only for {' and '.join(module_types)} modules.")
+        raise SurgeonError(
+            f"cannot write {format_name}: {key!r} belongs to a module of kind {module_type!r}, and "
+            f"surgeon writes {format_name} only for {' and '.join(module_types)} modules."
+        )
     if not key.endswith(".weight"):
         raise SurgeonError(f"cannot write {format_name}: the low-rank delta on {key!r} is not on a module weight.")
     delta = LowRank.stack(key, lows)
     if delta.is_dora and not allow_dora:
-        raise SurgeonError(f"cannot write {format_name}: {key!r} is a DoRA update, whose magnitude rescaling "
-                           f"{format_name} cannot express; merge it into the base (surgeon merge) or convert to peft or mlx.")
+        raise SurgeonError(
+            f"cannot write {format_name}: {key!r} is a DoRA update, whose magnitude rescaling "
+            f"{format_name} cannot express; merge it into the base (surgeon merge) or convert to peft or mlx."
+        )
     return Target(key, key[: -len(".weight")], delta, module_type)
 
 
-def pick_targets(adapter: Adapter, format_name: str, module_types: tuple[str, ...], allow_dora: bool = False,
-                 keeps: tuple[str, ...] = ()) -> Picked:
+def pick_targets(
+    adapter: Adapter,
+    format_name: str,
+    module_types: tuple[str, ...],
+    allow_dora: bool = False,
+    keeps: tuple[str, ...] = (),
+) -> Picked:
     """How every writer picks what to write: per target weight, its low-rank deltas stacked into
     one (exact, noted); deltas of the kinds in ``keeps`` passed on; anything else refused with
     the first key the format cannot hold."""
@@ -114,7 +126,9 @@ def metadata_note(adapter: Adapter, format_name: str, kept=()) -> list[str]:
     if not dropped:
         return []
     shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
-    return [f"{len(dropped)} metadata entries of the source ({shown}) were dropped: {format_name} has no place for them."]
+    return [
+        f"{len(dropped)} metadata entries of the source ({shown}) were dropped: {format_name} has no place for them."
+    ]
 
 
 def trailing_zero_rank(down: torch.Tensor, up: torch.Tensor) -> int:

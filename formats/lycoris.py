@@ -36,8 +36,18 @@ from surgeon.formats import kohya
 from surgeon.formats.kohya import lora_delta, module_type, read_modules
 from surgeon.formats.layouts import LYCORIS_REFUSED as _REFUSED
 from surgeon.formats.layouts import header_keys
-from surgeon.lycoris_math import (LOHA_PARTS, LOKR_PARTS, dora_magnitude, ia3_delta, loha_delta, loha_factors, lokr_delta,
-                                  lokr_scale, scale_of, with_magnitude)
+from surgeon.lycoris_math import (
+    LOHA_PARTS,
+    LOKR_PARTS,
+    dora_magnitude,
+    ia3_delta,
+    loha_delta,
+    loha_factors,
+    lokr_delta,
+    lokr_scale,
+    scale_of,
+    with_magnitude,
+)
 
 NAME = "lycoris"
 
@@ -51,7 +61,10 @@ def _ia3(parts: dict[str, torch.Tensor], base, key: str, where: str) -> Dense:
     on_input = bool(int(parts["on_input"])) if "on_input" in parts else False
     axis = 1 if on_input else 0
     if vector.numel() != shape[axis]:
-        raise SurgeonError(f"{where}: the (IA)³ vector has {vector.numel()} entries but the base weight has {shape[axis]} {'input' if on_input else 'output'} channels.")
+        raise SurgeonError(
+            f"{where}: the (IA)³ vector has {vector.numel()} entries but the base weight has {shape[axis]} "
+            f"{'input' if on_input else 'output'} channels."
+        )
     broadcast = [1] * len(shape)
     broadcast[axis] = -1
     return ia3_delta(base, key, 1 + vector.float().reshape(broadcast))
@@ -61,7 +74,9 @@ def _weight_delta(parts: dict[str, torch.Tensor], shape: tuple[int, ...], base, 
     """The delta on the module's weight, or None for a bias/norm-only module."""
     if "hada_w1_a" in parts:
         factors = loha_factors(*(parts.get(p) for p in LOHA_PARTS))
-        delta = loha_delta(factors, scale_of(parts.get("alpha"), int(parts["hada_w1_b"].shape[0])), shape, "dora_scale" in parts)
+        delta = loha_delta(
+            factors, scale_of(parts.get("alpha"), int(parts["hada_w1_b"].shape[0])), shape, "dora_scale" in parts
+        )
     elif "lokr_w1" in parts or "lokr_w1_a" in parts:
         delta = lokr_delta(parts, lokr_scale(parts), shape, where)
     elif "lora_down.weight" in parts:

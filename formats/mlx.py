@@ -22,12 +22,11 @@ from surgeon.checkpoint import read_safetensors
 from surgeon.checkpoint_files import read_json
 from surgeon.delta import FACTOR_DTYPES, Adapter, LowRank
 from surgeon.errors import SurgeonError
+from surgeon.formats.adapter_config import check_mlx
 from surgeon.formats.layouts import MLX_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import MLX_WEIGHTS as WEIGHT_FILE
-from surgeon.formats.adapter_config import check_mlx
+from surgeon.formats.lora_only import differs, fold, most_common, pick_targets, trailing_zero_rank
 from surgeon.keys import embedding_name
-from surgeon.formats.lora_only import (differs, fold, most_common, pick_targets,
-                                       trailing_zero_rank)
 
 NAME = "mlx"
 
@@ -53,7 +52,10 @@ def read(path: Path, base=None) -> Adapter:
     scale = float(check_mlx(config, path / CONFIG_FILE)["scale"])
     fine_tune_type = config.get("fine_tune_type", "lora")
     if fine_tune_type not in ("lora", "dora"):
-        raise SurgeonError(f"{path / CONFIG_FILE}: fine_tune_type {fine_tune_type!r} is not a LoRA adapter; surgeon reads mlx-lm lora and dora adapters.")
+        raise SurgeonError(
+            f"{path / CONFIG_FILE}: fine_tune_type {fine_tune_type!r} is not a LoRA adapter; surgeon reads mlx-lm lora "
+            "and dora adapters."
+        )
     tensors, metadata = read_safetensors(path / WEIGHT_FILE)
     metadata = {k: v for k, v in metadata.items() if k != "format"}
 
@@ -61,31 +63,55 @@ def read(path: Path, base=None) -> Adapter:
     for key, tensor in tensors.items():
         module, _, part = key.rpartition(".")
         if part not in _PARTS:
-            raise SurgeonError(f"{path / WEIGHT_FILE}: tensor {key!r} is not an mlx-lm LoRA part ({', '.join(_PARTS)}); refusing rather than dropping it.")
+            raise SurgeonError(
+                f"{path / WEIGHT_FILE}: tensor {key!r} is not an mlx-lm LoRA part ({', '.join(_PARTS)}); refusing "
+                "rather than dropping it."
+            )
         modules.setdefault(module, {})[part] = tensor
 
     adapter = Adapter(source_format=NAME, base_model=config.get("model"), config=config, metadata=metadata)
     for module, parts in modules.items():
         if "lora_a" not in parts or "lora_b" not in parts:
-            raise SurgeonError(f"{path / WEIGHT_FILE}: module {module!r} has only one of lora_a and lora_b; the file is incomplete.")
+            raise SurgeonError(
+                f"{path / WEIGHT_FILE}: module {module!r} has only one of lora_a and lora_b; the file is incomplete."
+            )
         a, b, magnitude = parts["lora_a"], parts["lora_b"], parts.get("m")
         if any(t.dtype not in FACTOR_DTYPES for t in parts.values()):
-            raise SurgeonError(f"{path / WEIGHT_FILE}: {module!r} has a {' or '.join(sorted({str(t.dtype) for t in parts.values()}))} "
-                               "factor; LoRA factors must be fp16, bf16, fp32 or fp64.")
+            raise SurgeonError(
+                f"{path / WEIGHT_FILE}: {module!r} has a {' or '.join(sorted({str(t.dtype) for t in parts.values()}))} "
+                "factor; LoRA factors must be fp16, bf16, fp32 or fp64."
+            )
         if a.dim() < 2 or b.dim() < 2:
-            raise SurgeonError(f"{path / WEIGHT_FILE}: {module!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, "
-                               "not matrices; the file is damaged.")
+            raise SurgeonError(
+                f"{path / WEIGHT_FILE}: {module!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, "
+                "not matrices; the file is damaged."
+            )
         if a.dim() != 2 or b.dim() != 2:
-            raise SurgeonError(f"{path / WEIGHT_FILE}: {module!r} has {a.dim()}-D factors (an mlx-lm MoE switch layer), which surgeon does not read yet.")
+            raise SurgeonError(
+                f"{path / WEIGHT_FILE}: {module!r} has {a.dim()}-D factors (an mlx-lm MoE switch layer), which surgeon "
+                "does not read yet."
+            )
         if _is_embedding(module, a, b, base):
             if magnitude is not None:
-                raise SurgeonError(f"{path / WEIGHT_FILE}: {module!r} is a DoRA embedding, whose per-token norm surgeon does not model.")
+                raise SurgeonError(
+                    f"{path / WEIGHT_FILE}: {module!r} is a DoRA embedding, whose per-token norm surgeon does not "
+                    "model."
+                )
             up, down, module_type, shape = a, b, "embedding", (a.shape[0], b.shape[1])
         else:
             up, down, module_type, shape = b.T, a.T, "linear", (b.shape[1], a.shape[0])
         rank = trailing_zero_rank(down, up)
-        adapter.add(f"{module}.weight", LowRank(down=down[:rank].contiguous(), up=up[:, :rank].contiguous(), scale=scale,
-                                                shape=shape, magnitude=magnitude), module_type)
+        adapter.add(
+            f"{module}.weight",
+            LowRank(
+                down=down[:rank].contiguous(),
+                up=up[:, :rank].contiguous(),
+                scale=scale,
+                shape=shape,
+                magnitude=magnitude,
+            ),
+            module_type,
+        )
     return adapter
 
 
@@ -102,7 +128,10 @@ def _keys_and_layers(modules: list[str], base, source_layers: int | None) -> tup
         else:
             keys.add(module)
     if len(blocks) > 1:
-        raise SurgeonError(f"cannot write mlx: the adapter targets blocks of several stacks ({', '.join(sorted(blocks))}); mlx-lm wraps one.")
+        raise SurgeonError(
+            f"cannot write mlx: the adapter targets blocks of several stacks ({', '.join(sorted(blocks))}); mlx-lm "
+            "wraps one."
+        )
     if not indices:
         return sorted(keys), 0, []
     layers = (base.config() if base is not None else {}).get("num_hidden_layers")
@@ -112,8 +141,14 @@ def _keys_and_layers(modules: list[str], base, source_layers: int | None) -> tup
         return sorted(keys), int(source_layers), []
     if min(indices) == 0:
         return sorted(keys), -1, []
-    return sorted(keys), -1, [f"num_layers is -1 (all blocks): without --base the model's block count is unknown, so blocks below "
-                              f"{min(indices)} get LoRA branches too, with zero factors that change nothing."]
+    return (
+        sorted(keys),
+        -1,
+        [
+            f"num_layers is -1 (all blocks): without --base the model's block count is unknown, so blocks below "
+            f"{min(indices)} get LoRA branches too, with zero factors that change nothing."
+        ],
+    )
 
 
 def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
@@ -122,10 +157,16 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     targets = picked.targets
     dora = {t.delta.is_dora for t in targets}
     if len(dora) > 1:
-        raise SurgeonError("cannot write mlx: some modules are DoRA and some are not, and mlx-lm's fine_tune_type is one for the adapter.")
+        raise SurgeonError(
+            "cannot write mlx: some modules are DoRA and some are not, and mlx-lm's fine_tune_type is one for the "
+            "adapter."
+        )
     for t in targets:
         if t.delta.is_dora and (t.module_type != "linear" or t.delta.magnitude_axis != 0):
-            raise SurgeonError(f"cannot write mlx: {t.key!r} is a DoRA {t.module_type} update, and mlx-lm normalises DoRA only per output row of a Linear.")
+            raise SurgeonError(
+                f"cannot write mlx: {t.key!r} is a DoRA {t.module_type} update, and mlx-lm normalises DoRA only per "
+                "output row of a Linear."
+            )
     rank = max(t.delta.rank for t in targets)
     scale = most_common(t.delta.scale for t in targets)
     tensors: dict[str, torch.Tensor] = {}
@@ -158,6 +199,8 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     if padded:
         notes.append(f"{padded} of {len(targets)} modules zero-padded to rank {rank}: mlx-lm has one rank per adapter.")
     if folded:
-        notes.append(f"{folded} of {len(targets)} modules had their own scale, folded into lora_b: mlx-lm has one scale "
-                     f"per adapter ({scale:g}).")
+        notes.append(
+            f"{folded} of {len(targets)} modules had their own scale, folded into lora_b: mlx-lm has one scale "
+            f"per adapter ({scale:g})."
+        )
     return notes

@@ -33,14 +33,19 @@ def _ort():
     except ImportError:
         raise SurgeonError(missing_extra("onnx", ["onnxruntime>=1.20"], "ONNX Runtime adapters")) from None
     if not hasattr(onnxruntime, "AdapterFormat"):
-        raise SurgeonError(f"onnxruntime {onnxruntime.__version__} has no AdapterFormat; ONNX Runtime adapters need onnxruntime >= 1.20.")
+        raise SurgeonError(
+            f"onnxruntime {onnxruntime.__version__} has no AdapterFormat; ONNX Runtime adapters need onnxruntime >= "
+            "1.20."
+        )
     return onnxruntime
 
 
 def _to_ort(tensor: torch.Tensor, ort):
     tensor = tensor.contiguous()
     if tensor.dtype == torch.bfloat16:
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(tensor.view(torch.int16).numpy().view(np.uint16), _BFLOAT16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+            tensor.view(torch.int16).numpy().view(np.uint16), _BFLOAT16
+        )
     return ort.OrtValue.ortvalue_from_numpy(tensor.numpy())
 
 
@@ -70,7 +75,9 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
     file.export_adapter(str(staging))
     notes = picked.notes + metadata_note(adapter, "an ONNX Runtime adapter")
     if adapter.base_model:
-        notes.append(f"the base model's name ({adapter.base_model}) is not kept: an ONNX Runtime adapter has no field for it.")
+        notes.append(
+            f"the base model's name ({adapter.base_model}) is not kept: an ONNX Runtime adapter has no field for it."
+        )
     return notes
 
 
@@ -86,8 +93,10 @@ def read(path: Path, base=None) -> Adapter:
     for name, value in file.get_parameters().items():
         match = _PARAMETER.match(name)
         if match is None:
-            raise SurgeonError(f"{path}: parameter {name!r} is not a lora_A.weight or lora_B.weight (a quantized adapter?); "
-                               "surgeon reads float LoRA adapters.")
+            raise SurgeonError(
+                f"{path}: parameter {name!r} is not a lora_A.weight or lora_B.weight (a quantized adapter?); "
+                "surgeon reads float LoRA adapters."
+            )
         modules.setdefault(match["module"], {})[match["part"]] = _from_ort(value)
     config = {"adapter_version": file.get_adapter_version(), "model_version": file.get_model_version()}
     adapter = Adapter(source_format=NAME, config=config)

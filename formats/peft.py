@@ -51,8 +51,9 @@ def read(path: Path, base=None) -> Adapter:
     path = Path(path)
     config = adapter_config.load(path / CONFIG_FILE)
     if "peft_type" not in config:
-        raise SurgeonError(f"{path / CONFIG_FILE}: has no peft_type, so it is not a PEFT adapter config; "
-                           "restore the file PEFT saved.")
+        raise SurgeonError(
+            f"{path / CONFIG_FILE}: has no peft_type, so it is not a PEFT adapter config; restore the file PEFT saved."
+        )
     adapter_config.check_peft(config, path / CONFIG_FILE)
     peft_type = config["peft_type"].upper()
     if peft_type != "LORA":
@@ -62,8 +63,10 @@ def read(path: Path, base=None) -> Adapter:
             return peft_tuners.read(path, config, base)
         if peft_type in peft_prompts.TYPES:
             return peft_prompts.read(path, config, base)
-        raise SurgeonError(f"{path / CONFIG_FILE}: peft_type {peft_type!r} is not supported yet; surgeon reads PEFT "
-                           "LoRA, DoRA, LoHa, LoKr, IA3, VeRA, prompt tuning and P-tuning.")
+        raise SurgeonError(
+            f"{path / CONFIG_FILE}: peft_type {peft_type!r} is not supported yet; surgeon reads PEFT "
+            "LoRA, DoRA, LoHa, LoKr, IA3, VeRA, prompt tuning and P-tuning."
+        )
     for option, label in _UNSUPPORTED.items():
         if config.get(option) not in (None, False, [], {}):
             raise SurgeonError(f"{path / CONFIG_FILE}: uses {label} ({option}), which surgeon does not support yet.")
@@ -75,19 +78,32 @@ def read(path: Path, base=None) -> Adapter:
     whole: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
-            raise SurgeonError(f"{file}: tensor {key!r} lacks the {PREFIX!r} prefix PEFT writes; the file is not a PEFT LoRA adapter.")
-        key = key[len(PREFIX):]
+            raise SurgeonError(
+                f"{file}: tensor {key!r} lacks the {PREFIX!r} prefix PEFT writes; the file is not a PEFT LoRA adapter."
+            )
+        key = key[len(PREFIX) :]
         match = _LORA_KEY.match(key)
         if match:
-            check_part(file, PREFIX + key, tensor, 1 if match["part"] == "lora_magnitude_vector" or match["rest"] == ".bias" else 2)
-            modules.setdefault(match["module"], {})[match["part"] + (match["rest"] if match["rest"] == ".bias" else "")] = tensor
+            check_part(
+                file,
+                PREFIX + key,
+                tensor,
+                1 if match["part"] == "lora_magnitude_vector" or match["rest"] == ".bias" else 2,
+            )
+            modules.setdefault(match["module"], {})[
+                match["part"] + (match["rest"] if match["rest"] == ".bias" else "")
+            ] = tensor
         elif re.search(r"\.lora_[A-Za-z_]+", key):
-            raise SurgeonError(f"{file}: tensor {key!r} is a LoRA part surgeon does not know; refusing rather than dropping it.")
+            raise SurgeonError(
+                f"{file}: tensor {key!r} is a LoRA part surgeon does not know; refusing rather than dropping it."
+            )
         else:
             whole[key.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = tensor
 
     check_modules_match(config, modules, path / CONFIG_FILE)
-    adapter = Adapter(source_format=NAME, base_model=config.get("base_model_name_or_path"), config=config, metadata=metadata)
+    adapter = Adapter(
+        source_format=NAME, base_model=config.get("base_model_name_or_path"), config=config, metadata=metadata
+    )
     for key, tensor in whole.items():  # replacements first: LoRA applies on top of them
         adapter.add(key, Replace(tensor), "other")
     for module, parts in modules.items():
@@ -99,14 +115,20 @@ def check_part(file: Path, key: str, tensor: torch.Tensor, least_dims: int) -> N
     """A LoRA part must be a float tensor of at least ``least_dims`` dimensions (factors are matrices
     or convolution kernels, magnitudes and biases vectors)."""
     if tensor.dtype not in FACTOR_DTYPES:
-        raise SurgeonError(f"{file}: tensor {key!r} is {tensor.dtype}; LoRA parts must be fp16, bf16, fp32 or fp64, "
-                           "and a quantized adapter must be dequantized first.")
+        raise SurgeonError(
+            f"{file}: tensor {key!r} is {tensor.dtype}; LoRA parts must be fp16, bf16, fp32 or fp64, "
+            "and a quantized adapter must be dequantized first."
+        )
     if tensor.dim() < least_dims:
-        raise SurgeonError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but this LoRA part has at least "
-                           f"{least_dims} dimensions; the file is damaged.")
+        raise SurgeonError(
+            f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but this LoRA part has at least "
+            f"{least_dims} dimensions; the file is damaged."
+        )
 
 
-def read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslora: bool, fan_in_fan_out: bool, file: Path) -> None:
+def read_module(
+    adapter: Adapter, module: str, parts: dict, config: dict, rslora: bool, fan_in_fan_out: bool, file: Path
+) -> None:
     key = module + ".weight"
     embedding = "lora_embedding_A" in parts
     a = parts.get("lora_embedding_A" if embedding else "lora_A")
@@ -118,7 +140,9 @@ def read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslora
     configured_rank, alpha = module_rank_alpha(config, module)
     if configured_rank != rank:
         raise SurgeonError(
-            f"{file}: {module!r} has rank {rank} in its tensors but {configured_rank} in {CONFIG_FILE}; the config does not belong to these weights."
+            f"{file}: {module!r} has rank {rank} in its tensors but {configured_rank} in {CONFIG_FILE}; the config "
+            "does "
+            "not belong to these weights."
         )
     scale = scale_of(alpha, rank, rslora)
     if embedding:
@@ -130,8 +154,18 @@ def read_module(adapter: Adapter, module: str, parts: dict, config: dict, rslora
         module_type, up, down, shape, axis = "conv1d", a.T, b.T, (a.shape[1], b.shape[0]), 1
     else:
         module_type, up, down, shape, axis = "linear", b, a, (b.shape[0], a.shape[1]), 0
-    adapter.add(key, LowRank(down=down.contiguous(), up=up.contiguous(), scale=scale, shape=shape,
-                             magnitude=None if magnitude is None else magnitude.reshape(-1), magnitude_axis=axis), module_type)
+    adapter.add(
+        key,
+        LowRank(
+            down=down.contiguous(),
+            up=up.contiguous(),
+            scale=scale,
+            shape=shape,
+            magnitude=None if magnitude is None else magnitude.reshape(-1),
+            magnitude_axis=axis,
+        ),
+        module_type,
+    )
     adapter.module_types[key] = module_type
     if "lora_B.bias" in parts:
         adapter.add(module + ".bias", Dense(parts["lora_B.bias"] * scale), module_type)
@@ -192,9 +226,11 @@ def _one_model(adapter: Adapter) -> tuple[Adapter, list[str]]:
     if adapter.source_format != "diffusers" or not heads or not set(heads) <= set(COMPONENTS):
         return adapter, []
     if len(heads) > 1:
-        raise SurgeonError(f"cannot write PEFT LoRA: the adapter patches several pipeline components "
-                           f"({', '.join(heads)}) and a PEFT adapter loads into one model; convert it to diffusers or "
-                           "kohya instead.")
+        raise SurgeonError(
+            f"cannot write PEFT LoRA: the adapter patches several pipeline components "
+            f"({', '.join(heads)}) and a PEFT adapter loads into one model; convert it to diffusers or "
+            "kohya instead."
+        )
     cut = len(heads[0]) + 1
     stripped = adapter.renamed(lambda key: key[cut:])
     note = f"the pipeline component prefix '{heads[0]}.' was dropped: PEFT loads the adapter into that model itself."
@@ -223,9 +259,15 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
         ranks[module], scales[module], types[module] = delta.rank, delta.scale, target.module_type
         magnitudes[module] = delta.magnitude is not None
     if len(set(magnitudes.values())) > 1:
-        raise SurgeonError("cannot write PEFT LoRA: some modules are DoRA and some are not, and PEFT's use_dora is all or nothing.")
+        raise SurgeonError(
+            "cannot write PEFT LoRA: some modules are DoRA and some are not, and PEFT's use_dora is all or nothing."
+        )
     if len({t == "conv1d" for t in types.values() if t != "embedding"}) > 1:
-        raise SurgeonError("cannot write PEFT LoRA: the adapter mixes Conv1D (in×out) and Linear targets, and PEFT's fan_in_fan_out is one flag.")
+        raise SurgeonError(
+            "cannot write PEFT LoRA: the adapter mixes Conv1D (in×out) and Linear targets, and PEFT's fan_in_fan_out "
+            "is "
+            "one flag."
+        )
 
     modules_to_save = set(source.get("modules_to_save") or [])
     trains_bias = source.get("bias", "none") != "none"
@@ -246,7 +288,11 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
         else:
             raise refusal("PEFT LoRA", key, delta)
 
-    config = dict(source) if source else {"peft_type": "LORA", "task_type": None, "bias": "none", "lora_dropout": 0.0, "inference_mode": True}
+    config = (
+        dict(source)
+        if source
+        else {"peft_type": "LORA", "task_type": None, "bias": "none", "lora_dropout": 0.0, "inference_mode": True}
+    )
     rslora = bool(config.get("use_rslora", False))
     if not (source and _config_reproduces(source, ranks, scales) and _targets_cover(source, ranks)):
         config.update(rank_alpha_config(ranks, scales, rslora))
@@ -261,7 +307,11 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     _check_not_inside(modules_to_save, ranks)
     staging.mkdir(parents=True, exist_ok=True)
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, staging / WEIGHT_FILES[0], metadata={"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}})
+    save_file(
+        tensors,
+        staging / WEIGHT_FILES[0],
+        metadata={"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}},
+    )
     return picked.notes + notes
 
 
@@ -271,9 +321,11 @@ def _check_not_inside(modules_to_save, targets) -> None:
     for target in targets:
         owner = next((m for m in modules_to_save if f".{m}." in f".{target}"), None)
         if owner is not None:
-            raise SurgeonError(f"cannot write PEFT LoRA: the target {target!r} lies inside {owner!r}, which PEFT "
-                               "copies whole (modules_to_save) and would then ignore its LoRA; merge the adapter "
-                               "instead (surgeon merge), or leave out what changed in the enclosing module itself.")
+            raise SurgeonError(
+                f"cannot write PEFT LoRA: the target {target!r} lies inside {owner!r}, which PEFT "
+                "copies whole (modules_to_save) and would then ignore its LoRA; merge the adapter "
+                "instead (surgeon merge), or leave out what changed in the enclosing module itself."
+            )
 
 
 def _targets_cover(config: dict, ranks: dict[str, int]) -> bool:

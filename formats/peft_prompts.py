@@ -22,10 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from surgeon.formats.peft import load_tensors
 
 from surgeon.delta import FACTOR_DTYPES, Adapter, AppendRows
 from surgeon.errors import NotWeightDeltas, SurgeonError
+from surgeon.formats.peft import load_tensors
 from surgeon.keys import embedding_name
 
 PROMPTS = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
@@ -38,10 +38,22 @@ TYPES = (*PROMPTS, *RUN_TIME)
 #: What an adapter is keyed by when no base names its input embedding (inspect without --base).
 UNBOUND_EMBEDDING = "<input embedding>"
 #: The tensors each type saves (an adaption prompt saves two per adapted layer, named by its module).
-_SAVED = {"MULTITASK_PROMPT_TUNING": ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"),
-          "ADAPTION_PROMPT": (".adaption_prompt", ".adaption_gate")}
-_FACT_FIELDS = ("task_type", "num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads",
-                "prefix_projection", "encoder_hidden_size", "adapter_len", "adapter_layers", "target_modules")
+_SAVED = {
+    "MULTITASK_PROMPT_TUNING": ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"),
+    "ADAPTION_PROMPT": (".adaption_prompt", ".adaption_gate"),
+}
+_FACT_FIELDS = (
+    "task_type",
+    "num_virtual_tokens",
+    "num_layers",
+    "token_dim",
+    "num_attention_heads",
+    "prefix_projection",
+    "encoder_hidden_size",
+    "adapter_len",
+    "adapter_layers",
+    "target_modules",
+)
 
 
 def token_names(count: int) -> tuple[str, ...]:
@@ -57,8 +69,12 @@ def read(path: Path, config: dict, base=None) -> Adapter:
     if peft_type in RUN_TIME:
         raise _run_time_refusal(peft_type, config, tensors, file)
     prompts = final_prompts(peft_type, tensors, config, file)
-    adapter = Adapter(source_format=f"peft-{peft_type.lower().replace('_', '-')}",
-                      base_model=config.get("base_model_name_or_path"), config=dict(config), metadata=metadata)
+    adapter = Adapter(
+        source_format=f"peft-{peft_type.lower().replace('_', '-')}",
+        base_model=config.get("base_model_name_or_path"),
+        config=dict(config),
+        metadata=metadata,
+    )
     if base is None:
         adapter.add(UNBOUND_EMBEDDING, AppendRows(prompts, token_names(len(prompts))), "embedding")
         return adapter
@@ -76,30 +92,40 @@ def _check_saved(peft_type: str, tensors: dict[str, torch.Tensor], file: Path) -
     saved = _SAVED.get(peft_type, ("prompt_embeddings",))
     other = next((k for k in tensors if k not in saved and not any(s[0] == "." and k.endswith(s) for s in saved)), None)
     if other is not None:
-        raise SurgeonError(f"{file}: holds {other!r}, which a PEFT {peft_type} adapter does not save; the config does "
-                           "not belong to these weights.")
+        raise SurgeonError(
+            f"{file}: holds {other!r}, which a PEFT {peft_type} adapter does not save; the config does "
+            "not belong to these weights."
+        )
 
 
 def final_prompts(peft_type: str, tensors: dict[str, torch.Tensor], config: dict, file: Path) -> torch.Tensor:
     """The [virtual tokens, hidden] vectors PEFT prepends to the input embeddings at inference."""
     prompts = tensors.get("prompt_embeddings")
     if prompts is None or prompts.dim() != 2 or prompts.dtype not in FACTOR_DTYPES:
-        raise SurgeonError(f"{file}: a PEFT {peft_type} adapter holds a 2-D float prompt_embeddings tensor, and this "
-                           "file does not; restore the file PEFT saved.")
+        raise SurgeonError(
+            f"{file}: a PEFT {peft_type} adapter holds a 2-D float prompt_embeddings tensor, and this "
+            "file does not; restore the file PEFT saved."
+        )
     stacks = config.get("num_transformer_submodules") or 1
     if stacks != 1:
-        raise SurgeonError(f"{file}: the prompt is for {stacks} transformer stacks (an encoder-decoder model's "
-                           "encoder and decoder), and surgeon merges a prompt for one input embedding only; use PEFT "
-                           "to run it.")
+        raise SurgeonError(
+            f"{file}: the prompt is for {stacks} transformer stacks (an encoder-decoder model's "
+            "encoder and decoder), and surgeon merges a prompt for one input embedding only; use PEFT "
+            "to run it."
+        )
     if peft_type != "MULTITASK_PROMPT_TUNING":
         return prompts
     cols, rows = tensors.get("prefix_task_cols"), tensors.get("prefix_task_rows")
     if cols is None or rows is None or cols.dim() != 3 or rows.dim() != 3:
-        raise SurgeonError(f"{file}: a multi-task prompt needs prefix_task_cols and prefix_task_rows, and this file "
-                           "lacks them; restore the file PEFT saved.")
+        raise SurgeonError(
+            f"{file}: a multi-task prompt needs prefix_task_cols and prefix_task_rows, and this file "
+            "lacks them; restore the file PEFT saved."
+        )
     if cols.shape[0] != 1:
-        raise SurgeonError(f"{file}: the multi-task prompt holds {cols.shape[0]} tasks, chosen by the task id given "
-                           "with each input, and a merged vocabulary holds one prompt; use PEFT to run it.")
+        raise SurgeonError(
+            f"{file}: the multi-task prompt holds {cols.shape[0]} tasks, chosen by the task id given "
+            "with each input, and a merged vocabulary holds one prompt; use PEFT to run it."
+        )
     return prompts.float() * (cols[0].float() @ rows[0].float())
 
 
@@ -108,15 +134,28 @@ def vocabulary_keys(base, width: int, file: Path) -> tuple[str, list[str], bool]
     [vocab, hidden], output biases [vocab]), and whether the output embedding is tied to the input."""
     config = base.config()
     vocab = config.get("vocab_size")
-    found = [k for k in base.keys() if embedding_name(k.rpartition(".")[0]) and len(base.info(k).shape) == 2
-             and base.info(k).shape[1] == width and (not isinstance(vocab, int) or base.info(k).shape[0] == vocab)]
+    found = [
+        k
+        for k in base.keys()
+        if embedding_name(k.rpartition(".")[0])
+        and len(base.info(k).shape) == 2
+        and base.info(k).shape[1] == width
+        and (not isinstance(vocab, int) or base.info(k).shape[0] == vocab)
+    ]
     if len(found) != 1:
         what = f"{len(found)} candidates ({', '.join(found[:3])})" if found else "none"
-        raise SurgeonError(f"{file}: the prompt is {width} wide, and the base's input embedding of that width could "
-                           f"not be told apart ({what}); check that the adapter belongs to this base.")
+        raise SurgeonError(
+            f"{file}: the prompt is {width} wide, and the base's input embedding of that width could "
+            f"not be told apart ({what}); check that the adapter belongs to this base."
+        )
     rows = base.info(found[0]).shape[0]
-    outputs = [k for k in base.keys() if k != found[0] and base.info(k).shape in ((rows, width), (rows,))
-               and (len(base.info(k).shape) == 2 or k.endswith("bias"))]
+    outputs = [
+        k
+        for k in base.keys()
+        if k != found[0]
+        and base.info(k).shape in ((rows, width), (rows,))
+        and (len(base.info(k).shape) == 2 or k.endswith("bias"))
+    ]
     return found[0], outputs, bool(config.get("tie_word_embeddings", True))
 
 
@@ -132,7 +171,10 @@ def _run_time_refusal(peft_type: str, config: dict, tensors: dict[str, torch.Ten
     }
     traced = peft_type == "PREFIX_TUNING"
     instead = "run it with PEFT (PeftModel.from_pretrained)" + (
-        ", or trace it into an ONNX graph (surgeon export-onnx --adapter)" if traced else ", or train a LoRA instead")
-    message = (f"{file}: a PEFT {family} adapter {RUN_TIME[peft_type]}, which no change to the weights can express, "
-               f"so surgeon cannot merge or convert it; {instead}.")
+        ", or trace it into an ONNX graph (surgeon export-onnx --adapter)" if traced else ", or train a LoRA instead"
+    )
+    message = (
+        f"{file}: a PEFT {family} adapter {RUN_TIME[peft_type]}, which no change to the weights can express, "
+        f"so surgeon cannot merge or convert it; {instead}."
+    )
     return NotWeightDeltas(message, facts, peft_runs_it=traced)

@@ -62,14 +62,18 @@ def check_modules_match(config: dict, modules: dict[str, dict], where: Path) -> 
     factors are dropped as unexpected keys), and with ``use_dora`` every one needs its magnitude."""
     targets = config.get("target_modules")
     if modules and targets not in (None, "all-linear") and not any(targeted(targets, m) for m in modules):
-        raise SurgeonError(f"{where}: target_modules {targets!r} matches none of the adapter's modules (such as "
-                           f"{next(iter(modules))!r}), so PEFT would load none of its weights; fix target_modules.")
+        raise SurgeonError(
+            f"{where}: target_modules {targets!r} matches none of the adapter's modules (such as "
+            f"{next(iter(modules))!r}), so PEFT would load none of its weights; fix target_modules."
+        )
     dora = bool(config.get("use_dora"))
     wrong = next((m for m, parts in modules.items() if ("lora_magnitude_vector" in parts) != dora), None)
     if wrong is not None:
         has = "has" if not dora else "lacks"
-        raise SurgeonError(f"{where}: use_dora is {str(dora).lower()} but {wrong!r} {has} a lora_magnitude_vector; "
-                           "the config does not belong to these weights.")
+        raise SurgeonError(
+            f"{where}: use_dora is {str(dora).lower()} but {wrong!r} {has} a lora_magnitude_vector; "
+            "the config does not belong to these weights."
+        )
 
 
 def factor_rank(file: Path, module: str, a_shape: tuple, b_shape: tuple, magnitude_shape: tuple | None = None) -> int:
@@ -78,12 +82,17 @@ def factor_rank(file: Path, module: str, a_shape: tuple, b_shape: tuple, magnitu
     lora_B is 1×1, and a DoRA magnitude has one entry per output (lora_B's first axis)."""
     rank = int(a_shape[0])
     if b_shape[1] != rank:
-        raise SurgeonError(f"{file}: {module!r} has factors of shapes {tuple(a_shape)} and {tuple(b_shape)}, "
-                           "whose ranks differ; the file is damaged.")
+        raise SurgeonError(
+            f"{file}: {module!r} has factors of shapes {tuple(a_shape)} and {tuple(b_shape)}, "
+            "whose ranks differ; the file is damaged."
+        )
     if len(a_shape) > 2 and any(d != 1 for d in b_shape[2:]):
-        raise SurgeonError(f"{file}: {module!r} has a convolutional lora_B with a kernel {tuple(b_shape[2:])}; "
-                           "only 1×1 is supported.")
+        raise SurgeonError(
+            f"{file}: {module!r} has a convolutional lora_B with a kernel {tuple(b_shape[2:])}; only 1×1 is supported."
+        )
     if magnitude_shape is not None and math.prod(magnitude_shape) != b_shape[0]:
-        raise SurgeonError(f"{file}: in {module!r}, the DoRA magnitude has shape {tuple(magnitude_shape)}, but lora_B "
-                           f"has {b_shape[0]} outputs; the file is damaged.")
+        raise SurgeonError(
+            f"{file}: in {module!r}, the DoRA magnitude has shape {tuple(magnitude_shape)}, but lora_B "
+            f"has {b_shape[0]} outputs; the file is damaged."
+        )
     return rank

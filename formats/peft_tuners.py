@@ -56,7 +56,9 @@ def _base_key(base, key: str) -> str | None:
 def _loha(parts, config, module, shape, where):
     rank, alpha = module_rank_alpha(config, module, "alpha")
     if parts["hada_w1_b"].shape[0] != rank:
-        raise SurgeonError(f"{where}: has rank {parts['hada_w1_b'].shape[0]} in its tensors but {rank} in {CONFIG_FILE}.")
+        raise SurgeonError(
+            f"{where}: has rank {parts['hada_w1_b'].shape[0]} in its tensors but {rank} in {CONFIG_FILE}."
+        )
     factors = loha_factors(*(parts.get(p) for p in LOHA_PARTS))
     natural = (factors[0][0].shape[0], factors[0][1].shape[1])
     if "hada_t1" in parts:
@@ -86,7 +88,9 @@ def _ia3(parts, config, module, base, where, key):
     """W' = W ⊙ l as PEFT merges it, l broadcast per output row, per input column for
     feedforward modules (expanded per group for a grouped convolution), transposed for Conv1D."""
     if base is None:
-        raise SurgeonError(f"{where}: an IA3 adapter scales the base weights (W' = W ⊙ l); pass --base so that its ΔW can be computed.")
+        raise SurgeonError(
+            f"{where}: an IA3 adapter scales the base weights (W' = W ⊙ l); pass --base so that its ΔW can be computed."
+        )
     shape = base.info(key).shape
     scaling = parts["ia3_l"].float()
     feedforward = config.get("feedforward_modules") or []
@@ -111,7 +115,10 @@ def _vera_projections(config, shared, modules, base, where):
     if "base_model.vera_A" in shared:
         return shared["base_model.vera_A"].float(), shared["base_model.vera_B"].float()
     if base is None:
-        raise SurgeonError(f"{where}: the VeRA adapter was saved without its projections (save_projection false); pass --base so that they can be regenerated from projection_prng_key.")
+        raise SurgeonError(
+            f"{where}: the VeRA adapter was saved without its projections (save_projection false); pass --base so that "
+            "they can be regenerated from projection_prng_key."
+        )
     largest = (0, 0)
     for module in modules:
         shape = base.info(_base_key(base, module + ".weight")).shape
@@ -154,17 +161,26 @@ def read(path: Path, config: dict, base=None) -> Adapter:
             shared[key] = tensor
             continue
         if not key.startswith(PREFIX):
-            raise SurgeonError(f"{file}: tensor {key!r} lacks the {PREFIX!r} prefix PEFT writes; the file is not a PEFT adapter.")
-        key = key[len(PREFIX):]
+            raise SurgeonError(
+                f"{file}: tensor {key!r} lacks the {PREFIX!r} prefix PEFT writes; the file is not a PEFT adapter."
+            )
+        key = key[len(PREFIX) :]
         module, _, part = key.rpartition(".")
         if part in parts_of:
             modules.setdefault(module, {})[part] = tensor
         elif _TUNER_PART.search(key):
-            raise SurgeonError(f"{file}: tensor {key!r} is a {peft_type} part surgeon does not know; refusing rather than dropping it.")
+            raise SurgeonError(
+                f"{file}: tensor {key!r} is a {peft_type} part surgeon does not know; refusing rather than dropping it."
+            )
         else:
             whole[key.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = tensor
 
-    adapter = Adapter(source_format=f"peft-{peft_type.lower()}", base_model=config.get("base_model_name_or_path"), config=dict(config), metadata=metadata)
+    adapter = Adapter(
+        source_format=f"peft-{peft_type.lower()}",
+        base_model=config.get("base_model_name_or_path"),
+        config=dict(config),
+        metadata=metadata,
+    )
     for key, tensor in whole.items():
         adapter.add(key, Replace(tensor), "other")
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
@@ -174,7 +190,9 @@ def read(path: Path, config: dict, base=None) -> Adapter:
         key = module + ".weight"
         base_key = _base_key(base, key)
         if base is not None and base_key is None:
-            raise SurgeonError(f"{where}: the base checkpoint has no weight for this module; pass the base the adapter was trained on.")
+            raise SurgeonError(
+                f"{where}: the base checkpoint has no weight for this module; pass the base the adapter was trained on."
+            )
         shape = tuple(base.info(base_key).shape) if base_key else None
         module_type = "conv1d" if fan_in_fan_out else ("conv" if shape and len(shape) > 2 else "linear")
         if peft_type == "LOHA":

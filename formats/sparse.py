@@ -51,10 +51,15 @@ def read(path: Path, base=None) -> Adapter:
     config = read_json(path / CONFIG_FILE)
     version = config.get("version", 0)
     if config.get("format") != FORMAT_TAG or isinstance(version, bool) or not isinstance(version, int):
-        raise SurgeonError(f"{path / CONFIG_FILE}: not a surgeon sparse diff config (format {config.get('format')!r}, "
-                           f"version {version!r}); restore the file surgeon wrote.")
+        raise SurgeonError(
+            f"{path / CONFIG_FILE}: not a surgeon sparse diff config (format {config.get('format')!r}, "
+            f"version {version!r}); restore the file surgeon wrote."
+        )
     if version > VERSION:
-        raise SurgeonError(f"{path / CONFIG_FILE}: sparse diff version {config['version']} is newer than this surgeon reads ({VERSION}); upgrade surgeon.")
+        raise SurgeonError(
+            f"{path / CONFIG_FILE}: sparse diff version {config['version']} is newer than this surgeon reads "
+            f"({VERSION}); upgrade surgeon."
+        )
     file = path / WEIGHT_FILE
     if not file.is_file():
         raise SurgeonError(f"{path}: has {CONFIG_FILE} but no {WEIGHT_FILE}.")
@@ -63,24 +68,39 @@ def read(path: Path, base=None) -> Adapter:
     for name, tensor in tensors.items():
         key, _, part = name.rpartition(".")
         if part not in _PARTS or not key:
-            raise SurgeonError(f"{file}: tensor {name!r} is not a part of a sparse diff (expected a key ending in {', '.join('.' + p for p in _PARTS)}).")
+            raise SurgeonError(
+                f"{file}: tensor {name!r} is not a part of a sparse diff (expected a key ending in "
+                f"{', '.join('.' + p for p in _PARTS)})."
+            )
         parts.setdefault(key, {})[part] = tensor
-    adapter = Adapter(source_format=NAME, base_model=config.get("base_model_name_or_path"), config=config, metadata=metadata)
+    adapter = Adapter(
+        source_format=NAME, base_model=config.get("base_model_name_or_path"), config=config, metadata=metadata
+    )
     for key, found in parts.items():
         if "replace" in found:
             adapter.add(key, Replace(found["replace"]), "other")
         sparse = [p for p in ("sparse_indices", "sparse_values", "sparse_shape") if p in found]
         if sparse and len(sparse) != 3:
-            raise SurgeonError(f"{file}: {key!r} has {', '.join(sparse)} but not all three of indices, values and shape; the file is incomplete.")
+            raise SurgeonError(
+                f"{file}: {key!r} has {', '.join(sparse)} but not all three of indices, values and shape; the file is "
+                "incomplete."
+            )
         if sparse:
-            adapter.add(key, Sparse(found["sparse_indices"], found["sparse_values"], _shape_of(found["sparse_shape"], file, key)), "other")
+            adapter.add(
+                key,
+                Sparse(found["sparse_indices"], found["sparse_values"], _shape_of(found["sparse_shape"], file, key)),
+                "other",
+            )
     return adapter
 
 
 def _shape_of(stored: torch.Tensor, file: Path, key: str) -> tuple[int, ...]:
     """A parameter's shape as the file stores it: a 1-D tensor of non-negative integers."""
     if stored.dim() != 1 or stored.is_floating_point() or stored.dtype == torch.bool or bool((stored < 0).any()):
-        raise SurgeonError(f"{file}: {key}.sparse_shape is {stored.dtype} {tuple(stored.shape)}, not a list of sizes; the file is damaged.")
+        raise SurgeonError(
+            f"{file}: {key}.sparse_shape is {stored.dtype} {tuple(stored.shape)}, not a list of sizes; the file is "
+            "damaged."
+        )
     return tuple(stored.tolist())
 
 
@@ -102,7 +122,10 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
             )
         replaces = [i for i, d in enumerate(deltas) if d.replaces]
         if replaces and replaces != [0]:
-            raise SurgeonError(f"cannot write a sparse diff: {key!r} is replaced after other deltas, which the format cannot order; keep one replacement, first.")
+            raise SurgeonError(
+                f"cannot write a sparse diff: {key!r} is replaced after other deltas, which the format cannot order; "
+                "keep one replacement, first."
+            )
         if replaces:
             tensors[f"{key}.replace"] = deltas[0].materialize(dtype=deltas[0].stored_dtype).contiguous()
         if sparse:
@@ -126,5 +149,9 @@ def write(adapter: Adapter, staging: Path) -> list[str]:
     staging = Path(staging)
     staging.mkdir(parents=True, exist_ok=True)
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, staging / WEIGHT_FILE, metadata={"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}})
+    save_file(
+        tensors,
+        staging / WEIGHT_FILE,
+        metadata={"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}},
+    )
     return []

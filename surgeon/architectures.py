@@ -15,16 +15,24 @@ import re
 from typing import Mapping
 
 #: ``architectures[0]`` of config.json for which every 2-D weight is Linear but ``embed_tokens``.
-LINEAR_DECODERS = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "GemmaForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM",
-})
+LINEAR_DECODERS = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+        "Phi3ForCausalLM",
+    }
+)
 _INPUT_EMBEDDING = re.compile(r"(^|\.)embed_tokens\.weight$")
 _OUTPUT_EMBEDDING = re.compile(r"(^|\.)lm_head\.weight$")
 
 
-def known_module_types(config: Mapping, shapes: Mapping[str, tuple[int, ...]]
-                       ) -> tuple[dict[str, str], set[str], set[str], str] | None:
+def known_module_types(
+    config: Mapping, shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, str], set[str], set[str], str] | None:
     """(module type per key, embedding keys, tied keys, source) as :func:`surgeon.ops.extract.module_types`
     gives them, for a config naming one of :data:`LINEAR_DECODERS`; None for any other. The
     embeddings are tied where the checkpoint stores no ``lm_head`` (the head is the embedding) or

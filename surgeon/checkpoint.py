@@ -25,7 +25,6 @@ from surgeon.checkpoint_files import weight_files as _weight_files
 from surgeon.errors import SurgeonError
 from surgeon.quantized import QuantizedWeight, dequantize, find_quantized, stored_parts
 
-
 _DTYPE_NAMES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -101,7 +100,9 @@ class Checkpoint:
 
     def _add(self, key: str, file: Path, info: TensorInfo) -> None:
         if key in self._where:
-            raise SurgeonError(f"{file}: tensor {key!r} is also in {self._where[key]}; a checkpoint must hold each key once.")
+            raise SurgeonError(
+                f"{file}: tensor {key!r} is also in {self._where[key]}; a checkpoint must hold each key once."
+            )
         self._where[key] = file
         self._info[key] = info
 
@@ -112,7 +113,9 @@ class Checkpoint:
                 piece = handle.get_slice(key)
                 dtype = _DTYPES_BY_NAME.get(piece.get_dtype())
                 if dtype is None:
-                    raise SurgeonError(f"{file}: tensor {key!r} has dtype {piece.get_dtype()}, which surgeon does not handle.")
+                    raise SurgeonError(
+                        f"{file}: tensor {key!r} has dtype {piece.get_dtype()}, which surgeon does not handle."
+                    )
                 self._add(key, file, TensorInfo(tuple(piece.get_shape()), dtype))
 
     def _index_pickle(self, file: Path) -> None:
@@ -180,8 +183,11 @@ class Checkpoint:
         return sorted(
             p
             for p in self.directory.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p not in self.files
-            and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")
+            if p.is_file()
+            and not p.name.startswith(".")
+            and p not in self.files
+            and not p.name.endswith(WEIGHT_SUFFIXES)
+            and not p.name.endswith(".index.json")
         )
 
     def config(self) -> dict:
@@ -213,8 +219,12 @@ def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
         # torch says "Weights only load failed" both for a pickle that names a global it does not
         # allow (which only full unpickling could load) and for bytes that are no pickle at all.
         if "Unsupported global" not in str(error):
-            reason = str(error).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or str(error).split("\n")[0]
-            raise SurgeonError(f"{file}: not a readable PyTorch checkpoint ({reason}); the file is damaged or not a checkpoint.") from None
+            reason = (
+                str(error).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or str(error).split("\n")[0]
+            )
+            raise SurgeonError(
+                f"{file}: not a readable PyTorch checkpoint ({reason}); the file is damaged or not a checkpoint."
+            ) from None
         raise SurgeonError(
             f"{file}: refusing to load this pickle because it needs full unpickling, which can run arbitrary code; "
             "convert it to safetensors with a tool you trust."
@@ -275,7 +285,11 @@ class StreamingWriter:
             for key, info in members:
                 if info.dtype not in _DTYPE_NAMES:
                     raise SurgeonError(f"tensor {key!r} has dtype {info.dtype}, which safetensors cannot store.")
-                entries[key] = {"dtype": _DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + info.num_bytes]}
+                entries[key] = {
+                    "dtype": _DTYPE_NAMES[info.dtype],
+                    "shape": list(info.shape),
+                    "data_offsets": [offset, offset + info.num_bytes],
+                }
                 offset += info.num_bytes
                 weight_map[key] = name
             header = _header_bytes(entries, metadata)
@@ -290,7 +304,10 @@ class StreamingWriter:
         self.file_names = names
         self.weight_map = weight_map  # key → file, for an index that lists more files than these
         if count > 1:
-            index = {"metadata": {"total_size": sum(i.num_bytes for _, _, i in self._slots.values())}, "weight_map": weight_map}
+            index = {
+                "metadata": {"total_size": sum(i.num_bytes for _, _, i in self._slots.values())},
+                "weight_map": weight_map,
+            }
             (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -310,7 +327,9 @@ class StreamingWriter:
             handle.close()
         if self._pending:
             missing = ", ".join(sorted(self._pending)[:5])
-            raise SurgeonError(f"{self.directory}: {len(self._pending)} planned tensors were never written ({missing}).")
+            raise SurgeonError(
+                f"{self.directory}: {len(self._pending)} planned tensors were never written ({missing})."
+            )
 
     def __enter__(self) -> "StreamingWriter":
         return self

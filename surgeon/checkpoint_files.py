@@ -45,11 +45,16 @@ def _shard_files(index: Path) -> list[Path]:
     ``..`` or an absolute path would read files outside the checkpoint, so it is refused)."""
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise SurgeonError(f"{index}: weight_map is not a mapping of tensor names to shard file names; regenerate the index or remove it.")
+        raise SurgeonError(
+            f"{index}: weight_map is not a mapping of tensor names to shard file names; regenerate the index or remove "
+            "it."
+        )
     outside = next((n for n in weight_map.values() if Path(n).name != n or n in ("", ".", "..") or "\\" in n), None)
     if outside is not None:
-        raise SurgeonError(f"{index}: names the shard {outside!r}, which is not a file in the checkpoint's directory; "
-                           "an index may name only files beside it.")
+        raise SurgeonError(
+            f"{index}: names the shard {outside!r}, which is not a file in the checkpoint's directory; "
+            "an index may name only files beside it."
+        )
     return sorted({index.parent / name for name in weight_map.values()})
 
 
@@ -61,7 +66,9 @@ def read_json(file: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise SurgeonError(f"{file}: not valid JSON ({error}); fix or regenerate it.") from None
     if not isinstance(data, dict):
-        raise SurgeonError(f"{file}: holds a JSON {type(data).__name__} where an object was expected; fix or regenerate it.")
+        raise SurgeonError(
+            f"{file}: holds a JSON {type(data).__name__} where an object was expected; fix or regenerate it."
+        )
     return data
 
 
@@ -73,7 +80,9 @@ def model_config(directory: Path | None) -> dict:
         return {}
     config = read_json(file)
     architectures = config.get("architectures")
-    if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
         raise SurgeonError(f"{file}: architectures is {architectures!r}, not a list of class names; fix config.json.")
     for field, kind in (("model_type", str), ("text_config", dict)):
         if config.get(field) is not None and not isinstance(config[field], kind):
@@ -85,11 +94,20 @@ def parse_size(text: str | int) -> int:
     """'5GB', '500MB', '2GiB' or a byte count, as bytes (decimal units, as transformers uses)."""
     if isinstance(text, int):
         return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
     raw = text.strip().upper()
     number = raw.rstrip("KMGTIB")
-    unit = raw[len(number):]
+    unit = raw[len(number) :]
     try:
         value = float(number)
     except ValueError:

@@ -1,5 +1,6 @@
-"""Converting an adapter from one format to another, through the canonical model. The written file is read back and compared with the source before it is put in
-place, so a conversion either reproduces every ΔW or leaves nothing behind.
+"""Converting an adapter from one format to another, through the canonical model. The written file
+is read back and compared with the source before it is put in place, so a conversion either
+reproduces every ΔW or leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -63,14 +64,18 @@ def verify_round_trip(source: Adapter, written: Adapter) -> dict:
     extra = sorted(set(written.deltas) - set(source.deltas))
     if missing or extra:
         raise SurgeonError(
-            f"the written adapter does not hold the same targets as the source (missing {missing[:3]}, extra {extra[:3]}); "
+            f"the written adapter does not hold the same targets as the source (missing {missing[:3]}, extra "
+            f"{extra[:3]}); "
             "nothing was written. This is a bug in surgeon: please report it with the command."
         )
     worst = {"max_abs_error": 0.0, "max_relative_error": 0.0, "key": None}
     for key, deltas in source.items():
         expected, got = _effective(deltas), _effective(written.deltas[key])
         if expected.keys() != got.keys():
-            raise SurgeonError(f"the written adapter changes the kind of update on {key!r} ({sorted(expected)} became {sorted(got)}); nothing was written.")
+            raise SurgeonError(
+                f"the written adapter changes the kind of update on {key!r} ({sorted(expected)} became {sorted(got)}); "
+                "nothing was written."
+            )
         for part, tensor in expected.items():
             error = float((got[part] - tensor).abs().max()) if tensor.numel() else 0.0
             relative = error / max(float(tensor.abs().max()) if tensor.numel() else 0.0, 1e-30)
@@ -99,7 +104,10 @@ def drop_base_copies(adapter: Adapter, base: Checkpoint) -> list[str]:
             adapter.module_types.pop(key, None)
     if not dropped:
         return []
-    return [f"{dropped} whole-weight copies equal to the base's (PEFT saves targeted embeddings whole) were dropped: they change nothing."]
+    return [
+        f"{dropped} whole-weight copies equal to the base's (PEFT saves targeted embeddings whole) were dropped: they "
+        "change nothing."
+    ]
 
 
 def _equals_base(weight: torch.Tensor, base: Checkpoint, key: str) -> bool:
@@ -111,17 +119,26 @@ def _read_back(target, staging: Path, base: Checkpoint | None, source: Adapter) 
     """The round-trip check; skipped (with a note) only where the format cannot be read without the
     base. Any other failure to read the output back is an error: nothing unchecked is published."""
     if base is None and target.needs_base_to_read:
-        return None, ("not read back for checking: this format names parameters in a way only the base model "
-                      "resolves; pass --base to have the output checked")
+        return None, (
+            "not read back for checking: this format names parameters in a way only the base model "
+            "resolves; pass --base to have the output checked"
+        )
     written = target.read(staging, base=base)
     # A writer may add a prefix the source had not (diffusers' component): match keys the way merge does.
-    written = bind_to_base(written, base.keys() if base is not None else source.deltas.keys(), "the written adapter",
-                           checkpoint=base)
+    written = bind_to_base(
+        written, base.keys() if base is not None else source.deltas.keys(), "the written adapter", checkpoint=base
+    )
     return verify_round_trip(source, written), None
 
 
-def convert_adapter(source: Path, target_format: str, output: Path, format_name: str | None = None,
-                    base_path: Path | None = None, force: bool = False) -> dict:
+def convert_adapter(
+    source: Path,
+    target_format: str,
+    output: Path,
+    format_name: str | None = None,
+    base_path: Path | None = None,
+    force: bool = False,
+) -> dict:
     """Convert the adapter at ``source`` to ``target_format`` at ``output``; the report lists
     every note the writer made about what the target format could not hold as it was."""
     from surgeon import formats

@@ -120,13 +120,15 @@ class Delta:
         self._must_add("placed into a fused parameter")
         piece = self.materialize(dtype=self.stored_dtype)
         whole = piece.new_zeros((total, *piece.shape[1:]))
-        whole[start:start + piece.shape[0]] = piece
+        whole[start : start + piece.shape[0]] = piece
         return Dense(whole)
 
     def _must_add(self, what: str) -> None:
         if not self.additive:
-            raise SurgeonError(f"{self.label} cannot be {what} row by row: it is no sum over rows; "
-                               "merge it with transformers and PEFT instead.")
+            raise SurgeonError(
+                f"{self.label} cannot be {what} row by row: it is no sum over rows; "
+                "merge it with transformers and PEFT instead."
+            )
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,7 +151,9 @@ class LowRank(Delta):
     def __post_init__(self) -> None:
         bad = next((t for t in self.tensors() if t.dtype not in FACTOR_DTYPES), None)
         if bad is not None:
-            raise SurgeonError(f"a low-rank factor is {bad.dtype}; factors and magnitudes must be fp16, bf16, fp32 or fp64.")
+            raise SurgeonError(
+                f"a low-rank factor is {bad.dtype}; factors and magnitudes must be fp16, bf16, fp32 or fp64."
+            )
         if self.down.dim() != 2 or self.up.dim() != 2 or self.up.shape[1] != self.down.shape[0]:
             raise SurgeonError(
                 f"low-rank factors do not chain: up is {tuple(self.up.shape)} and down is "
@@ -164,8 +168,10 @@ class LowRank(Delta):
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "scale", float(self.scale))
         if not abs(self.scale) <= FP32_MAX:  # NaN fails this too
-            raise SurgeonError(f"a low-rank delta has the scale {self.scale} (alpha/r); a scale must be a finite number "
-                               "within fp32's range.")
+            raise SurgeonError(
+                f"a low-rank delta has the scale {self.scale} (alpha/r); a scale must be a finite number "
+                "within fp32's range."
+            )
         axis_size = shape[self.magnitude_axis] if 0 <= self.magnitude_axis < len(shape) else None
         if self.magnitude is not None and (self.magnitude.dim() != 1 or self.magnitude.numel() != axis_size):
             raise SurgeonError(
@@ -248,7 +254,7 @@ class LowRank(Delta):
     def placed(self, start: int, total: int) -> Delta:
         self._must_add("placed into a fused parameter")
         up = self.up.new_zeros((total, self.rank))
-        up[start:start + self.up.shape[0]] = self.up
+        up[start : start + self.up.shape[0]] = self.up
         return LowRank(self.down, up, self.scale, (total, *self.shape[1:]))
 
     @classmethod
@@ -258,8 +264,9 @@ class LowRank(Delta):
         if len(deltas) == 1:
             return deltas[0]
         if any(d.is_dora for d in deltas):
-            raise SurgeonError(f"{key!r} has several DoRA updates, which do not add up to one; "
-                               "merge them into the base first.")
+            raise SurgeonError(
+                f"{key!r} has several DoRA updates, which do not add up to one; merge them into the base first."
+            )
         scale = deltas[0].scale
         ups = [d.up if d.scale == scale else (d.up.float() * (d.scale / scale)).to(d.up.dtype) for d in deltas]
         down = torch.cat([d.down for d in deltas])
@@ -274,8 +281,15 @@ class Dense(Delta):
 
     kind = "dense"
 
-    def __init__(self, delta: torch.Tensor | None = None, *, compute: Callable[[], torch.Tensor] | None = None,
-                 shape: Iterable[int] = (), tensors: Iterable[torch.Tensor] = (), reads_base: bool = False):
+    def __init__(
+        self,
+        delta: torch.Tensor | None = None,
+        *,
+        compute: Callable[[], torch.Tensor] | None = None,
+        shape: Iterable[int] = (),
+        tensors: Iterable[torch.Tensor] = (),
+        reads_base: bool = False,
+    ):
         self._stored = delta
         self._compute = compute
         self.shape = _shape(delta.shape) if delta is not None else _shape(shape)
@@ -283,8 +297,13 @@ class Dense(Delta):
         self.reads_base = reads_base
 
     @classmethod
-    def lazy(cls, compute: Callable[[], torch.Tensor], shape: Iterable[int], tensors: Iterable[torch.Tensor],
-             reads_base: bool = False) -> Dense:
+    def lazy(
+        cls,
+        compute: Callable[[], torch.Tensor],
+        shape: Iterable[int],
+        tensors: Iterable[torch.Tensor],
+        reads_base: bool = False,
+    ) -> Dense:
         """A ΔW of ``shape`` computed by ``compute`` when used; ``tensors`` are what the file stores
         for it (counted as its parameters). ``reads_base``: ``compute`` reads the base weight."""
         return cls(compute=compute, shape=shape, tensors=tensors, reads_base=reads_base)
@@ -326,8 +345,15 @@ class Sparse(Delta):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", _shape(self.shape))
-        if self.indices.is_floating_point() or self.indices.dtype == torch.bool or self.values.dtype not in FACTOR_DTYPES:
-            raise SurgeonError(f"a sparse delta needs integer indices and float values; got {self.indices.dtype} and {self.values.dtype}.")
+        if (
+            self.indices.is_floating_point()
+            or self.indices.dtype == torch.bool
+            or self.values.dtype not in FACTOR_DTYPES
+        ):
+            raise SurgeonError(
+                f"a sparse delta needs integer indices and float values; got {self.indices.dtype} and "
+                f"{self.values.dtype}."
+            )
         if self.indices.dim() != 1 or self.values.shape != self.indices.shape:
             raise SurgeonError(
                 f"a sparse delta needs 1-D indices and values of one length; got {tuple(self.indices.shape)} "
@@ -357,7 +383,9 @@ class Sparse(Delta):
 
     def materialize(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         flat = torch.zeros(math.prod(self.shape), device=device, dtype=dtype)
-        flat.index_add_(0, self.indices.to(device=device, dtype=torch.int64), self.values.to(device=device, dtype=dtype))
+        flat.index_add_(
+            0, self.indices.to(device=device, dtype=torch.int64), self.values.to(device=device, dtype=dtype)
+        )
         return flat.reshape(self.shape)
 
 
@@ -419,8 +447,9 @@ class AppendRows(Delta):
 
     def __post_init__(self) -> None:
         if self.rows.dtype not in FACTOR_DTYPES or self.rows.dim() < 1 or self.rows.shape[0] < 1:
-            raise SurgeonError(f"rows to append must be a non-empty float tensor; got {tuple(self.rows.shape)} "
-                               f"{self.rows.dtype}.")
+            raise SurgeonError(
+                f"rows to append must be a non-empty float tensor; got {tuple(self.rows.shape)} {self.rows.dtype}."
+            )
         if self.tokens and len(self.tokens) != self.rows.shape[0]:
             raise SurgeonError(f"{self.rows.shape[0]} rows to append are named by {len(self.tokens)} tokens.")
 
@@ -442,8 +471,10 @@ class AppendRows(Delta):
     def output_shape(self, shape: Shape, undo: bool = False) -> Shape:
         rows = shape[0] - self.shape[0] if undo else shape[0] + self.shape[0]
         if rows < 1:
-            raise SurgeonError(f"a parameter of {shape[0]} rows cannot lose the {self.shape[0]} rows a prompt "
-                               "adapter appended; it is not the merged checkpoint.")
+            raise SurgeonError(
+                f"a parameter of {shape[0]} rows cannot lose the {self.shape[0]} rows a prompt "
+                "adapter appended; it is not the merged checkpoint."
+            )
         return (rows, *shape[1:])
 
     def tensors(self) -> list[torch.Tensor]:
@@ -470,7 +501,6 @@ def exact_sum(terms: list[tuple[Delta, float]], shape: Shape) -> Delta:
     work = torch.float64 if dtype == torch.float64 else torch.float32
     total = sum(d.materialize(dtype=work) * w for d, w in terms)
     return Dense(total.to(dtype))
-
 
 
 #: How the base module uses a parameter; writers need it to pick key names and orientation.
@@ -502,8 +532,11 @@ class Adapter:
 
     def renamed(self, rename: Callable[[str], str]) -> "Adapter":
         """The same adapter with every key passed through ``rename`` (deltas and module types alike)."""
-        return replace(self, deltas={rename(k): v for k, v in self.deltas.items()},
-                       module_types={rename(k): v for k, v in self.module_types.items()})
+        return replace(
+            self,
+            deltas={rename(k): v for k, v in self.deltas.items()},
+            module_types={rename(k): v for k, v in self.module_types.items()},
+        )
 
     def translated(self, parts: Callable[[str, Delta], list[tuple[str, Delta]]]) -> "Adapter":
         """The same adapter with every (key, delta) replaced by ``parts(key, delta)``: renamed, or cut

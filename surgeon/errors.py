@@ -19,8 +19,10 @@ def missing_extra(extra: str, packages: list[str], what: str) -> str:
     """The sentence for an optional dependency that is not installed: which package, and the
     extra that brings it, named the way the README installs extras."""
     names = " ".join(packages)
-    return (f"{what} needs {', '.join(packages)}, which is not installed; run pip install {names} "
-            f"(or, in surgeon's checkout, pip install '.[{extra}]').")
+    return (
+        f"{what} needs {', '.join(packages)}, which is not installed; run pip install {names} "
+        f"(or, in surgeon's checkout, pip install '.[{extra}]')."
+    )
 
 
 def describe_os_error(error: OSError) -> str:

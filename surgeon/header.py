@@ -17,8 +17,18 @@ from surgeon.errors import SurgeonError
 
 #: Bytes per element of each safetensors dtype surgeon handles (those :mod:`surgeon.checkpoint` reads).
 ITEM_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
 

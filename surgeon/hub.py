@@ -64,7 +64,10 @@ def parse(uri: str) -> HubPath:
     try:
         parsed = parse_hf_uri(uri)
     except HfUriError as error:
-        raise SurgeonError(f"{uri}: not a Hub path ({error}); write it as hf://org/name, hf://org/name@revision or hf://org/name/subfolder.") from None
+        raise SurgeonError(
+            f"{uri}: not a Hub path ({error}); write it as hf://org/name, hf://org/name@revision or "
+            "hf://org/name/subfolder."
+        ) from None
     if parsed.type not in ("model", "dataset", "space"):
         raise SurgeonError(f"{uri}: surgeon reads model, dataset and space repositories, not {parsed.type}s.")
     for part, value in (("repository id", parsed.id), ("revision", parsed.revision), ("path", parsed.path_in_repo)):
@@ -76,8 +79,10 @@ def _check_part(uri: str, part: str, value: str) -> None:
     """A part of a Hub path that the cache joins onto its own folders must stay inside them: no
     ``..``, no absolute path, no backslash (a Windows separator)."""
     if "\\" in value or value.startswith("/") or ".." in value.split("/"):
-        raise SurgeonError(f"{uri}: the {part} {value!r} climbs out of the repository (.., an absolute path or a backslash); "
-                           "name a repository, revision and path inside it.")
+        raise SurgeonError(
+            f"{uri}: the {part} {value!r} climbs out of the repository (.., an absolute path or a backslash); "
+            "name a repository, revision and path inside it."
+        )
 
 
 def _inside(path: Path, root: Path, uri: str) -> Path:
@@ -132,8 +137,13 @@ def _explain(hub: HubPath, error: Exception) -> SurgeonError:
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, IncompleteSnapshotError, LocalEntryNotFoundError,
-        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     uri = hub.uri
@@ -141,25 +151,48 @@ def _explain(hub: HubPath, error: Exception) -> SurgeonError:
     login = "log in with `hf auth login` (or set HF_TOKEN)"
     if isinstance(error, GatedRepoError):
         if has_token:
-            return SurgeonError(f"{uri}: the repository is gated and your token has not been granted access; request it at {hub.web_url} and retry once approved.")
+            return SurgeonError(
+                f"{uri}: the repository is gated and your token has not been granted access; request it at "
+                f"{hub.web_url} and retry once approved."
+            )
         return SurgeonError(f"{uri}: the repository is gated; accept its conditions at {hub.web_url}, then {login}.")
     if isinstance(error, RepositoryNotFoundError):
         if has_token:
-            return SurgeonError(f"{uri}: no such repository, or your token cannot read it; check the name and the token's permissions.")
-        return SurgeonError(f"{uri}: no such repository, or it is private and no Hugging Face token was found; check the name, or {login}.")
+            return SurgeonError(
+                f"{uri}: no such repository, or your token cannot read it; check the name and the token's permissions."
+            )
+        return SurgeonError(
+            f"{uri}: no such repository, or it is private and no Hugging Face token was found; check the name, or "
+            f"{login}."
+        )
     if isinstance(error, RevisionNotFoundError):
-        return SurgeonError(f"{uri}: the repository has no revision {hub.revision!r}; give an existing branch, tag or commit after '@'.")
+        return SurgeonError(
+            f"{uri}: the repository has no revision {hub.revision!r}; give an existing branch, tag or commit after '@'."
+        )
     if isinstance(error, IncompleteSnapshotError):
-        return SurgeonError(f"{uri}: the cached copy in {constants.HF_HUB_CACHE} is incomplete and the Hub cannot be reached; run again with network access (HF_HUB_OFFLINE unset).")
+        return SurgeonError(
+            f"{uri}: the cached copy in {constants.HF_HUB_CACHE} is incomplete and the Hub cannot be reached; run "
+            "again "
+            "with network access (HF_HUB_OFFLINE unset)."
+        )
     if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         if constants.HF_HUB_OFFLINE:
-            return SurgeonError(f"{uri}: not in the local Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE, or point HF_HOME at a cache that holds it.")
-        return SurgeonError(f"{uri}: the Hub at {constants.ENDPOINT} cannot be reached and the repository is not in the local cache; check the network (or HF_ENDPOINT) and retry.")
+            return SurgeonError(
+                f"{uri}: not in the local Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
+                "downloading "
+                "it; unset HF_HUB_OFFLINE, or point HF_HOME at a cache that holds it."
+            )
+        return SurgeonError(
+            f"{uri}: the Hub at {constants.ENDPOINT} cannot be reached and the repository is not in the local cache; "
+            "check the network (or HF_ENDPOINT) and retry."
+        )
     if isinstance(error, HfHubHTTPError) and error.response is not None and error.response.status_code == 401:
         return SurgeonError(f"{uri}: the Hub rejected your token; {login} again with a valid token.")
     if isinstance(error, HfHubHTTPError):
         status = error.response.status_code if error.response is not None else "an error"
-        return SurgeonError(f"{uri}: the Hub answered {status} ({str(error).splitlines()[0]}); retry later, or check {hub.web_url}.")
+        return SurgeonError(
+            f"{uri}: the Hub answered {status} ({str(error).splitlines()[0]}); retry later, or check {hub.web_url}."
+        )
     return SurgeonError(f"{uri}: download failed ({type(error).__name__}: {error}); check the network and retry.")
 
 
@@ -173,26 +206,42 @@ def fetch(uri: str) -> Fetched:
     files, reachable = _listing(hub)
     allow, ignore = patterns(hub, files)
     try:
-        snapshot = Path(huggingface_hub.snapshot_download(
-            hub.repo_id, repo_type=hub.repo_type, revision=hub.revision, allow_patterns=allow, ignore_patterns=ignore,
-            local_files_only=not reachable,
-        ))
+        snapshot = Path(
+            huggingface_hub.snapshot_download(
+                hub.repo_id,
+                repo_type=hub.repo_type,
+                revision=hub.revision,
+                allow_patterns=allow,
+                ignore_patterns=ignore,
+                local_files_only=not reachable,
+            )
+        )
     except HFValidationError as error:
-        raise SurgeonError(f"{uri}: {hub.repo_id!r} is not a valid repository id ({error}); write it as org/name.") from None
+        raise SurgeonError(
+            f"{uri}: {hub.repo_id!r} is not a valid repository id ({error}); write it as org/name."
+        ) from None
     except OSError as error:  # the client's HTTP, cache and offline errors are all OSErrors
         raise _explain(hub, error) from None
     repository = snapshot.parent.parent  # models--org--name: its snapshots link into its blobs
     target = _inside(snapshot / hub.path_in_repo, repository, uri) if hub.path_in_repo else snapshot
     if not target.exists():
         where = f"{hub.path_in_repo!r} in {hub.repo_id}" if hub.path_in_repo else hub.repo_id
-        raise SurgeonError(f"{uri}: found no file surgeon reads at {where}; check the path at {hub.web_url}/tree/{hub.revision or 'main'}.")
+        raise SurgeonError(
+            f"{uri}: found no file surgeon reads at {where}; check the path at "
+            f"{hub.web_url}/tree/{hub.revision or 'main'}."
+        )
     if target.is_file():
         return Fetched(target, snapshot.name, [target.name])
     # The snapshot folder is shared with every earlier download of this commit: list only what was asked for.
     present = [p.relative_to(snapshot).as_posix() for p in target.rglob("*") if p.is_file()]
-    chosen = [p for p in filter_repo_objects(present, allow_patterns=allow, ignore_patterns=ignore)
-              if _inside(snapshot / p, repository, uri)]
-    return Fetched(target, snapshot.name, sorted(str(PurePosixPath(p).relative_to(hub.path_in_repo or ".")) for p in chosen))
+    chosen = [
+        p
+        for p in filter_repo_objects(present, allow_patterns=allow, ignore_patterns=ignore)
+        if _inside(snapshot / p, repository, uri)
+    ]
+    return Fetched(
+        target, snapshot.name, sorted(str(PurePosixPath(p).relative_to(hub.path_in_repo or ".")) for p in chosen)
+    )
 
 
 def resolve_hf_path(uri: str) -> Path:

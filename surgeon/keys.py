@@ -38,7 +38,7 @@ def _prefix_shift(missing: list[str], base_keys: Collection[str]) -> tuple[str, 
         if key.endswith("." + rest) and key.count(".") == rest.count(".") + 1:
             candidates.add((parts[0] + ".", key[: -len(rest)]))
     for remove, add in sorted(candidates, key=lambda c: (len(c[0]) + len(c[1]), c)):
-        if all(k.startswith(remove) and add + k[len(remove):] in base_keys for k in missing):
+        if all(k.startswith(remove) and add + k[len(remove) :] in base_keys for k in missing):
             return remove, add
     return None
 
@@ -62,7 +62,7 @@ def bind_to_base(adapter: Adapter, base_keys: Collection[str], where: str, check
 
     def parts(key: str, delta) -> list:
         if key not in known:
-            key = add + key[len(remove):]
+            key = add + key[len(remove) :]
         if names is None or key in base_keys:
             return [(key, delta)]
         return names.checkpoint_parts(key, delta, where)

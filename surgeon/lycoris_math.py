@@ -30,7 +30,9 @@ def scale_of(alpha: torch.Tensor | None, rank: int) -> float:
     if rank < 1:
         raise SurgeonError("a module has a LoRA factor of rank 0, which holds no update; the file is damaged.")
     if alpha is not None and alpha.numel() != 1:
-        raise SurgeonError(f"a module's alpha has shape {tuple(alpha.shape)} instead of one number; the file is damaged.")
+        raise SurgeonError(
+            f"a module's alpha has shape {tuple(alpha.shape)} instead of one number; the file is damaged."
+        )
     value = float(alpha) if alpha is not None else 0.0
     return (value if value != 0 else rank) / rank
 
@@ -42,10 +44,15 @@ def dora_magnitude(scale: torch.Tensor, shape: tuple[int, ...], where: str) -> t
         return scale.reshape(-1).float(), 0
     if len(shape) > 1 and scale.numel() == shape[1]:
         return scale.reshape(-1).float(), 1
-    raise SurgeonError(f"{where}: dora_scale has shape {tuple(scale.shape)}, which fits neither the rows nor the columns of the {shape} weight.")
+    raise SurgeonError(
+        f"{where}: dora_scale has shape {tuple(scale.shape)}, which fits neither the rows nor the columns of the "
+        f"{shape} weight."
+    )
 
 
-def khatri_rao(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def khatri_rao(
+    a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down) with up @ down = (a1 @ b1) ⊙ (a2 @ b2): column (i, j) of up is a1[:, i]·a2[:, j],
     row (i, j) of down is b1[i]·b2[j]; rank r1·r2."""
     up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
@@ -53,15 +60,19 @@ def khatri_rao(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.T
     return up, down
 
 
-def loha_factors(w1a, w1b, w2a, w2b, t1=None, t2=None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def loha_factors(
+    w1a, w1b, w2a, w2b, t1=None, t2=None
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Each Hadamard factor of a LoHa as (up m×r, down r×k), in fp32. With Tucker cores (w_a r×out,
     w_b r×in, t r×r×k…) a factor is w_aᵀ @ einsum(t, w_b): still rank r."""
+
     def one(a, b, t):
         a, b = a.float(), b.float()
         if t is None:
             return a, b.reshape(b.shape[0], -1)
         down = torch.einsum("i j ..., j r -> i r ...", t.float(), b)
         return a.T, down.reshape(down.shape[0], -1)
+
     return one(w1a, w1b, t1), one(w2a, w2b, t2)
 
 
@@ -75,7 +86,9 @@ def loha_delta(factors, scale: float, shape: tuple[int, ...], low_rank: bool):
     (u1, d1), (u2, d2) = factors
     rows, cols = u1.shape[0], d1.shape[1]
     if rows * cols != math.prod(shape):
-        raise SurgeonError(f"LoHa factors give {rows}×{cols} values, which cannot fill the base weight of shape {shape}.")
+        raise SurgeonError(
+            f"LoHa factors give {rows}×{cols} values, which cannot fill the base weight of shape {shape}."
+        )
     if low_rank or u1.shape[1] * u2.shape[1] * (rows + cols) < rows * cols:
         up, down = khatri_rao(u1, d1, u2, d2)
         return LowRank(down=down, up=up, scale=scale, shape=shape)
@@ -120,9 +133,11 @@ def with_magnitude(delta, magnitude: torch.Tensor, axis: int):
 def ia3_delta(base, key: str, scaling: torch.Tensor) -> Dense:
     """ΔW = W ⊙ (s − 1) for W' = W ⊙ s, read from the base when used; ``scaling`` broadcasts
     against the weight."""
+
     def compute() -> torch.Tensor:
         weight = base.get(key).float()
         return weight * scaling.float() - weight
+
     return Dense.lazy(compute, base.info(key).shape, [scaling], reads_base=True)
 
 
@@ -137,12 +152,19 @@ def _half_size(parts: dict[str, torch.Tensor], half: int) -> int:
     return a.shape[0] * math.prod(b.shape[1:])
 
 
-def lokr_delta(parts: dict[str, torch.Tensor], scale: float, shape: tuple[int, ...], where: str,
-               combine: Callable[[], torch.Tensor] | None = None) -> Dense:
+def lokr_delta(
+    parts: dict[str, torch.Tensor],
+    scale: float,
+    shape: tuple[int, ...],
+    where: str,
+    combine: Callable[[], torch.Tensor] | None = None,
+) -> Dense:
     """kron(w1, w2)·scale as a lazy Dense on a weight of ``shape``; ``combine`` replaces the
     Kronecker product of :func:`lokr_weight` where a producer forms it differently."""
     count = _half_size(parts, 1) * _half_size(parts, 2)
     if count != math.prod(shape):
-        raise SurgeonError(f"{where}: the LoKr factors give {count} values, which cannot fill the base weight of shape {shape}.")
+        raise SurgeonError(
+            f"{where}: the LoKr factors give {count} values, which cannot fill the base weight of shape {shape}."
+        )
     combine = combine or (lambda: torch.kron(*lokr_weight(parts)))
     return Dense.lazy(lambda: combine().mul_(scale), shape, [t for k, t in parts.items() if k.startswith("lokr_")])

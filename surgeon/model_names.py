@@ -52,7 +52,8 @@ class ModelNames:
             raise SurgeonError(
                 f"{where}: transformers fuses or splits {key!r} into {self.fused.get(key) or self.splits[key][0]!r} "
                 f"when it builds {self.model_class}, so a delta on it has no module of its own in the model; "
-                "merge it into the base (surgeon merge) instead.")
+                "merge it into the base (surgeon merge) instead."
+            )
         return self.to_model.get(key, key)
 
     def model_parts(self, key: str, delta, where: str) -> list:
@@ -73,7 +74,8 @@ class ModelNames:
         if fused:
             raise SurgeonError(
                 f"{where}: {name!r} is built by transformers from several checkpoint tensors ({', '.join(fused[:3])}), "
-                "and surgeon cannot split a delta on it into theirs; merge it with transformers and PEFT instead.")
+                "and surgeon cannot split a delta on it into theirs; merge it with transformers and PEFT instead."
+            )
         return [(self.to_checkpoint.get(name, name), delta)]
 
     def first_name(self, key: str) -> str:
@@ -98,10 +100,15 @@ def _architecture(checkpoint) -> str | None:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise SurgeonError(missing_extra(
-            "transformers", ["transformers"],
-            f"{checkpoint.directory}: config.json names {architectures[0]}, whose parameters transformers may rename "
-            "on load; translating adapter names for it")) from None
+        raise SurgeonError(
+            missing_extra(
+                "transformers",
+                ["transformers"],
+                f"{checkpoint.directory}: config.json names {architectures[0]}, whose parameters transformers may "
+                "rename "
+                "on load; translating adapter names for it",
+            )
+        ) from None
     return architectures[0]
 
 
@@ -234,8 +241,9 @@ def named_for_peft(adapter, checkpoint, where: str):
         return adapter, None
     fused = {key for key in adapter.deltas if key in names.fused}
     converted = _peft_converts(checkpoint.directory, names.model_class, fused)
-    return adapter.translated(lambda key, delta: [(key, delta)] if key in converted
-                              else names.model_parts(key, delta, where)), names
+    return adapter.translated(
+        lambda key, delta: [(key, delta)] if key in converted else names.model_parts(key, delta, where)
+    ), names
 
 
 def _peft_converts(directory: Path, architecture: str, keys: set[str]) -> set[str]:
@@ -254,8 +262,10 @@ def _peft_converts(directory: Path, architecture: str, keys: set[str]) -> set[st
 
     def converts(key: str) -> bool:
         module = "base_model.model." + key.removesuffix(".weight")
-        return all(rename_source_key(f"{module}.{part}.weight", renamings, converters)[1] is not None
-                   for part in ("lora_A", "lora_B"))
+        return all(
+            rename_source_key(f"{module}.{part}.weight", renamings, converters)[1] is not None
+            for part in ("lora_A", "lora_B")
+        )
 
     return {key for key in keys if converts(key)}
 
@@ -271,4 +281,5 @@ def check_modules(names: ModelNames | None, modules, where: str) -> None:
     if stray:
         raise SurgeonError(
             f"{where}: {stray[0]!r} is no module of {names.model_class} ({len(stray)} such names), so the consumer "
-            "would skip it; the adapter does not belong to this base.")
+            "would skip it; the adapter does not belong to this base."
+        )

@@ -33,7 +33,13 @@ def recorded(directory: Path) -> dict[str, str]:
     for graph in sorted(directory.glob("*.onnx")):
         import onnx
 
-        found.update({p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props if p.key in RECORD_KEYS})
+        found.update(
+            {
+                p.key: p.value
+                for p in onnx.load(str(graph), load_external_data=False).metadata_props
+                if p.key in RECORD_KEYS
+            }
+        )
     return found
 
 
@@ -96,21 +102,39 @@ def adapter_card(directory: Path, module, repo_id: str, base_model: str | None) 
     kinds = sorted({"dora" if "DoRA" in m["delta"] else m["delta"].split()[0].lower() for m in summary["modules"]})
     is_peft = module.name == "peft"
     header = _yaml(
-        base_model=base, base_model_relation="adapter" if base else None, library_name="peft" if is_peft else None,
+        base_model=base,
+        base_model_relation="adapter" if base else None,
+        library_name="peft" if is_peft else None,
         tags=["surgeon", *kinds, *([f"base_model:adapter:{base}"] if base else [])],
     )
-    base_text = f"[{base}](https://huggingface.co/{base})" if base else (f"`{adapter.base_model}`" if adapter.base_model else "its base model")
+    base_text = (
+        f"[{base}](https://huggingface.co/{base})"
+        if base
+        else (f"`{adapter.base_model}`" if adapter.base_model else "its base model")
+    )
     rows = [
-        ("format", module.description), ("base model", base_text), ("rank", _value(summary["rank"]) if summary["rank"] else None),
-        ("alpha", summary["alpha"]), ("scale", _value(summary["scale"]) if summary["scale"] else None),
-        ("targets", f"{summary['targets']} weights"), ("parameters", f"{summary['params']:,}"), ("size", human_bytes(summary["bytes"])),
+        ("format", module.description),
+        ("base model", base_text),
+        ("rank", _value(summary["rank"]) if summary["rank"] else None),
+        ("alpha", summary["alpha"]),
+        ("scale", _value(summary["scale"]) if summary["scale"] else None),
+        ("targets", f"{summary['targets']} weights"),
+        ("parameters", f"{summary['params']:,}"),
+        ("size", human_bytes(summary["bytes"])),
     ]
     targets = ["| target | count | delta |", "|---|---|---|"]
     targets += [f"| `{m['target']}` | {m['count']} | {m['delta']} |" for m in summary["modules"]]
-    text = f"---\n{header}\n---\n\n# {repo_id}\n\nAn adapter for {base_text}.\n\n{_table(rows)}\n\n## Targets\n\n" + "\n".join(targets) + "\n"
+    text = (
+        f"---\n{header}\n---\n\n# {repo_id}\n\nAn adapter for {base_text}.\n\n{_table(rows)}\n\n## Targets\n\n"
+        + "\n".join(targets)
+        + "\n"
+    )
     if is_peft and base:
-        text += (f"\n## Use\n\n```python\nfrom peft import AutoPeftModel\n\nmodel = AutoPeftModel.from_pretrained(\"{repo_id}\")\n```\n"
-                 f"\nOr merge it into the base with surgeon: `surgeon merge hf://{base} hf://{repo_id} -o merged/`.\n")
+        text += (
+            "\n## Use\n\n```python\nfrom peft import AutoPeftModel\n\nmodel = "
+            f'AutoPeftModel.from_pretrained("{repo_id}")\n```\n'
+            f"\nOr merge it into the base with surgeon: `surgeon merge hf://{base} hf://{repo_id} -o merged/`.\n"
+        )
     return text + _how_made(recorded(directory))
 
 
@@ -120,11 +144,16 @@ def checkpoint_card(directory: Path, repo_id: str, base_model: str | None) -> st
     has_config = (directory / "config.json").is_file()
     header = _yaml(base_model=base, library_name="transformers" if has_config else None, tags=["surgeon"])
     rows = [
-        ("architecture", summary["architecture"]), ("base model", f"[{base}](https://huggingface.co/{base})" if base else None),
-        ("parameters", f"{summary['params']:,}"), ("dtypes", ", ".join(summary["dtypes"])), ("size", human_bytes(summary["bytes"])),
+        ("architecture", summary["architecture"]),
+        ("base model", f"[{base}](https://huggingface.co/{base})" if base else None),
+        ("parameters", f"{summary['params']:,}"),
+        ("dtypes", ", ".join(summary["dtypes"])),
+        ("size", human_bytes(summary["bytes"])),
         ("files", ", ".join(summary["files"])),
     ]
-    return f"---\n{header}\n---\n\n# {repo_id}\n\nA model checkpoint in safetensors.\n\n{_table(rows)}\n" + _how_made(recorded(directory))
+    return f"---\n{header}\n---\n\n# {repo_id}\n\nA model checkpoint in safetensors.\n\n{_table(rows)}\n" + _how_made(
+        recorded(directory)
+    )
 
 
 def onnx_card(directory: Path, graphs: list[Path], repo_id: str, base_model: str | None) -> str:

@@ -38,8 +38,12 @@ TASKS = {
     "sequence-classification": ("AutoModelForSequenceClassification", "logits"),
     "feature-extraction": ("AutoModel", "last_hidden_state"),
 }
-_TASK_BY_SUFFIX = (("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForMaskedLM", "masked-lm"),
-                   ("ForSequenceClassification", "sequence-classification"))
+_TASK_BY_SUFFIX = (
+    ("ForCausalLM", "causal-lm"),
+    ("LMHeadModel", "causal-lm"),
+    ("ForMaskedLM", "masked-lm"),
+    ("ForSequenceClassification", "sequence-classification"),
+)
 INPUT_NAMES = ("input_ids", "attention_mask")
 EXPORTERS = ("auto", "dynamo", "legacy")
 LEGACY_OPSET = 17
@@ -80,8 +84,9 @@ class _Head(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)[self.output]
 
 
-def split_adapters(paths: list[Path], weights: list[float] | None, format_name: str | None,
-                   base) -> tuple[list[tuple["Adapter", str]], list[float], Path | None]:
+def split_adapters(
+    paths: list[Path], weights: list[float] | None, format_name: str | None, base
+) -> tuple[list[tuple["Adapter", str]], list[float], Path | None]:
     """The adapters to merge into ``base`` before the export (with their weights), and the one that
     no weight delta expresses but PEFT runs (prefix tuning), to be traced into the graph with the model."""
     from surgeon import formats
@@ -96,8 +101,10 @@ def split_adapters(paths: list[Path], weights: list[float] | None, format_name: 
             if not refusal.peft_runs_it:
                 raise
             if weight != 1.0:
-                raise SurgeonError(f"{path}: a prefix-tuning adapter is run, not added, so a weight other than 1 has "
-                                   "no meaning; give it weight 1.") from None
+                raise SurgeonError(
+                    f"{path}: a prefix-tuning adapter is run, not added, so a weight other than 1 has "
+                    "no meaning; give it weight 1."
+                ) from None
             run_time.append(Path(path))
     if len(run_time) > 1:
         raise SurgeonError(f"{run_time[1]}: export-onnx traces one prefix-tuning adapter with the model; give one.")
@@ -122,9 +129,14 @@ def load_head(directory: Path, task: str, prefix: Path | None = None) -> tuple[_
     class_name, output = TASKS[task]
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-        model = getattr(transformers, class_name).from_pretrained(directory, config=config, dtype=torch.float32, local_files_only=True)
+        model = getattr(transformers, class_name).from_pretrained(
+            directory, config=config, dtype=torch.float32, local_files_only=True
+        )
     except (OSError, ValueError, KeyError) as error:
-        raise SurgeonError(f"{directory}: transformers cannot build a {task} model from its config.json ({str(error).splitlines()[0]}); pass --task, or check the checkpoint.") from None
+        raise SurgeonError(
+            f"{directory}: transformers cannot build a {task} model from its config.json "
+            f"({str(error).splitlines()[0]}); pass --task, or check the checkpoint."
+        ) from None
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return _Head(_with_prefix(model, prefix) if prefix else model, output).eval(), config.to_dict()
@@ -144,7 +156,7 @@ def sample_inputs(config: dict, batch: int, sequence: int, padded: str | None, s
     ids = torch.randint(0, vocab, (batch, sequence), generator=generator)
     mask = torch.ones_like(ids)
     if padded == "right":
-        mask[-1, sequence // 2:] = 0
+        mask[-1, sequence // 2 :] = 0
     elif padded == "left":
         mask[-1, : sequence // 2] = 0
     return {"input_ids": ids, "attention_mask": mask}
@@ -156,8 +168,14 @@ def _dynamo(head: _Head, example: dict, dest: Path, opset: int | None, external:
     sequence = torch.export.Dim("sequence", min=1, max=positions) if positions else torch.export.Dim("sequence", min=1)
     axes = {0: batch, 1: sequence}
     program = torch.onnx.export(
-        head, (), kwargs=example, dynamo=True, verbose=False, opset_version=opset,
-        input_names=list(INPUT_NAMES), output_names=[head.output],
+        head,
+        (),
+        kwargs=example,
+        dynamo=True,
+        verbose=False,
+        opset_version=opset,
+        input_names=list(INPUT_NAMES),
+        output_names=[head.output],
         dynamic_shapes={name: axes for name in INPUT_NAMES},
     )
     program.save(str(dest), external_data=external)
@@ -168,15 +186,26 @@ def _legacy(head: _Head, example: dict, dest: Path, opset: int | None, external:
     scratch = dest.parent / "legacy"
     scratch.mkdir()
     torch.onnx.export(
-        head, tuple(example[name] for name in INPUT_NAMES), str(scratch / dest.name), dynamo=False,
-        opset_version=opset or LEGACY_OPSET, input_names=list(INPUT_NAMES), output_names=[head.output],
+        head,
+        tuple(example[name] for name in INPUT_NAMES),
+        str(scratch / dest.name),
+        dynamo=False,
+        opset_version=opset or LEGACY_OPSET,
+        input_names=list(INPUT_NAMES),
+        output_names=[head.output],
         dynamic_axes={**{name: axes for name in INPUT_NAMES}, head.output: axes},
     )
     if external:  # the legacy exporter spills large weights one file per tensor; gather them in one
         import onnx
 
-        onnx.save_model(onnx.load(str(scratch / dest.name)), str(dest), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=dest.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            onnx.load(str(scratch / dest.name)),
+            str(dest),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=dest.name + ".data",
+            size_threshold=1024,
+        )
     else:
         os.replace(scratch / dest.name, dest)
     shutil.rmtree(scratch)
@@ -196,8 +225,15 @@ def export_graph(head: _Head, config: dict, dest: Path, exporter: str, opset: in
                 return "dynamo"
             except Exception as error:  # any exporter failure: report it, or fall back when allowed
                 if exporter == "dynamo":
-                    raise SurgeonError(f"the dynamo exporter failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); try --exporter legacy.") from None
-                print(f"surgeon: the dynamo exporter failed ({type(error).__name__}); falling back to the legacy exporter.", file=sys.stderr)
+                    raise SurgeonError(
+                        f"the dynamo exporter failed ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}); try --exporter legacy."
+                    ) from None
+                print(
+                    f"surgeon: the dynamo exporter failed ({type(error).__name__}); falling back to the legacy "
+                    "exporter.",
+                    file=sys.stderr,
+                )
                 for leftover in (dest, dest.with_name(dest.name + ".data")):
                     leftover.unlink(missing_ok=True)
         _legacy(head, example, dest, opset, external)
@@ -243,13 +279,18 @@ def verify(graph: Path, head: _Head, config: dict, atol: float) -> Verification:
             reference = head(**feed).float().numpy()
         got = session.run(None, {name: feed[name].numpy() for name in wanted})[0]
         if got.shape != reference.shape:
-            raise SurgeonError(f"{graph}: onnxruntime returned shape {got.shape} where torch gives {reference.shape} for inputs {tuple(feed['input_ids'].shape)}; the export is wrong.")
+            raise SurgeonError(
+                f"{graph}: onnxruntime returned shape {got.shape} where torch gives {reference.shape} for inputs "
+                f"{tuple(feed['input_ids'].shape)}; the export is wrong."
+            )
         mask = feed["attention_mask"].numpy().astype(bool)
         if reference.ndim >= 2 and reference.shape[:2] == mask.shape:
             reference, got = reference[mask], got[mask]
         difference = float(np.abs(reference.astype(np.float64) - got).max()) if reference.size else 0.0
         magnitude = float(np.abs(reference).max()) if reference.size else 0.0
-        result.cases.append({"batch": batch, "sequence": feed["input_ids"].shape[1], "padded_row": padded, "max_abs_diff": difference})
+        result.cases.append(
+            {"batch": batch, "sequence": feed["input_ids"].shape[1], "padded_row": padded, "max_abs_diff": difference}
+        )
         result.max_abs_diff = difference if np.isnan(difference) else max(result.max_abs_diff, difference)
         worst_reference = max(worst_reference, magnitude)
         result.compared_values += int(reference.size)
@@ -330,9 +371,21 @@ def dependencies_quiet(verbose: bool):
         exporter_log.setLevel(exporter_level)
 
 
-def export(source: Path, output: Path, *, task: str | None = None, opset: int | None = None, exporter: str = "auto",
-           atol: float = 1e-4, check: bool = True, force: bool = False, provenance: dict[str, str] | None = None,
-           adapters: list[str] | None = None, verbose: bool = False, prefix: Path | None = None) -> ExportReport:
+def export(
+    source: Path,
+    output: Path,
+    *,
+    task: str | None = None,
+    opset: int | None = None,
+    exporter: str = "auto",
+    atol: float = 1e-4,
+    check: bool = True,
+    force: bool = False,
+    provenance: dict[str, str] | None = None,
+    adapters: list[str] | None = None,
+    verbose: bool = False,
+    prefix: Path | None = None,
+) -> ExportReport:
     """Export the checkpoint at ``source`` to ``output`` and verify it (unless ``check`` is off).
 
     A graph that fails verification is kept beside the output as ``<output>.unverified`` (with
@@ -343,8 +396,11 @@ def export(source: Path, output: Path, *, task: str | None = None, opset: int | 
     from surgeon.output import claimed, scratch_beside
 
     require_extra(exporter)
-    with dependencies_quiet(verbose), claimed(output, inputs=[source], force=force, directory=False), \
-            scratch_beside(output) as staging:
+    with (
+        dependencies_quiet(verbose),
+        claimed(output, inputs=[source], force=force, directory=False),
+        scratch_beside(output) as staging,
+    ):
         return _export_in(staging, source, output, task, opset, exporter, atol, check, provenance, adapters, prefix)
 
 
@@ -359,16 +415,27 @@ def _dequantized(checkpoint, staging: Path) -> Path:
     return copy
 
 
-def _export_in(staging: Path, source: Path, output: Path, task, opset, exporter, atol, check, provenance,
-               adapters, prefix) -> ExportReport:
+def _export_in(
+    staging: Path, source: Path, output: Path, task, opset, exporter, atol, check, provenance, adapters, prefix
+) -> ExportReport:
     from surgeon.checkpoint import Checkpoint
 
     checkpoint = Checkpoint(source)
     config = checkpoint.config()
     if not config:
-        raise SurgeonError(f"{source}: no config.json; export-onnx needs a transformers checkpoint directory (config.json beside the weights).")
+        raise SurgeonError(
+            f"{source}: no config.json; export-onnx needs a transformers checkpoint directory (config.json beside the "
+            "weights)."
+        )
     task = task or default_task(config)
-    report = ExportReport(str(source), str(output), task, TASKS[task][1], (config.get("architectures") or [None])[0], adapters=adapters or [])
+    report = ExportReport(
+        str(source),
+        str(output),
+        task,
+        TASKS[task][1],
+        (config.get("architectures") or [None])[0],
+        adapters=adapters or [],
+    )
     report.external_data = checkpoint.num_params() * 4 > EXTERNAL_DATA_ABOVE  # exported in fp32
     head, full_config = load_head(_dequantized(checkpoint, staging) if checkpoint.quantized else source, task, prefix)
     staged = staging / output.name

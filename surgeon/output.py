@@ -41,14 +41,37 @@ from surgeon.errors import SurgeonError
 # that merge copies from a base and pull fetches. Subfolders count when all they hold does
 # (extract's sparse/, a pulled repository's components).
 SURGEON_WRITES = (
-    "*.safetensors", "*.index.json", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.npz", "*.onnx_adapter",
-    "*config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json", "vocab.json", "vocab.txt",
-    "merges.txt", "*.model", "*.tiktoken", "*.jinja", "chat_template.json", "README.md",
+    "*.safetensors",
+    "*.index.json",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.gguf",
+    "*.npz",
+    "*.onnx_adapter",
+    "*config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "*.jinja",
+    "chat_template.json",
+    "README.md",
 )
 # What a single-file output (convert's file formats, --report, --plot, export-onnx) may replace
 # with --force: the same, plus reports, plots and ONNX graphs. A notes.txt or a script is not.
-SURGEON_FILES = (*SURGEON_WRITES, "*.json", "*.onnx", "*.onnx.unverified",
-                 *(f"*.{image}" for image in ("png", "svg", "svgz", "pdf", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp")))
+SURGEON_FILES = (
+    *SURGEON_WRITES,
+    "*.json",
+    "*.onnx",
+    "*.onnx.unverified",
+    *(f"*.{image}" for image in ("png", "svg", "svgz", "pdf", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp")),
+)
 NAME_MAX = 255  # bytes in one path component on every common filesystem
 # Room that staging names add to the output's name: ".NAME.surgeon-<pid>-old-<8 random>".
 _ADDED = len(".") + len(".surgeon-") + 10 + len("-old-") + 8
@@ -96,16 +119,19 @@ def _sibling(dest: Path, tag: str) -> Path:
 def _check_path(dest: Path, inputs: Iterable[Path]) -> None:
     """Refuse a name no filesystem takes, and a destination that is, holds or lies in an input."""
     if len(os.fsencode(dest.name)) > NAME_MAX:
-        raise SurgeonError(f"{dest.parent / dest.name[:40]}...: the name is longer than {NAME_MAX} bytes, "
-                           "the most a file name may have; choose a shorter one.")
+        raise SurgeonError(
+            f"{dest.parent / dest.name[:40]}...: the name is longer than {NAME_MAX} bytes, "
+            "the most a file name may have; choose a shorter one."
+        )
     target = dest.resolve()
     for source in inputs:
         source = Path(source).resolve()
         if source == target or target in source.parents:
             raise SurgeonError(f"{dest}: the output would overwrite the input {source}; choose another output path.")
         if source.is_dir() and source in target.parents:
-            raise SurgeonError(f"{dest}: the output would be written inside the input {source}, changing it; "
-                               "choose a path outside it.")
+            raise SurgeonError(
+                f"{dest}: the output would be written inside the input {source}, changing it; choose a path outside it."
+            )
 
 
 def _foreign(directory: Path, prefix: str = "") -> Iterator[str]:
@@ -133,17 +159,22 @@ def _check_replaceable(dest: Path, directory: bool) -> None:
     """What --force may replace: by a file, a file of a kind surgeon writes; by a directory, one of surgeon's own."""
     if not directory:
         if not dest.is_file() or not _surgeon_file(dest):
-            raise SurgeonError(f"{dest}: is not a file of a kind surgeon writes, and --force replaces only surgeon's "
-                               "own outputs; remove it or choose another output path.")
+            raise SurgeonError(
+                f"{dest}: is not a file of a kind surgeon writes, and --force replaces only surgeon's "
+                "own outputs; remove it or choose another output path."
+            )
         return
     if not dest.is_dir():
-        raise SurgeonError(f"{dest}: is a file, and --force replaces only a directory surgeon wrote; "
-                           "choose another output path.")
+        raise SurgeonError(
+            f"{dest}: is a file, and --force replaces only a directory surgeon wrote; choose another output path."
+        )
     found = list(islice(_foreign(dest), 4))
     if found:
         names = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-        raise SurgeonError(f"{dest}: holds files surgeon does not write ({names}), and --force replaces only "
-                           "surgeon's own outputs; remove them or choose another output path.")
+        raise SurgeonError(
+            f"{dest}: holds files surgeon does not write ({names}), and --force replaces only "
+            "surgeon's own outputs; remove them or choose another output path."
+        )
 
 
 def check_destination(dest: str | Path, inputs: Iterable[Path], force: bool, directory: bool = True) -> None:
@@ -199,8 +230,10 @@ def _acquire(dest: Path, lock: Path) -> int:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise SurgeonError(f"{dest}: another surgeon run (process {holder}) is writing it; wait for it to end, "
-                               "or choose another output path.") from None
+            raise SurgeonError(
+                f"{dest}: another surgeon run (process {holder}) is writing it; wait for it to end, "
+                "or choose another output path."
+            ) from None
         try:
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:  # not unlinked by its last holder meanwhile
                 break
@@ -224,8 +257,9 @@ def _locked(dest: Path) -> Iterator[None]:
     try:
         fd = _acquire(dest, lock)
     except OSError as error:
-        raise SurgeonError(f"{dest.parent}: cannot write the output there ({error.strerror}); "
-                           "choose another output path.") from None
+        raise SurgeonError(
+            f"{dest.parent}: cannot write the output there ({error.strerror}); choose another output path."
+        ) from None
     _HELD.add(lock)
     try:
         yield
@@ -237,8 +271,9 @@ def _locked(dest: Path) -> Iterator[None]:
 
 
 @contextmanager
-def claimed(dest: str | Path, *, inputs: Iterable[Path] = (), force: bool = False,
-            directory: bool = True) -> Iterator[Path]:
+def claimed(
+    dest: str | Path, *, inputs: Iterable[Path] = (), force: bool = False, directory: bool = True
+) -> Iterator[Path]:
     """Hold ``dest`` for this run: checked against the inputs and ``force``, locked against a
     concurrent run, and cleared of what killed runs left beside it. Yields the absolute path."""
     dest = _absolute(dest)
@@ -248,8 +283,10 @@ def claimed(dest: str | Path, *, inputs: Iterable[Path] = (), force: bool = Fals
     except OSError as error:
         blocking = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
-            raise SurgeonError(f"{dest.parent}: cannot create the output's folder: {blocking} is a file, not a folder; "
-                               "choose another output path.") from None
+            raise SurgeonError(
+                f"{dest.parent}: cannot create the output's folder: {blocking} is a file, not a folder; "
+                "choose another output path."
+            ) from None
         raise SurgeonError(f"{dest.parent}: cannot create the output's folder ({error.strerror}).") from None
     with _locked(dest):
         _clear_stale(dest)
@@ -340,8 +377,9 @@ def _publish(staging: Path, dest: Path) -> None:
 
 
 @contextmanager
-def atomic_output(dest: str | Path, *, inputs: Iterable[Path] = (), force: bool = False,
-                  directory: bool = True) -> Iterator[Path]:
+def atomic_output(
+    dest: str | Path, *, inputs: Iterable[Path] = (), force: bool = False, directory: bool = True
+) -> Iterator[Path]:
     """Yield a temporary path beside ``dest`` (a directory, or a file's path) to fill; rename it
     to ``dest`` when the block ends cleanly, and delete it when it does not. ``dest`` is checked
     and locked first (:func:`claimed`)."""

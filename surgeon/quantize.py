@@ -42,7 +42,7 @@ def _dynamic_map() -> torch.Tensor:
     computed the same way (in float32 tensors) so that its float32 values are equal."""
     data: list[float] = []
     for i in range(7):
-        boundaries = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
         means = (boundaries[:-1] + boundaries[1:]) / 2.0
         data += (10 ** (-6 + i) * means).tolist() + (-(10 ** (-6 + i)) * means).tolist()
     data += [0, 1.0]
@@ -84,7 +84,7 @@ def _codes_4bit(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, table:
     """Each value's nearest code, scaled by its block's absmax as bitsandbytes' torch quantizer does
     (multiplied by the reciprocal in whole blocks, divided in the short last one)."""
     full = flat.numel() // blocksize * blocksize
-    scaled = (flat[:full].view(-1, blocksize) * (1.0 / absmax[: full // blocksize].clamp(min=1e-38)).view(-1, 1))
+    scaled = flat[:full].view(-1, blocksize) * (1.0 / absmax[: full // blocksize].clamp(min=1e-38)).view(-1, 1)
     scaled = scaled.clamp_(-1, 1).reshape(-1)
     if full < flat.numel():
         scaled = torch.cat([scaled, (flat[full:] / absmax[-1].clamp(min=1e-38)).clamp_(-1, 1)])
@@ -110,8 +110,12 @@ def quantize_4bit(weight: torch.Tensor, scheme: Scheme) -> tuple[dict[str, torch
     flat = weight.reshape(-1).float()
     absmax = _blockwise_absmax(flat, scheme.blocksize)
     parts = {"weight": _pack(_codes_4bit(flat, absmax, scheme.blocksize, table)), "quant_map": table}
-    state = {"quant_type": scheme.kind, "blocksize": scheme.blocksize,
-             "dtype": str(weight.dtype).removeprefix("torch."), "shape": list(weight.shape)}
+    state = {
+        "quant_type": scheme.kind,
+        "blocksize": scheme.blocksize,
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "shape": list(weight.shape),
+    }
     if scheme.double_quant:
         offset = absmax.mean()
         parts["absmax"], parts["nested_absmax"], parts["nested_quant_map"] = _quantize_8bit_blockwise(absmax - offset)
@@ -139,12 +143,20 @@ def quantize(weight: torch.Tensor, scheme: Scheme) -> tuple[dict[str, torch.Tens
     return (quantize_int8(weight), {}) if scheme.bits == 8 else quantize_4bit(weight, scheme)
 
 
-def dequantize_parts(parts: dict[str, torch.Tensor], state: dict, scheme: Scheme, shape: tuple[int, ...],
-                     conv1d: bool = False) -> torch.Tensor:
+def dequantize_parts(
+    parts: dict[str, torch.Tensor], state: dict, scheme: Scheme, shape: tuple[int, ...], conv1d: bool = False
+) -> torch.Tensor:
     """What bitsandbytes dequantizes :func:`quantize`'s result to: in the quantized weight's dtype
     (fp32 for int8), as the ``shape`` presented (transposed back for a ``conv1d``)."""
-    stored = QuantizedWeight("weight", scheme.bits, {role: role for role in parts}, state, tuple(shape),
-                             state.get("dtype", "float32"), conv1d)
+    stored = QuantizedWeight(
+        "weight",
+        scheme.bits,
+        {role: role for role in parts},
+        state,
+        tuple(shape),
+        state.get("dtype", "float32"),
+        conv1d,
+    )
     return dequantize(stored, parts.__getitem__, "in memory")
 
 
@@ -185,8 +197,10 @@ def causal_lm(config: dict, where: object, device: torch.device) -> torch.nn.Mod
     import transformers
 
     if not config.get("model_type"):
-        raise SurgeonError(f"{where}: no config.json with a model_type beside the weights; surgeon needs it to "
-                           "build the model in transformers (which layers bitsandbytes quantizes, the probe).")
+        raise SurgeonError(
+            f"{where}: no config.json with a model_type beside the weights; surgeon needs it to "
+            "build the model in transformers (which layers bitsandbytes quantizes, the probe)."
+        )
     settings = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its remarks on a config are not surgeon's output
@@ -195,7 +209,9 @@ def causal_lm(config: dict, where: object, device: torch.device) -> torch.nn.Mod
         with torch.device(device):
             return transformers.AutoModelForCausalLM.from_config(built, dtype=torch.float32)
     except (ValueError, KeyError, TypeError) as error:
-        raise SurgeonError(f"{where}: transformers cannot build this model from its config.json ({error}); "
-                           "use a model transformers knows.") from None
+        raise SurgeonError(
+            f"{where}: transformers cannot build this model from its config.json ({error}); "
+            "use a model transformers knows."
+        ) from None
     finally:
         transformers.logging.set_verbosity(verbosity)

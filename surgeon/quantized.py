@@ -38,10 +38,22 @@ if TYPE_CHECKING:
 
 #: bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1), indexed by the 4-bit code.
 NF4 = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 #: get_4bit_type("fp4") before it is divided by its largest magnitude (12): sign, 2 exponent bits, 1 mantissa bit.
 FP4_UNSCALED = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
@@ -136,8 +148,12 @@ def _four_bit(state_key: str, state: dict, entries: Entries, config: dict, where
     nested = f"{key}.nested_absmax" in entries
     packed_dtype, packed_shape = entries.get(key, ("", ()))
     if key not in entries or math.prod(packed_shape) * ITEM_SIZES.get(packed_dtype, 0) != -(-numel // 2):
-        raise _bad(key, where, f"holds {math.prod(packed_shape)} {packed_dtype or 'missing'} values, not the "
-                               f"{-(-numel // 2)} bytes that pack {shape}")
+        raise _bad(
+            key,
+            where,
+            f"holds {math.prod(packed_shape)} {packed_dtype or 'missing'} values, not the "
+            f"{-(-numel // 2)} bytes that pack {shape}",
+        )
     _expect(entries, key, "absmax", ("U8",) if nested else ("F32",), blocks, where)
     _expect(entries, key, "quant_map", ("F32",), 16, where)
     if nested:
@@ -150,8 +166,9 @@ def _eight_bit(module: str, entries: Entries, config: dict, where: object) -> Qu
     key = module + ".weight"
     dtype, shape = entries.get(key, ("", ()))
     if dtype != "I8" or len(shape) != 2:
-        raise _bad(key, where, f"is {dtype or 'missing'} {list(shape)} beside {module + '.SCB'!r}, "
-                               "not a 2-D int8 weight")
+        raise _bad(
+            key, where, f"is {dtype or 'missing'} {list(shape)} beside {module + '.SCB'!r}, not a 2-D int8 weight"
+        )
     _expect(entries, module, "SCB", ("F32",), shape[0], where)
     parts = {"weight": key, "scb": module + ".SCB"}
     if module + ".weight_format" in entries:
@@ -159,8 +176,9 @@ def _eight_bit(module: str, entries: Entries, config: dict, where: object) -> Qu
     return _presented(key, 8, parts, {}, shape, "float32", config)
 
 
-def _presented(key: str, bits: int, parts: dict, state: dict, shape: tuple, dtype: str,
-               config: dict) -> QuantizedWeight:
+def _presented(
+    key: str, bits: int, parts: dict, state: dict, shape: tuple, dtype: str, config: dict
+) -> QuantizedWeight:
     transposed = len(shape) == 2 and _is_conv1d(key, config)
     shown = (shape[1], shape[0]) if transposed else tuple(shape)
     return QuantizedWeight(key, bits, parts, state, shown, dtype, transposed)
@@ -175,8 +193,9 @@ def _orphans(entries: Entries, found: dict[str, QuantizedWeight], where: object)
             raise _bad(base, where, f"has {name!r} but no quant_state.bitsandbytes__nf4/fp4 to read it with")
 
 
-def find_quantized(entries: Entries, read_bytes: Callable[[list[str]], dict[str, bytes]],
-                   config_of: Callable[[], dict], where: object) -> dict[str, QuantizedWeight]:
+def find_quantized(
+    entries: Entries, read_bytes: Callable[[list[str]], dict[str, bytes]], config_of: Callable[[], dict], where: object
+) -> dict[str, QuantizedWeight]:
     """Every bitsandbytes-quantized weight among ``entries`` by its logical key, checked for a
     consistent layout; ``read_bytes`` reads the (small) quant-state tensors, ``config_of`` the
     model's config (read only for a quantized checkpoint). Empty for a float checkpoint."""
@@ -258,7 +277,7 @@ def _scale_blocks(values: "torch.Tensor", scales: "torch.Tensor", blocksize: int
     """``values[i] * scales[i // blocksize]`` in fp32, in place; the last block may be short."""
     full = values.numel() // blocksize * blocksize
     values[:full].view(-1, blocksize).mul_(scales[: full // blocksize].view(-1, 1))
-    values[full:].mul_(scales[full // blocksize:])
+    values[full:].mul_(scales[full // blocksize :])
     return values
 
 

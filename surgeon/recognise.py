@@ -13,8 +13,13 @@ from surgeon.checkpoint_files import WEIGHT_SUFFIXES
 from surgeon.errors import SurgeonError
 from surgeon.header import header_or_none
 
-_CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                     "pytorch_model.bin.index.json", "diffusion_pytorch_model.safetensors")
+_CHECKPOINT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.safetensors",
+)
 _ADAPTER_PART = re.compile(r"lora|hada_|lokr_|\.diff$|on_input|dora_scale|sparse_")
 
 
@@ -48,8 +53,11 @@ def describe(path: Path) -> str:
             return "a directory with adapter_config.json but no adapter weights surgeon reads"
         return f"a directory of {len(names)} entries with no adapter or model weights ({', '.join(names[:3])}…)"
     if path.suffix == ".safetensors":
-        return "a safetensors file whose tensor names match no adapter format" if header_or_none(path) is not None \
+        return (
+            "a safetensors file whose tensor names match no adapter format"
+            if header_or_none(path) is not None
             else "a .safetensors file with a broken header"
+        )
     return f"a {path.suffix or 'suffix-less'} file, which is no adapter format surgeon reads"
 
 
@@ -73,7 +81,9 @@ def refuse_swapped(base: Path, adapters: list[Path], base_role: str = "BASE") ->
 
     found = detect(base)
     if found is not None:
-        raise SurgeonError(f"{base}: is a {found.name} adapter, not a checkpoint; did you swap {base_role} and ADAPTER?")
+        raise SurgeonError(
+            f"{base}: is a {found.name} adapter, not a checkpoint; did you swap {base_role} and ADAPTER?"
+        )
     for path in adapters:
         if detect(path) is None and is_checkpoint(path):
             raise not_an_adapter(path, f"did you swap {base_role} and ADAPTER?")
@@ -86,5 +96,7 @@ def refuse_adapter_for_checkpoint(path: Path, role: str) -> None:
 
     found = detect(path)
     if found is not None:
-        raise SurgeonError(f"{path}: is a {found.name} adapter, but {role} is a full checkpoint; "
-                           f"to apply the adapter, run surgeon merge BASE {path} -o OUT.")
+        raise SurgeonError(
+            f"{path}: is a {found.name} adapter, but {role} is a full checkpoint; "
+            f"to apply the adapter, run surgeon merge BASE {path} -o OUT."
+        )

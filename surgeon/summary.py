@@ -25,8 +25,18 @@ if TYPE_CHECKING:
 _LAYER_NUMBER = re.compile(r"\.\d+\.")
 #: The names torch gives safetensors' dtypes, as the summary shows them.
 _TORCH_DTYPE_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }
 _ITEM_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -50,9 +60,11 @@ def _describe(values) -> object:
 
 def adapter_summary(adapter: "Adapter", path: Path, format_description: str) -> dict:
     low_ranks = adapter.low_ranks()
-    alphas = [
-        adapter.config.get("lora_alpha")
-    ] if adapter.source_format == "peft" and adapter.config.get("lora_alpha") is not None else []
+    alphas = (
+        [adapter.config.get("lora_alpha")]
+        if adapter.source_format == "peft" and adapter.config.get("lora_alpha") is not None
+        else []
+    )
     groups: Counter = Counter()
     for key, deltas in adapter.items():
         for delta in deltas:
@@ -87,9 +99,12 @@ def _peft_lora_parts(path: Path) -> tuple[dict, dict]:
     config = adapter_config.load(path / PEFT_CONFIG)
     adapter_config.check_peft(config, path / PEFT_CONFIG)
     entries = read_header(path / PEFT_WEIGHTS[0]).entries
-    plain = str(config.get("peft_type", "")).upper() == "LORA" and entries \
-        and not any(config.get(option) not in (None, False, [], {}) for option in UNSUPPORTED) \
+    plain = (
+        str(config.get("peft_type", "")).upper() == "LORA"
+        and entries
+        and not any(config.get(option) not in (None, False, [], {}) for option in UNSUPPORTED)
         and all(k.startswith(PREFIX) for k in entries)
+    )
     if not plain:
         raise SurgeonError("not a plain PEFT LoRA")
     return config, entries
@@ -102,7 +117,7 @@ def _peft_lora_modules(entries: dict) -> tuple[dict[str, dict], dict[str, list[t
     modules: dict[str, dict] = {}
     deltas: dict[str, list[tuple[str, str]]] = {}
     for name, entry in entries.items():
-        key = name[len(PREFIX):]
+        key = name[len(PREFIX) :]
         match = LORA_KEY.match(key)
         if match:
             part = match["part"] + (match["rest"] if match["rest"] == ".bias" else "")
@@ -113,11 +128,15 @@ def _peft_lora_modules(entries: dict) -> tuple[dict[str, dict], dict[str, list[t
         elif ".lora_" in key:
             raise SurgeonError(f"{name}: a LoRA part surgeon does not know")
         else:
-            deltas.setdefault(key.replace(".base_layer.", ".").replace(".modules_to_save.", "."), []).append(("replacement", "replacement"))
+            deltas.setdefault(key.replace(".base_layer.", ".").replace(".modules_to_save.", "."), []).append(
+                ("replacement", "replacement")
+            )
     return modules, deltas
 
 
-def _peft_lora_deltas(config: dict, entries: dict, where: Path) -> tuple[dict[str, list[tuple[str, str]]], list[tuple[int, float]]]:
+def _peft_lora_deltas(
+    config: dict, entries: dict, where: Path
+) -> tuple[dict[str, list[tuple[str, str]]], list[tuple[int, float]]]:
     """key → [(kind, label)] in the order the PEFT reader adds them, and each module's (rank, scale)."""
     from surgeon.formats.peft_rules import check_modules_match, factor_rank, module_rank_alpha, scale_of
 
@@ -134,7 +153,9 @@ def _peft_lora_deltas(config: dict, entries: dict, where: Path) -> tuple[dict[st
         scale = scale_of(alpha, rank, bool(config.get("use_rslora", False)))
         dora = magnitude is not None
         low.append((rank, scale))
-        deltas.setdefault(module + ".weight", []).append(("DoRA" if dora else "LoRA", _low_rank_label(rank, scale, dora)))
+        deltas.setdefault(module + ".weight", []).append(
+            ("DoRA" if dora else "LoRA", _low_rank_label(rank, scale, dora))
+        )
         if "lora_B.bias" in parts:
             deltas.setdefault(module + ".bias", []).append(("dense", "dense"))
     return deltas, low
@@ -185,7 +206,9 @@ def _header_table(files: list[Path], config: dict) -> tuple[Table, dict[str, str
     parts = stored_parts(found)
     table = {
         name: (_TORCH_DTYPE_NAMES[e.dtype], e.numel, e.num_bytes)
-        for header in headers.values() for name, e in header.entries.items() if name not in parts
+        for header in headers.values()
+        for name, e in header.entries.items()
+        if name not in parts
     }
     for name, weight in found.items():
         table[name] = (weight.dtype, weight.numel, weight.numel * _ITEM_SIZES[weight.dtype])
@@ -236,8 +259,14 @@ def _adapter_summary(path: Path, found, base: Path | None) -> dict:
     try:
         adapter = read_adapter(path, found.name, base=Checkpoint(base) if base else None)
     except NotWeightDeltas as refusal:  # described, though it cannot be merged
-        return {"path": str(path), "kind": "adapter", "format": found.name, "format_description": found.description,
-                **refusal.facts, "merge": str(refusal).partition(": ")[2]}
+        return {
+            "path": str(path),
+            "kind": "adapter",
+            "format": found.name,
+            "format_description": found.description,
+            **refusal.facts,
+            "merge": str(refusal).partition(": ")[2],
+        }
     return adapter_summary(adapter, path, found.description)
 
 

@@ -37,9 +37,11 @@ def record_tokens(out: Path, tokens: list[str], undo: bool = False) -> list[str]
 def usage(tokens: list[str], first_id: int | None) -> str:
     """The README section: what to prefix every input with."""
     ids = f" (ids {first_id}…{first_id + len(tokens) - 1})" if first_id is not None else ""
-    return (f"{_SECTION}\n## Merged prompt\n\nThis model has a prompt-tuning adapter merged into its vocabulary as "
-            f"{len(tokens)} virtual tokens{ids}. Prefix every input with these {len(tokens)} tokens, in order: "
-            f"`{''.join(tokens)}`. They are input-only: keep them out of generation (bad words / suppressed tokens).\n")
+    return (
+        f"{_SECTION}\n## Merged prompt\n\nThis model has a prompt-tuning adapter merged into its vocabulary as "
+        f"{len(tokens)} virtual tokens{ids}. Prefix every input with these {len(tokens)} tokens, in order: "
+        f"`{''.join(tokens)}`. They are input-only: keep them out of generation (bad words / suppressed tokens).\n"
+    )
 
 
 def _vocab_size(file: Path) -> int | None:
@@ -65,12 +67,16 @@ def _add_tokens(out: Path, tokens: list[str], vocab_size: int | None) -> list[st
     tokenizer = AutoTokenizer.from_pretrained(out)
     first = len(tokenizer)
     if vocab_size is not None and first != vocab_size:
-        return [f"the tokenizer has {first} tokens but the embedding {vocab_size} rows, so the virtual tokens would "
-                f"get other ids than their rows; it was left as it was: feed ids {vocab_size}… directly."]
+        return [
+            f"the tokenizer has {first} tokens but the embedding {vocab_size} rows, so the virtual tokens would "
+            f"get other ids than their rows; it was left as it was: feed ids {vocab_size}… directly."
+        ]
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True)
     if tokenizer.convert_tokens_to_ids(tokens) != list(range(first, first + len(tokens))):
-        raise SurgeonError(f"{out}: the tokenizer already holds some of the tokens {tokens[0]}…; merge into a base "
-                           "that has no merged prompt yet.")
+        raise SurgeonError(
+            f"{out}: the tokenizer already holds some of the tokens {tokens[0]}…; merge into a base "
+            "that has no merged prompt yet."
+        )
     tokenizer.save_pretrained(out)
     return []
 

@@ -61,4 +61,6 @@ def assert_close_relative(got: torch.Tensor, expected: torch.Tensor, what: str, 
     got, expected = torch.as_tensor(got).float(), torch.as_tensor(expected).float()
     assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
     error = float((got - expected).abs().max())
-    assert error <= tolerance * float(expected.abs().max()), f"{what}: max error {error:.3g} vs max |value| {float(expected.abs().max()):.3g}"
+    assert error <= tolerance * float(expected.abs().max()), (
+        f"{what}: max error {error:.3g} vs max |value| {float(expected.abs().max()):.3g}"
+    )

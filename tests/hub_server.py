@@ -16,7 +16,8 @@ is URL-quoted, so ``refs/pr/1`` arrives as one segment):
     POST /api/{t}s/{org}/{name}/branch/{branch}          create_branch from main; 409 when it exists
     POST /api/validate-yaml                              parses the README front matter as YAML
     POST /api/{t}s/{org}/{name}/preupload/{rev}          every file "regular" (base64 in the commit: no LFS, no Xet)
-    POST /api/{t}s/{org}/{name}/commit/{rev}[?create_pr=1]  NDJSON header + files; {"commitUrl", "commitOid", "pullRequestUrl"}
+    POST /api/{t}s/{org}/{name}/commit/{rev}[?create_pr=1]  NDJSON header + files;
+                                                         {"commitUrl", "commitOid", "pullRequestUrl"}
 
 Errors carry the ``X-Error-Code`` header the client maps to its exception types (RepoNotFound,
 RevisionNotFound, EntryNotFound, GatedRepo). Writes need an ``Authorization: Bearer`` header; a
@@ -99,7 +100,11 @@ class HubServer:
 
     def downloads(self) -> list[str]:
         """Paths of the files whose bytes were sent (GET on resolve), in order."""
-        return [path.split("/resolve/", 1)[1].split("/", 1)[1] for method, path, _ in self.log if method == "GET" and "/resolve/" in path]
+        return [
+            path.split("/resolve/", 1)[1].split("/", 1)[1]
+            for method, path, _ in self.log
+            if method == "GET" and "/resolve/" in path
+        ]
 
     # -- request handling -------------------------------------------------------------------------
 
@@ -153,18 +158,33 @@ class HubServer:
             return (400 if errors else 200), {}, json.dumps({"errors": errors, "warnings": []}).encode()
         if len(parts) < 5 or parts[0] not in ("models", "datasets", "spaces"):
             raise _Error(404, None, f"no API route /api/{'/'.join(parts)}")
-        repo_type, repo_id, action, revision, rest = parts[0][:-1], f"{parts[1]}/{parts[2]}", parts[3], parts[4], parts[5:]
+        repo_type, repo_id, action, revision, rest = (
+            parts[0][:-1],
+            f"{parts[1]}/{parts[2]}",
+            parts[3],
+            parts[4],
+            parts[5:],
+        )
         repo = self._repo(repo_id, token, repo_type)
         if method == "GET" and action == "revision":
             sha = self._sha(repo, revision)
             siblings = [{"rfilename": p} for p in sorted(repo.commits[sha])]
-            info = {"id": repo_id, "sha": sha, "private": repo.private, "gated": "manual" if repo.gated else False, "siblings": siblings}
+            info = {
+                "id": repo_id,
+                "sha": sha,
+                "private": repo.private,
+                "gated": "manual" if repo.gated else False,
+                "siblings": siblings,
+            }
             return 200, {}, json.dumps(info).encode()
         if method == "GET" and action == "tree":
             prefix = "/".join(rest)
             tree = repo.commits[self._sha(repo, revision)]
-            listing = [{"type": "file", "path": p, "size": len(d), "oid": git_blob_id(d)}
-                       for p, d in sorted(tree.items()) if not prefix or p.startswith(prefix + "/")]
+            listing = [
+                {"type": "file", "path": p, "size": len(d), "oid": git_blob_id(d)}
+                for p, d in sorted(tree.items())
+                if not prefix or p.startswith(prefix + "/")
+            ]
             return 200, {}, json.dumps(listing).encode()
         if token is None:
             raise _Error(401, None, "You must be authenticated to write")
@@ -175,8 +195,15 @@ class HubServer:
             return 200, {}, b"{}"
         if method == "POST" and action == "preupload":
             tree = repo.commits.get(repo.resolve(revision) or "", {})
-            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                      "oid": git_blob_id(tree[f["path"]]) if f["path"] in tree else None} for f in json.loads(body)["files"]]
+            files = [
+                {
+                    "path": f["path"],
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    "oid": git_blob_id(tree[f["path"]]) if f["path"] in tree else None,
+                }
+                for f in json.loads(body)["files"]
+            ]
             return 200, {}, json.dumps({"files": files}).encode()
         if method == "POST" and action == "commit":
             return self._commit(repo, repo_id, revision, query.get("create_pr") == "1", body)
@@ -190,8 +217,12 @@ class HubServer:
         if repo_id in self.repos:
             raise _Error(409, None, "You already created this model repo", url=url)
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
-        self.add_repo(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
-                      repo_type=payload.get("type") or "model", private=private)
+        self.add_repo(
+            repo_id,
+            {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+            repo_type=payload.get("type") or "model",
+            private=private,
+        )
         return 200, {}, json.dumps({"url": url, "name": repo_id, "id": repo_id}).encode()
 
     def _commit(self, repo: Repo, repo_id: str, revision: str, create_pr: bool, body: bytes):
@@ -256,7 +287,9 @@ if __name__ == "__main__":  # a manual check: python tests/hub_server.py, then H
 
     with HubServer() as hub:
         for folder in sys.argv[1:]:
-            hub.add_repo(f"local/{Path(folder).name}", {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()})
+            hub.add_repo(
+                f"local/{Path(folder).name}", {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+            )
         print(f"HF_ENDPOINT={hub.url}  repos: {', '.join(hub.repos) or '(none; pass folders)'}", flush=True)
         while True:
             time.sleep(3600)

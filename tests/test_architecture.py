@@ -30,7 +30,9 @@ def module_level_imports(file: Path, name: str, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             submodules = {f"{base}.{alias.name}" for alias in node.names} & known
             found |= submodules or {base}  # `from package import module` imports the module, not a cycle
     return {m for m in found if m in known and m != name}

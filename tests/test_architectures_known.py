@@ -15,8 +15,19 @@ from surgeon.checkpoint import Checkpoint
 from surgeon.ops.extract import module_types
 
 transformers = pytest.importorskip("transformers")
-TINY = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=8, vocab_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    vocab_size=64,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +58,9 @@ def test_known_layout_agrees_with_the_built_model(saved, monkeypatch, architectu
 
 
 def test_extract_of_a_known_architecture_does_not_import_transformers(fixtures_dir):
-    code = ("import sys; from surgeon.checkpoint import Checkpoint; from surgeon.ops.extract import module_types; "
-            f"module_types(Checkpoint({str(fixtures_dir / 'tiny-llama')!r})); print('transformers' in sys.modules)")
+    code = (
+        "import sys; from surgeon.checkpoint import Checkpoint; from surgeon.ops.extract import module_types; "
+        f"module_types(Checkpoint({str(fixtures_dir / 'tiny-llama')!r})); print('transformers' in sys.modules)"
+    )
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "False"

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from surgeon.cli import main
 
+
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
@@ -53,7 +54,7 @@ def edit_tensors(adapter: Path, change) -> None:
 
 def header_of(raw: bytes) -> tuple[dict, bytes]:
     size = struct.unpack("<Q", raw[:8])[0]
-    return json.loads(raw[8:8 + size]), raw[8 + size:]
+    return json.loads(raw[8 : 8 + size]), raw[8 + size :]
 
 
 def with_header(header: dict, data: bytes) -> bytes:
@@ -67,6 +68,7 @@ def _edit_entry(field: str, value):
         key = next(k for k in header if k != "__metadata__")
         header[key][field] = value(header[key][field])
         return with_header(header, data)
+
     return corrupt
 
 
@@ -83,6 +85,7 @@ CORRUPTIONS = {
 
 
 # -- item 7: a corrupt adapter file is a clean error in every command that reads one ----------------
+
 
 def _commands(base: Path, adapter: Path, out: Path) -> dict[str, list]:
     return {
@@ -115,9 +118,12 @@ def test_corrupt_base_file_gets_the_same_error(base, adapter, tmp_path, corrupti
 
 # -- item 5: nothing non-finite is ever written with exit 0 --------------------------------------------
 
+
 @pytest.mark.parametrize("weight", ["inf", "-inf", "nan", "1e39"])
 def test_nonfinite_weight_is_refused_before_any_work(base, adapter, tmp_path, weight):
-    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out", "-w", weight), f"weight {float(weight)}", "finite")
+    assert_refused(
+        run("merge", base, adapter, "-o", tmp_path / "out", "-w", weight), f"weight {float(weight)}", "finite"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -125,7 +131,9 @@ def test_nonfinite_weight_is_refused_before_any_work(base, adapter, tmp_path, we
 def test_nonfinite_alpha_is_refused(base, adapter, tmp_path, alpha):
     text = (adapter / "adapter_config.json").read_text()
     config = json.loads(text)
-    (adapter / "adapter_config.json").write_text(text.replace(f'"lora_alpha": {config["lora_alpha"]}', f'"lora_alpha": {alpha}'))
+    (adapter / "adapter_config.json").write_text(
+        text.replace(f'"lora_alpha": {config["lora_alpha"]}', f'"lora_alpha": {alpha}')
+    )
     assert json.loads((adapter / "adapter_config.json").read_text())["lora_alpha"] != config["lora_alpha"]
     assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "lora_alpha", "finite")
     assert not (tmp_path / "out").exists()
@@ -144,8 +152,11 @@ def test_finite_factors_whose_product_overflows_are_refused(base, adapter, tmp_p
         for key in tensors:
             if "layers.0.self_attn.q_proj" in key:
                 tensors[key].fill_(1e30)
+
     edit_tensors(adapter, huge)
-    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "model.layers.0.self_attn.q_proj.weight", "overflow fp32")
+    assert_refused(
+        run("merge", base, adapter, "-o", tmp_path / "out"), "model.layers.0.self_attn.q_proj.weight", "overflow fp32"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -167,6 +178,7 @@ def test_nonfinite_base_is_refused_unless_allowed(base, adapter, tmp_path):
 
 
 # -- item 6: factors that are not float, targets that match nothing, DoRA without magnitudes ---------
+
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.float8_e4m3fn])
 def test_non_float_factors_are_refused_by_name(base, adapter, tmp_path, dtype):
@@ -203,7 +215,9 @@ def test_empty_target_modules_are_refused(base, adapter, tmp_path):
 
 def test_use_dora_without_magnitudes_is_refused(base, adapter, tmp_path):
     edit_config(adapter, use_dora=True)
-    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "use_dora is true", "lacks a lora_magnitude_vector")
+    assert_refused(
+        run("merge", base, adapter, "-o", tmp_path / "out"), "use_dora is true", "lacks a lora_magnitude_vector"
+    )
 
 
 def test_adapter_with_zero_tensors_is_refused(base, adapter, tmp_path):
@@ -220,21 +234,25 @@ def test_inspect_names_a_broken_adapter_config(adapter, config):
 
 # -- item 8: adapter_config.json values are validated up front ----------------------------------------
 
-@pytest.mark.parametrize("changes, fragments", [
-    ({"r": None}, ["r is None", "positive integer"]),
-    ({"r": "8"}, ["r is '8'", "positive integer"]),
-    ({"r": 0}, ["r is 0"]),
-    ({"lora_alpha": "16"}, ["lora_alpha is '16'", "finite number"]),
-    ({"lora_alpha": True}, ["lora_alpha is True"]),
-    ({"rank_pattern": {"q_proj(": 4}}, ["rank_pattern key", "not a valid regex"]),
-    ({"alpha_pattern": {"[q": 4}}, ["alpha_pattern key", "not a valid regex"]),
-    ({"rank_pattern": {"q_proj": "4"}}, ["rank_pattern['q_proj'] is '4'"]),
-    ({"alpha_pattern": ["q_proj"]}, ["alpha_pattern is ['q_proj']"]),
-    ({"use_rslora": "yes"}, ["use_rslora is 'yes'", "true or false"]),
-    ({"target_modules": "(unclosed"}, ["target_modules", "not a valid regex"]),
-    ({"target_modules": 3}, ["target_modules is 3"]),
-    ({"peft_type": 7}, ["peft_type is 7"]),
-])
+
+@pytest.mark.parametrize(
+    "changes, fragments",
+    [
+        ({"r": None}, ["r is None", "positive integer"]),
+        ({"r": "8"}, ["r is '8'", "positive integer"]),
+        ({"r": 0}, ["r is 0"]),
+        ({"lora_alpha": "16"}, ["lora_alpha is '16'", "finite number"]),
+        ({"lora_alpha": True}, ["lora_alpha is True"]),
+        ({"rank_pattern": {"q_proj(": 4}}, ["rank_pattern key", "not a valid regex"]),
+        ({"alpha_pattern": {"[q": 4}}, ["alpha_pattern key", "not a valid regex"]),
+        ({"rank_pattern": {"q_proj": "4"}}, ["rank_pattern['q_proj'] is '4'"]),
+        ({"alpha_pattern": ["q_proj"]}, ["alpha_pattern is ['q_proj']"]),
+        ({"use_rslora": "yes"}, ["use_rslora is 'yes'", "true or false"]),
+        ({"target_modules": "(unclosed"}, ["target_modules", "not a valid regex"]),
+        ({"target_modules": 3}, ["target_modules is 3"]),
+        ({"peft_type": 7}, ["peft_type is 7"]),
+    ],
+)
 def test_bad_config_values_are_named(base, adapter, tmp_path, changes, fragments):
     edit_config(adapter, **changes)
     assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "adapter_config.json", *fragments)
@@ -265,9 +283,12 @@ def test_mlx_config_values_are_named(base, tmp_path):
     mlx = tmp_path / "mlx"
     write_adapter(read_adapter(make_lora("llama", base, tmp_path / "peft")), mlx, "mlx")
     config = json.loads((mlx / "adapter_config.json").read_text())
-    for field, value, fragment in [("scale", "2", "lora_parameters.scale is '2'"), ("scale", float("inf"), "is inf"),
-                                   ("scale", 1e300, "within fp32's range"),
-                                   ("rank", -1, "lora_parameters.rank is -1")]:
+    for field, value, fragment in [
+        ("scale", "2", "lora_parameters.scale is '2'"),
+        ("scale", float("inf"), "is inf"),
+        ("scale", 1e300, "within fp32's range"),
+        ("rank", -1, "lora_parameters.rank is -1"),
+    ]:
         broken = {**config, "lora_parameters": {**config["lora_parameters"], field: value}}
         (mlx / "adapter_config.json").write_text(json.dumps(broken))
         assert_refused(run("merge", base, mlx, "-o", tmp_path / "out"), fragment)
@@ -275,19 +296,23 @@ def test_mlx_config_values_are_named(base, tmp_path):
 
 # -- item 9: base-side metadata -----------------------------------------------------------------------
 
+
 def _sharded_base(base: Path, tmp_path: Path, weight_map) -> Path:
     copy = Path(shutil.copytree(base, tmp_path / "base"))
     (copy / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return copy
 
 
-@pytest.mark.parametrize("weight_map, fragment", [
-    (["model.safetensors"], "weight_map is not a mapping"),
-    ({"model.norm.weight": 3}, "weight_map is not a mapping"),
-    ({"model.norm.weight": "/etc/passwd"}, "'/etc/passwd'"),
-    ({"model.norm.weight": "../tiny-llama/model.safetensors"}, "'../tiny-llama/model.safetensors'"),
-    ({"model.norm.weight": ".."}, "'..'"),
-])
+@pytest.mark.parametrize(
+    "weight_map, fragment",
+    [
+        (["model.safetensors"], "weight_map is not a mapping"),
+        ({"model.norm.weight": 3}, "weight_map is not a mapping"),
+        ({"model.norm.weight": "/etc/passwd"}, "'/etc/passwd'"),
+        ({"model.norm.weight": "../tiny-llama/model.safetensors"}, "'../tiny-llama/model.safetensors'"),
+        ({"model.norm.weight": ".."}, "'..'"),
+    ],
+)
 def test_bad_shard_index_is_refused(base, adapter, tmp_path, weight_map, fragment):
     copy = _sharded_base(base, tmp_path, weight_map)
     assert_refused(run("inspect", copy), fragment)
@@ -304,8 +329,10 @@ def test_broken_base_config_is_named(base, adapter, tmp_path, config):
     assert_refused(run("convert", adapter, "--to", "gguf", "--base", copy, "-o", tmp_path / "a.gguf"), "config.json")
 
 
-@pytest.mark.parametrize("changes", [{"num_attention_heads": 0}, {"num_hidden_layers": None}, {"num_key_value_heads": "2"},
-                                     {"num_attention_heads": 3}])
+@pytest.mark.parametrize(
+    "changes",
+    [{"num_attention_heads": 0}, {"num_hidden_layers": None}, {"num_key_value_heads": "2"}, {"num_attention_heads": 3}],
+)
 def test_gguf_needs_sound_head_and_layer_counts(base, adapter, tmp_path, changes):
     copy = Path(shutil.copytree(base, tmp_path / "base"))
     config = json.loads((copy / "config.json").read_text())
@@ -319,10 +346,13 @@ def test_gguf_needs_sound_head_and_layer_counts(base, adapter, tmp_path, changes
 
 @pytest.mark.parametrize("device", ["meta", "mps"])
 def test_device_that_cannot_hold_results_is_refused(base, adapter, tmp_path, device):
-    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out", "--device", device), f"unknown device {device!r}")
+    assert_refused(
+        run("merge", base, adapter, "-o", tmp_path / "out", "--device", device), f"unknown device {device!r}"
+    )
 
 
 # -- item 12: Hub paths stay inside the repository's cache folder ------------------------------------
+
 
 @pytest.fixture
 def hub_cache(tmp_path, fixtures_dir, monkeypatch) -> Path:
@@ -338,8 +368,9 @@ def hub_cache(tmp_path, fixtures_dir, monkeypatch) -> Path:
     return cache
 
 
-@pytest.mark.parametrize("uri", ["hf://org/lora/../../..", "hf://org/lora@../../x/y", "hf://org/lora@main/..",
-                                 "hf://org/lora/a\\..\\b"])
+@pytest.mark.parametrize(
+    "uri", ["hf://org/lora/../../..", "hf://org/lora@../../x/y", "hf://org/lora@main/..", "hf://org/lora/a\\..\\b"]
+)
 def test_hub_path_that_climbs_out_is_refused(hub_cache, tmp_path, uri):
     for args in (["pull", uri, "-o", tmp_path / "out"], ["inspect", uri], ["merge", uri, uri, "-o", tmp_path / "out"]):
         result = run(*args)
@@ -359,6 +390,7 @@ def test_hub_snapshot_link_leading_outside_the_cache_is_refused(hub_cache, tmp_p
 
 # -- item 11 (part): messages say what is actually wrong -----------------------------------------------
 
+
 def test_random_bytes_in_a_bin_are_not_called_a_pickle_needing_unpickling(adapter, base, tmp_path):
     (adapter / "adapter_model.safetensors").unlink()
     (adapter / "adapter_model.bin").write_bytes(bytes(range(256)) * 8)
@@ -376,4 +408,6 @@ def test_a_pickle_with_foreign_globals_still_needs_full_unpickling(adapter, base
 def test_factors_whose_ranks_differ_are_named(base, adapter, tmp_path):
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     edit_tensors(adapter, lambda t: t.update({key: t[key].T.contiguous()}))
-    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), "'model.layers.0.self_attn.q_proj'", "ranks differ")
+    assert_refused(
+        run("merge", base, adapter, "-o", tmp_path / "out"), "'model.layers.0.self_attn.q_proj'", "ranks differ"
+    )

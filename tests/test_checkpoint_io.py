@@ -54,7 +54,9 @@ def test_streaming_writer_refuses_wrong_shape_and_missing_tensors(tmp_path):
         writer.close()
 
 
-@pytest.mark.parametrize("text, expected", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("100", 100)])
+@pytest.mark.parametrize(
+    "text, expected", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("100", 100)]
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -100,8 +102,9 @@ def test_inspect_json_for_adapter_and_checkpoint(fixtures_dir):
     assert adapter["rank"] == config["r"] and adapter["alpha"] == config["lora_alpha"]
     assert adapter["scale"] == config["lora_alpha"] / config["r"]
     assert adapter["targets"] == 2 * len(config["target_modules"])
-    assert adapter["bytes"] == os.path.getsize(fixtures_dir / "tiny-llama-lora" / "adapter_model.safetensors") - _header_size(
-        fixtures_dir / "tiny-llama-lora" / "adapter_model.safetensors")
+    assert adapter["bytes"] == os.path.getsize(
+        fixtures_dir / "tiny-llama-lora" / "adapter_model.safetensors"
+    ) - _header_size(fixtures_dir / "tiny-llama-lora" / "adapter_model.safetensors")
     checkpoint = json.loads(CliRunner().invoke(main, ["inspect", str(fixtures_dir / "tiny-gpt2"), "--json"]).output)
     assert checkpoint["kind"] == "checkpoint" and checkpoint["architecture"] == "GPT2LMHeadModel"
     assert checkpoint["params"] == sum(t.numel() for _, t in Checkpoint(fixtures_dir / "tiny-gpt2").items())
@@ -114,12 +117,25 @@ def _header_size(path: Path) -> int:
 
 def test_merge_json_report_copies_extras_and_records_dtype(fixtures_dir, tmp_path):
     out = tmp_path / "merged"
-    result = CliRunner().invoke(main, ["merge", str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora"),
-                                       "-o", str(out), "--dtype", "bf16", "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "merge",
+            str(fixtures_dir / "tiny-llama"),
+            str(fixtures_dir / "tiny-llama-lora"),
+            "-o",
+            str(out),
+            "--dtype",
+            "bf16",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["changed"] == 14 and report["tensors"] == len(Checkpoint(fixtures_dir / "tiny-llama"))
-    assert (out / "generation_config.json").read_bytes() == (fixtures_dir / "tiny-llama" / "generation_config.json").read_bytes()
+    assert (out / "generation_config.json").read_bytes() == (
+        fixtures_dir / "tiny-llama" / "generation_config.json"
+    ).read_bytes()
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     merged = Checkpoint(out)
@@ -135,22 +151,41 @@ def test_package_imports_formats_from_a_clean_install(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "surgeon", "formats"):
         copy = shutil.copytree if (root / name).is_dir() else shutil.copy2
-        copy(root / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+        copy(
+            root / name,
+            source / name,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}),
+        )
     site = tmp_path / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(source)],
-                             capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(source)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
     assert install.returncode == 0, install.stderr
     probe = "import surgeon.cli, surgeon.formats.peft, surgeon.formats; print(surgeon.formats.__file__)"
-    located = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
-                             env={**os.environ, "PYTHONPATH": str(site)})
+    located = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
     assert located.returncode == 0, located.stderr
     assert located.stdout.strip() == str(site / "surgeon" / "formats" / "__init__.py")
 
 
 def test_installed_package_imports_formats_outside_the_repo(tmp_path):
     """However the running environment installed surgeon (CI: editable), surgeon.formats imports from anywhere."""
-    located = subprocess.run([sys.executable, "-c", "import surgeon.formats.peft as p; print(p.NAME)"],
-                             check=True, capture_output=True, text=True, cwd=tmp_path).stdout
+    located = subprocess.run(
+        [sys.executable, "-c", "import surgeon.formats.peft as p; print(p.NAME)"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    ).stdout
     assert located.strip() == "peft"
     assert subprocess.run(["surgeon", "--help"], capture_output=True, cwd=tmp_path).returncode == 0
 
@@ -158,11 +193,22 @@ def test_installed_package_imports_formats_outside_the_repo(tmp_path):
 def test_inspect_resolves_kohya_names_with_base(fixtures_dir, tmp_path):
     runner = CliRunner()
     kohya_file = tmp_path / "lora.safetensors"
-    assert runner.invoke(main, ["convert", str(fixtures_dir / "tiny-llama-lora"), "--to", "kohya", "-o", str(kohya_file)]).exit_code == 0
+    assert (
+        runner.invoke(
+            main, ["convert", str(fixtures_dir / "tiny-llama-lora"), "--to", "kohya", "-o", str(kohya_file)]
+        ).exit_code
+        == 0
+    )
     without = runner.invoke(main, ["inspect", str(kohya_file)])
     assert without.exit_code == 1 and "--base" in without.output
-    summary = json.loads(runner.invoke(main, ["inspect", str(kohya_file), "--base", str(fixtures_dir / "tiny-llama"), "--json"]).output)
+    summary = json.loads(
+        runner.invoke(main, ["inspect", str(kohya_file), "--base", str(fixtures_dir / "tiny-llama"), "--json"]).output
+    )
     peft_summary = json.loads(runner.invoke(main, ["inspect", str(fixtures_dir / "tiny-llama-lora"), "--json"]).output)
     assert summary["format"] == "kohya"
     assert {m["target"] for m in summary["modules"]} == {m["target"] for m in peft_summary["modules"]}
-    assert (summary["rank"], summary["scale"], summary["params"]) == (peft_summary["rank"], peft_summary["scale"], peft_summary["params"])
+    assert (summary["rank"], summary["scale"], summary["params"]) == (
+        peft_summary["rank"],
+        peft_summary["scale"],
+        peft_summary["params"],
+    )

@@ -34,8 +34,15 @@ def lora_b(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def lora_c(tmp_path_factory) -> Path:
     """A rank-4 LoRA on only some of the modules A targets, plus one A lacks (lm_head)."""
-    return make_lora("llama", LLAMA, tmp_path_factory.mktemp("c") / "lora", seed=11, r=4, lora_alpha=4,
-                     target_modules=["q_proj", "v_proj", "lm_head"])
+    return make_lora(
+        "llama",
+        LLAMA,
+        tmp_path_factory.mktemp("c") / "lora",
+        seed=11,
+        r=4,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj", "lm_head"],
+    )
 
 
 def read(path: Path) -> Adapter:
@@ -79,8 +86,9 @@ def test_svd_is_the_optimal_truncation_of_the_sum(lora_b, lora_c):
     adapters = [read(LORA_A), read(lora_b), read(lora_c)]
     weights = [1.0, 0.5, -2.0]
     rank = 5
-    out, report = compose([(a, str(i)) for i, a in enumerate(adapters)], weights,
-                          ComposeOptions(method="svd", rule=RankRule(rank=rank)))
+    out, report = compose(
+        [(a, str(i)) for i, a in enumerate(adapters)], weights, ComposeOptions(method="svd", rule=RankRule(rank=rank))
+    )
     errors = {m.key: m.relative_error for m in report.modules}
     for key in out.deltas:
         exact = weighted_sum(adapters, weights, key)
@@ -101,7 +109,9 @@ def test_resize_error_is_the_tail_energy_and_energy_picks_the_smallest_rank():
         energy = torch.linalg.svdvals(exact).square()
         kept = torch.cumsum(energy, 0) / energy.sum()
         assert kept[module.rank - 1] >= 0.8 - 1e-9 and (module.rank == 1 or kept[module.rank - 2] < 0.8)
-        assert relative(delta_of(out, module.key), exact) == pytest.approx(math.sqrt(1 - float(kept[module.rank - 1])), rel=1e-3)
+        assert relative(delta_of(out, module.key), exact) == pytest.approx(
+            math.sqrt(1 - float(kept[module.rank - 1])), rel=1e-3
+        )
         assert out.deltas[module.key][0].rank == module.rank
 
 
@@ -119,9 +129,16 @@ def test_sparse_deltas_compose_with_lora_into_lora_plus_sparse():
     shape = adapter.deltas[key][0].shape
     generator = torch.Generator().manual_seed(0)
     sparse = Adapter(base_model=adapter.base_model)
-    sparse.add(key, Sparse(torch.randperm(math.prod(shape), generator=generator)[:50], torch.randn(50, generator=generator), shape))
+    sparse.add(
+        key,
+        Sparse(torch.randperm(math.prod(shape), generator=generator)[:50], torch.randn(50, generator=generator), shape),
+    )
     for method in ("cat", "svd"):
-        out, _ = compose([(adapter, "lora"), (sparse, "diff")], [0.5, 2.0], ComposeOptions(method=method, rule=RankRule(rank=8) if method == "svd" else None))
+        out, _ = compose(
+            [(adapter, "lora"), (sparse, "diff")],
+            [0.5, 2.0],
+            ComposeOptions(method=method, rule=RankRule(rank=8) if method == "svd" else None),
+        )
         assert sorted(type(d).__name__ for d in out.deltas[key]) == ["LowRank", "Sparse"]
         assert relative(delta_of(out, key), weighted_sum([adapter, sparse], [0.5, 2.0], key)) < 1e-6
 
@@ -159,11 +176,21 @@ PEFT_CASES = [
     ("cat", dict(combination_type="cat"), ComposeOptions(method="cat")),
     ("svd", dict(combination_type="svd", svd_rank=6), ComposeOptions(method="svd", rule=RankRule(rank=6))),
     ("linear", dict(combination_type="linear"), ComposeOptions(method="linear")),
-    ("ties_svd", dict(combination_type="ties_svd", density=0.3, svd_rank=8), ComposeOptions(method="ties", density=0.3, rule=RankRule(rank=8))),
-    ("ties_svd_frequency", dict(combination_type="ties_svd", density=0.5, majority_sign_method="frequency"),
-     ComposeOptions(method="ties", density=0.5, majority_sign="frequency")),
-    ("magnitude_prune_svd", dict(combination_type="magnitude_prune_svd", density=0.4, svd_rank=7),
-     ComposeOptions(method="magnitude_prune", density=0.4, rule=RankRule(rank=7))),
+    (
+        "ties_svd",
+        dict(combination_type="ties_svd", density=0.3, svd_rank=8),
+        ComposeOptions(method="ties", density=0.3, rule=RankRule(rank=8)),
+    ),
+    (
+        "ties_svd_frequency",
+        dict(combination_type="ties_svd", density=0.5, majority_sign_method="frequency"),
+        ComposeOptions(method="ties", density=0.5, majority_sign="frequency"),
+    ),
+    (
+        "magnitude_prune_svd",
+        dict(combination_type="magnitude_prune_svd", density=0.4, svd_rank=7),
+        ComposeOptions(method="magnitude_prune", density=0.4, rule=RankRule(rank=7)),
+    ),
 ]
 
 
@@ -183,7 +210,9 @@ def test_svd_agrees_with_peft_on_gpt2_conv1d(tmp_path):
     other = make_lora("gpt2", base, tmp_path / "other", seed=5, fan_in_fan_out=True)
     loras = [ROOT / "fixtures" / "tiny-gpt2-lora", other]
     expected = peft_deltas("gpt2", base, loras, [1.0, 1.0], combination_type="svd", svd_rank=4)
-    out, _ = compose([(read(p), str(p)) for p in loras], [1.0, 1.0], ComposeOptions(method="svd", rule=RankRule(rank=4)))
+    out, _ = compose(
+        [(read(p), str(p)) for p in loras], [1.0, 1.0], ComposeOptions(method="svd", rule=RankRule(rank=4))
+    )
     for key, delta in expected.items():
         assert relative(delta_of(out, key), delta) < 1e-4, key
 
@@ -192,8 +221,25 @@ def test_cli_output_loads_in_peft_with_the_composed_delta(tmp_path, lora_b):
     from peft import PeftModel
 
     out = tmp_path / "mix"
-    result = CliRunner().invoke(main, ["compose", str(LORA_A), str(lora_b), "-w", "0.7", "-w", "0.3", "--method", "svd",
-                                       "--rank", "6", "-o", str(out), "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "compose",
+            str(LORA_A),
+            str(lora_b),
+            "-w",
+            "0.7",
+            "-w",
+            "0.3",
+            "--method",
+            "svd",
+            "--rank",
+            "6",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["method"] == "svd"
     model = PeftModel.from_pretrained(load_base("llama", LLAMA), out)
@@ -214,7 +260,9 @@ def test_dare_keeps_each_entry_with_probability_density_and_rescales_it():
     delta = torch.randn(64, 128, generator=generator, dtype=torch.float64)
     density, weight = 0.3, 0.5
     options = ComposeOptions(method="dare_linear", density=density)
-    draws = torch.stack([combine_dense([delta], [weight], options, torch.Generator().manual_seed(s)) for s in range(400)])
+    draws = torch.stack(
+        [combine_dense([delta], [weight], options, torch.Generator().manual_seed(s)) for s in range(400)]
+    )
     kept = draws != 0
     # every kept entry is the weighted entry divided by the density; the rest are dropped
     torch.testing.assert_close(draws[kept], (weight * delta / density).expand_as(draws)[kept])
@@ -227,11 +275,17 @@ def test_dare_keeps_each_entry_with_probability_density_and_rescales_it():
 def test_dare_is_reproducible_by_seed_and_dare_ties_at_density_one_is_ties(lora_b):
     pair = [(read(LORA_A), "a"), (read(lora_b), "b")]
     run = lambda **kw: compose(pair, [1.0, 0.5], ComposeOptions(keep="dense", **kw))[0]  # noqa: E731
-    first, again, other = run(method="dare_ties", density=0.3, seed=1), run(method="dare_ties", density=0.3, seed=1), run(method="dare_ties", density=0.3, seed=2)
+    first, again, other = (
+        run(method="dare_ties", density=0.3, seed=1),
+        run(method="dare_ties", density=0.3, seed=1),
+        run(method="dare_ties", density=0.3, seed=2),
+    )
     key = next(iter(first.deltas))
     assert torch.equal(delta_of(first, key), delta_of(again, key))
     assert not torch.equal(delta_of(first, key), delta_of(other, key))
-    assert torch.equal(delta_of(run(method="dare_ties", density=1.0), key), delta_of(run(method="ties", density=1.0), key))
+    assert torch.equal(
+        delta_of(run(method="dare_ties", density=1.0), key), delta_of(run(method="ties", density=1.0), key)
+    )
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -259,7 +313,12 @@ def test_svd_on_4096_targets_never_allocates_a_dense_matrix():
     for i in range(2):
         adapter = Adapter(base_model="m")
         for key in ("q.weight", "o.weight"):
-            adapter.add(key, LowRank(down=torch.randn(r, n, generator=generator), up=torch.randn(n, r, generator=generator), scale=0.5))
+            adapter.add(
+                key,
+                LowRank(
+                    down=torch.randn(r, n, generator=generator), up=torch.randn(n, r, generator=generator), scale=0.5
+                ),
+            )
         adapters.append((adapter, f"a{i}"))
     with ShapeRecorder() as recorder:
         out, _ = compose(adapters, [1.0, -1.0], ComposeOptions(method="svd", rule=RankRule(rank=r)))
@@ -290,7 +349,9 @@ def test_refusals(lora_c, tmp_path):
         ComposeOptions(method="ties")
     with pytest.raises(SurgeonError, match="method svd"):
         ComposeOptions(method="cat", rule=RankRule(rank=4))
-    mixed = CliRunner().invoke(main, ["compose", "--base", str(LLAMA), str(LORA_A), str(LLAMA), "-o", str(tmp_path / "x")])
+    mixed = CliRunner().invoke(
+        main, ["compose", "--base", str(LLAMA), str(LORA_A), str(LLAMA), "-o", str(tmp_path / "x")]
+    )
     assert mixed.exit_code == 1 and "not both" in mixed.output and not (tmp_path / "x").exists()
 
 
@@ -319,13 +380,17 @@ def test_task_arithmetic_on_full_checkpoints_matches_merge_and_peft_ties(tmp_pat
     args = [str(tmp_path / "t1"), str(tmp_path / "t2"), "-w", "0.5", "-w", "0.5", "--base", str(base)]
     result = runner.invoke(main, ["compose", *args, "--method", "linear", "-o", str(tmp_path / "sum")])
     assert result.exit_code == 0, result.output
-    both = runner.invoke(main, ["merge", str(base), str(LORA_A), str(lora_b), "-w", "0.5", "-w", "0.5", "-o", str(tmp_path / "merged")])
+    both = runner.invoke(
+        main, ["merge", str(base), str(LORA_A), str(lora_b), "-w", "0.5", "-w", "0.5", "-o", str(tmp_path / "merged")]
+    )
     assert both.exit_code == 0
     summed, merged = Checkpoint(tmp_path / "sum"), Checkpoint(tmp_path / "merged")
     for key in merged.keys():
         torch.testing.assert_close(summed.get(key), merged.get(key), rtol=1e-5, atol=1e-6)
 
-    result = runner.invoke(main, ["compose", *args, "--method", "ties", "--density", "0.3", "-o", str(tmp_path / "ties")])
+    result = runner.invoke(
+        main, ["compose", *args, "--method", "ties", "--density", "0.3", "-o", str(tmp_path / "ties")]
+    )
     assert result.exit_code == 0, result.output
     original, tied = Checkpoint(base), Checkpoint(tmp_path / "ties")
     tuned = [Checkpoint(tmp_path / "t1"), Checkpoint(tmp_path / "t2")]
@@ -352,11 +417,17 @@ def test_cli_composes_a_lora_with_a_sparse_diff_and_merge_applies_both(tmp_path)
         diff.add(key, Sparse(positions, torch.randn(40, generator=generator), shape), "other")
     sparse_format.write(diff, tmp_path / "diff")
     runner = CliRunner()
-    result = runner.invoke(main, ["compose", str(LORA_A), str(tmp_path / "diff"), "-w", "0.5", "-w", "2", "-o", str(tmp_path / "mixed")])
+    result = runner.invoke(
+        main, ["compose", str(LORA_A), str(tmp_path / "diff"), "-w", "0.5", "-w", "2", "-o", str(tmp_path / "mixed")]
+    )
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "mixed" / "adapter_config.json").is_file() and (tmp_path / "mixed" / "sparse" / "sparse_config.json").is_file()
-    for args, out in (([str(tmp_path / "mixed"), str(tmp_path / "mixed" / "sparse")], "m1"),
-                      ([str(LORA_A), str(tmp_path / "diff"), "-w", "0.5", "-w", "2"], "m2")):
+    assert (tmp_path / "mixed" / "adapter_config.json").is_file() and (
+        tmp_path / "mixed" / "sparse" / "sparse_config.json"
+    ).is_file()
+    for args, out in (
+        ([str(tmp_path / "mixed"), str(tmp_path / "mixed" / "sparse")], "m1"),
+        ([str(LORA_A), str(tmp_path / "diff"), "-w", "0.5", "-w", "2"], "m2"),
+    ):
         merged = runner.invoke(main, ["merge", str(LLAMA), *args, "-o", str(tmp_path / out)])
         assert merged.exit_code == 0, merged.output
     first, second = Checkpoint(tmp_path / "m1"), Checkpoint(tmp_path / "m2")
@@ -369,8 +440,26 @@ def test_ties_kept_sparse_or_dense_is_peft_ties_of_the_deltas(tmp_path, lora_b, 
     from peft.utils.merge_utils import ties
 
     out = tmp_path / kind
-    result = CliRunner().invoke(main, ["compose", str(LORA_A), str(lora_b), "-w", "1", "-w", "0.4", "--method", "ties",
-                                       "--density", "0.25", "--as", kind, "-o", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "compose",
+            str(LORA_A),
+            str(lora_b),
+            "-w",
+            "1",
+            "-w",
+            "0.4",
+            "--method",
+            "ties",
+            "--density",
+            "0.25",
+            "--as",
+            kind,
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     got = peft_format_any(out)
     adapters = [read(LORA_A), read(lora_b)]
@@ -378,7 +467,9 @@ def test_ties_kept_sparse_or_dense_is_peft_ties_of_the_deltas(tmp_path, lora_b, 
         expected = ties([delta_of(a, key).float() for a in adapters], torch.tensor([1.0, 0.4]), 0.25, "total")
         torch.testing.assert_close(delta_of(got, key).float(), expected, rtol=1e-5, atol=1e-7)
         stored = got.deltas[key][0]
-        assert isinstance(stored, Sparse) and stored.indices.numel() == (int((expected != 0).sum()) if kind == "sparse" else expected.numel())
+        assert isinstance(stored, Sparse) and stored.indices.numel() == (
+            int((expected != 0).sum()) if kind == "sparse" else expected.numel()
+        )
 
 
 def peft_format_any(path: Path) -> Adapter:

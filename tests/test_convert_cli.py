@@ -23,7 +23,9 @@ def convert(*args: str):
     return CliRunner().invoke(main, ["convert", *map(str, args)], catch_exceptions=False)
 
 
-@pytest.mark.parametrize(("fmt", "output"), [("mlx", "out"), ("gguf", "out.gguf"), ("ort", "out.onnx_adapter"), ("peft", "out")])
+@pytest.mark.parametrize(
+    ("fmt", "output"), [("mlx", "out"), ("gguf", "out.gguf"), ("ort", "out.onnx_adapter"), ("peft", "out")]
+)
 def test_json_report(fmt, output, variants_root, tmp_path):
     out = tmp_path / output
     result = convert(variant("plain", variants_root), "--to", fmt, "--base", BASE, "-o", out, "--json")
@@ -40,7 +42,9 @@ def test_lossy_layout_changes_are_noted_in_text_and_json(variants_root, tmp_path
     source = variant("rslora", variants_root)
     result = convert(source, "--to", "mlx", "-o", tmp_path / "mlx")
     assert result.exit_code == 0, result.output
-    assert "note:" in result.output and "zero-padded to rank 8" in result.output and "folded into lora_b" in result.output
+    assert (
+        "note:" in result.output and "zero-padded to rank 8" in result.output and "folded into lora_b" in result.output
+    )
     report = json.loads(convert(source, "--to", "gguf", "--base", BASE, "-o", tmp_path / "a.gguf", "--json").output)
     assert any("rsLoRA" in note and "folded into their lora_b" in note for note in report["notes"])
     assert any("permuted" in note for note in report["notes"])
@@ -65,22 +69,40 @@ def test_peft_to_mlx_and_back_loads_in_peft(variants_root, tmp_path):
 
 
 def test_refusal_names_the_reason_and_writes_nothing(variants_root, tmp_path):
-    result = CliRunner().invoke(main, ["convert", str(variant("dora", variants_root)), "--to", "gguf", "--base", str(BASE), "-o", str(tmp_path / "a.gguf")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(variant("dora", variants_root)),
+            "--to",
+            "gguf",
+            "--base",
+            str(BASE),
+            "-o",
+            str(tmp_path / "a.gguf"),
+        ],
+    )
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert "DoRA" in result.output
     assert list(tmp_path.iterdir()) == []
 
 
 def test_gguf_without_base_asks_for_it(variants_root, tmp_path):
-    result = CliRunner().invoke(main, ["convert", str(variant("plain", variants_root)), "--to", "gguf", "-o", str(tmp_path / "a.gguf")])
+    result = CliRunner().invoke(
+        main, ["convert", str(variant("plain", variants_root)), "--to", "gguf", "-o", str(tmp_path / "a.gguf")]
+    )
     assert result.exit_code == 1 and "--base" in result.output
 
 
 def test_unknown_layout_lists_what_was_looked_for(tmp_path):
     (tmp_path / "notes.txt").write_text("not an adapter")
-    result = CliRunner().invoke(main, ["convert", str(tmp_path / "notes.txt"), "--to", "peft", "-o", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["convert", str(tmp_path / "notes.txt"), "--to", "peft", "-o", str(tmp_path / "out")]
+    )
     assert result.exit_code == 1 and "not an adapter" in result.output and len(result.output.splitlines()) == 1
-    verbose = CliRunner().invoke(main, ["-v", "convert", str(tmp_path / "notes.txt"), "--to", "peft", "-o", str(tmp_path / "out")])
+    verbose = CliRunner().invoke(
+        main, ["-v", "convert", str(tmp_path / "notes.txt"), "--to", "peft", "-o", str(tmp_path / "out")]
+    )
     assert "mlx:" in verbose.output and "gguf:" in verbose.output and "ort:" in verbose.output
 
 
@@ -90,5 +112,9 @@ def test_existing_output_needs_force_and_from_overrides_detection(variants_root,
     again = CliRunner().invoke(main, ["convert", str(variant("plain", variants_root)), "--to", "ort", "-o", str(out)])
     assert again.exit_code == 1 and "--force" in again.output
     assert convert(variant("plain", variants_root), "--to", "ort", "-o", out, "--force").exit_code == 0
-    wrong = CliRunner().invoke(main, ["convert", str(out), "--from", "gguf", "--base", str(BASE), "--to", "peft", "-o", str(tmp_path / "p")])
-    assert wrong.exit_code == 1 and isinstance(wrong.exception, SystemExit), wrong.exception  # an Error: line, not a crash
+    wrong = CliRunner().invoke(
+        main, ["convert", str(out), "--from", "gguf", "--base", str(BASE), "--to", "peft", "-o", str(tmp_path / "p")]
+    )
+    assert wrong.exit_code == 1 and isinstance(wrong.exception, SystemExit), (
+        wrong.exception
+    )  # an Error: line, not a crash

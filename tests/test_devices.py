@@ -176,8 +176,15 @@ def random_lora(seed: int, rank: int, shapes: dict[str, tuple[int, int]]) -> Ada
     gen = torch.Generator().manual_seed(seed)
     adapter = Adapter(source_format="test", base_model="base")
     for key, (m, n) in shapes.items():
-        adapter.add(key, LowRank(down=torch.randn(rank, n, generator=gen), up=torch.randn(m, rank, generator=gen) * 0.1,
-                                 scale=0.5, shape=(m, n)))
+        adapter.add(
+            key,
+            LowRank(
+                down=torch.randn(rank, n, generator=gen),
+                up=torch.randn(m, rank, generator=gen) * 0.1,
+                scale=0.5,
+                shape=(m, n),
+            ),
+        )
     return adapter
 
 
@@ -207,8 +214,9 @@ def ties_reference(deltas: list[torch.Tensor], weights: list[float], density: fl
     return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
-def dare_reference(deltas: list[torch.Tensor], weights: list[float], density: float, key: str,
-                   seed: int) -> torch.Tensor:
+def dare_reference(
+    deltas: list[torch.Tensor], weights: list[float], density: float, key: str, seed: int
+) -> torch.Tensor:
     """DARE restated: each delta's entries kept by the key's CPU random stream, rescaled, summed by weight."""
     generator = key_generator(seed, key)
     total = 0
@@ -225,8 +233,14 @@ def test_compose_on_device_matches_the_rule(device, method):
     weights = [1.0, -0.7]
     density = None if method == "svd" else 0.5
     rule = RankRule(rank=5) if method == "svd" else None
-    options = ComposeOptions(method=method, rule=rule, density=density, keep="dense" if density else "lora",
-                             device=torch.device(device), seed=3)
+    options = ComposeOptions(
+        method=method,
+        rule=rule,
+        density=density,
+        keep="dense" if density else "lora",
+        device=torch.device(device),
+        seed=3,
+    )
     out, _ = compose([(a, f"a{i}") for i, a in enumerate(adapters)], weights, options)
     for key in COMPOSE_SHAPES:
         deltas = [dense(a, key).float().double() for a in adapters]

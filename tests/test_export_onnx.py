@@ -33,7 +33,9 @@ def peft_reference(arch: str, feed: dict[str, np.ndarray]) -> np.ndarray:
 
     model = PeftModel.from_pretrained(load_base(arch, FIXTURES / f"tiny-{arch}"), FIXTURES / f"tiny-{arch}-lora").eval()
     with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(feed["input_ids"]), attention_mask=torch.from_numpy(feed["attention_mask"]))
+        out = model(
+            input_ids=torch.from_numpy(feed["input_ids"]), attention_mask=torch.from_numpy(feed["attention_mask"])
+        )
     return (out.logits if arch != "bert" else out.last_hidden_state).numpy()
 
 
@@ -44,7 +46,15 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     found = {}
     for arch in ("llama", "gpt2", "bert"):
         graph = out / f"{arch}.onnx"
-        args = ["export-onnx", str(FIXTURES / f"tiny-{arch}"), "--adapter", str(FIXTURES / f"tiny-{arch}-lora"), "-o", str(graph), "--json"]
+        args = [
+            "export-onnx",
+            str(FIXTURES / f"tiny-{arch}"),
+            "--adapter",
+            str(FIXTURES / f"tiny-{arch}-lora"),
+            "-o",
+            str(graph),
+            "--json",
+        ]
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("sys.argv", ["surgeon", *args])  # what the command records, as a shell would pass it
             result = CliRunner().invoke(main, args)
@@ -58,7 +68,9 @@ def test_merged_export_matches_peft_in_onnxruntime(exported, arch):
     graph, report = exported[arch]
     assert report["verified"] is True and report["exporter"] == "dynamo"
     assert report["verification"]["max_abs_diff"] <= 1e-4
-    assert [p.name for p in graph.parent.glob(f"{arch}.onnx*")] == [graph.name]  # no .data, no .unverified, no leftovers
+    assert [p.name for p in graph.parent.glob(f"{arch}.onnx*")] == [
+        graph.name
+    ]  # no .data, no .unverified, no leftovers
     onnx.checker.check_model(str(graph))
     recorded = {p.key: p.value for p in onnx.load(str(graph)).metadata_props}
     assert recorded["surgeon_command"].startswith(f"surgeon export-onnx {FIXTURES}/tiny-{arch} --adapter")
@@ -67,7 +79,10 @@ def test_merged_export_matches_peft_in_onnxruntime(exported, arch):
     # Shapes the export never saw, a padded row, and PEFT (not surgeon's merge) as the reference.
     session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(7)
-    feed = {"input_ids": rng.integers(0, 256, (4, 19), dtype=np.int64), "attention_mask": np.ones((4, 19), dtype=np.int64)}
+    feed = {
+        "input_ids": rng.integers(0, 256, (4, 19), dtype=np.int64),
+        "attention_mask": np.ones((4, 19), dtype=np.int64),
+    }
     feed["attention_mask"][1, 12:] = 0
     got = session.run(None, feed)[0]
     expected = peft_reference(arch, feed)
@@ -76,7 +91,9 @@ def test_merged_export_matches_peft_in_onnxruntime(exported, arch):
     assert np.abs(got[valid] - expected[valid]).max() <= 1e-4
     base = load_base(arch, FIXTURES / f"tiny-{arch}").eval()
     with torch.no_grad():
-        out = base(input_ids=torch.from_numpy(feed["input_ids"]), attention_mask=torch.from_numpy(feed["attention_mask"]))
+        out = base(
+            input_ids=torch.from_numpy(feed["input_ids"]), attention_mask=torch.from_numpy(feed["attention_mask"])
+        )
     unmerged = (out.logits if arch != "bert" else out.last_hidden_state).numpy()
     assert np.abs(got[valid] - unmerged[valid]).max() > 1e-3  # the adapter really is in the graph
 
@@ -97,7 +114,14 @@ def corrupt(source: Path, dest: Path, external: bool = False) -> None:
     target = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
     target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) + np.float32(0.05), target.name))
     if external:
-        onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True, location=dest.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(dest),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=dest.name + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(dest))
 
@@ -121,7 +145,10 @@ def test_failed_verification_exits_nonzero_and_keeps_the_graph_aside(exported, t
 
     monkeypatch.setattr(onnx_export, "export_graph", broken_exporter)
     out = tmp_path / "model.onnx"
-    result = CliRunner().invoke(main, ["export-onnx", str(FIXTURES / "tiny-llama"), "--adapter", str(FIXTURES / "tiny-llama-lora"), "-o", str(out)])
+    result = CliRunner().invoke(
+        main,
+        ["export-onnx", str(FIXTURES / "tiny-llama"), "--adapter", str(FIXTURES / "tiny-llama-lora"), "-o", str(out)],
+    )
     assert result.exit_code == 1
     assert "above --atol" in result.output and "model.onnx.unverified" in result.output
     assert not out.exists() and not (tmp_path / "model.onnx.data").exists()
@@ -130,7 +157,9 @@ def test_failed_verification_exits_nonzero_and_keeps_the_graph_aside(exported, t
     onnxruntime.InferenceSession(str(kept), providers=["CPUExecutionProvider"])  # it points at its renamed data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx.unverified", "model.onnx.unverified.data"]
 
-    skipped = CliRunner().invoke(main, ["export-onnx", str(FIXTURES / "tiny-llama"), "-o", str(out), "--no-verify", "--json"])
+    skipped = CliRunner().invoke(
+        main, ["export-onnx", str(FIXTURES / "tiny-llama"), "-o", str(out), "--no-verify", "--json"]
+    )
     assert skipped.exit_code == 0, skipped.output
     assert json.loads(skipped.stdout)["verified"] is None and out.is_file()
 
@@ -138,8 +167,20 @@ def test_failed_verification_exits_nonzero_and_keeps_the_graph_aside(exported, t
 def test_legacy_exporter_with_external_data(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 0)  # as if the model were over 2 GB
     out = tmp_path / "bert.onnx"
-    result = CliRunner().invoke(main, ["export-onnx", str(FIXTURES / "tiny-bert"), "--adapter", str(FIXTURES / "tiny-bert-lora"),
-                                       "-o", str(out), "--exporter", "legacy", "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "export-onnx",
+            str(FIXTURES / "tiny-bert"),
+            "--adapter",
+            str(FIXTURES / "tiny-bert-lora"),
+            "-o",
+            str(out),
+            "--exporter",
+            "legacy",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["exporter"] == "legacy" and report["opset"] == onnx_export.LEGACY_OPSET and report["external_data"]
@@ -150,7 +191,9 @@ def test_legacy_exporter_with_external_data(tmp_path, monkeypatch):
 
 def test_missing_extra_names_what_to_install(monkeypatch, tmp_path):
     real = onnx_export.importlib.util.find_spec
-    monkeypatch.setattr(onnx_export.importlib.util, "find_spec", lambda name: None if name == "onnxscript" else real(name))
+    monkeypatch.setattr(
+        onnx_export.importlib.util, "find_spec", lambda name: None if name == "onnxscript" else real(name)
+    )
     result = CliRunner().invoke(main, ["export-onnx", str(FIXTURES / "tiny-llama"), "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 1
     assert "onnxscript" in result.output and "pip install '.[onnx]'" in result.output
@@ -171,8 +214,16 @@ def test_dependencies_stay_quiet_unless_verbose(tmp_path):
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    command = [sys.executable, "-c", "from surgeon.cli import main; main()", "export-onnx", str(root / "fixtures" / "tiny-llama"),
-               "-o", str(tmp_path / "m.onnx"), "--no-verify"]
+    command = [
+        sys.executable,
+        "-c",
+        "from surgeon.cli import main; main()",
+        "export-onnx",
+        str(root / "fixtures" / "tiny-llama"),
+        "-o",
+        str(tmp_path / "m.onnx"),
+        "--no-verify",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "torchvision" not in done.stderr and "Loading weights" not in done.stderr, done.stderr
@@ -184,8 +235,9 @@ def test_prefix_tuning_is_traced_into_the_graph(tmp_path):
     from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
     torch.manual_seed(5)
-    get_peft_model(load_base("llama", FIXTURES / "tiny-llama"),
-                   PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).save_pretrained(tmp_path / "prefix")
+    get_peft_model(
+        load_base("llama", FIXTURES / "tiny-llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    ).save_pretrained(tmp_path / "prefix")
     graph = tmp_path / "prefix.onnx"
     command = ["export-onnx", str(FIXTURES / "tiny-llama"), "--adapter", str(tmp_path / "prefix")]
     result = CliRunner().invoke(main, [*command, "-o", str(graph), "--json"])

@@ -28,7 +28,9 @@ from surgeon.ops.rank import RankRule
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tune(base: Path, out: Path, ranks, scale: float = 0.05, one_d: float = 0.0, seed: int = 0, select=None) -> dict[str, torch.Tensor]:
+def tune(
+    base: Path, out: Path, ranks, scale: float = 0.05, one_d: float = 0.0, seed: int = 0, select=None
+) -> dict[str, torch.Tensor]:
     """A 'fine-tune' of ``base``: every selected 2-D weight plus a random delta of rank
     ``ranks(key)`` (1-D tensors moved by ``one_d``); returns the deltas, in fp32."""
     shutil.copytree(base, out)
@@ -57,7 +59,9 @@ def run_cli(*args: str) -> dict:
 def cli_error(*args: str) -> str:
     """A refusal: exit code 1 and one `Error:` line, never a traceback."""
     result = CliRunner().invoke(main, ["extract", *map(str, args)])
-    assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output, result.output
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output, (
+        result.output
+    )
     return result.output
 
 
@@ -108,12 +112,24 @@ def test_gpt2_conv1d_biases_and_per_module_ranks_load_in_peft(tmp_path):
     base = ROOT / "fixtures" / "tiny-gpt2"
     ranks = lambda key: 2 if "c_attn" in key else 5  # noqa: E731
     deltas = tune(base, tmp_path / "tuned", ranks, one_d=0.05, select=not_embedding)
-    report = run_cli(base, tmp_path / "tuned", "-o", tmp_path / "adapter", "--max-error", "1e-4", "--keep-changed-1d", "--split", "up")
+    report = run_cli(
+        base,
+        tmp_path / "tuned",
+        "-o",
+        tmp_path / "adapter",
+        "--max-error",
+        "1e-4",
+        "--keep-changed-1d",
+        "--split",
+        "up",
+    )
     assert {r["key"]: r["rank"] for r in report["modules"] if r["action"] == "lora"} == {k: ranks(k) for k in deltas}
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] and config["rank_pattern"] and config["alpha_pattern"]
     factors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    lora_a = factors["base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"]  # --split up: S in lora_B, A orthonormal
+    lora_a = factors[
+        "base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"
+    ]  # --split up: S in lora_B, A orthonormal
     torch.testing.assert_close(lora_a @ lora_a.T, torch.eye(lora_a.shape[0]), rtol=0, atol=1e-5)
     expected = logits(load_base("gpt2", tmp_path / "tuned"))
     torch.testing.assert_close(peft_logits("gpt2", base, tmp_path / "adapter"), expected, rtol=1e-4, atol=1e-4)
@@ -134,12 +150,28 @@ def test_report_accounts_for_every_changed_tensor(llama_pair, tmp_path):
     base, tuned, _ = llama_pair
     embedded = tmp_path / "tuned"
     tune(tuned, embedded, lambda k: 2, select=lambda k: "embed" in k or "lm_head" in k, seed=3)
-    report = run_cli(base, embedded, "-o", tmp_path / "adapter", "--rank", "4", "--exclude", r"layers\.1\.mlp",
-                     "--embeddings", "skip", "--skip-changed-1d")
+    report = run_cli(
+        base,
+        embedded,
+        "-o",
+        tmp_path / "adapter",
+        "--rank",
+        "4",
+        "--exclude",
+        r"layers\.1\.mlp",
+        "--embeddings",
+        "skip",
+        "--skip-changed-1d",
+    )
     rows = {r["key"]: r for r in report["modules"]}
-    changed = [k for k in Checkpoint(base).keys() if not torch.equal(Checkpoint(base).get(k), Checkpoint(embedded).get(k))]
+    changed = [
+        k for k in Checkpoint(base).keys() if not torch.equal(Checkpoint(base).get(k), Checkpoint(embedded).get(k))
+    ]
     assert sorted(rows) == sorted(changed)
-    assert rows["model.embed_tokens.weight"]["action"] == "skipped" and "--embeddings" in rows["model.embed_tokens.weight"]["reason"]
+    assert (
+        rows["model.embed_tokens.weight"]["action"] == "skipped"
+        and "--embeddings" in rows["model.embed_tokens.weight"]["reason"]
+    )
     assert rows["lm_head.weight"]["action"] == "skipped"
     assert "--skip-changed-1d" in rows["model.norm.weight"]["reason"] and rows["model.norm.weight"]["delta_norm"] > 0
     assert rows["model.layers.1.mlp.up_proj.weight"]["reason"].startswith("excluded")
@@ -158,7 +190,10 @@ def test_lora_plus_sparse_closer_by_the_kept_entries(llama_pair, tmp_path):
     residual = sparse.read(tmp_path / "adapter" / "sparse")
     runner = CliRunner()
     for outputs in (["adapter"], ["adapter", "adapter/sparse"]):
-        result = runner.invoke(main, ["merge", str(base), *[str(tmp_path / o) for o in outputs], "-o", str(tmp_path / f"merged{len(outputs)}")])
+        result = runner.invoke(
+            main,
+            ["merge", str(base), *[str(tmp_path / o) for o in outputs], "-o", str(tmp_path / f"merged{len(outputs)}")],
+        )
         assert result.exit_code == 0, result.output
     lora_only, both, target = Checkpoint(tmp_path / "merged1"), Checkpoint(tmp_path / "merged2"), Checkpoint(tuned)
     checked = 0
@@ -178,8 +213,19 @@ def test_lora_plus_sparse_closer_by_the_kept_entries(llama_pair, tmp_path):
 def test_pure_sparse_at_full_density_reproduces_tuned_exactly(tmp_path):
     base = make_base("llama", tmp_path / "base", dtype=torch.bfloat16)
     tune(base, tmp_path / "tuned", lambda k: 3, one_d=0.05)
-    report = run_cli(base, tmp_path / "tuned", "-o", tmp_path / "diff", "--rank", "0", "--sparse-density", "1", "--keep-changed-1d",
-                     "--embeddings", "lora")
+    report = run_cli(
+        base,
+        tmp_path / "tuned",
+        "-o",
+        tmp_path / "diff",
+        "--rank",
+        "0",
+        "--sparse-density",
+        "1",
+        "--keep-changed-1d",
+        "--embeddings",
+        "lora",
+    )
     assert report["written"] == [str(tmp_path / "diff")] and detect(tmp_path / "diff").name == "sparse"
     assert all(r["action"] in ("sparse", "replace") for r in report["modules"])
     result = CliRunner().invoke(main, ["merge", str(base), str(tmp_path / "diff"), "-o", str(tmp_path / "merged")])
@@ -212,7 +258,9 @@ def test_split_and_alpha(llama_pair):
     base, tuned, deltas = llama_pair
     key = "model.layers.0.self_attn.q_proj.weight"
     for split, orthonormal in (("up", "down"), ("down", "up"), ("balanced", None)):
-        options = ExtractOptions(rule=RankRule(rank=4), split=split, alpha=16.0, include=(r"layers\.0\.self_attn\.q_proj",))
+        options = ExtractOptions(
+            rule=RankRule(rank=4), split=split, alpha=16.0, include=(r"layers\.0\.self_attn\.q_proj",)
+        )
         found = extract(Checkpoint(base), Checkpoint(tuned), options).lora.deltas[key][0]
         assert found.scale == 4.0
         torch.testing.assert_close(found.materialize(), deltas[key], rtol=0, atol=1e-5)
@@ -226,7 +274,9 @@ def test_split_and_alpha(llama_pair):
 
 def test_prefetch_thread_gives_the_same_result(llama_pair):
     base, tuned, _ = llama_pair
-    results = [extract(Checkpoint(base), Checkpoint(tuned), ExtractOptions(rule=RankRule(rank=3), prefetch=p)) for p in (0, 2)]
+    results = [
+        extract(Checkpoint(base), Checkpoint(tuned), ExtractOptions(rule=RankRule(rank=3), prefetch=p)) for p in (0, 2)
+    ]
     assert list(results[0].lora.deltas) == list(results[1].lora.deltas)
     for key, (delta,) in results[0].lora.items():
         torch.testing.assert_close(results[1].lora.deltas[key][0].materialize(), delta.materialize(), rtol=0, atol=0)
@@ -280,8 +330,14 @@ def test_worker_threads_do_not_change_the_result(llama_pair, monkeypatch):
         torch.testing.assert_close(many.lora.deltas[key][0].materialize(), delta.materialize(), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("device", ["cpu", "cpu-whole", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        "cpu-whole",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_workspace_delta_is_the_difference_of_the_casts(dtype, device, monkeypatch):
     """Sliced (CPU) or whole (GPU; "cpu-whole" runs that path here), new − old of the casts exactly."""
@@ -297,7 +353,9 @@ def test_workspace_delta_is_the_difference_of_the_casts(dtype, device, monkeypat
     assert torch.equal(workspace.delta(old, new), new.float() - old.float())  # grown
     assert torch.equal(workspace.delta(old[0], new[0]), new[0].float() - old[0].float())  # 1-D, reused
     exact = float(torch.linalg.vector_norm(new.double() - old.double()))
-    assert workspace.difference_norm(old, new) == pytest.approx(exact, rel=1e-3 if dtype in (torch.bfloat16, torch.float16) else 1e-6)
+    assert workspace.difference_norm(old, new) == pytest.approx(
+        exact, rel=1e-3 if dtype in (torch.bfloat16, torch.float16) else 1e-6
+    )
 
 
 def test_reported_only_tensors_do_not_grow_the_workspace():
@@ -306,8 +364,9 @@ def test_reported_only_tensors_do_not_grow_the_workspace():
     new = old + 0.01
     workspace = extract_module._Workspace(torch.float32, torch.device("cpu"))
     options = ExtractOptions(rule=RankRule(rank=4), embeddings="skip")
-    outcome = extract_module._changed_tensor("embed.weight", old, new, "embedding", "embedding", options, workspace,
-                                             False)
+    outcome = extract_module._changed_tensor(
+        "embed.weight", old, new, "embedding", "embedding", options, workspace, False
+    )
     assert outcome.row.action == "skipped" and "embedding" in outcome.row.reason and not outcome.parts
     assert outcome.row.delta_norm == pytest.approx(0.01 * (3000 * 64) ** 0.5, rel=1e-4)
     assert workspace._flat.numel() == 0
@@ -344,10 +403,15 @@ def test_conv_weights_flattened_and_loaded_by_peft(tmp_path):
     tune(tmp_path / "base", tmp_path / "tuned", lambda k: 2)
     state = load_file(tmp_path / "tuned" / "model.safetensors")
     gen = torch.Generator().manual_seed(1)
-    state["conv.weight"] = state["conv.weight"] + 0.1 * (torch.randn(8, 3, generator=gen) @ torch.randn(3, 54, generator=gen)).reshape(8, 6, 3, 3)
+    state["conv.weight"] = state["conv.weight"] + 0.1 * (
+        torch.randn(8, 3, generator=gen) @ torch.randn(3, 54, generator=gen)
+    ).reshape(8, 6, 3, 3)
     save_file(state, tmp_path / "tuned" / "model.safetensors")
     report = run_cli(tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "adapter", "--rank", "3")
-    assert {r["key"]: (r["module_type"], r["rank"]) for r in report["modules"]} == {"conv.weight": ("conv", 3), "proj.weight": ("linear", 2)}
+    assert {r["key"]: (r["module_type"], r["rank"]) for r in report["modules"]} == {
+        "conv.weight": ("conv", 3),
+        "proj.weight": ("linear", 2),
+    }
     tuned_net = Net()
     tuned_net.load_state_dict(state)
     x = torch.randn(2, 6, 7, 7, generator=gen)
@@ -363,7 +427,9 @@ def test_dtype_mismatch_is_computed_in_fp32(tmp_path):
     state = {k: v.float() for k, v in load_file(tmp_path / "tuned32" / "model.safetensors").items()}
     save_file(state, tmp_path / "tuned32" / "model.safetensors")
     report = run_cli(base, tmp_path / "tuned32", "-o", tmp_path / "adapter", "--rank", "2")
-    assert report["targets"] == len(deltas) and report["max_relative_error"] < 1e-2  # bf16 rounding of the tuned weights
+    assert (
+        report["targets"] == len(deltas) and report["max_relative_error"] < 1e-2
+    )  # bf16 rounding of the tuned weights
 
 
 def test_bad_inputs(llama_pair, tmp_path):
@@ -388,8 +454,22 @@ def test_bad_inputs(llama_pair, tmp_path):
 
 def test_table_and_plot(llama_pair, tmp_path):
     base, tuned, _ = llama_pair
-    result = CliRunner().invoke(main, ["extract", str(base), str(tuned), "-o", str(tmp_path / "a"), "--energy", "0.9",
-                                       "--plot", str(tmp_path / "s.png"), "--report", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            str(base),
+            str(tuned),
+            "-o",
+            str(tmp_path / "a"),
+            "--energy",
+            "0.9",
+            "--plot",
+            str(tmp_path / "s.png"),
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "model.layers.0.self_attn.q_proj.weight" in result.output and "merge with:" in result.output
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
@@ -400,7 +480,15 @@ def test_table_and_plot(llama_pair, tmp_path):
 def test_cpu_and_cuda_agree(llama_pair):
     base, tuned, _ = llama_pair
     for method in ("exact", "gram", "randomized"):
-        found = [extract(Checkpoint(base), Checkpoint(tuned), ExtractOptions(rule=RankRule(rank=3), method=method, device=torch.device(d)))
-                 for d in ("cpu", "cuda")]
+        found = [
+            extract(
+                Checkpoint(base),
+                Checkpoint(tuned),
+                ExtractOptions(rule=RankRule(rank=3), method=method, device=torch.device(d)),
+            )
+            for d in ("cpu", "cuda")
+        ]
         for key, (delta,) in found[0].lora.items():
-            torch.testing.assert_close(found[1].lora.deltas[key][0].materialize(), delta.materialize(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                found[1].lora.deltas[key][0].materialize(), delta.materialize(), rtol=1e-4, atol=1e-5
+            )

@@ -13,11 +13,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-from surgeon.formats import peft as peft_format
 
 from surgeon.cli import main
 from surgeon.delta import Adapter, LowRank, Replace
 from surgeon.errors import SurgeonError
+from surgeon.formats import peft as peft_format
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -40,15 +40,23 @@ def tune(base: Path, out: Path, select=lambda key: True) -> None:
 
 
 def extract(base: Path, tuned: Path, out: Path, *extra: str) -> dict:
-    result = CliRunner().invoke(main, ["extract", str(base), str(tuned), "-o", str(out), "--rank", "2", "--json",
-                                       *extra])
+    result = CliRunner().invoke(
+        main, ["extract", str(base), str(tuned), "-o", str(out), "--rank", "2", "--json", *extra]
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
 
 def test_defaults_carry_a_bert_classifier_fine_tune_completely(tmp_path):
-    config = transformers.BertConfig(vocab_size=96, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=96,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
     tune(tmp_path / "base", tmp_path / "tuned")
@@ -64,8 +72,15 @@ def test_defaults_carry_a_bert_classifier_fine_tune_completely(tmp_path):
 
 
 def test_a_tied_embedding_is_left_out_with_its_reason_and_cost(tmp_path):
-    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, vocab_size=64, tie_word_embeddings=True)
+    config = transformers.LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     tune(tmp_path / "base", tmp_path / "tuned", lambda key: key.endswith(("embed_tokens.weight", "q_proj.weight")))
@@ -82,13 +97,21 @@ def test_a_tied_embedding_is_left_out_with_its_reason_and_cost(tmp_path):
 @pytest.fixture
 def tied_llama(tmp_path) -> tuple[Path, Path]:
     """A tied-embedding llama and a PEFT LoRA on its embedding (and q_proj), with non-zero B."""
-    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, vocab_size=64, tie_word_embeddings=True)
+    config = transformers.LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     lora = peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
     peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), lora).save_pretrained(
-        tmp_path / "adapter")
+        tmp_path / "adapter"
+    )
     return tmp_path / "base", tmp_path / "adapter"
 
 

@@ -42,15 +42,28 @@ def variants_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("variants")
 
 
-@pytest.mark.parametrize("args", [
-    ["--help"],
-    ["merge", "--help"], ["extract", "--help"], ["convert", "--help"], ["export-onnx", "--help"], ["push", "--help"],
-    ["merge", "fixtures/tiny-llama"],  # a missing argument
-    ["convert", "fixtures/tiny-llama-lora", "--to", "nonsense", "-o", "x"],  # a bad choice
-    ["merge", "fixtures/tiny-llama", "fixtures/tiny-llama-lora", "-o", "merged.safetensors"],  # a file name for a folder
-    ["inspect", "fixtures/tiny-llama-lora", "--json"],  # header only
-    ["inspect", "fixtures/tiny-llama"],  # header only
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["merge", "--help"],
+        ["extract", "--help"],
+        ["convert", "--help"],
+        ["export-onnx", "--help"],
+        ["push", "--help"],
+        ["merge", "fixtures/tiny-llama"],  # a missing argument
+        ["convert", "fixtures/tiny-llama-lora", "--to", "nonsense", "-o", "x"],  # a bad choice
+        [
+            "merge",
+            "fixtures/tiny-llama",
+            "fixtures/tiny-llama-lora",
+            "-o",
+            "merged.safetensors",
+        ],  # a file name for a folder
+        ["inspect", "fixtures/tiny-llama-lora", "--json"],  # header only
+        ["inspect", "fixtures/tiny-llama"],  # header only
+    ],
+)
 def test_answers_without_importing_torch(args):
     found = run_fresh(*args)
     assert found["heavy"] == [], f"{args} imported {found['heavy']}"
@@ -69,7 +82,9 @@ def test_header_only_inspect_agrees_with_reading_the_adapter(variants_root):
 def test_header_only_inspect_leaves_what_it_cannot_tell_to_the_reader(tmp_path, fixtures_dir):
     broken = tmp_path / "adapter"
     broken.mkdir()
-    (broken / "adapter_model.safetensors").write_bytes((fixtures_dir / "tiny-llama-lora" / "adapter_model.safetensors").read_bytes())
+    (broken / "adapter_model.safetensors").write_bytes(
+        (fixtures_dir / "tiny-llama-lora" / "adapter_model.safetensors").read_bytes()
+    )
     config = json.loads((fixtures_dir / "tiny-llama-lora" / "adapter_config.json").read_text())
     (broken / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
     assert peft_header_summary(broken, "") is None
@@ -81,8 +96,9 @@ def test_help_says_every_command_whole():
     text = CliRunner().invoke(main, ["--help"]).output
     listed = text.split("Commands:")[1]
     assert "…" not in listed and "..." not in listed
-    assert {line.split()[0] for line in listed.splitlines() if line.startswith("  ") and not line.startswith("   ")} \
-        == set(main.commands)
+    assert {
+        line.split()[0] for line in listed.splitlines() if line.startswith("  ") and not line.startswith("   ")
+    } == set(main.commands)
     assert "merge, unmerge and inspect LoRA adapters" not in text
 
 
@@ -110,11 +126,21 @@ def test_swapped_arguments_are_named(fixtures_dir, tmp_path):
 
 
 def test_a_file_name_where_a_folder_is_written_is_refused(fixtures_dir, tmp_path):
-    merged = CliRunner().invoke(main, ["merge", str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora"),
-                                       "-o", str(tmp_path / "merged.safetensors")])
+    merged = CliRunner().invoke(
+        main,
+        [
+            "merge",
+            str(fixtures_dir / "tiny-llama"),
+            str(fixtures_dir / "tiny-llama-lora"),
+            "-o",
+            str(tmp_path / "merged.safetensors"),
+        ],
+    )
     assert merged.exit_code == 2 and "writes a directory" in merged.output
-    converted = CliRunner().invoke(main, ["convert", str(fixtures_dir / "tiny-llama-lora"), "--to", "mlx",
-                                          "-o", str(tmp_path / "adapter.safetensors")])
+    converted = CliRunner().invoke(
+        main,
+        ["convert", str(fixtures_dir / "tiny-llama-lora"), "--to", "mlx", "-o", str(tmp_path / "adapter.safetensors")],
+    )
     assert converted.exit_code == 1 and "is a directory" in converted.output
     assert list(tmp_path.iterdir()) == []
 

@@ -38,8 +38,12 @@ def read_back(path: Path, fmt: str):
 
 # ---------------------------------------------------------------- round trips against PEFT's merge
 
-ROUND_TRIPS = [(fmt, name) for fmt in ("mlx", "gguf", "ort") for name in ("plain", "rslora", "patterns", "embed")
-               if not (fmt == "ort" and name == "embed")]
+ROUND_TRIPS = [
+    (fmt, name)
+    for fmt in ("mlx", "gguf", "ort")
+    for name in ("plain", "rslora", "patterns", "embed")
+    if not (fmt == "ort" and name == "embed")
+]
 
 
 @pytest.mark.parametrize(("fmt", "name"), ROUND_TRIPS)
@@ -69,6 +73,7 @@ def test_metadata_survives_where_the_format_has_room(variants_root, tmp_path):
 
 # ---------------------------------------------------------------- mlx-lm
 
+
 def test_mlx_layout_as_mlx_lm_documents_it(variants_root, tmp_path):
     """Without mlx: keys, orientations, one rank (padded) and one scale (folded) per adapter."""
     out = converted("patterns", "mlx", variants_root, tmp_path)
@@ -92,8 +97,17 @@ def test_mlx_layout_as_mlx_lm_documents_it(variants_root, tmp_path):
 def test_mlx_keys_cover_every_targeted_block_module(variants_root, tmp_path):
     out = converted("plain", "mlx", variants_root, tmp_path)
     keys = json.loads((out / "adapter_config.json").read_text())["lora_parameters"]["keys"]
-    assert sorted(keys) == sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+    assert sorted(keys) == sorted(
+        [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+    )
 
 
 @pytest.mark.parametrize("name", ["plain", "rslora", "patterns", "embed", "dora"])
@@ -105,7 +119,11 @@ def test_mlx_lm_loads_and_fuses_to_peft_merge(name, variants_root, tmp_path):
     model, _ = mlx_lm_utils.load_model(BASE)
     load_adapters(model, str(out))
     merged, base = peft_merged(variant(name, variants_root)), base_state()
-    fused = {f"{path}.weight": np.array(module.fuse().weight) for path, module in model.named_modules() if hasattr(module, "lora_a")}
+    fused = {
+        f"{path}.weight": np.array(module.fuse().weight)
+        for path, module in model.named_modules()
+        if hasattr(module, "lora_a")
+    }
     changed = {k for k in merged if not torch.equal(merged[k], base[k])}
     assert changed <= set(fused)
     for key, weight in fused.items():
@@ -127,15 +145,25 @@ def test_mlx_reads_an_adapter_mlx_lm_made(tmp_path):
             module.lora_b = mx.random.normal(module.lora_b.shape)
     out = tmp_path / "made-by-mlx"
     out.mkdir()
-    mx.save_safetensors(str(out / "adapters.safetensors"), {k: v for k, v in tree_flatten(model.trainable_parameters())})
-    (out / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": parameters}))
+    mx.save_safetensors(
+        str(out / "adapters.safetensors"), {k: v for k, v in tree_flatten(model.trainable_parameters())}
+    )
+    (out / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": parameters})
+    )
     adapter = formats.read_adapter(out)
     assert adapter.source_format == "mlx"
     fused = {f"{path}.weight": module.fuse() for path, module in model.named_modules() if hasattr(module, "lora_a")}
     base = base_state()
-    assert sorted(adapter.deltas) == sorted(fused) == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    assert (
+        sorted(adapter.deltas)
+        == sorted(fused)
+        == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    )
     for key, linear in fused.items():
-        assert_close_relative(adapter.deltas[key][0].materialize(), torch.from_numpy(np.array(linear.weight)) - base[key], key)
+        assert_close_relative(
+            adapter.deltas[key][0].materialize(), torch.from_numpy(np.array(linear.weight)) - base[key], key
+        )
     for base_path, where in ((None, tmp_path / "again"), (BASE, tmp_path / "again-with-base")):
         formats.write_adapter(adapter, where, "mlx", base=Checkpoint(base_path) if base_path else None)
         config = json.loads((where / "adapter_config.json").read_text())
@@ -144,11 +172,16 @@ def test_mlx_reads_an_adapter_mlx_lm_made(tmp_path):
 
 # ---------------------------------------------------------------- GGUF for llama.cpp
 
+
 def llama_cpp_permute(weights: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
     """llama.cpp convert_hf_to_gguf.py ``LlamaModel.permute``, as it is applied to q_proj/k_proj."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def gguf_space(key: str, weight: torch.Tensor) -> torch.Tensor:
@@ -208,14 +241,18 @@ def test_gguf_unpermuting_recovers_peft_lora_b(variants_root, tmp_path):
             rows = llama_cpp_permute(torch.arange(peft_b.shape[0]), LLAMA["num_attention_heads"], heads)
             assert not torch.equal(gguf_b, peft_b)  # the permutation is not the identity here
             assert torch.equal(gguf_b[torch.argsort(rows)], peft_b)
-            assert torch.equal(pairs[f"blk.1.attn_{projection[0]}.weight"]["lora_a"][1],
-                               handle.get_tensor(f"base_model.model.model.layers.1.self_attn.{projection}.lora_A.weight"))
+            assert torch.equal(
+                pairs[f"blk.1.attn_{projection[0]}.weight"]["lora_a"][1],
+                handle.get_tensor(f"base_model.model.model.layers.1.self_attn.{projection}.lora_A.weight"),
+            )
 
 
 def test_gguf_bf16_factors_round_trip(variants_root, tmp_path):
     adapter = formats.read_adapter(variant("plain", variants_root))
     for deltas in adapter.deltas.values():
-        deltas[0] = type(deltas[0])(down=deltas[0].down.bfloat16(), up=deltas[0].up.bfloat16(), scale=deltas[0].scale, shape=deltas[0].shape)
+        deltas[0] = type(deltas[0])(
+            down=deltas[0].down.bfloat16(), up=deltas[0].up.bfloat16(), scale=deltas[0].scale, shape=deltas[0].shape
+        )
     formats.write_adapter(adapter, tmp_path / "a.gguf", "gguf", base=Checkpoint(BASE))
     back = read_back(tmp_path / "a.gguf", "gguf")
     for key, deltas in adapter.items():
@@ -238,15 +275,21 @@ def test_gguf_refuses_a_full_model_file(tmp_path):
 
 # ---------------------------------------------------------------- ONNX Runtime
 
+
 def test_ort_parameters_as_onnx_runtime_reads_them(variants_root, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     out = converted("rslora", "ort", variants_root, tmp_path)
     adapter_file = ort.AdapterFormat.read_adapter(str(out))  # owns the memory the parameters point into
     parameters = {k: v.numpy().copy() for k, v in adapter_file.get_parameters().items()}
     expected = peft_deltas(variant("rslora", variants_root))
-    assert sorted(parameters) == sorted(f"{k[:-len('.weight')]}.{p}.weight" for k in expected for p in ("lora_A", "lora_B"))
+    assert sorted(parameters) == sorted(
+        f"{k[: -len('.weight')]}.{p}.weight" for k in expected for p in ("lora_A", "lora_B")
+    )
     for key, delta in expected.items():
-        a, b = parameters[f"{key[:-len('.weight')]}.lora_A.weight"], parameters[f"{key[:-len('.weight')]}.lora_B.weight"]
+        a, b = (
+            parameters[f"{key[: -len('.weight')]}.lora_A.weight"],
+            parameters[f"{key[: -len('.weight')]}.lora_B.weight"],
+        )
         assert a.shape[0] == delta.shape[1] and b.shape[1] == delta.shape[0]  # A in×r, B r×out
         assert_close_relative(torch.from_numpy(a @ b), delta.T, key)  # scale is inside B
 
@@ -263,17 +306,27 @@ def test_ort_adapter_runs_in_an_onnx_runtime_session(variants_root, tmp_path):
     for i, key in enumerate(keys):
         module, (rows, cols) = key[: -len(".weight")], base[key].shape
         a, b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
-        nodes += [helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"base{i}"]), helper.make_node("MatMul", [f"x{i}", a], [f"xa{i}"]),
-                  helper.make_node("MatMul", [f"xa{i}", b], [f"lora{i}"]), helper.make_node("Add", [f"base{i}", f"lora{i}"], [f"y{i}"])]
-        inputs += [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [2, cols]),
-                   helper.make_tensor_value_info(a, TensorProto.FLOAT, [cols, "lora_r"]),
-                   helper.make_tensor_value_info(b, TensorProto.FLOAT, ["lora_r", rows])]
-        initializers += [numpy_helper.from_array(base[key].T.contiguous().numpy(), f"w{i}"),
-                         numpy_helper.from_array(np.zeros((cols, 0), np.float32), a),
-                         numpy_helper.from_array(np.zeros((0, rows), np.float32), b)]
+        nodes += [
+            helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"base{i}"]),
+            helper.make_node("MatMul", [f"x{i}", a], [f"xa{i}"]),
+            helper.make_node("MatMul", [f"xa{i}", b], [f"lora{i}"]),
+            helper.make_node("Add", [f"base{i}", f"lora{i}"], [f"y{i}"]),
+        ]
+        inputs += [
+            helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [2, cols]),
+            helper.make_tensor_value_info(a, TensorProto.FLOAT, [cols, "lora_r"]),
+            helper.make_tensor_value_info(b, TensorProto.FLOAT, ["lora_r", rows]),
+        ]
+        initializers += [
+            numpy_helper.from_array(base[key].T.contiguous().numpy(), f"w{i}"),
+            numpy_helper.from_array(np.zeros((cols, 0), np.float32), a),
+            numpy_helper.from_array(np.zeros((0, rows), np.float32), b),
+        ]
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, rows]))
         feeds[f"x{i}"] = np.random.default_rng(i).standard_normal((2, cols)).astype(np.float32)
-    model = helper.make_model(helper.make_graph(nodes, "lora", inputs, outputs, initializers), opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "lora", inputs, outputs, initializers), opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 9
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     lora = ort.LoraAdapter()
@@ -288,14 +341,18 @@ def test_ort_adapter_runs_in_an_onnx_runtime_session(variants_root, tmp_path):
 
 # ---------------------------------------------------------------- refusals and detection
 
-@pytest.mark.parametrize(("fmt", "name", "reason"), [
-    ("gguf", "dora", "DoRA"),
-    ("ort", "dora", "DoRA"),
-    ("ort", "embed", "embedding"),
-    ("mlx", "modules_to_save", "modules_to_save"),
-    ("gguf", "modules_to_save", "modules_to_save"),
-    ("ort", "modules_to_save", "modules_to_save"),
-])
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "reason"),
+    [
+        ("gguf", "dora", "DoRA"),
+        ("ort", "dora", "DoRA"),
+        ("ort", "embed", "embedding"),
+        ("mlx", "modules_to_save", "modules_to_save"),
+        ("gguf", "modules_to_save", "modules_to_save"),
+        ("ort", "modules_to_save", "modules_to_save"),
+    ],
+)
 def test_what_a_format_cannot_hold_is_refused_with_the_reason(fmt, name, reason, variants_root, tmp_path):
     out = tmp_path / f"out.{fmt}"
     with pytest.raises(SurgeonError, match=reason):
@@ -308,7 +365,9 @@ def test_gguf_needs_the_base_and_a_known_architecture(variants_root, tmp_path):
         convert_adapter(variant("plain", variants_root), "gguf", tmp_path / "a.gguf")
     gpt2 = BASE.parent / "tiny-gpt2"
     with pytest.raises(SurgeonError, match="GPT2LMHeadModel"):
-        formats.write_adapter(formats.read_adapter(BASE.parent / "tiny-gpt2-lora"), tmp_path / "b.gguf", "gguf", base=Checkpoint(gpt2))
+        formats.write_adapter(
+            formats.read_adapter(BASE.parent / "tiny-gpt2-lora"), tmp_path / "b.gguf", "gguf", base=Checkpoint(gpt2)
+        )
 
 
 def test_detection_picks_each_format_and_lists_what_it_looked_for(variants_root, tmp_path):

@@ -34,7 +34,9 @@ def one_thread():
 
 def _max_error(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
     assert set(got) == set(expected)
-    return max(float((got[k].reshape(expected[k].shape) - expected[k]).abs().max() / expected[k].abs().max()) for k in expected)
+    return max(
+        float((got[k].reshape(expected[k].shape) - expected[k]).abs().max() / expected[k].abs().max()) for k in expected
+    )
 
 
 def _materialised(adapter) -> dict[str, torch.Tensor]:
@@ -66,7 +68,8 @@ def sd(tmp_path_factory):
     fx.add_lora(unet, target_modules=fx.UNET_LORA_TARGETS, rank_pattern={"conv1": 2}, alpha_pattern={"ff.net.2": 3})
     fx.add_lora(text_encoder, target_modules=fx.TEXT_LORA_TARGETS, use_rslora=True)
     StableDiffusionPipeline.save_lora_weights(
-        str(root / "diffusers_lora"), unet_lora_layers=get_peft_model_state_dict(unet),
+        str(root / "diffusers_lora"),
+        unet_lora_layers=get_peft_model_state_dict(unet),
         text_encoder_lora_layers=get_peft_model_state_dict(text_encoder),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict(),
@@ -88,9 +91,12 @@ def _load_in_diffusers(path, metadata: bool = False) -> dict[str, torch.Tensor]:
     loaded = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
     state, alphas, meta = loaded
     unet, text_encoder = fx.tiny_unet(), fx.tiny_text_encoder()
-    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name="default", metadata=meta if metadata else None)
-    StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder, adapter_name="default",
-                                                        metadata=meta if metadata else None)
+    StableDiffusionPipeline.load_lora_into_unet(
+        state, alphas, unet, adapter_name="default", metadata=meta if metadata else None
+    )
+    StableDiffusionPipeline.load_lora_into_text_encoder(
+        state, alphas, text_encoder, adapter_name="default", metadata=meta if metadata else None
+    )
     return {**fx.lora_deltas(unet, "unet."), **fx.lora_deltas(text_encoder, "text_encoder.")}
 
 
@@ -167,7 +173,10 @@ def test_kohya_writer_is_loaded_by_diffusers_with_the_same_scales(sd, tmp_path):
         metadata = handle.metadata()
         conv_down = handle.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")
     assert metadata["ss_network_module"] == "networks.lora"
-    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "Dynamic")  # linear ranks are one, alphas several
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == (
+        "4",
+        "Dynamic",
+    )  # linear ranks are one, alphas several
     assert json.loads(metadata["ss_network_args"])["conv_dim"] == "Dynamic"  # conv1 has rank 2, conv2 rank 4
     assert conv_down.shape == (2, 8, 3, 3)
 
@@ -177,7 +186,12 @@ def test_kohya_round_trip_keeps_factors_alphas_and_metadata(sd, tmp_path):
     kohya.write(adapter, tmp_path / "a.safetensors")
     with safe_open(tmp_path / "a.safetensors", "pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    metadata = {"ss_training_comment": "hello", "modelspec.title": "tiny", "ss_network_dim": "8", "sshs_model_hash": "0xstale"}
+    metadata = {
+        "ss_training_comment": "hello",
+        "modelspec.title": "tiny",
+        "ss_network_dim": "8",
+        "sshs_model_hash": "0xstale",
+    }
     save_file(tensors, tmp_path / "b.safetensors", metadata=metadata)
     base = Checkpoint(sd["base"])
     first = formats.read_adapter(tmp_path / "b.safetensors", base=base)
@@ -197,14 +211,18 @@ def test_kohya_names_need_the_base_and_say_which_do_not_match(sd, tmp_path):
     kohya.write(adapter, tmp_path / "k.safetensors")
     with pytest.raises(SurgeonError, match="--base"):
         formats.read_adapter(tmp_path / "k.safetensors")
-    with pytest.raises(SurgeonError, match=r"lora_te_encoder_layers_0_mlp_fc1.*match no weight|match no weight.*lora_te_"):
+    with pytest.raises(
+        SurgeonError, match=r"lora_te_encoder_layers_0_mlp_fc1.*match no weight|match no weight.*lora_te_"
+    ):
         formats.read_adapter(tmp_path / "k.safetensors", base=Checkpoint(sd["unet_dir"]))
 
 
 def test_kohya_names_that_two_base_modules_share_are_refused(tmp_path):
     save_file({"a_b.c.weight": torch.zeros(2, 2), "a.b_c.weight": torch.zeros(2, 2)}, tmp_path / "base.safetensors")
-    save_file({"lora_unet_a_b_c.lora_down.weight": torch.ones(1, 2), "lora_unet_a_b_c.lora_up.weight": torch.ones(2, 1)},
-              tmp_path / "k.safetensors")
+    save_file(
+        {"lora_unet_a_b_c.lora_down.weight": torch.ones(1, 2), "lora_unet_a_b_c.lora_up.weight": torch.ones(2, 1)},
+        tmp_path / "k.safetensors",
+    )
     with pytest.raises(SurgeonError, match="fits several base modules"):
         formats.read_adapter(tmp_path / "k.safetensors", base=Checkpoint(tmp_path / "base.safetensors"))
 
@@ -213,21 +231,47 @@ def test_merge_cli_applies_a_kohya_unet_lora(sd, tmp_path):
     adapter = formats.read_adapter(sd["diffusers"])
     adapter.deltas = {k: v for k, v in adapter.deltas.items() if k.startswith("unet.")}
     kohya.write(adapter, tmp_path / "unet_lora.safetensors")
-    result = CliRunner().invoke(main, ["merge", str(sd["unet_dir"]), str(tmp_path / "unet_lora.safetensors"), "-o", str(tmp_path / "merged")])
+    result = CliRunner().invoke(
+        main, ["merge", str(sd["unet_dir"]), str(tmp_path / "unet_lora.safetensors"), "-o", str(tmp_path / "merged")]
+    )
     assert result.exit_code == 0, result.output
     base, merged = Checkpoint(sd["unet_dir"]), Checkpoint(tmp_path / "merged")
     for key, delta in sd["truth"].items():
         if key.startswith("unet."):
-            key = key[len("unet."):]
+            key = key[len("unet.") :]
             assert torch.allclose(merged.get(key), base.get(key) + delta, atol=1e-6)
 
 
 def test_convert_cli_kohya_to_peft_and_back(sd, tmp_path):
     kohya.write(formats.read_adapter(sd["diffusers"]), tmp_path / "k.safetensors")
     runner = CliRunner()
-    result = runner.invoke(main, ["convert", str(tmp_path / "k.safetensors"), "--to", "peft", "--base", str(sd["base"]), "-o", str(tmp_path / "peft")])
+    result = runner.invoke(
+        main,
+        [
+            "convert",
+            str(tmp_path / "k.safetensors"),
+            "--to",
+            "peft",
+            "--base",
+            str(sd["base"]),
+            "-o",
+            str(tmp_path / "peft"),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["convert", str(tmp_path / "peft"), "--to", "kohya", "--base", str(sd["base"]), "-o", str(tmp_path / "back.safetensors")])
+    result = runner.invoke(
+        main,
+        [
+            "convert",
+            str(tmp_path / "peft"),
+            "--to",
+            "kohya",
+            "--base",
+            str(sd["base"]),
+            "-o",
+            str(tmp_path / "back.safetensors"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     back = formats.read_adapter(tmp_path / "back.safetensors", base=Checkpoint(sd["base"]))
     assert _max_error(_materialised(back), sd["truth"]) < 1e-6
@@ -243,7 +287,9 @@ def _lycoris_agrees(network, adapter, base: Checkpoint) -> float:
     worst = 0.0
     for lora in network.loras:
         layer, module = lora.org_module[0], by_name[lora.lora_name]
-        weight = apply_deltas(base.get(module + ".weight").float(), [(d, 1.0) for d in adapter.deltas[module + ".weight"]])
+        weight = apply_deltas(
+            base.get(module + ".weight").float(), [(d, 1.0) for d in adapter.deltas[module + ".weight"]]
+        )
         bias = base.get(module + ".bias").float() if module + ".bias" in base else None
         if module + ".bias" in adapter.deltas:
             bias = apply_deltas(bias, [(d, 1.0) for d in adapter.deltas[module + ".bias"]])
@@ -269,11 +315,17 @@ KOHYA_WRAPPER_CASES = [
     ("lokr", dict(full_matrix=True), "lokr_w2"),
     ("lokr", dict(conv_dim=2, conv_alpha=1, use_tucker=True, preset="unet-convblock-only", factor=2), "lokr_t2"),
     ("lokr", dict(dora_wd=True, wd_on_output=False, factor=4), "dora_scale"),
-    ("locon", dict(conv_dim=2, conv_alpha=1, use_tucker=True, preset="unet-convblock-only", dora_wd=True), "lora_mid.weight"),
+    (
+        "locon",
+        dict(conv_dim=2, conv_alpha=1, use_tucker=True, preset="unet-convblock-only", dora_wd=True),
+        "lora_mid.weight",
+    ),
 ]
 
 
-@pytest.mark.parametrize("algo,options,part", KOHYA_WRAPPER_CASES, ids=[f"{a}-{'-'.join(o) or 'plain'}" for a, o, _ in KOHYA_WRAPPER_CASES])
+@pytest.mark.parametrize(
+    "algo,options,part", KOHYA_WRAPPER_CASES, ids=[f"{a}-{'-'.join(o) or 'plain'}" for a, o, _ in KOHYA_WRAPPER_CASES]
+)
 def test_lycoris_kohya_networks_read_as_their_forward_computes(tmp_path, algo, options, part):
     unet, text_encoder = fx.tiny_unet(), fx.tiny_text_encoder()
     base = Checkpoint(fx.save_combined(tmp_path / "base.safetensors", unet=unet, text_encoder=text_encoder))
@@ -288,11 +340,19 @@ def test_lycoris_kohya_networks_read_as_their_forward_computes(tmp_path, algo, o
     assert _lycoris_agrees(network, adapter, base) < 1e-5
 
 
-STANDALONE_CASES = [("ia3", {}), ("full", {}), ("locon", dict(rs_lora=True)), ("lokr", dict(use_tucker=True, factor=2, dim=2)),
-                    ("loha", dict(use_tucker=True)), ("lokr", dict(dim=8, factor=2))]
+STANDALONE_CASES = [
+    ("ia3", {}),
+    ("full", {}),
+    ("locon", dict(rs_lora=True)),
+    ("lokr", dict(use_tucker=True, factor=2, dim=2)),
+    ("loha", dict(use_tucker=True)),
+    ("lokr", dict(dim=8, factor=2)),
+]
 
 
-@pytest.mark.parametrize("algo,options", STANDALONE_CASES, ids=[f"{a}-{'-'.join(o) or 'plain'}" for a, o in STANDALONE_CASES])
+@pytest.mark.parametrize(
+    "algo,options", STANDALONE_CASES, ids=[f"{a}-{'-'.join(o) or 'plain'}" for a, o in STANDALONE_CASES]
+)
 def test_lycoris_standalone_networks_read_as_their_forward_computes(tmp_path, algo, options):
     model = fx.TinyNet()
     base = Checkpoint(fx.save_module(model, tmp_path / "base"))
@@ -311,8 +371,10 @@ def test_lycoris_ia3_on_input_scales_columns(tmp_path):
     module.apply_to()
     with torch.no_grad():
         module.weight.normal_(0, 0.3)
-    save_file({f"lycoris_fc2.{k}": v.contiguous() for k, v in module.state_dict().items() if not k.startswith("org")},
-              tmp_path / "ia3.safetensors")
+    save_file(
+        {f"lycoris_fc2.{k}": v.contiguous() for k, v in module.state_dict().items() if not k.startswith("org")},
+        tmp_path / "ia3.safetensors",
+    )
     adapter = formats.read_adapter(tmp_path / "ia3.safetensors", base=base)
     x = torch.randn(3, 20)
     weight = apply_deltas(base.get("fc2.weight").float(), [(d, 1.0) for d in adapter.deltas["fc2.weight"]])

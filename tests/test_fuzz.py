@@ -85,14 +85,31 @@ def kinds(fixtures_dir, tmp_path_factory) -> dict[str, Kind]:
     files = lambda *names: list(names)  # noqa: E731
     made = {
         "base": Kind(Path(shutil.copytree(base, root / "base")), ".", files("model.safetensors", "config.json"), True),
-        "shards": Kind(_sharded(base, root / "shards"), ".", files("model.safetensors.index.json", "model-00001-of-00003.safetensors",
-                                                                   "model-00003-of-00003.safetensors", "config.json"), True),
-        "peft": Kind(Path(shutil.copytree(lora, root / "peft")), ".", files("adapter_model.safetensors", "adapter_config.json")),
-        "mlx": Kind(_convert(lora, "mlx", root / "mlx", base), ".", files("adapters.safetensors", "adapter_config.json")),
+        "shards": Kind(
+            _sharded(base, root / "shards"),
+            ".",
+            files(
+                "model.safetensors.index.json",
+                "model-00001-of-00003.safetensors",
+                "model-00003-of-00003.safetensors",
+                "config.json",
+            ),
+            True,
+        ),
+        "peft": Kind(
+            Path(shutil.copytree(lora, root / "peft")), ".", files("adapter_model.safetensors", "adapter_config.json")
+        ),
+        "mlx": Kind(
+            _convert(lora, "mlx", root / "mlx", base), ".", files("adapters.safetensors", "adapter_config.json")
+        ),
         "sparse": Kind(_sparse(base, root / "sparse"), ".", files("sparse_model.safetensors", "sparse_config.json")),
     }
-    for name, to, file in (("gguf", "gguf", "adapter.gguf"), ("ort", "ort", "adapter.onnx_adapter"),
-                           ("kohya", "kohya", "lora.safetensors"), ("diffusers", "diffusers", "pytorch_lora_weights.safetensors")):
+    for name, to, file in (
+        ("gguf", "gguf", "adapter.gguf"),
+        ("ort", "ort", "adapter.onnx_adapter"),
+        ("kohya", "kohya", "lora.safetensors"),
+        ("diffusers", "diffusers", "pytorch_lora_weights.safetensors"),
+    ):
         folder = root / name
         folder.mkdir()
         _convert(lora, to, folder / file, base)
@@ -103,8 +120,26 @@ def kinds(fixtures_dir, tmp_path_factory) -> dict[str, Kind]:
 
 # -- mutations ------------------------------------------------------------------------------------
 
-_ODD_VALUES = [None, True, -1, 0, 1, 2**64, 1e308, -1e-300, "", "x", "..", "/etc", [], {}, [1, "a"], {"a": None},
-               float("nan"), float("inf")]
+_ODD_VALUES = [
+    None,
+    True,
+    -1,
+    0,
+    1,
+    2**64,
+    1e308,
+    -1e-300,
+    "",
+    "x",
+    "..",
+    "/etc",
+    [],
+    {},
+    [1, "a"],
+    {"a": None},
+    float("nan"),
+    float("inf"),
+]
 
 
 def _flip(rng: random.Random, raw: bytes) -> bytes:
@@ -121,8 +156,10 @@ def _truncate(rng: random.Random, raw: bytes) -> bytes:
 
 def _splice(rng: random.Random, raw: bytes) -> bytes:
     at, length = rng.randrange(len(raw) + 1), rng.randint(1, 64)
-    chunk = rng.choice([bytes(rng.randrange(256) for _ in range(length)), b"\xff" * length, b"\x00" * length, raw[at:at + length]])
-    return raw[:at] + chunk + raw[at + rng.choice([0, length]):]
+    chunk = rng.choice(
+        [bytes(rng.randrange(256) for _ in range(length)), b"\xff" * length, b"\x00" * length, raw[at : at + length]]
+    )
+    return raw[:at] + chunk + raw[at + rng.choice([0, length]) :]
 
 
 def _mutate_json_value(rng: random.Random, value):
@@ -134,7 +171,7 @@ def _mutate_json_value(rng: random.Random, value):
         return {**value, key: _mutate_json_value(rng, value[key])}
     if isinstance(value, list) and value and rng.random() < 0.85:
         i = rng.randrange(len(value))
-        return value[:i] + [_mutate_json_value(rng, value[i])] + value[i + 1:]
+        return value[:i] + [_mutate_json_value(rng, value[i])] + value[i + 1 :]
     if isinstance(value, (int, float)) and not isinstance(value, bool) and rng.random() < 0.5:
         return rng.choice([value * 1000, -value, value + 1, value * 1e30])
     return rng.choice(_ODD_VALUES)
@@ -151,20 +188,22 @@ def _json(rng: random.Random, raw: bytes) -> bytes:
 def _safetensors_header(rng: random.Random, raw: bytes) -> bytes:
     """One field of the JSON header changed (dtype, shape, offsets, metadata), the data kept."""
     size = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + size])
+    header = json.loads(raw[8 : 8 + size])
     key = rng.choice(list(header))
     if key != "__metadata__" and rng.random() < 0.5:
         field = rng.choice(["dtype", "shape", "data_offsets"])
         entry = header[key]
         entry[field] = {
-            "dtype": lambda: rng.choice(["I8", "U8", "I32", "I64", "BOOL", "F8_E4M3", "F8_E5M2", "F16", "BF16", "F64", "F32"]),
+            "dtype": lambda: rng.choice(
+                ["I8", "U8", "I32", "I64", "BOOL", "F8_E4M3", "F8_E5M2", "F16", "BF16", "F64", "F32"]
+            ),
             "shape": lambda: rng.choice([[], [0], [1], entry["shape"][::-1], [*entry["shape"], 1], [2**40]]),
             "data_offsets": lambda: [o + rng.choice([-8, -1, 1, 8, 2**40]) for o in entry["data_offsets"]],
         }[field]()
     else:
         header = _mutate_json_value(rng, header)
     text = json.dumps(header).encode()
-    return struct.pack("<Q", len(text)) + text + raw[8 + size:]
+    return struct.pack("<Q", len(text)) + text + raw[8 + size :]
 
 
 def _values(rng: random.Random, raw: bytes) -> bytes:
@@ -176,7 +215,7 @@ def _values(rng: random.Random, raw: bytes) -> bytes:
     at = start + rng.randrange((len(raw) - start) // 4) * 4
     value = rng.choice([float("nan"), float("inf"), 3e38, 1e20, -65504.0 * 4])
     packed = (struct.pack("<f", value) * rng.randint(1, 4))[: len(raw) - at]
-    return raw[:at] + packed + raw[at + len(packed):]
+    return raw[:at] + packed + raw[at + len(packed) :]
 
 
 def mutate(rng: random.Random, name: str, raw: bytes) -> tuple[str, bytes]:
@@ -193,8 +232,13 @@ def mutate(rng: random.Random, name: str, raw: bytes) -> tuple[str, bytes]:
 
 # -- the harness ----------------------------------------------------------------------------------
 
+
 def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 class _Timeout(Exception):
@@ -217,7 +261,9 @@ def _invoke(args: list) -> object:
 
 def _check(result, case: str, out_parent: Path) -> None:
     exception = result.exception
-    assert exception is None or isinstance(exception, SystemExit), f"{case}: {type(exception).__name__}: {exception}\n{result.output}"
+    assert exception is None or isinstance(exception, SystemExit), (
+        f"{case}: {type(exception).__name__}: {exception}\n{result.output}"
+    )
     assert "Traceback" not in result.output, f"{case}: {result.output}"
     if result.exit_code != 0:
         assert result.output.startswith(("Error: ", "Usage: ")), f"{case}: {result.output}"

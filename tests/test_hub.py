@@ -34,13 +34,27 @@ def folder_files(folder: Path) -> dict[str, bytes]:
 
 def hub_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONPATH=str(ROOT), **extra)
+    env.update(
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        PYTHONPATH=str(ROOT),
+        **extra,
+    )
     return env
 
 
 def surgeon(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from surgeon.cli import main; main(prog_name='surgeon')", *args], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", "from surgeon.cli import main; main(prog_name='surgeon')", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def write_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str) -> None:
@@ -60,17 +74,25 @@ def write_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str)
 
 # -- (1) the offline cache -------------------------------------------------------------------------
 
+
 def test_offline_cache_serves_hf_paths_to_merge(tmp_path):
     cache = tmp_path / "hf-home" / "hub"
     write_cache(cache, "org/tiny-llama", folder_files(FIXTURES / "tiny-llama"), "a" * 40)
     write_cache(cache, "org/tiny-llama-lora", folder_files(FIXTURES / "tiny-llama-lora"), "b" * 40)
     env = hub_env(tmp_path, HF_HUB_OFFLINE="1")
 
-    done = surgeon(env, "merge", "hf://org/tiny-llama", "hf://org/tiny-llama-lora@main", "-o", str(tmp_path / "from-hub"))
+    done = surgeon(
+        env, "merge", "hf://org/tiny-llama", "hf://org/tiny-llama-lora@main", "-o", str(tmp_path / "from-hub")
+    )
     assert done.returncode == 0, done.stderr
-    local = CliRunner().invoke(main, ["merge", str(FIXTURES / "tiny-llama"), str(FIXTURES / "tiny-llama-lora"), "-o", str(tmp_path / "local")])
+    local = CliRunner().invoke(
+        main, ["merge", str(FIXTURES / "tiny-llama"), str(FIXTURES / "tiny-llama-lora"), "-o", str(tmp_path / "local")]
+    )
     assert local.exit_code == 0, local.output
-    from_hub, expected = load_file(tmp_path / "from-hub" / "model.safetensors"), load_file(tmp_path / "local" / "model.safetensors")
+    from_hub, expected = (
+        load_file(tmp_path / "from-hub" / "model.safetensors"),
+        load_file(tmp_path / "local" / "model.safetensors"),
+    )
     assert from_hub.keys() == expected.keys()
     assert all(torch.equal(from_hub[k], expected[k]) for k in expected)
     assert (tmp_path / "from-hub" / "config.json").read_text() == (FIXTURES / "tiny-llama" / "config.json").read_text()
@@ -96,6 +118,7 @@ def test_unreachable_hub_falls_back_to_the_cache(tmp_path):
 
 # -- (2) the local server --------------------------------------------------------------------------
 
+
 @pytest.fixture()
 def hub():
     with HubServer() as server:
@@ -104,9 +127,16 @@ def hub():
 
 def test_pull_fetches_only_what_surgeon_reads(hub, tmp_path):
     adapter = folder_files(FIXTURES / "tiny-llama-lora")
-    clutter = {"optimizer.pt": b"state", "training_args.bin": b"args", "adapter_model.bin": b"pickle twin",
-               "model.onnx": b"graph", "model-q8_0.gguf": b"GGUF", "checkpoint-5/adapter_config.json": adapter["adapter_config.json"],
-               "checkpoint-5/adapter_model.safetensors": adapter["adapter_model.safetensors"], "checkpoint-5/optimizer.pt": b"state"}
+    clutter = {
+        "optimizer.pt": b"state",
+        "training_args.bin": b"args",
+        "adapter_model.bin": b"pickle twin",
+        "model.onnx": b"graph",
+        "model-q8_0.gguf": b"GGUF",
+        "checkpoint-5/adapter_config.json": adapter["adapter_config.json"],
+        "checkpoint-5/adapter_model.safetensors": adapter["adapter_model.safetensors"],
+        "checkpoint-5/optimizer.pt": b"state",
+    }
     repo = hub.add_repo("org/lora", {**adapter, **clutter})
     first = repo.refs["main"]
     repo.commit({"adapter_config.json": b"{}"}, message="break main")
@@ -125,7 +155,9 @@ def test_pull_fetches_only_what_surgeon_reads(hub, tmp_path):
     expected = {name for name in {**adapter, **clutter} if name.endswith((".json", ".safetensors"))}
     assert set(pulled) == expected  # the GGUF fetched before into the same snapshot is not part of it
     assert pulled["adapter_model.safetensors"] == adapter["adapter_model.safetensors"]
-    assert not {"optimizer.pt", "training_args.bin", "adapter_model.bin", "model.onnx", "model-q8_0.gguf"} & set(hub.downloads()[1:])
+    assert not {"optimizer.pt", "training_args.bin", "adapter_model.bin", "model.onnx", "model-q8_0.gguf"} & set(
+        hub.downloads()[1:]
+    )
 
     sub = surgeon(env, "inspect", f"hf://org/lora@{first}/checkpoint-5", "--json")
     assert sub.returncode == 0, sub.stderr
@@ -158,11 +190,25 @@ for name, uri, token in json.loads(sys.argv[1]):
         out[name] = "SurgeonError: " + str(error)
 print(json.dumps(out))
 """
-    cases = [("missing", "hf://org/nothing", None), ("missing-token", "hf://org/nothing", "hf_x"),
-             ("gated", "hf://org/gated", None), ("gated-token", "hf://org/gated", "hf_x"), ("granted", "hf://org/gated", "hf_granted"),
-             ("revision", "hf://org/open@v9", None), ("path", "hf://org/open/sub", None), ("bad", "hf://", None)]
+    cases = [
+        ("missing", "hf://org/nothing", None),
+        ("missing-token", "hf://org/nothing", "hf_x"),
+        ("gated", "hf://org/gated", None),
+        ("gated-token", "hf://org/gated", "hf_x"),
+        ("granted", "hf://org/gated", "hf_granted"),
+        ("revision", "hf://org/open@v9", None),
+        ("path", "hf://org/open/sub", None),
+        ("bad", "hf://", None),
+    ]
     env = hub_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert "no such repository" in found["missing"] and "hf auth login" in found["missing"]
@@ -180,7 +226,9 @@ print(json.dumps(out))
 def test_push_creates_the_repo_with_a_card_in_one_commit(hub, tmp_path):
     env = hub_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_TOKEN="hf_writer")
     adapter_dir = FIXTURES / "tiny-llama-lora"
-    done = surgeon(env, "push", str(adapter_dir), "hf://me/adapter", "--private", "--base-model", "org/tiny-llama", "--json")
+    done = surgeon(
+        env, "push", str(adapter_dir), "hf://me/adapter", "--private", "--base-model", "org/tiny-llama", "--json"
+    )
     assert done.returncode == 0, done.stderr
     repo = hub.repos["me/adapter"]
     assert repo.private
@@ -224,7 +272,9 @@ def test_push_without_token_says_how_to_log_in(hub, tmp_path):
 
 
 def test_push_dry_run_lists_the_commit_and_sends_nothing(tmp_path):
-    result = CliRunner().invoke(main, ["push", str(FIXTURES / "tiny-bert-lora"), "hf://me/bert-adapter", "--dry-run", "--json"])
+    result = CliRunner().invoke(
+        main, ["push", str(FIXTURES / "tiny-bert-lora"), "hf://me/bert-adapter", "--dry-run", "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert [f["path"] for f in report["files"]] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]

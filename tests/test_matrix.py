@@ -134,8 +134,9 @@ def kinds(tmp_path_factory) -> dict[str, Path]:
             made[fmt] = root / name
         _sparse(root / "sparse")
         made["sparse"] = root / "sparse"
-        prompt = peft.get_peft_model(load_base("llama", BASE), peft.PromptTuningConfig(task_type="CAUSAL_LM",
-                                                                                       num_virtual_tokens=3))
+        prompt = peft.get_peft_model(
+            load_base("llama", BASE), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+        )
         prompt.save_pretrained(root / "prompt")
         made["peft-prompt"] = root / "prompt"
     base = Checkpoint(BASE)
@@ -207,9 +208,7 @@ class Cell:
         result = CliRunner().invoke(main, ["inspect", str(self.path), "--base", str(BASE), "--json"])
         assert result.exit_code == 0, result.output
         kinds = {"LoRA", "DoRA", "dense", "sparse", "replacement", "appended rows"}
-        assert set(json.loads(result.output)["deltas"]) <= kinds, (
-            result.output
-        )
+        assert set(json.loads(result.output)["deltas"]) <= kinds, result.output
         return None
 
     def merge(self) -> str | None:

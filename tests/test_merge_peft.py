@@ -57,12 +57,22 @@ def test_bundled_fixtures_match_peft(arch, fixtures_dir, tmp_path):
 
 
 VARIANTS = {
-    "rslora_patterns": ("llama", dict(use_rslora=True, r=8, lora_alpha=16,
-                                      rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 2},
-                                      alpha_pattern={"v_proj": 3, "gate_proj": 32})),
+    "rslora_patterns": (
+        "llama",
+        dict(
+            use_rslora=True,
+            r=8,
+            lora_alpha=16,
+            rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 2},
+            alpha_pattern={"v_proj": 3, "gate_proj": 32},
+        ),
+    ),
     "dora": ("llama", dict(use_dora=True)),
     "dora_conv1d": ("gpt2", dict(use_dora=True, fan_in_fan_out=True)),
-    "embeddings_and_modules_to_save": ("llama", dict(target_modules=["embed_tokens", "q_proj", "v_proj"], modules_to_save=["lm_head"])),
+    "embeddings_and_modules_to_save": (
+        "llama",
+        dict(target_modules=["embed_tokens", "q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    ),
     "bias_all": ("bert", dict(bias="all")),
     "lora_bias": ("bert", dict(lora_bias=True, target_modules=["query", "value"])),
     "dora_embedding": ("llama", dict(use_dora=True, target_modules=["embed_tokens", "k_proj"])),
@@ -104,8 +114,10 @@ def test_sharded_input_and_output(fixtures_dir, tmp_path):
         assert load_file(out / shard)  # each shard is a valid safetensors file on its own
     assert_matches_peft(ours, peft_merged_state("llama", base, adapter))
     reloaded = load_base("llama", out)  # transformers reads the sharded output
-    torch.testing.assert_close(reloaded.state_dict()["model.layers.1.self_attn.q_proj.weight"],
-                               ours.get("model.layers.1.self_attn.q_proj.weight"))
+    torch.testing.assert_close(
+        reloaded.state_dict()["model.layers.1.self_attn.q_proj.weight"],
+        ours.get("model.layers.1.self_attn.q_proj.weight"),
+    )
 
 
 def test_two_adapters_with_weights_match_peft_sequential_merge(fixtures_dir, tmp_path):
@@ -140,7 +152,9 @@ def test_conv2d_lora_matches_peft(tmp_path):
     base = tmp_path / "base"
     base.mkdir()
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, base / "model.safetensors")
-    model = peft.get_peft_model(net, peft.LoraConfig(target_modules=["conv", "head"], r=2, lora_alpha=4, init_lora_weights=False))
+    model = peft.get_peft_model(
+        net, peft.LoraConfig(target_modules=["conv", "head"], r=2, lora_alpha=4, init_lora_weights=False)
+    )
     model.save_pretrained(tmp_path / "adapter")
     expected = model.merge_and_unload().state_dict()
     ours = surgeon_merge(base, [tmp_path / "adapter"], tmp_path / "merged")
@@ -152,8 +166,19 @@ def test_conv2d_lora_matches_peft(tmp_path):
 def test_unmerge_inverts_merge(arch, fixtures_dir, tmp_path):
     base, adapter = fixtures_dir / f"tiny-{arch}", fixtures_dir / f"tiny-{arch}-lora"
     surgeon_merge(base, [adapter], tmp_path / "merged")
-    result = CliRunner().invoke(main, ["unmerge", str(tmp_path / "merged"), str(adapter), "-o", str(tmp_path / "restored"),
-                                       "--check", str(base), "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "unmerge",
+            str(tmp_path / "merged"),
+            str(adapter),
+            "-o",
+            str(tmp_path / "restored"),
+            "--check",
+            str(base),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["check"]["max_abs_error"] < 1e-5

@@ -27,19 +27,51 @@ pytest.importorskip("transformers.conversion_mapping")  # the renaming is transf
 
 
 def _vit():
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                                    image_size=16, patch_size=8, num_labels=3)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=16,
+        patch_size=8,
+        num_labels=3,
+    )
     return transformers.ViTForImageClassification(config)
 
 
 def _qwen_vl():
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, vocab_size=128, max_position_embeddings=64,
-                rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}, bos_token_id=0, eos_token_id=1)
-    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                  fullatt_block_indexes=[0], patch_size=2, spatial_merge_size=1, temporal_patch_size=1, window_size=4)
-    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=128, image_token_id=120,
-                                           video_token_id=121, vision_start_token_id=122)
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=128,
+        max_position_embeddings=64,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=32,
+        fullatt_block_indexes=[0],
+        patch_size=2,
+        spatial_merge_size=1,
+        temporal_patch_size=1,
+        window_size=4,
+    )
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        vocab_size=128,
+        image_token_id=120,
+        video_token_id=121,
+        vision_start_token_id=122,
+    )
     return transformers.Qwen2_5_VLForConditionalGeneration(config)
 
 
@@ -154,8 +186,16 @@ def test_names_come_from_transformers_table(bases):
 @pytest.fixture(scope="module")
 def dinov2(tmp_path_factory) -> Path:
     """Dinov2 with SwiGLU: its checkpoint's ``mlp.weights_in`` is cut in rows into gate_proj and up_proj on load."""
-    config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=8,
-                                       patch_size=4, use_swiglu_ffn=True, mlp_ratio=2, num_labels=2)
+    config = transformers.Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=8,
+        patch_size=4,
+        use_swiglu_ffn=True,
+        mlp_ratio=2,
+        num_labels=2,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("dinov2") / "base"
     transformers.Dinov2ForImageClassification(config).save_pretrained(path)
@@ -192,9 +232,16 @@ def test_peft_deltas_on_split_parameters_merge_into_their_rows(dinov2, tmp_path)
 def test_per_expert_deltas_are_written_the_way_peft_converts_them(tmp_path):
     """Mixtral's per-expert w1/w2/w3 are fused on load, and PEFT's loader fuses their LoRA factors:
     the extracted adapter keeps those checkpoint names and reproduces the tuned model."""
-    config = transformers.MixtralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
-                                        num_local_experts=2, num_experts_per_tok=1)
+    config = transformers.MixtralConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    )
     torch.manual_seed(0)
     transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "base")
     tune(tmp_path / "base", tmp_path / "tuned", lambda k: ".layers." in k and not k.endswith("gate.weight"))
@@ -205,8 +252,9 @@ def test_per_expert_deltas_are_written_the_way_peft_converts_them(tmp_path):
     ids = {"input_ids": torch.tensor([[1, 2, 3, 4, 5]])}
     with torch.no_grad():
         model = peft.PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "adapter").eval()
-        torch.testing.assert_close(model(**ids).logits, load(tmp_path / "tuned").eval()(**ids).logits,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            model(**ids).logits, load(tmp_path / "tuned").eval()(**ids).logits, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_without_transformers_the_names_are_refused_not_guessed(bases, tmp_path, monkeypatch):

@@ -145,8 +145,17 @@ main()
 
 
 def kill_merge_at(point: str, fixtures_dir: Path, out: Path, *extra: str) -> None:
-    command = [sys.executable, "-c", PAUSED, "merge", str(fixtures_dir / "tiny-llama"),
-               str(fixtures_dir / "tiny-llama-lora"), "-o", str(out), *extra]
+    command = [
+        sys.executable,
+        "-c",
+        PAUSED,
+        "merge",
+        str(fixtures_dir / "tiny-llama"),
+        str(fixtures_dir / "tiny-llama-lora"),
+        "-o",
+        str(out),
+        *extra,
+    ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "STOP_AT": point})
     try:
         assert any(line.strip() == "stopped" for line in process.stderr)
@@ -199,8 +208,16 @@ def test_file_size_limit_is_one_line_naming_the_output(fixtures_dir, tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
-    command = [sys.executable, "-c", "from surgeon.cli import main; main()", "merge", str(fixtures_dir / "tiny-llama"),
-               str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "out")]
+    command = [
+        sys.executable,
+        "-c",
+        "from surgeon.cli import main; main()",
+        "merge",
+        str(fixtures_dir / "tiny-llama"),
+        str(fixtures_dir / "tiny-llama-lora"),
+        "-o",
+        str(tmp_path / "out"),
+    ]
     result = subprocess.run(command, check=False, preexec_fn=limit, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     expected = f"Error: {tmp_path / 'out'}: writing the output failed (File too large); nothing was written there.\n"
@@ -259,7 +276,14 @@ def test_written_files_get_the_usual_modes(fixtures_dir, tmp_path):
 
 def test_unmerge_check_against_a_wrong_base_leaves_nothing(fixtures_dir, tmp_path):
     out = tmp_path / "restored"
-    result = run("unmerge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-o", out,
-                 "--check", fixtures_dir / "tiny-gpt2")
+    result = run(
+        "unmerge",
+        fixtures_dir / "tiny-llama",
+        fixtures_dir / "tiny-llama-lora",
+        "-o",
+        out,
+        "--check",
+        fixtures_dir / "tiny-gpt2",
+    )
     assert_one_line_error(result, "hold different tensors")
     assert not out.exists() and leftovers(tmp_path) == []

@@ -43,11 +43,16 @@ def make_prompt_adapter(arch: str, out: Path, kind: str = "prompt", seed: int = 
     """A PEFT prompt-learning adapter on the tiny ``arch`` model, saved by PEFT; and the PEFT model."""
     import peft
 
-    config = {"prompt": peft.PromptTuningConfig, "p-tuning": peft.PromptEncoderConfig,
-              "prefix": peft.PrefixTuningConfig, "multitask": peft.MultitaskPromptTuningConfig}[kind]
+    config = {
+        "prompt": peft.PromptTuningConfig,
+        "p-tuning": peft.PromptEncoderConfig,
+        "prefix": peft.PrefixTuningConfig,
+        "multitask": peft.MultitaskPromptTuningConfig,
+    }[kind]
     torch.manual_seed(seed)
-    model = peft.get_peft_model(load_base(arch, FIXTURES / f"tiny-{arch}"),
-                                config(task_type=TASKS[arch], num_virtual_tokens=VIRTUAL, **extra)).eval()
+    model = peft.get_peft_model(
+        load_base(arch, FIXTURES / f"tiny-{arch}"), config(task_type=TASKS[arch], num_virtual_tokens=VIRTUAL, **extra)
+    ).eval()
     model.save_pretrained(out)
     return out, model
 
@@ -56,8 +61,9 @@ def _output(result) -> torch.Tensor:
     return result.logits if hasattr(result, "logits") else result.last_hidden_state
 
 
-@pytest.mark.parametrize("arch,kind", [("llama", "prompt"), ("bert", "prompt"), ("llama", "p-tuning"),
-                                       ("llama", "multitask")])
+@pytest.mark.parametrize(
+    "arch,kind", [("llama", "prompt"), ("bert", "prompt"), ("llama", "p-tuning"), ("llama", "multitask")]
+)
 def test_merged_vocabulary_reproduces_peft(tmp_path, arch, kind):
     extra = {"num_tasks": 1} if kind == "multitask" else {}
     adapter, peft_model = make_prompt_adapter(arch, tmp_path / "adapter", kind, **extra)
@@ -76,7 +82,7 @@ def test_merged_vocabulary_reproduces_peft(tmp_path, arch, kind):
         task = {"task_ids": torch.tensor([0])} if kind == "multitask" else {}
         expected = _output(peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), **task))[:, VIRTUAL:]
         got = _output(merged(input_ids=torch.cat([torch.tensor([prefix]), ids], dim=1)))
-    got = got[:, VIRTUAL:, :expected.shape[-1]]  # the real vocabulary's logits at the real positions
+    got = got[:, VIRTUAL:, : expected.shape[-1]]  # the real vocabulary's logits at the real positions
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["vocab_size"] == 256 + VIRTUAL
@@ -145,8 +151,15 @@ def make_adapterhub(out: Path, config: dict, tensors: dict[str, torch.Tensor], p
     from safetensors.torch import save_file
 
     out.mkdir()
-    full = {"config": config, "hidden_size": 64, "model_class": "BertModel", "model_name": "tiny-bert",
-            "model_type": "bert", "name": "demo", "version": "adapters.1.3.0"}
+    full = {
+        "config": config,
+        "hidden_size": 64,
+        "model_class": "BertModel",
+        "model_name": "tiny-bert",
+        "model_type": "bert",
+        "name": "demo",
+        "version": "adapters.1.3.0",
+    }
     (out / "adapter_config.json").write_text(json.dumps(full, indent=2, sort_keys=True))
     if pickle:
         torch.save(tensors, out / "pytorch_adapter.bin")
@@ -160,22 +173,36 @@ def bottleneck_tensors(positions: tuple[str, ...], size: int = 4) -> dict[str, t
     for layer in range(2):
         for where in positions:
             stem = f"encoder.layer.{layer}.{where}.adapters.demo"
-            tensors |= {f"{stem}.adapter_down.0.weight": torch.randn(size, 64),
-                        f"{stem}.adapter_down.0.bias": torch.randn(size),
-                        f"{stem}.adapter_up.weight": torch.randn(64, size), f"{stem}.adapter_up.bias": torch.randn(64)}
+            tensors |= {
+                f"{stem}.adapter_down.0.weight": torch.randn(size, 64),
+                f"{stem}.adapter_down.0.bias": torch.randn(size),
+                f"{stem}.adapter_up.weight": torch.randn(64, size),
+                f"{stem}.adapter_up.bias": torch.randn(64),
+            }
     return tensors
 
 
-PFEIFFER = {"mh_adapter": False, "output_adapter": True, "reduction_factor": 16, "non_linearity": "relu",
-            "original_ln_before": True, "is_parallel": False, "scaling": 1.0, "phm_layer": False}
+PFEIFFER = {
+    "mh_adapter": False,
+    "output_adapter": True,
+    "reduction_factor": 16,
+    "non_linearity": "relu",
+    "original_ln_before": True,
+    "is_parallel": False,
+    "scaling": 1.0,
+    "phm_layer": False,
+}
 HOULSBY = {**PFEIFFER, "mh_adapter": True, "non_linearity": "swish", "original_ln_before": False}
 
 
-@pytest.mark.parametrize("config,positions,pickle,family", [
-    (PFEIFFER, ("output",), False, "Pfeiffer bottleneck adapter"),
-    (HOULSBY, ("attention.output", "output"), True, "Houlsby bottleneck adapter"),
-    ({**PFEIFFER, "is_parallel": True, "scaling": 4.0}, ("output",), False, "parallel bottleneck adapter"),
-])
+@pytest.mark.parametrize(
+    "config,positions,pickle,family",
+    [
+        (PFEIFFER, ("output",), False, "Pfeiffer bottleneck adapter"),
+        (HOULSBY, ("attention.output", "output"), True, "Houlsby bottleneck adapter"),
+        ({**PFEIFFER, "is_parallel": True, "scaling": 4.0}, ("output",), False, "parallel bottleneck adapter"),
+    ],
+)
 def test_adapterhub_bottleneck_inspected_and_refused(tmp_path, config, positions, pickle, family):
     adapter = make_adapterhub(tmp_path / "hub", config, bottleneck_tensors(positions), pickle)
     result = run("inspect", adapter, "--json")
@@ -192,14 +219,24 @@ def test_adapterhub_bottleneck_inspected_and_refused(tmp_path, config, positions
 
 
 def test_adapterhub_lora_and_prefix_say_what_they_are(tmp_path):
-    lora = make_adapterhub(tmp_path / "lora", {"architecture": "lora", "r": 4, "alpha": 8, "selfattn_lora": True},
-                           {"encoder.layer.0.attention.self.query.loras.demo.lora_A": torch.randn(4, 64),
-                            "encoder.layer.0.attention.self.query.loras.demo.lora_B": torch.randn(64, 4)})
+    lora = make_adapterhub(
+        tmp_path / "lora",
+        {"architecture": "lora", "r": 4, "alpha": 8, "selfattn_lora": True},
+        {
+            "encoder.layer.0.attention.self.query.loras.demo.lora_A": torch.randn(4, 64),
+            "encoder.layer.0.attention.self.query.loras.demo.lora_B": torch.randn(64, 4),
+        },
+    )
     result = run("merge", FIXTURES / "tiny-bert", lora, "-o", tmp_path / "merged")
-    assert result.exit_code == 1 and "AdapterHub LoRA adapter, which surgeon does not read as weight deltas yet" \
-        in result.output
-    prefix = make_adapterhub(tmp_path / "prefix", {"architecture": "prefix_tuning", "prefix_length": 10},
-                             {"prefix_tunings.demo.wte.weight": torch.randn(10, 64)})
+    assert (
+        result.exit_code == 1
+        and "AdapterHub LoRA adapter, which surgeon does not read as weight deltas yet" in result.output
+    )
+    prefix = make_adapterhub(
+        tmp_path / "prefix",
+        {"architecture": "prefix_tuning", "prefix_length": 10},
+        {"prefix_tunings.demo.wte.weight": torch.randn(10, 64)},
+    )
     summary = json.loads(run("inspect", prefix, "--json").output)
     assert summary["family"] == "AdapterHub prefix tuning adapter" and summary["prefix_length"] == 10
     assert "learned keys and values" in summary["merge"]
@@ -214,8 +251,9 @@ def test_a_lora_after_appended_rows_is_refused_before_writing(tmp_path):
     assert result.exit_code == 1 and "the one that appends rows given last" in result.output, result.output
     assert not (tmp_path / "merged").exists()
     assert run("merge", FIXTURES / "tiny-llama", lora, prompt, "-o", tmp_path / "merged").exit_code == 0
-    result = run("unmerge", tmp_path / "merged", lora, prompt, "-o", tmp_path / "restored",
-                 "--check", FIXTURES / "tiny-llama")
+    result = run(
+        "unmerge", tmp_path / "merged", lora, prompt, "-o", tmp_path / "restored", "--check", FIXTURES / "tiny-llama"
+    )
     assert result.exit_code == 0, result.output
     assert Checkpoint(tmp_path / "restored").info("lm_head.weight").shape == (256, 64)
 

@@ -36,8 +36,9 @@ def test_quantize_4bit_equals_bitsandbytes_bit_for_bit(quant_type, double, eager
     it, for every float dtype, odd sizes (a half-filled last byte, a short last block, an all-equal
     block whose nested scale is 0) and several blocksizes; and the round trip as it dequantizes."""
     torch.manual_seed(0)
-    for shape, blocksize, dtype in itertools.product([(64, 256), (33, 17), (7,), (300, 130)], [64, 256],
-                                                     [torch.float32, torch.bfloat16, torch.float16]):
+    for shape, blocksize, dtype in itertools.product(
+        [(64, 256), (33, 17), (7,), (300, 130)], [64, 256], [torch.float32, torch.bfloat16, torch.float16]
+    ):
         weight = (torch.randn(shape) * 0.05).to(dtype)
         packed, state = F.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double, quant_type=quant_type)
         expected = state.as_dict(packed=True)
@@ -71,8 +72,12 @@ def _quiet():
 
 def _load_4bit(path: Path, quant_type: str = "nf4", double: bool = True):
     _quiet()
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                             bnb_4bit_use_double_quant=double, bnb_4bit_compute_dtype=torch.float32)
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
 
 
@@ -100,8 +105,9 @@ def qlora_trained(tmp_path_factory, fixtures_dir) -> tuple[Path, torch.Tensor]:
     steps on CPU (the QLoRA recipe), saved by PEFT; and the logits of that model, adapter unmerged."""
     torch.manual_seed(0)
     model = _load_4bit(fixtures_dir / "tiny-llama")
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                  "gate_proj", "up_proj", "down_proj"])
+    config = peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     # Train mode throughout (nothing drops out): in eval mode bitsandbytes' CPU forward repacks the
     # weights for a bf16 kernel, an approximation of its own; training computes with the exact dequantization.
     model = peft.get_peft_model(model, config).train()
@@ -116,8 +122,11 @@ def qlora_trained(tmp_path_factory, fixtures_dir) -> tuple[Path, torch.Tensor]:
     model.save_pretrained(adapter)
     with torch.no_grad():
         logits = model(input_ids=IDS).logits
-    assert not any(getattr(m.weight, "quant_state", None) is not None and m.weight.quant_state.dtype != torch.float32
-                   for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))  # not repacked
+    assert not any(
+        getattr(m.weight, "quant_state", None) is not None and m.weight.quant_state.dtype != torch.float32
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    )  # not repacked
     return adapter, logits
 
 
@@ -139,8 +148,17 @@ def test_qlora_merge_is_the_trained_model(qlora_trained, fixtures_dir, tmp_path,
     model with its adapter did, far closer than the naive merge into W does."""
     adapter, trained_logits = qlora_trained
     base = fixtures_dir / "tiny-llama"
-    report = _merge(str(base), str(adapter), "-o", str(tmp_path / "qlora"), "--quantized-base", "nf4",
-                    "--double-quant", "--report", "--probe")
+    report = _merge(
+        str(base),
+        str(adapter),
+        "-o",
+        str(tmp_path / "qlora"),
+        "--quantized-base",
+        "nf4",
+        "--double-quant",
+        "--report",
+        "--probe",
+    )
     _merge(str(base), str(adapter), "-o", str(tmp_path / "naive"))
     merged, naive, original = Checkpoint(tmp_path / "qlora"), Checkpoint(tmp_path / "naive"), Checkpoint(base)
     quantized = QuantizedBase(original, Scheme("nf4", True))
@@ -160,8 +178,17 @@ def test_qlora_merge_is_the_trained_model(qlora_trained, fixtures_dir, tmp_path,
 
 @pytest.mark.parametrize("options", [["--double-quant"], ["--report"], ["--probe"], ["--blocksize", "128"]])
 def test_quantization_options_without_a_quantization_are_refused(options, fixtures_dir, tmp_path):
-    result = CliRunner().invoke(main, ["merge", str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora"),
-                                       "-o", str(tmp_path / "out"), *options])
+    result = CliRunner().invoke(
+        main,
+        [
+            "merge",
+            str(fixtures_dir / "tiny-llama"),
+            str(fixtures_dir / "tiny-llama-lora"),
+            "-o",
+            str(tmp_path / "out"),
+            *options,
+        ],
+    )
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:") and "nf4" in lines[0]
     assert not (tmp_path / "out").exists()
@@ -174,8 +201,9 @@ def test_quantized_base_refuses_a_quantized_checkpoint_and_a_model_without_confi
     save_file(dict(Checkpoint(fixtures_dir / "tiny-llama").items()), tmp_path / "bare.safetensors")
     _load_4bit(fixtures_dir / "tiny-llama").save_pretrained(tmp_path / "nf4")
     for base, words in [(tmp_path / "bare.safetensors", "config.json"), (tmp_path / "nf4", "already")]:
-        result = CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "out"),
-                                           "--quantized-base", "nf4"])
+        result = CliRunner().invoke(
+            main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "out"), "--quantized-base", "nf4"]
+        )
         lines = result.output.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:") and words in lines[0], lines
         assert not (tmp_path / "out").exists()
@@ -190,23 +218,29 @@ def _stored(path: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize("arch, kind, double", [("llama", "nf4", True), ("gpt2", "fp4", False),
-                                               ("gpt2", "int8", False)])
+@pytest.mark.parametrize(
+    "arch, kind, double", [("llama", "nf4", True), ("gpt2", "fp4", False), ("gpt2", "int8", False)]
+)
 def test_quantized_output_is_what_transformers_saves(arch, kind, double, fixtures_dir, tmp_path, eager_bitsandbytes):
     """merge --dtype nf4|fp4|int8 writes, tensor for tensor, what transformers + bitsandbytes save
     after quantizing the same merged weights on loading; and transformers loads it as that model."""
     base, adapter = fixtures_dir / f"tiny-{arch}", fixtures_dir / f"tiny-{arch}-lora"
     options = ["--double-quant"] if double else []
     _merge(str(base), str(adapter), "-o", str(tmp_path / "float"))
-    result = CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "ours"), "--dtype", kind,
-                                       *options, "--json"])
+    result = CliRunner().invoke(
+        main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "ours"), "--dtype", kind, *options, "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    settings = (dict(load_in_8bit=True) if kind == "int8" else
-                dict(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double))
+    settings = (
+        dict(load_in_8bit=True)
+        if kind == "int8"
+        else dict(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double)
+    )
     _quiet()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "float", quantization_config=transformers.BitsAndBytesConfig(**settings), device_map="cpu")
+        tmp_path / "float", quantization_config=transformers.BitsAndBytesConfig(**settings), device_map="cpu"
+    )
     theirs.save_pretrained(tmp_path / "theirs")
     ours_stored, theirs_stored = _stored(tmp_path / "ours"), _stored(tmp_path / "theirs")
     assert set(ours_stored) == set(theirs_stored)
@@ -228,8 +262,21 @@ def test_compose_of_fine_tunes_writes_a_quantized_checkpoint(fixtures_dir, tmp_p
     _merge(str(base), str(adapter), "-o", str(tmp_path / "t2"), "-w", "-0.5")
     runs = {}
     for dtype in ("auto", "nf4"):
-        result = CliRunner().invoke(main, ["compose", str(tmp_path / "t1"), str(tmp_path / "t2"), "--base", str(base),
-                                           "-o", str(tmp_path / dtype), "--dtype", dtype, "--json"])
+        result = CliRunner().invoke(
+            main,
+            [
+                "compose",
+                str(tmp_path / "t1"),
+                str(tmp_path / "t2"),
+                "--base",
+                str(base),
+                "-o",
+                str(tmp_path / dtype),
+                "--dtype",
+                dtype,
+                "--json",
+            ],
+        )
         assert result.exit_code == 0, result.output
         runs[dtype] = json.loads(result.stdout)
     stored, composed = _stored(tmp_path / "nf4"), Checkpoint(tmp_path / "auto")

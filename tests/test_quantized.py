@@ -27,12 +27,25 @@ F = bnb.functional
 
 #: name → (fixture model, quantization options)
 BNB_CONFIGS = {
-    "llama-nf4-double": ("llama", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=torch.bfloat16)),
+    "llama-nf4-double": (
+        "llama",
+        dict(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+    ),
     "gpt2-fp4": ("gpt2", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float16)),
-    "llama-fp4-double-bf16-storage": ("llama", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4",
-                                                    bnb_4bit_use_double_quant=True,
-                                                    bnb_4bit_quant_storage=torch.bfloat16)),
+    "llama-fp4-double-bf16-storage": (
+        "llama",
+        dict(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="fp4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_storage=torch.bfloat16,
+        ),
+    ),
     "llama-int8": ("llama", dict(load_in_8bit=True)),
     "gpt2-int8": ("gpt2", dict(load_in_8bit=True)),
 }
@@ -53,8 +66,10 @@ def bnb_checkpoints(tmp_path_factory, fixtures_dir) -> dict[str, tuple[Path, tor
     made = {}
     for name, (arch, options) in BNB_CONFIGS.items():
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            fixtures_dir / f"tiny-{arch}", quantization_config=transformers.BitsAndBytesConfig(**options),
-            device_map="cpu")
+            fixtures_dir / f"tiny-{arch}",
+            quantization_config=transformers.BitsAndBytesConfig(**options),
+            device_map="cpu",
+        )
         path = tmp_path_factory.mktemp(name)
         model.save_pretrained(path, max_shard_size=SHARDED.get(name, "5GB"))
         made[name] = (path, model)
@@ -89,8 +104,9 @@ def eager_bitsandbytes():
         yield
 
 
-@pytest.mark.parametrize("quant_type, double, storage", list(itertools.product(
-    ["nf4", "fp4"], [False, True], [torch.uint8, torch.bfloat16])))
+@pytest.mark.parametrize(
+    "quant_type, double, storage", list(itertools.product(["nf4", "fp4"], [False, True], [torch.uint8, torch.bfloat16]))
+)
 def test_4bit_equals_bitsandbytes_bit_for_bit(quant_type, double, storage, tmp_path, eager_bitsandbytes):
     """Every blocksize, float dtype and odd shape, stored as transformers stores a Params4bit."""
     torch.manual_seed(0)
@@ -100,8 +116,13 @@ def test_4bit_equals_bitsandbytes_bit_for_bit(quant_type, double, storage, tmp_p
         if storage != torch.uint8 and -(-torch.Size(shape).numel() // 2) % 2:
             continue  # bitsandbytes cannot view an odd byte count as 2-byte storage
         key = f"w{len(expected)}.weight"
-        packed, state = F.quantize_4bit((torch.randn(shape) * 0.05).to(dtype), blocksize=blocksize,
-                                        compress_statistics=double, quant_type=quant_type, quant_storage=storage)
+        packed, state = F.quantize_4bit(
+            (torch.randn(shape) * 0.05).to(dtype),
+            blocksize=blocksize,
+            compress_statistics=double,
+            quant_type=quant_type,
+            quant_storage=storage,
+        )
         stored[key] = packed
         stored.update({f"{key}.{part}": value for part, value in state.as_dict(packed=True).items()})
         expected[key] = F.dequantize_4bit(packed, state)
@@ -123,10 +144,13 @@ def test_rows_shorter_than_a_block_follow_bitsandbytes_flat_blocks(tmp_path, eag
     reference = getattr(reference, "__wrapped__", reference)  # without its torch.compile wrapper
     torch.manual_seed(0)
     packed, state = F.quantize_4bit(torch.randn(64, 128) * 0.05, blocksize=256, quant_type="nf4")
-    save_file({"w.weight": packed, **{f"w.weight.{k}": v for k, v in state.as_dict(packed=True).items()}},
-              tmp_path / "model.safetensors")
-    expected = reference(packed.reshape(-1), state.absmax, F.get_4bit_type("nf4", device="cpu"), 256, state.shape,
-                         torch.float32)
+    save_file(
+        {"w.weight": packed, **{f"w.weight.{k}": v for k, v in state.as_dict(packed=True).items()}},
+        tmp_path / "model.safetensors",
+    )
+    expected = reference(
+        packed.reshape(-1), state.absmax, F.get_4bit_type("nf4", device="cpu"), 256, state.shape, torch.float32
+    )
     assert torch.equal(Checkpoint(tmp_path / "model.safetensors").get("w.weight"), expected)
 
 
@@ -219,8 +243,13 @@ def test_inspect_shows_the_quantization_and_the_dequantized_size(bnb_checkpoints
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["quantization"] == {
-        "method": "bitsandbytes 4-bit", "quantized_tensors": 14, "type": "nf4", "blocksize": 64,
-        "double_quant": True, "compute_dtype": "bfloat16", "dequantized_dtype": "float32",
+        "method": "bitsandbytes 4-bit",
+        "quantized_tensors": 14,
+        "type": "nf4",
+        "blocksize": 64,
+        "double_quant": True,
+        "compute_dtype": "bfloat16",
+        "dequantized_dtype": "float32",
     }
     original = Checkpoint(fixtures_dir / "tiny-llama")
     sizes = (summary["tensors"], summary["params"], summary["bytes"])
@@ -307,12 +336,24 @@ def test_extract_and_unmerge_check_read_a_bitsandbytes_base(bnb_checkpoints, tmp
     path, _ = bnb_checkpoints["llama-nf4-double"]
     _merge(path, tmp_path / "merged", "--dtype", "fp32")
     runner = CliRunner()
-    unmerged = runner.invoke(main, ["unmerge", str(tmp_path / "merged"), str(FIXTURES_DIR / "tiny-llama-lora"),
-                                    "-o", str(tmp_path / "unmerged"), "--check", str(path), "--json"])
+    unmerged = runner.invoke(
+        main,
+        [
+            "unmerge",
+            str(tmp_path / "merged"),
+            str(FIXTURES_DIR / "tiny-llama-lora"),
+            "-o",
+            str(tmp_path / "unmerged"),
+            "--check",
+            str(path),
+            "--json",
+        ],
+    )
     assert unmerged.exit_code == 0, unmerged.output
     assert json.loads(unmerged.stdout)["check"]["max_relative_error"] < 1e-6
-    extracted = runner.invoke(main, ["extract", str(path), str(tmp_path / "merged"), "-o", str(tmp_path / "lora"),
-                                     "--rank", "8"])
+    extracted = runner.invoke(
+        main, ["extract", str(path), str(tmp_path / "merged"), "-o", str(tmp_path / "lora"), "--rank", "8"]
+    )
     assert extracted.exit_code == 0, extracted.output
     merged = Checkpoint(tmp_path / "merged")
     remerged = _merge(path, tmp_path / "remerged", "--dtype", "fp32", adapter=tmp_path / "lora")

@@ -38,7 +38,9 @@ def test_adapter_key_missing_from_base_names_key_and_closest(fixtures_dir, tmp_p
     renamed = {k.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.qq_proj"): v for k, v in tensors.items()}
     save_file(renamed, adapter / "adapter_model.safetensors")
     result = run("merge", fixtures_dir / "tiny-llama", adapter, "-o", tmp_path / "out")
-    assert_refused(result, "model.layers.1.self_attn.qq_proj.weight", "Closest base keys", "model.layers.1.self_attn.q_proj.weight")
+    assert_refused(
+        result, "model.layers.1.self_attn.qq_proj.weight", "Closest base keys", "model.layers.1.self_attn.q_proj.weight"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -49,8 +51,15 @@ def test_adapter_for_another_model_is_refused_on_shape(fixtures_dir, tmp_path):
     small = tmp_path / "small"
     import transformers
 
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=False,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(small)
     result = run("merge", small, fixtures_dir / "tiny-llama-lora", "-o", tmp_path / "out")
     assert_refused(result, "has shape", "different model")
@@ -63,7 +72,9 @@ def test_nonfinite_delta_refused_unless_allowed(fixtures_dir, tmp_path):
     key = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
     tensors[key][0, 0] = float("nan")
     save_file(tensors, adapter / "adapter_model.safetensors")
-    assert_refused(run("merge", fixtures_dir / "tiny-llama", adapter, "-o", tmp_path / "out"), "NaN or Inf", "allow non-finite")
+    assert_refused(
+        run("merge", fixtures_dir / "tiny-llama", adapter, "-o", tmp_path / "out"), "NaN or Inf", "allow non-finite"
+    )
     assert not (tmp_path / "out").exists()
     result = run("merge", fixtures_dir / "tiny-llama", adapter, "-o", tmp_path / "out", "--allow-nonfinite")
     assert result.exit_code == 0, result.output
@@ -96,11 +107,23 @@ def test_unmerge_refuses_dora_and_modules_to_save(fixtures_dir, tmp_path):
 
 def test_dora_with_weight_is_refused(fixtures_dir, tmp_path):
     dora = make_lora("llama", fixtures_dir / "tiny-llama", tmp_path / "dora", use_dora=True, target_modules=["q_proj"])
-    assert_refused(run("merge", fixtures_dir / "tiny-llama", dora, "-w", "0.5", "-o", tmp_path / "out"), "DoRA", "weight 1")
+    assert_refused(
+        run("merge", fixtures_dir / "tiny-llama", dora, "-w", "0.5", "-o", tmp_path / "out"), "DoRA", "weight 1"
+    )
 
 
 def test_weight_count_must_match_adapters(fixtures_dir, tmp_path):
-    result = run("merge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-w", "1", "-w", "2", "-o", tmp_path / "o")
+    result = run(
+        "merge",
+        fixtures_dir / "tiny-llama",
+        fixtures_dir / "tiny-llama-lora",
+        "-w",
+        "1",
+        "-w",
+        "2",
+        "-o",
+        tmp_path / "o",
+    )
     assert_refused(result, "2 weights for 1 adapters")
 
 
@@ -134,7 +157,9 @@ def test_plain_bin_checkpoint_is_read_with_weights_only(fixtures_dir, tmp_path):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("option, label", [("layer_replication", "layer replication"), ("trainable_token_indices", "trainable tokens")])
+@pytest.mark.parametrize(
+    "option, label", [("layer_replication", "layer replication"), ("trainable_token_indices", "trainable tokens")]
+)
 def test_unsupported_peft_options_are_named(option, label, fixtures_dir, tmp_path):
     adapter = copy_adapter(fixtures_dir / "tiny-llama-lora", tmp_path / "adapter")
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -169,12 +194,15 @@ def test_truncated_safetensors_is_named(tmp_path):
     assert_refused(run("inspect", broken), str(broken), "not a valid safetensors file")
 
 
-@pytest.mark.parametrize("extra, fragment", [
-    (["--device", "gpu"], "unknown device"),
-    (["--shard-size", "inf"], "cannot read the size"),
-    (["--shard-size", "nan"], "cannot read the size"),
-    (["--from", "sparse"], "not a sparse adapter"),
-])
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--device", "gpu"], "unknown device"),
+        (["--shard-size", "inf"], "cannot read the size"),
+        (["--shard-size", "nan"], "cannot read the size"),
+        (["--from", "sparse"], "not a sparse adapter"),
+    ],
+)
 def test_bad_options_are_one_line_errors(extra, fragment, fixtures_dir, tmp_path):
     result = run("merge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-o", tmp_path / "o", *extra)
     assert_refused(result, fragment)
@@ -189,8 +217,10 @@ def test_output_inside_an_input_directory_is_refused(fixtures_dir, tmp_path):
 
 def test_output_under_a_file_is_refused(fixtures_dir, tmp_path):
     (tmp_path / "file").write_text("x")
-    assert_refused(run("merge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-o", tmp_path / "file" / "o"),
-                   "cannot create the output's folder")
+    assert_refused(
+        run("merge", fixtures_dir / "tiny-llama", fixtures_dir / "tiny-llama-lora", "-o", tmp_path / "file" / "o"),
+        "cannot create the output's folder",
+    )
 
 
 def test_corrupt_shard_index_is_named(fixtures_dir, tmp_path):
@@ -202,8 +232,10 @@ def test_corrupt_shard_index_is_named(fixtures_dir, tmp_path):
 def test_rank_bounds_are_checked(fixtures_dir, tmp_path):
     result = run("resize", fixtures_dir / "tiny-llama-lora", "--rank", "2", "--max-rank", "-1", "-o", tmp_path / "o")
     assert result.exit_code == 2 and "--max-rank" in result.output and not (tmp_path / "o").exists()
-    assert_refused(run("resize", fixtures_dir / "tiny-llama-lora", "--rank", "2", "--energy", "0.5", "-o", tmp_path / "o"),
-                   "exactly one of --rank, --energy, --max-error")
+    assert_refused(
+        run("resize", fixtures_dir / "tiny-llama-lora", "--rank", "2", "--energy", "0.5", "-o", tmp_path / "o"),
+        "exactly one of --rank, --energy, --max-error",
+    )
 
 
 def test_convert_to_diffusers_of_a_bare_model_round_trips(fixtures_dir, tmp_path):

@@ -56,8 +56,15 @@ def test_header_only_inspect_refuses_a_dtype_surgeon_does_not_handle_as_the_read
 
 
 def test_compose_does_not_call_a_non_model_file_a_full_checkpoint(fixtures_dir, tmp_path):
-    result = run("compose", fixtures_dir / "tiny-llama-lora", fixtures_dir / "make_fixtures.py",
-                 "--base", fixtures_dir / "tiny-llama", "-o", tmp_path / "out")
+    result = run(
+        "compose",
+        fixtures_dir / "tiny-llama-lora",
+        fixtures_dir / "make_fixtures.py",
+        "--base",
+        fixtures_dir / "tiny-llama",
+        "-o",
+        tmp_path / "out",
+    )
     assert_one_line_error(result, "make_fixtures.py: a .py file", "not an adapter")
 
 
@@ -69,8 +76,9 @@ def test_compose_of_full_fine_tunes_without_base_points_at_base(fixtures_dir, tm
 @pytest.mark.parametrize("target", ["kohya", "diffusers"])
 def test_convert_refuses_a_file_name_that_surgeon_would_not_recognise(fixtures_dir, tmp_path, target):
     out = tmp_path / "adapter"
-    result = run("convert", fixtures_dir / "tiny-llama-lora", "--to", target, "-o", out,
-                 "--base", fixtures_dir / "tiny-llama")
+    result = run(
+        "convert", fixtures_dir / "tiny-llama-lora", "--to", target, "-o", out, "--base", fixtures_dir / "tiny-llama"
+    )
     assert_one_line_error(result, ".safetensors", "adapter.safetensors")
     assert not out.exists()
 
@@ -82,10 +90,10 @@ def test_extract_with_an_adapter_as_base_does_not_ask_about_an_adapter_argument_
     assert "ADAPTER?" not in result.output
 
 
-def test_convert_publishes_nothing_when_reading_back_fails_for_a_format_that_needs_no_base(fixtures_dir, tmp_path,
-                                                                                            monkeypatch):
+def test_convert_publishes_nothing_when_reading_back_fails_for_a_format_that_needs_no_base(
+    fixtures_dir, tmp_path, monkeypatch
+):
     import surgeon.formats.ort as ort
-
     from surgeon.errors import SurgeonError
 
     def broken(path, base=None):
@@ -149,12 +157,15 @@ def _nan_in_lora_b(tensors, config, torch):
     tensors[next(k for k in tensors if "lora_B" in k)][0, 0] = float("nan")
 
 
-@pytest.mark.parametrize("command", [
-    ["resize", "--rank", "2"],
-    ["compose"],
-    ["compose", "--method", "svd", "--rank", "2"],
-    ["convert", "--to", "mlx"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["resize", "--rank", "2"],
+        ["compose"],
+        ["compose", "--method", "svd", "--rank", "2"],
+        ["convert", "--to", "mlx"],
+    ],
+)
 def test_commands_without_allow_nonfinite_refuse_a_nan_adapter(fixtures_dir, tmp_path, command):
     adapter = _broken_lora(fixtures_dir, tmp_path, _nan_in_lora_b)
     result = run(command[0], adapter, *command[1:], "-o", tmp_path / "out")
@@ -205,19 +216,31 @@ def test_an_output_under_a_file_says_the_file_is_no_folder(fixtures_dir, tmp_pat
 
 def test_extract_writes_nothing_when_its_report_cannot_be_written(fixtures_dir, tuned, tmp_path):
     (tmp_path / "notes").write_text("mine")
-    result = run("extract", fixtures_dir / "tiny-llama", tuned, "--rank", "2", "-o", tmp_path / "adapter",
-                 "--report", tmp_path / "notes" / "report.json")
+    result = run(
+        "extract",
+        fixtures_dir / "tiny-llama",
+        tuned,
+        "--rank",
+        "2",
+        "-o",
+        tmp_path / "adapter",
+        "--report",
+        tmp_path / "notes" / "report.json",
+    )
     assert_one_line_error(result, "notes")
     assert not (tmp_path / "adapter").exists()
 
 
-@pytest.mark.parametrize("args", [
-    ["merge", "fixtures/tiny-llama-lora", "fixtures/tiny-llama", "-o", "x"],  # swapped BASE and ADAPTER
-    ["unmerge", "fixtures/tiny-llama", "fixtures/tiny-llama", "-o", "x"],  # a checkpoint as ADAPTER
-    ["extract", "fixtures/tiny-llama", "fixtures/tiny-llama-lora", "--rank", "2", "-o", "x"],  # an adapter as TUNED
-    ["merge", "fixtures/tiny-llama", "fixtures/tiny-llama-lora", "-o", "x", "--shard-size", "0"],
-    ["convert", "fixtures/tiny-llama-lora", "--to", "kohya", "-o", "x"],  # a name kohya files are not known by
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["merge", "fixtures/tiny-llama-lora", "fixtures/tiny-llama", "-o", "x"],  # swapped BASE and ADAPTER
+        ["unmerge", "fixtures/tiny-llama", "fixtures/tiny-llama", "-o", "x"],  # a checkpoint as ADAPTER
+        ["extract", "fixtures/tiny-llama", "fixtures/tiny-llama-lora", "--rank", "2", "-o", "x"],  # an adapter as TUNED
+        ["merge", "fixtures/tiny-llama", "fixtures/tiny-llama-lora", "-o", "x", "--shard-size", "0"],
+        ["convert", "fixtures/tiny-llama-lora", "--to", "kohya", "-o", "x"],  # a name kohya files are not known by
+    ],
+)
 def test_argument_and_detection_errors_import_no_torch(args):
     from test_fast_cli import run_fresh
 

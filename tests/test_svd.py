@@ -26,7 +26,9 @@ def spectrum_matrix(m: int, n: int, singular_values: torch.Tensor, seed: int = 0
 
 def low_rank_plus_noise(m: int, n: int, rank: int, noise: float, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen) * 0.02 + noise * torch.randn(m, n, generator=gen)
+    return torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen) * 0.02 + noise * torch.randn(
+        m, n, generator=gen
+    )
 
 
 def optimal_error(matrix: torch.Tensor, rank: int) -> float:
@@ -54,7 +56,12 @@ def test_full_spectrum_methods_are_optimal(method, shape):
         found = truncated_svd(matrix, rank, method=method)
         assert found.rank == rank
         np.testing.assert_allclose(found.s.double().numpy(), reference[:rank], rtol=1e-5)
-        np.testing.assert_allclose(found.spectrum.numpy()[: len(reference)], reference[: found.spectrum.numel()], rtol=1e-4, atol=1e-6 * reference[0])
+        np.testing.assert_allclose(
+            found.spectrum.numpy()[: len(reference)],
+            reference[: found.spectrum.numel()],
+            rtol=1e-4,
+            atol=1e-6 * reference[0],
+        )
         left, right = factor_split(found.u, found.s, found.vh)
         assert error_of(matrix, left, right) == pytest.approx(optimal_error(matrix, rank), rel=1e-4)
 
@@ -101,7 +108,9 @@ def test_randomized_on_narrow_matrices_and_ranks_beyond_them(shape, rank):
     matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     found = truncated_svd(matrix, rank, method="randomized", generator=torch.Generator().manual_seed(0))
     assert found.rank == min(rank, *shape)
-    assert error_of(matrix, found.u * found.s, found.vh) <= 1.0001 * optimal_error(matrix, found.rank) + 1e-5 * float(matrix.norm())
+    assert error_of(matrix, found.u * found.s, found.vh) <= 1.0001 * optimal_error(matrix, found.rank) + 1e-5 * float(
+        matrix.norm()
+    )
 
 
 @pytest.mark.parametrize("spread", [1e-2, 0.0])
@@ -109,7 +118,9 @@ def test_randomized_when_the_krylov_space_turns_invariant(spread):
     """A spike over a tail flat to within ``spread`` (0: 511 equal singular values): the Krylov
     space stops growing long before the rank is reached, and the method must go on from fresh
     random directions instead of returning fewer triplets (it once kept 33 of 64, 3.5% off)."""
-    tail = 0.004 * (1 + spread * torch.rand(511, generator=torch.Generator().manual_seed(1))).sort(descending=True).values
+    tail = (
+        0.004 * (1 + spread * torch.rand(511, generator=torch.Generator().manual_seed(1))).sort(descending=True).values
+    )
     matrix = spectrum_matrix(2048, 512, torch.cat([torch.ones(1), tail]))
     found = truncated_svd(matrix, 64, method="randomized", generator=torch.Generator().manual_seed(0))
     assert found.rank == 64

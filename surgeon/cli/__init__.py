@@ -42,6 +42,16 @@ def main(ctx: click.Context, verbose: bool) -> None:
     install_signal_cleanup()
 
 
-for command in (inspect.inspect, transform.merge, transform.unmerge, extract.extract, compose.compose, compose.resize,
-                convert.convert, export.export_onnx, hub.pull, hub.push):
+for command in (
+    inspect.inspect,
+    transform.merge,
+    transform.unmerge,
+    extract.extract,
+    compose.compose,
+    compose.resize,
+    convert.convert,
+    export.export_onnx,
+    hub.pull,
+    hub.push,
+):
     main.add_command(command)

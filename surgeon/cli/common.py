@@ -35,8 +35,13 @@ def friendly(command):
         try:
             return command(*args, **kwargs)
         except SurgeonError as error:
-            details = "" if not error.details else f"\n{error.details}" if verbose_asked() else \
-                " (surgeon --verbose COMMAND ... says more)"
+            details = (
+                ""
+                if not error.details
+                else f"\n{error.details}"
+                if verbose_asked()
+                else " (surgeon --verbose COMMAND ... says more)"
+            )
             sentence = " ".join(str(error).split())  # one line, whatever a library's message held
             raise click.ClickException(f"{sentence}{details}") from None
         except OSError as error:
@@ -92,8 +97,11 @@ class Progress:
     """A progress bar on stderr over a checkpoint's tensors; silent when stderr is not a terminal."""
 
     def __init__(self, total: int, label: str):
-        self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True) \
-            if sys.stderr.isatty() else None
+        self.bar = (
+            click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True)
+            if sys.stderr.isatty()
+            else None
+        )
 
     def __enter__(self):
         if self.bar is None:
@@ -107,52 +115,110 @@ class Progress:
 
 def _directory_output(ctx, param, value: Path | None) -> Path | None:
     if value is not None and value.suffix in FILE_SUFFIXES:
-        raise click.BadParameter(f"{value} names a {value.suffix} file, but this command writes a directory "
-                                 f"(give a folder such as {value.with_suffix('')}/).", ctx, param)
+        raise click.BadParameter(
+            f"{value} names a {value.suffix} file, but this command writes a directory "
+            f"(give a folder such as {value.with_suffix('')}/).",
+            ctx,
+            param,
+        )
     return value
 
 
-DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
-                             help="Where the arithmetic runs: auto (CUDA when present), cpu, cuda or cuda:N.")
-FORCE_OPTION = click.option("--force", is_flag=True,
-                            help="Replace an output that surgeon wrote before (an input is never replaced).")
+DEVICE_OPTION = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where the arithmetic runs: auto (CUDA when present), cpu, cuda or cuda:N.",
+)
+FORCE_OPTION = click.option(
+    "--force", is_flag=True, help="Replace an output that surgeon wrote before (an input is never replaced)."
+)
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
-FROM_OPTION = click.option("--from", "format_name", type=click.Choice(list(FORMATS)), default=None,
-                           help="Adapter format, when detection from the layout is not wanted.")
-NONFINITE_OPTION = click.option("--allow-nonfinite", is_flag=True, help="Apply deltas that hold NaN or Inf instead of refusing them.")
-SHARD_OPTION = click.option("--shard-size", default="5GB", show_default=True, help="Largest shard of the output checkpoint (5GB, 500MB, 2GiB).")
-OUTPUT_OPTION = click.option("-o", "--output", required=True, type=click.Path(path_type=Path), callback=_directory_output,
-                             help="Output directory; written atomically.")
+FROM_OPTION = click.option(
+    "--from",
+    "format_name",
+    type=click.Choice(list(FORMATS)),
+    default=None,
+    help="Adapter format, when detection from the layout is not wanted.",
+)
+NONFINITE_OPTION = click.option(
+    "--allow-nonfinite", is_flag=True, help="Apply deltas that hold NaN or Inf instead of refusing them."
+)
+SHARD_OPTION = click.option(
+    "--shard-size", default="5GB", show_default=True, help="Largest shard of the output checkpoint (5GB, 500MB, 2GiB)."
+)
+OUTPUT_OPTION = click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    callback=_directory_output,
+    help="Output directory; written atomically.",
+)
 BASE_FOR_NAMES_OPTION = click.option(
-    "--base", "base", type=INPUT, default=None,
-    help="The base checkpoint, for adapters only it resolves (kohya, LyCORIS, GGUF) or whose writer needs it.")
+    "--base",
+    "base",
+    type=INPUT,
+    default=None,
+    help="The base checkpoint, for adapters only it resolves (kohya, LyCORIS, GGUF) or whose writer needs it.",
+)
 
 
 def dtype_option(help_text: str, extra: tuple[str, ...] = ()):
-    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES + extra), default="auto", show_default=True,
-                        help=help_text)
+    return click.option(
+        "--dtype", type=click.Choice(DTYPE_CHOICES + extra), default="auto", show_default=True, help=help_text
+    )
 
 
 def rank_options(command):
     """--rank / --energy / --max-error (exactly one of them) and the clamps, for RankRule."""
-    for option in reversed([
-        click.option("--rank", type=click.IntRange(min=0), default=None, help="Rank of every module (one of --rank, --energy, --max-error)."),
-        click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
-                     help="Per module, the smallest rank keeping this fraction of Σσ² (e.g. 0.95)."),
-        click.option("--max-error", type=click.FloatRange(0, 1), default=None,
-                     help="Per module, the smallest rank whose relative Frobenius error is at most this (e.g. 0.02)."),
-        click.option("--min-rank", type=click.IntRange(min=0), default=1, show_default=True, help="Lower bound for --energy / --max-error."),
-        click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Upper bound on every module's rank."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--rank",
+                type=click.IntRange(min=0),
+                default=None,
+                help="Rank of every module (one of --rank, --energy, --max-error).",
+            ),
+            click.option(
+                "--energy",
+                type=click.FloatRange(0, 1, min_open=True),
+                default=None,
+                help="Per module, the smallest rank keeping this fraction of Σσ² (e.g. 0.95).",
+            ),
+            click.option(
+                "--max-error",
+                type=click.FloatRange(0, 1),
+                default=None,
+                help="Per module, the smallest rank whose relative Frobenius error is at most this (e.g. 0.02).",
+            ),
+            click.option(
+                "--min-rank",
+                type=click.IntRange(min=0),
+                default=1,
+                show_default=True,
+                help="Lower bound for --energy / --max-error.",
+            ),
+            click.option(
+                "--max-rank", type=click.IntRange(min=1), default=None, help="Upper bound on every module's rank."
+            ),
+        ]
+    ):
         command = option(command)
     return command
 
 
 def rank_rule(rank, energy, max_error, min_rank, max_rank, required: bool):
     """The RankRule the options give; exactly one of rank/energy/max-error where ``required``."""
-    given = [name for name, value in (("--rank", rank), ("--energy", energy), ("--max-error", max_error)) if value is not None]
+    given = [
+        name
+        for name, value in (("--rank", rank), ("--energy", energy), ("--max-error", max_error))
+        if value is not None
+    ]
     if len(given) > 1:
-        raise SurgeonError(f"{' and '.join(given)} each choose the rank; give exactly one of --rank, --energy, --max-error.")
+        raise SurgeonError(
+            f"{' and '.join(given)} each choose the rank; give exactly one of --rank, --energy, --max-error."
+        )
     if not given:
         if required:
             raise SurgeonError("give exactly one of --rank, --energy or --max-error to choose each module's rank.")

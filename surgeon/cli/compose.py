@@ -8,9 +8,23 @@ from typing import TYPE_CHECKING
 
 import click
 
-from surgeon.cli.common import (BASE_FOR_NAMES_OPTION, DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION,
-                                OUTPUT_OPTION, SHARD_OPTION, Progress, dtype_option, emit, friendly, provenance,
-                                rank_options, rank_rule)
+from surgeon.cli.common import (
+    BASE_FOR_NAMES_OPTION,
+    DEVICE_OPTION,
+    FORCE_OPTION,
+    FROM_OPTION,
+    INPUT,
+    JSON_OPTION,
+    OUTPUT_OPTION,
+    SHARD_OPTION,
+    Progress,
+    dtype_option,
+    emit,
+    friendly,
+    provenance,
+    rank_options,
+    rank_rule,
+)
 from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
@@ -23,8 +37,12 @@ RESULT_KINDS = ("lora", "sparse", "dense")
 
 def _summary(report: ComposeReport) -> str:
     ranks = sorted({m.rank for m in report.modules if m.rank is not None})
-    rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}" if ranks else "no low-rank part"
-    error = f", max relative error {report.max_relative_error:.3g}" if any(m.relative_error for m in report.modules) else ""
+    rank_text = (
+        f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}" if ranks else "no low-rank part"
+    )
+    error = (
+        f", max relative error {report.max_relative_error:.3g}" if any(m.relative_error for m in report.modules) else ""
+    )
     return f"{len(report.modules)} modules, {rank_text}{error}, in {report.seconds:.2f}s -> {report.output}"
 
 
@@ -35,27 +53,82 @@ def _report_dict(report: ComposeReport, written: list[str]) -> dict:
 @click.command(short_help="Combine adapters: weighted sums, their best low rank, TIES, DARE.")
 @click.argument("adapters", nargs=-1, required=True, type=INPUT)
 @OUTPUT_OPTION
-@click.option("-w", "--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (repeat once per adapter; default 1; negative subtracts).")
-@click.option("--method", type=click.Choice(METHODS), default="cat", show_default=True, help="How to combine; see above.")
-@click.option("--negate", is_flag=True, help="Multiply every weight by -1 (task negation: `compose A --negate` undoes A).")
+@click.option(
+    "-w",
+    "--weight",
+    "weights",
+    multiple=True,
+    type=float,
+    help="Weight of each adapter, in order (repeat once per adapter; default 1; negative subtracts).",
+)
+@click.option(
+    "--method", type=click.Choice(METHODS), default="cat", show_default=True, help="How to combine; see above."
+)
+@click.option(
+    "--negate", is_flag=True, help="Multiply every weight by -1 (task negation: `compose A --negate` undoes A)."
+)
 @rank_options
-@click.option("--density", type=float, default=None, help="ties, dare_*, magnitude_prune: fraction of each delta's entries kept.")
-@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True, help="ties, dare_ties: elect each entry's sign by total mass or by count.")
+@click.option(
+    "--density", type=float, default=None, help="ties, dare_*, magnitude_prune: fraction of each delta's entries kept."
+)
+@click.option(
+    "--majority-sign",
+    type=click.Choice(["total", "frequency"]),
+    default="total",
+    show_default=True,
+    help="ties, dare_ties: elect each entry's sign by total mass or by count.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="dare_*: seed of the random drop.")
-@click.option("--as", "keep", type=click.Choice(RESULT_KINDS), default="lora", show_default=True, help="ties, dare_*, magnitude_prune: keep the result as LoRA (factored to the rank), sparse, or dense (sparse format at density 1).")
-@click.option("--base", type=INPUT, default=None,
-              help="The base checkpoint: resolves adapter names only it can (kohya, LyCORIS, GGUF); when ADAPTERS are "
-                   "full fine-tuned checkpoints, their deltas are merged into it and a full checkpoint is written.")
-@dtype_option("With full fine-tuned checkpoints and --base: output dtype of float tensors (nf4/fp4/int8: a bitsandbytes "
-              "checkpoint).", ("nf4", "fp4", "int8"))
+@click.option(
+    "--as",
+    "keep",
+    type=click.Choice(RESULT_KINDS),
+    default="lora",
+    show_default=True,
+    help="ties, dare_*, magnitude_prune: keep the result as LoRA (factored to the rank), sparse, or dense (sparse "
+    "format at density 1).",
+)
+@click.option(
+    "--base",
+    type=INPUT,
+    default=None,
+    help="The base checkpoint: resolves adapter names only it can (kohya, LyCORIS, GGUF); when ADAPTERS are "
+    "full fine-tuned checkpoints, their deltas are merged into it and a full checkpoint is written.",
+)
+@dtype_option(
+    "With full fine-tuned checkpoints and --base: output dtype of float tensors (nf4/fp4/int8: a bitsandbytes "
+    "checkpoint).",
+    ("nf4", "fp4", "int8"),
+)
 @DEVICE_OPTION
 @SHARD_OPTION
 @FROM_OPTION
 @FORCE_OPTION
 @JSON_OPTION
 @friendly
-def compose(adapters, output, weights, method, negate, rank, energy, max_error, min_rank, max_rank, density, majority_sign,
-            seed, keep, base, dtype, device, shard_size, format_name, force, as_json) -> None:
+def compose(
+    adapters,
+    output,
+    weights,
+    method,
+    negate,
+    rank,
+    energy,
+    max_error,
+    min_rank,
+    max_rank,
+    density,
+    majority_sign,
+    seed,
+    keep,
+    base,
+    dtype,
+    device,
+    shard_size,
+    format_name,
+    force,
+    as_json,
+) -> None:
     """Combine ADAPTERS (same base model) into one adapter, weighted by -w.
 
     \b
@@ -92,17 +165,27 @@ def compose(adapters, output, weights, method, negate, rank, energy, max_error, 
     from surgeon.ops.compose import ComposeOptions
     from surgeon.ops.merge import resolve_device
 
-    options = ComposeOptions(method=method, rule=rule, density=density, majority_sign=majority_sign, seed=seed, keep=keep,
-                             device=resolve_device(device))
+    options = ComposeOptions(
+        method=method,
+        rule=rule,
+        density=density,
+        majority_sign=majority_sign,
+        seed=seed,
+        keep=keep,
+        device=resolve_device(device),
+    )
     if _all_checkpoints(adapters, format_name):
         if base is None:
-            raise SurgeonError(f"{adapters[0]}: a full model checkpoint; compose takes full fine-tunes only with --base, "
-                               "the checkpoint they were tuned from.")
+            raise SurgeonError(
+                f"{adapters[0]}: a full model checkpoint; compose takes full fine-tunes only with --base, "
+                "the checkpoint they were tuned from."
+            )
         _compose_checkpoints(base, adapters, output, weights, options, dtype, shard_size, force, as_json)
         return
     if dtype != "auto":
-        raise SurgeonError("--dtype applies when composing full fine-tuned checkpoints; composed adapters keep their "
-                           "inputs' dtype.")
+        raise SurgeonError(
+            "--dtype applies when composing full fine-tuned checkpoints; composed adapters keep their inputs' dtype."
+        )
     from surgeon.bundle import write_result
     from surgeon.checkpoint import Checkpoint
     from surgeon.ops.compose import compose as compose_op
@@ -132,8 +215,10 @@ def _all_checkpoints(paths: tuple[Path, ...], format_name: str | None) -> bool:
         raise not_an_adapter(stray)
     if adapters and len(adapters) < len(paths):
         checkpoint = next(p for p in paths if p not in adapters)
-        raise SurgeonError(f"{checkpoint}: is a full checkpoint while {adapters[0]} is an adapter; compose takes "
-                           "adapters, or full fine-tunes with --base, not both.")
+        raise SurgeonError(
+            f"{checkpoint}: is a full checkpoint while {adapters[0]} is an adapter; compose takes "
+            "adapters, or full fine-tunes with --base, not both."
+        )
     return not adapters
 
 
@@ -148,13 +233,26 @@ def _compose_checkpoints(base, tuned, output, weights, options, dtype, shard_siz
     encoder = encoder_for(dtype, checkpoint)
     with atomic_output(output, inputs=[Path(base), *map(Path, tuned)], force=force) as staging:
         with Progress(len(checkpoint), options.method) as tick:
-            report = task_arithmetic(checkpoint, [Checkpoint(t) for t in tuned], staging, weights or None, options,
-                                     dtype=DTYPES.get(dtype), shard_size=parse_size(shard_size),
-                                     on_tensor=tick, metadata=provenance(), encoder=encoder)
+            report = task_arithmetic(
+                checkpoint,
+                [Checkpoint(t) for t in tuned],
+                staging,
+                weights or None,
+                options,
+                dtype=DTYPES.get(dtype),
+                shard_size=parse_size(shard_size),
+                on_tensor=tick,
+                metadata=provenance(),
+                encoder=encoder,
+            )
     report.output = str(output)
     summary = asdict(report) | ({"quantization_error": encoder.total_error()} if encoder else {})
-    emit(summary, as_json, f"merged {len(tuned)} fine-tune(s) by {options.method} into {report.changed} of "
-         f"{report.tensors} tensors in {report.seconds:.2f}s -> {output}")
+    emit(
+        summary,
+        as_json,
+        f"merged {len(tuned)} fine-tune(s) by {options.method} into {report.changed} of "
+        f"{report.tensors} tensors in {report.seconds:.2f}s -> {output}",
+    )
 
 
 @click.command(short_help="Change an adapter's rank by the optimal truncation of each ΔW.")
@@ -167,7 +265,9 @@ def _compose_checkpoints(base, tuned, output, weights, options, dtype, shard_siz
 @FORCE_OPTION
 @JSON_OPTION
 @friendly
-def resize(adapter, output, rank, energy, max_error, min_rank, max_rank, base, device, format_name, force, as_json) -> None:
+def resize(
+    adapter, output, rank, energy, max_error, min_rank, max_rank, base, device, format_name, force, as_json
+) -> None:
     """Change an ADAPTER's rank by the optimal (Eckart–Young) truncation of each module's ΔW.
 
     Give exactly one of --rank, --energy or --max-error. Any adapter surgeon reads is taken:

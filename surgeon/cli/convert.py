@@ -17,7 +17,10 @@ def _render(report: dict) -> str:
         f"{report['output']} ({report['to']}) in {report['seconds']:.2f}s"
     ]
     if report["check"] is not None:
-        lines.append(f"read back and compared: max relative ΔW error {report['check']['max_relative_error']:.3g} (on random probes)")
+        lines.append(
+            f"read back and compared: max relative ΔW error {report['check']['max_relative_error']:.3g} (on random "
+            "probes)"
+        )
     lines += [f"note: {note}" for note in report["notes"]]
     return "\n".join(lines)
 
@@ -25,17 +28,34 @@ def _render(report: dict) -> str:
 @click.command(short_help="Convert an adapter to another format; the result is read back and checked.")
 @click.argument("source", type=INPUT)
 @click.option("--to", "target_format", required=True, type=click.Choice(writers()), help="Format to write.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="Output file (gguf, ort, kohya, diffusers) or directory (peft, mlx, sparse); written atomically.")
-@click.option("--base", "base_path", type=INPUT, default=None,
-              help="The base model's checkpoint: checks names and shapes; needed to read kohya and LyCORIS names "
-                   "and to write gguf.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output file (gguf, ort, kohya, diffusers) or directory (peft, mlx, sparse); written atomically.",
+)
+@click.option(
+    "--base",
+    "base_path",
+    type=INPUT,
+    default=None,
+    help="The base model's checkpoint: checks names and shapes; needed to read kohya and LyCORIS names "
+    "and to write gguf.",
+)
 @FROM_OPTION
 @FORCE_OPTION
 @JSON_OPTION
 @friendly
-def convert(source: Path, target_format: str, output: Path, base_path: Path | None, format_name: str | None, force: bool,
-            as_json: bool) -> None:
+def convert(
+    source: Path,
+    target_format: str,
+    output: Path,
+    base_path: Path | None,
+    format_name: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Convert the adapter SOURCE to another format (--to), writing -o.
 
     The format of SOURCE is detected from its layout (--from overrides). Every conversion goes
@@ -54,8 +74,10 @@ def convert(source: Path, target_format: str, output: Path, base_path: Path | No
     """
     target = FORMATS[target_format]
     if target.write_needs_base and base_path is None:
-        raise SurgeonError(f"--to {target_format} needs --base, the base model's checkpoint directory (config.json beside "
-                           "the weights): its tensor names and head counts come from there.")
+        raise SurgeonError(
+            f"--to {target_format} needs --base, the base model's checkpoint directory (config.json beside "
+            "the weights): its tensor names and head counts come from there."
+        )
     target.check_output(output)
     from surgeon.convert import convert_adapter
 

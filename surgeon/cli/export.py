@@ -8,8 +8,18 @@ from pathlib import Path
 
 import click
 
-from surgeon.cli.common import (DEVICE_OPTION, FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, Progress, emit, friendly,
-                                provenance, verbose_asked)
+from surgeon.cli.common import (
+    DEVICE_OPTION,
+    FORCE_OPTION,
+    FROM_OPTION,
+    INPUT,
+    JSON_OPTION,
+    Progress,
+    emit,
+    friendly,
+    provenance,
+    verbose_asked,
+)
 from surgeon.errors import SurgeonError
 from surgeon.summary import human_bytes
 
@@ -18,8 +28,9 @@ TASKS = ("causal-lm", "feature-extraction", "masked-lm", "sequence-classificatio
 EXPORTERS = ("auto", "dynamo", "legacy")
 
 
-def _merged_copy(base: Path, adapters: tuple[Path, ...], weights, format_name, device: str,
-                 scratch: Path) -> tuple[Path, Path | None]:
+def _merged_copy(
+    base: Path, adapters: tuple[Path, ...], weights, format_name, device: str, scratch: Path
+) -> tuple[Path, Path | None]:
     """Merge the adapters into a scratch copy of the base, streaming as ``surgeon merge`` does; and
     the prefix-tuning adapter to trace with the model, if one is given."""
     from surgeon.checkpoint import Checkpoint
@@ -50,7 +61,9 @@ def _text(report) -> str:
     else:
         shapes = ", ".join(f"{c['batch']}x{c['sequence']}" for c in check["cases"])
         lines.append(
-            f"{'verified' if check['passed'] else 'FAILED verification'} against torch with {check['runtime']} on batch x sequence "
+            f"{'verified' if check['passed'] else 'FAILED verification'} against torch with {check['runtime']} on "
+            "batch "
+            "x sequence "
             f"{shapes} (one padded row each; {check['compared_values']:,} unmasked values): max abs diff "
             f"{check['max_abs_diff']:.3g}, max relative diff {check['max_relative_diff']:.3g} (atol {check['atol']:g})"
         )
@@ -59,22 +72,59 @@ def _text(report) -> str:
 
 @click.command("export-onnx", short_help="Export a checkpoint (adapters merged in) to ONNX and verify it.")
 @click.argument("checkpoint", type=INPUT)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .onnx file to write; weights over 2 GB go to OUTPUT.data beside it.")
-@click.option("--adapter", "adapters", multiple=True, type=INPUT,
-              help="Merge this adapter into CHECKPOINT first (repeat for several; applied in order); a PEFT "
-                   "prefix-tuning adapter is traced into the graph with the model instead.")
-@click.option("-w", "--weight", "weights", multiple=True, type=float, help="Scale for each --adapter, in order (default 1).")
-@click.option("--task", type=click.Choice(list(TASKS)), default=None, help="Which head to export; default from config.json's architectures (causal LM -> logits, encoder -> last hidden state).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The .onnx file to write; weights over 2 GB go to OUTPUT.data beside it.",
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    type=INPUT,
+    help="Merge this adapter into CHECKPOINT first (repeat for several; applied in order); a PEFT "
+    "prefix-tuning adapter is traced into the graph with the model instead.",
+)
+@click.option(
+    "-w", "--weight", "weights", multiple=True, type=float, help="Scale for each --adapter, in order (default 1)."
+)
+@click.option(
+    "--task",
+    type=click.Choice(list(TASKS)),
+    default=None,
+    help="Which head to export; default from config.json's architectures (causal LM -> logits, encoder -> last hidden "
+    "state).",
+)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's own; 17 for legacy).")
-@click.option("--exporter", type=click.Choice(EXPORTERS), default="auto", show_default=True, help="auto is dynamo (needs onnxscript), falling back to legacy (TorchScript) if dynamo fails.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest absolute difference between onnxruntime and torch that passes.")
-@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-torch check (the graph is still run through onnx.checker).")
+@click.option(
+    "--exporter",
+    type=click.Choice(EXPORTERS),
+    default="auto",
+    show_default=True,
+    help="auto is dynamo (needs onnxscript), falling back to legacy (TorchScript) if dynamo fails.",
+)
+@click.option(
+    "--atol",
+    type=float,
+    default=1e-4,
+    show_default=True,
+    help="Largest absolute difference between onnxruntime and torch that passes.",
+)
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Skip the onnxruntime-vs-torch check (the graph is still run through onnx.checker).",
+)
 @FROM_OPTION
 @DEVICE_OPTION
 @FORCE_OPTION
 @JSON_OPTION
 @friendly
-def export_onnx(checkpoint, output, adapters, weights, task, opset, exporter, atol, no_verify, format_name, device, force, as_json) -> None:
+def export_onnx(
+    checkpoint, output, adapters, weights, task, opset, exporter, atol, no_verify, format_name, device, force, as_json
+) -> None:
     """Export a transformers CHECKPOINT (or CHECKPOINT with --adapter merged in) to ONNX, and verify it.
 
     The model is built from the checkpoint's config.json by transformers (pip install
@@ -94,11 +144,22 @@ def export_onnx(checkpoint, output, adapters, weights, task, opset, exporter, at
     from surgeon.output import check_destination, claimed, scratch_beside
 
     check_destination(output, [checkpoint, *adapters], force, directory=False)
-    options = dict(task=task, opset=opset, exporter=exporter, atol=atol, check=not no_verify, force=force,
-                   provenance=provenance(), adapters=[str(a) for a in adapters], verbose=verbose_asked())
+    options = dict(
+        task=task,
+        opset=opset,
+        exporter=exporter,
+        atol=atol,
+        check=not no_verify,
+        force=force,
+        provenance=provenance(),
+        adapters=[str(a) for a in adapters],
+        verbose=verbose_asked(),
+    )
     if adapters:
-        with claimed(output, inputs=[checkpoint, *adapters], force=force, directory=False), \
-                scratch_beside(output) as scratch:
+        with (
+            claimed(output, inputs=[checkpoint, *adapters], force=force, directory=False),
+            scratch_beside(output) as scratch,
+        ):
             merged, prefix = _merged_copy(checkpoint, adapters, weights, format_name, device, scratch)
             report = export(merged, output, prefix=prefix, **options)
     elif weights:
@@ -110,6 +171,7 @@ def export_onnx(checkpoint, output, adapters, weights, task, opset, exporter, at
     if report.verified is False:
         check = report.verification
         raise SurgeonError(
-            f"{output}: onnxruntime and torch differ by up to {check['max_abs_diff']:.3g} at unmasked positions, above --atol "
+            f"{output}: onnxruntime and torch differ by up to {check['max_abs_diff']:.3g} at unmasked positions, above "
+            "--atol "
             f"{atol:g}; the graph is kept as {report.output} for inspection, not at {output}."
         )

@@ -48,14 +48,20 @@ def pull(source: str, output: Path, force: bool, as_json: bool) -> None:
             shutil.copyfile(origin, staging / name)  # follows the cache's symlink to the blob
     size = sum((output / name).stat().st_size for name in fetched.files)
     report = {"source": source, "commit": fetched.commit, "output": str(output), "files": fetched.files, "bytes": size}
-    emit(report, as_json, f"pulled {len(fetched.files)} files ({human_bytes(size)}) of {source} at {fetched.commit[:10]} -> {output}")
+    emit(
+        report,
+        as_json,
+        f"pulled {len(fetched.files)} files ({human_bytes(size)}) of {source} at {fetched.commit[:10]} -> {output}",
+    )
 
 
 def _local_files(directory: Path) -> list[Path]:
     """Files to upload: everything but hidden paths (.git, .cache, surgeon's staging dirs)."""
     return sorted(
-        p for p in directory.rglob("*")
-        if p.is_file() and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(directory).parts)
+        p
+        for p in directory.rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(directory).parts)
     )
 
 
@@ -68,7 +74,8 @@ def plan_commit(directory: Path, repo_id: str, folder: str, base_model: str | No
     card = None if keeps_own_card(directory) else generate(directory, repo_id, base_model)
     entries = [
         {"path": prefix + p.relative_to(directory).as_posix(), "bytes": p.stat().st_size, "source": str(p)}
-        for p in _local_files(directory) if not (card is not None and p == directory / "README.md")
+        for p in _local_files(directory)
+        if not (card is not None and p == directory / "README.md")
     ]
     if card is not None:
         entries.append({"path": prefix + "README.md", "bytes": len(card.encode()), "source": "generated model card"})
@@ -78,22 +85,39 @@ def plan_commit(directory: Path, repo_id: str, folder: str, base_model: str | No
 def _write_error(repo_id: str, error: Exception) -> SurgeonError:
     status = getattr(getattr(error, "response", None), "status_code", None)
     if status in (401, 403):
-        return SurgeonError(f"the Hub refused to write to {repo_id} ({status}); use a token with write access to it (`hf auth login`, or HF_TOKEN).")
+        return SurgeonError(
+            f"the Hub refused to write to {repo_id} ({status}); use a token with write access to it (`hf auth login`, "
+            "or HF_TOKEN)."
+        )
     return SurgeonError(f"pushing to {repo_id} failed ({str(error).splitlines()[0]}); check the repository and retry.")
 
 
 @click.command(short_help="Upload a directory to the Hub in one commit, with a generated model card.")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("destination")
-@click.option("--revision", default=None, help="Branch to commit to (created from main if missing); same as @revision in DESTINATION.")
-@click.option("--create-pr", is_flag=True, help="Open a pull request with the commit instead of committing to the branch.")
-@click.option("--private", is_flag=True, help="Create the repository as private (an existing repository keeps its visibility).")
-@click.option("--base-model", default=None, help="Hub id of the base model for the card, when the files do not name one.")
+@click.option(
+    "--revision",
+    default=None,
+    help="Branch to commit to (created from main if missing); same as @revision in DESTINATION.",
+)
+@click.option(
+    "--create-pr", is_flag=True, help="Open a pull request with the commit instead of committing to the branch."
+)
+@click.option(
+    "--private", is_flag=True, help="Create the repository as private (an existing repository keeps its visibility)."
+)
+@click.option(
+    "--base-model", default=None, help="Hub id of the base model for the card, when the files do not name one."
+)
 @click.option("-m", "--message", default=None, help="Commit message (default: 'Upload DIRECTORY-NAME with surgeon').")
-@click.option("--dry-run", is_flag=True, help="List what would be committed, generated card included, and send nothing.")
+@click.option(
+    "--dry-run", is_flag=True, help="List what would be committed, generated card included, and send nothing."
+)
 @JSON_OPTION
 @friendly
-def push(directory: Path, destination: str, revision, create_pr, private, base_model, message, dry_run, as_json) -> None:
+def push(
+    directory: Path, destination: str, revision, create_pr, private, base_model, message, dry_run, as_json
+) -> None:
     """Upload DIRECTORY to the Hub repository DESTINATION in one commit, with a model card.
 
     DESTINATION is hf://org/name[@revision][/folder]. The repository is created if it does not
@@ -117,13 +141,23 @@ def push(directory: Path, destination: str, revision, create_pr, private, base_m
     entries, card = plan_commit(directory, hub.repo_id, hub.path_in_repo, base_model)
     message = message or f"Upload {directory.name} with surgeon"
     report = {
-        "repo": hub.repo_id, "repo_type": hub.repo_type, "revision": revision or "main", "create_pr": create_pr,
-        "private": private, "message": message, "dry_run": dry_run,
-        "files": [{k: e[k] for k in ("path", "bytes", "source")} for e in entries], "card": card,
+        "repo": hub.repo_id,
+        "repo_type": hub.repo_type,
+        "revision": revision or "main",
+        "create_pr": create_pr,
+        "private": private,
+        "message": message,
+        "dry_run": dry_run,
+        "files": [{k: e[k] for k in ("path", "bytes", "source")} for e in entries],
+        "card": card,
     }
     total = human_bytes(sum(e["bytes"] for e in entries))
     width = max(len(e["path"]) for e in entries)
-    listing = "\n".join(f"  {e['path']:<{width}}  {human_bytes(e['bytes']):>9}" + ("  (generated model card)" if e["source"] == "generated model card" else "") for e in entries)
+    listing = "\n".join(
+        f"  {e['path']:<{width}}  {human_bytes(e['bytes']):>9}"
+        + ("  (generated model card)" if e["source"] == "generated model card" else "")
+        for e in entries
+    )
     where = f"{hub.repo_id}@{revision or 'main'}" + (" as a pull request" if create_pr else "")
     if dry_run:
         card_text = f"\n--- README.md (generated) ---\n{card}" if card else "\n(README.md uploaded as it is)"
@@ -140,17 +174,25 @@ def _commit(hub, entries: list[dict], card: str | None, revision, create_pr, pri
     from huggingface_hub.errors import HfHubHTTPError
 
     if huggingface_hub.get_token() is None:
-        raise SurgeonError("no Hugging Face token found; log in with `hf auth login` or set HF_TOKEN to a token with write access.")
+        raise SurgeonError(
+            "no Hugging Face token found; log in with `hf auth login` or set HF_TOKEN to a token with write access."
+        )
     api = huggingface_hub.HfApi()
     operations = [
-        CommitOperationAdd(e["path"], card.encode() if e["source"] == "generated model card" else e["source"]) for e in entries
+        CommitOperationAdd(e["path"], card.encode() if e["source"] == "generated model card" else e["source"])
+        for e in entries
     ]
     try:
         api.create_repo(hub.repo_id, repo_type=hub.repo_type, private=private or None, exist_ok=True)
         if revision and revision != "main" and not create_pr:
             api.create_branch(hub.repo_id, repo_type=hub.repo_type, branch=revision, exist_ok=True)
         info = api.create_commit(
-            hub.repo_id, operations, commit_message=message, repo_type=hub.repo_type, revision=revision, create_pr=create_pr,
+            hub.repo_id,
+            operations,
+            commit_message=message,
+            repo_type=hub.repo_type,
+            revision=revision,
+            create_pr=create_pr,
         )
     except HfHubHTTPError as error:
         raise _write_error(hub.repo_id, error) from None

@@ -11,7 +11,9 @@ from surgeon.cli.common import FROM_OPTION, INPUT, JSON_OPTION, emit, friendly
 
 @click.command(short_help="Say what a path is (adapter and format, or checkpoint) and summarise it.")
 @click.argument("path", type=INPUT)
-@click.option("--base", type=INPUT, default=None, help="The base checkpoint, for formats only it resolves (kohya, LyCORIS, GGUF).")
+@click.option(
+    "--base", type=INPUT, default=None, help="The base checkpoint, for formats only it resolves (kohya, LyCORIS, GGUF)."
+)
 @FROM_OPTION
 @JSON_OPTION
 @friendly

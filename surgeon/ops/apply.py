@@ -9,7 +9,9 @@ import torch
 from surgeon.delta import Delta
 
 
-def apply_deltas(weight: torch.Tensor, deltas: list[tuple[Delta, float]], reference: torch.Tensor | None = None) -> torch.Tensor:
+def apply_deltas(
+    weight: torch.Tensor, deltas: list[tuple[Delta, float]], reference: torch.Tensor | None = None
+) -> torch.Tensor:
     """``weight`` with each (delta, weight) applied in order, computed in ``weight``'s dtype.
 
     ``reference`` is the unmerged base weight that DoRA norms are taken against (PEFT's rule when

@@ -83,21 +83,31 @@ class ComposeOptions:
             raise SurgeonError(f"majority_sign must be total or frequency; got {self.majority_sign!r}.")
         if self.method in DENSE_METHODS:
             if self.density is None or not 0 < self.density <= 1:
-                raise SurgeonError(f"method {self.method} needs a density in (0, 1], the fraction of each delta's entries to keep.")
+                raise SurgeonError(
+                    f"method {self.method} needs a density in (0, 1], the fraction of each delta's entries to keep."
+                )
         elif self.density is not None:
             raise SurgeonError(f"density applies to {', '.join(DENSE_METHODS)}, not to method {self.method}.")
         if self.method in ("cat", "linear") and self.rule is not None:
             raise SurgeonError(f"method {self.method} keeps the ranks it is given; use method svd to choose a rank.")
         if self.method in FACTORED_METHODS and self.keep != "lora":
-            raise SurgeonError(f"keeping the result as {self.keep} applies to {', '.join(DENSE_METHODS)}; method {self.method} gives a LoRA.")
+            raise SurgeonError(
+                f"keeping the result as {self.keep} applies to {', '.join(DENSE_METHODS)}; method {self.method} gives "
+                "a "
+                "LoRA."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # The factored SVD
 
 
-def factored_svd(ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor], coefficients: Sequence[float],
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factored_svd(
+    ups: Sequence[torch.Tensor],
+    downs: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, S, Vᵀ) with Σ cᵢ·upᵢ@downᵢ = U·diag(S)·Vᵀ, U m×q, Vᵀ q×k, q ≤ Σ rᵢ, S descending.
 
     Only m×R, R×k and R×R matrices are formed: up = Qᵤ·Rᵤ and downᵀ = Q_d·R_d give
@@ -147,8 +157,12 @@ def ties_merge(stacked: torch.Tensor, weights: torch.Tensor, method: str) -> tor
     return (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
 
 
-def combine_dense(deltas: Sequence[torch.Tensor], weights: Sequence[float], options: ComposeOptions,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def combine_dense(
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    options: ComposeOptions,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """One module's deltas merged by ``options.method`` (a DENSE_METHODS entry)."""
     method, density = options.method, float(options.density)
     if method.startswith("dare"):
@@ -187,8 +201,10 @@ class _Part:
             elif delta.additive:
                 part.exact.append(delta)
             else:  # appended vocabulary rows: nothing to add to another adapter's ΔW
-                raise SurgeonError(f"{key!r} has {delta.label}, which are no ΔW to combine with other deltas; merge "
-                                   "that adapter into the base instead (surgeon merge).")
+                raise SurgeonError(
+                    f"{key!r} has {delta.label}, which are no ΔW to combine with other deltas; merge "
+                    "that adapter into the base instead (surgeon merge)."
+                )
         return part
 
     @property
@@ -237,7 +253,8 @@ def check_compatible(adapters: Sequence[tuple[Adapter, str]], force: bool = Fals
                     seen[key] = (shape, kind, where)
                 if tuple(delta.shape) != shape or kind != seen[key][1]:
                     raise SurgeonError(
-                        f"{where}: {key!r} is a {kind} delta of shape {tuple(delta.shape)} but in {other} a {other_kind} "
+                        f"{where}: {key!r} is a {kind} delta of shape {tuple(delta.shape)} but in {other} a "
+                        f"{other_kind} "
                         f"delta of shape {shape}; the adapters were made for different models."
                     )
 
@@ -252,8 +269,10 @@ def _check_one_namespace(adapters: Sequence[tuple[Adapter, str]]) -> None:
                 parts = key.split(".")
                 shorter = next((".".join(parts[i:]) for i in range(1, len(parts)) if ".".join(parts[i:]) in keys), None)
                 if shorter is not None and key not in keys:
-                    raise SurgeonError(f"{where}: names {key!r} where {other_where} names {shorter!r}; "
-                                       "give the base checkpoint so that both are named by its keys.")
+                    raise SurgeonError(
+                        f"{where}: names {key!r} where {other_where} names {shorter!r}; "
+                        "give the base checkpoint so that both are named by its keys."
+                    )
 
 
 def _common_dtype(deltas: Sequence[Delta]) -> torch.dtype:
@@ -293,7 +312,10 @@ def _linear(terms: Sequence[tuple[LowRank, float]], key: str, shape) -> LowRank:
     """PEFT's ``linear``: up = Σ √|cᵢ|·upᵢ and down = Σ sign(cᵢ)·√|cᵢ|·downᵢ, scale 1."""
     if len({low.rank for low, _ in terms}) > 1:
         ranks = ", ".join(str(low.rank) for low, _ in terms)
-        raise SurgeonError(f"method linear adds the factors themselves, so it needs equal ranks, but {key!r} has ranks {ranks}; use cat or svd.")
+        raise SurgeonError(
+            f"method linear adds the factors themselves, so it needs equal ranks, but {key!r} has ranks {ranks}; use "
+            "cat or svd."
+        )
     dtype = _common_dtype([low for low, _ in terms])
     work = _compute_dtype(dtype)
     up = sum(low.up.to(work) * math.sqrt(abs(w * low.scale)) for low, w in terms)
@@ -310,8 +332,13 @@ def _low_rank(u, s, vh, shape, dtype, magnitude=None, axis=0) -> LowRank | None:
     if s.numel() == 0:
         return None
     up, down = factor_split(u, s, vh, "balanced")
-    return LowRank(down=down.to(dtype).cpu().contiguous(), up=up.to(dtype).cpu().contiguous(), shape=shape,
-                   magnitude=magnitude, magnitude_axis=axis)
+    return LowRank(
+        down=down.to(dtype).cpu().contiguous(),
+        up=up.to(dtype).cpu().contiguous(),
+        shape=shape,
+        magnitude=magnitude,
+        magnitude_axis=axis,
+    )
 
 
 def _dora(terms: Sequence[tuple[LowRank, float]], key: str) -> tuple[torch.Tensor | None, int]:
@@ -332,12 +359,17 @@ def _materialize_part(part: _Part, shape, device, dtype) -> torch.Tensor:
     total = torch.zeros(shape, device=device, dtype=dtype)
     for delta in part.additive:
         if not delta.additive:
-            raise SurgeonError("a DoRA update has no additive ΔW for the ties, dare and magnitude_prune methods to act on; resize it instead.")
+            raise SurgeonError(
+                "a DoRA update has no additive ΔW for the ties, dare and magnitude_prune methods to act on; resize it "
+                "instead."
+            )
         total += delta.materialize(device, dtype)
     return total
 
 
-def _compose_dense(key: str, parts: Sequence[_Part], shape, options: ComposeOptions) -> tuple[list[Delta], ModuleReport]:
+def _compose_dense(
+    key: str, parts: Sequence[_Part], shape, options: ComposeOptions
+) -> tuple[list[Delta], ModuleReport]:
     ranks_in = [low.rank for p in parts for low in p.low]
     dtype = _common_dtype([d for p in parts for d in p.additive])
     work = _compute_dtype(dtype)
@@ -355,13 +387,17 @@ def _compose_dense(key: str, parts: Sequence[_Part], shape, options: ComposeOpti
         indices = flat.nonzero().reshape(-1)
         return [Sparse(indices.cpu(), flat[indices].to(dtype).cpu(), shape)], report
     # a randomized SVD (picked for a fixed rank on large modules) is seeded too, so runs repeat
-    found = truncated_svd(merged.reshape(shape[0], -1), _rule(options, ranks_in), generator=torch.Generator().manual_seed(options.seed))
+    found = truncated_svd(
+        merged.reshape(shape[0], -1), _rule(options, ranks_in), generator=torch.Generator().manual_seed(options.seed)
+    )
     report.rank, report.relative_error = found.rank, math.sqrt(max(0.0, 1.0 - found.energy_kept))
     low = _low_rank(found.u, found.s, found.vh, shape, dtype)
     return ([low] if low is not None else []), report
 
 
-def _compose_factored(key: str, parts: Sequence[_Part], shape, options: ComposeOptions) -> tuple[list[Delta], ModuleReport]:
+def _compose_factored(
+    key: str, parts: Sequence[_Part], shape, options: ComposeOptions
+) -> tuple[list[Delta], ModuleReport]:
     if options.method == "svd" and options.rule is not None and any(p.dense for p in parts):
         # dense ΔWs (LoKr, a large LoHa) are factored with the LoRA terms; sparse diffs stay exact
         found, report = _compose_dense(key, [replace(p, exact=p.dense) for p in parts], shape, options)
@@ -380,20 +416,30 @@ def _compose_factored(key: str, parts: Sequence[_Part], shape, options: ComposeO
         else:
             dtype = _common_dtype([low for low, _ in terms])
             work = _compute_dtype(dtype)
-            u, s, vh = factored_svd([low.up.to(options.device) for low, _ in terms],
-                                    [low.down.to(options.device) for low, _ in terms],
-                                    [w * low.scale for low, w in terms], work)
+            u, s, vh = factored_svd(
+                [low.up.to(options.device) for low, _ in terms],
+                [low.down.to(options.device) for low, _ in terms],
+                [w * low.scale for low, w in terms],
+                work,
+            )
             spectrum = s.double().cpu()
-            rank = min(_rule(options, ranks_in).choose(spectrum), numerical_rank(spectrum, (u.shape[0], vh.shape[1]), work))
+            rank = min(
+                _rule(options, ranks_in).choose(spectrum), numerical_rank(spectrum, (u.shape[0], vh.shape[1]), work)
+            )
             report.rank, report.relative_error = rank, tail_error(spectrum, rank)
             low = _low_rank(u[:, :rank], s[:rank], vh[:rank], shape, dtype, magnitude, axis)
             found.extend([low] if low is not None else [])
     return found + _sum_exact(parts, shape), report
 
 
-def compose(adapters: Sequence[tuple[Adapter, str]], weights: Sequence[float] | None = None,
-            options: ComposeOptions = ComposeOptions(), *, force: bool = False,
-            on_key: Callable[[str], None] | None = None) -> tuple[Adapter, ComposeReport]:
+def compose(
+    adapters: Sequence[tuple[Adapter, str]],
+    weights: Sequence[float] | None = None,
+    options: ComposeOptions = ComposeOptions(),
+    *,
+    force: bool = False,
+    on_key: Callable[[str], None] | None = None,
+) -> tuple[Adapter, ComposeReport]:
     """The adapters combined by ``options.method``, each scaled by its weight (negative to subtract).
 
     Targets are the union of the adapters' targets; a target that only some adapters have is
@@ -406,14 +452,20 @@ def compose(adapters: Sequence[tuple[Adapter, str]], weights: Sequence[float] | 
         raise SurgeonError("give at least one adapter to compose.")
     check_compatible(adapters, force)
     first = adapters[0][0]
-    result = Adapter(source_format=first.source_format, base_model=next((a.base_model for a, _ in adapters if a.base_model), None),
-                     config=dict(first.config))
+    result = Adapter(
+        source_format=first.source_format,
+        base_model=next((a.base_model for a, _ in adapters if a.base_model), None),
+        config=dict(first.config),
+    )
     report = ComposeReport(method=options.method, adapters=len(adapters), weights=weights)
     keys = list(dict.fromkeys(k for adapter, _ in adapters for k in adapter.deltas))
     for key in keys:
-        parts = [(_Part.of(key, a.deltas[key], w), where)
-                 for (a, where), w in zip(adapters, weights) if key in a.deltas]
-        module_type = min((a.module_types.get(key, "linear") for a, _ in adapters if key in a.deltas), key=lambda t: t == "other")
+        parts = [
+            (_Part.of(key, a.deltas[key], w), where) for (a, where), w in zip(adapters, weights) if key in a.deltas
+        ]
+        module_type = min(
+            (a.module_types.get(key, "linear") for a, _ in adapters if key in a.deltas), key=lambda t: t == "other"
+        )
         shape = tuple(next(iter(a.deltas[key][0] for a, _ in adapters if key in a.deltas)).shape)
         for delta in _replacements(key, parts):
             result.add(key, delta, module_type)
@@ -438,7 +490,9 @@ def _replacements(key: str, parts: Sequence[tuple[_Part, str]]) -> list[Delta]:
     holders = [(p, where) for p, where in parts if p.replace]
     for part, where in holders[1:]:
         if len(part.replace) != len(holders[0][0].replace) or not all(
-                torch.equal(a.materialize(dtype=a.stored_dtype), b.materialize(dtype=b.stored_dtype)) for a, b in zip(part.replace, holders[0][0].replace)):
+            torch.equal(a.materialize(dtype=a.stored_dtype), b.materialize(dtype=b.stored_dtype))
+            for a, b in zip(part.replace, holders[0][0].replace)
+        ):
             raise SurgeonError(
                 f"{where}: replaces {key!r} whole (modules_to_save) with other values than {holders[0][1]} does; "
                 "two replacements cannot be combined, so drop that module from one adapter."
@@ -446,8 +500,9 @@ def _replacements(key: str, parts: Sequence[tuple[_Part, str]]) -> list[Delta]:
     return holders[0][0].replace if holders else []
 
 
-def read_adapters(paths: Sequence[str | Path], format_name: str | None = None,
-                  base: Checkpoint | None = None) -> list[tuple[Adapter, str]]:
+def read_adapters(
+    paths: Sequence[str | Path], format_name: str | None = None, base: Checkpoint | None = None
+) -> list[tuple[Adapter, str]]:
     """The adapters at ``paths`` for :func:`compose` and :func:`resize`, each with where it came
     from. With ``base`` they are read against it and named by its keys: kohya, LyCORIS and GGUF
     names resolve only against the base, and an (IA)³ ΔW is computed from its weights."""
@@ -461,7 +516,11 @@ def read_adapters(paths: Sequence[str | Path], format_name: str | None = None,
     return list(zip(prepare(loaded, base, allow_nonfinite=True), [where for _, where in loaded]))
 
 
-def resize(adapter: Adapter, rule: RankRule, device: torch.device = torch.device("cpu"),
-           on_key: Callable[[str], None] | None = None) -> tuple[Adapter, ComposeReport]:
+def resize(
+    adapter: Adapter,
+    rule: RankRule,
+    device: torch.device = torch.device("cpu"),
+    on_key: Callable[[str], None] | None = None,
+) -> tuple[Adapter, ComposeReport]:
     """The optimal (Eckart–Young) truncation of every low-rank delta of ``adapter`` by ``rule``."""
     return compose([(adapter, "adapter")], [1.0], ComposeOptions(method="svd", rule=rule, device=device), on_key=on_key)

@@ -38,13 +38,13 @@ from surgeon.architectures import known_module_types
 from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter, Delta, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
+from surgeon.formats.sparse import index_dtype
 from surgeon.keys import embedding_name, key_generator
 from surgeon.model_names import meta_model, model_names
-from surgeon.pairing import paired_keys
-from surgeon.formats.sparse import index_dtype
 from surgeon.ops.norms import frobenius_norm
 from surgeon.ops.rank import RankRule
 from surgeon.ops.svd import factor_split, truncated_svd
+from surgeon.pairing import paired_keys
 
 EMBEDDING_CHOICES = ("auto", "skip", "lora", "full")
 #: Why a key that only one checkpoint holds is left out (see surgeon/pairing.py).
@@ -88,7 +88,9 @@ class ExtractOptions:
             try:
                 re.compile(pattern)
             except re.error as error:
-                raise SurgeonError(f"include/exclude pattern {pattern!r} is not a valid regular expression ({error}).") from None
+                raise SurgeonError(
+                    f"include/exclude pattern {pattern!r} is not a valid regular expression ({error})."
+                ) from None
 
 
 @dataclass
@@ -126,7 +128,10 @@ class Extraction:
 
     def report(self) -> dict:
         targets = [r for r in self.rows if r.action in ("lora", "sparse")]
-        errors = [r.relative_error_with_sparse if r.relative_error_with_sparse is not None else r.relative_error for r in targets]
+        errors = [
+            r.relative_error_with_sparse if r.relative_error_with_sparse is not None else r.relative_error
+            for r in targets
+        ]
         ranks = [r.rank for r in targets if r.action == "lora"]
         one_sided = [r.key for r in self.rows if r.reason == _ONE_SIDED]
         left = [r for r in self.rows if r.action == "skipped" and r.reason != _ONE_SIDED]
@@ -142,7 +147,8 @@ class Extraction:
             # what the adapter leaves out, and its cost: the share of the total squared change it does not carry
             "left_out": [{"key": r.key, "reason": r.reason, "delta_norm": r.delta_norm} for r in left],
             "left_out_share": sum(r.delta_norm**2 for r in left if math.isfinite(r.delta_norm)) / change
-            if change else 0.0,
+            if change
+            else 0.0,
             "rank": {"min": min(ranks), "max": max(ranks), "mean": sum(ranks) / len(ranks)} if ranks else None,
             "mean_relative_error": sum(errors) / len(errors) if errors else None,
             "max_relative_error": max(errors) if errors else None,
@@ -191,8 +197,12 @@ def _types_from_model(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str],
     from transformers.pytorch_utils import Conv1D
 
     model = meta_model(checkpoint.directory, names.model_class)
-    kinds = ((torch.nn.Embedding, "embedding"), (Conv1D, "conv1d"), (torch.nn.modules.conv._ConvNd, "conv"),
-             (torch.nn.Linear, "linear"))
+    kinds = (
+        (torch.nn.Embedding, "embedding"),
+        (Conv1D, "conv1d"),
+        (torch.nn.modules.conv._ConvNd, "conv"),
+        (torch.nn.Linear, "linear"),
+    )
     by_module = {}
     for name, module in model.named_modules():
         for cls_, kind in kinds:
@@ -212,8 +222,9 @@ def _types_from_model(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str],
     return types, embeddings, tied_keys, f"read from {names.model_class} (transformers)"
 
 
-def _pairs(base: Checkpoint, tuned: Checkpoint, keys: list[str], prefetch: int,
-           device: torch.device) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+def _pairs(
+    base: Checkpoint, tuned: Checkpoint, keys: list[str], prefetch: int, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """(key, base tensor, tuned tensor) on ``device``, in ``keys`` order; with ``prefetch`` > 0,
     reader threads (up to ``READERS``) keep that many pairs loaded ahead of the consumer."""
     if prefetch <= 0:
@@ -342,8 +353,15 @@ def _sparse_of(residual: torch.Tensor, density: float, shape: tuple[int, ...]) -
     return Sparse(indices.to(index_dtype(shape)).cpu(), values.to(torch.float32).cpu(), shape)
 
 
-def _factor(key: str, delta: torch.Tensor, module_type: str, shape: tuple[int, ...], options: ExtractOptions, out_dtype: torch.dtype,
-            generator: torch.Generator) -> tuple[LowRank | None, torch.Tensor, object]:
+def _factor(
+    key: str,
+    delta: torch.Tensor,
+    module_type: str,
+    shape: tuple[int, ...],
+    options: ExtractOptions,
+    out_dtype: torch.dtype,
+    generator: torch.Generator,
+) -> tuple[LowRank | None, torch.Tensor, object]:
     """The low-rank part of one delta (or None at rank 0), the residual, and the factorization."""
     matrix = delta.reshape(shape[0], -1)
     found = truncated_svd(matrix, options.rule, method=options.method, precision=options.precision, generator=generator)
@@ -353,16 +371,28 @@ def _factor(key: str, delta: torch.Tensor, module_type: str, shape: tuple[int, .
     # "up" is PEFT's lora_B: the left factor for Linear and conv, the right one where the base
     # layout is transposed (GPT-2 Conv1D in×out, embeddings), as formats/peft.py writes them.
     transposed = module_type in ("conv1d", "embedding")
-    side = {"balanced": "balanced", "up": "right" if transposed else "left", "down": "left" if transposed else "right"}[options.split]
+    side = {"balanced": "balanced", "up": "right" if transposed else "left", "down": "left" if transposed else "right"}[
+        options.split
+    ]
     left, right = factor_split(found.u, found.s / scale, found.vh, side)
     left, right = left.to(out_dtype), right.to(out_dtype)
-    residual = matrix.addmm_(left.to(matrix.dtype), right.to(matrix.dtype), alpha=-scale).reshape(shape)  # delta is not needed again
+    residual = matrix.addmm_(left.to(matrix.dtype), right.to(matrix.dtype), alpha=-scale).reshape(
+        shape
+    )  # delta is not needed again
     low_rank = LowRank(down=right.cpu().contiguous(), up=left.cpu().contiguous(), scale=scale, shape=shape)
     return low_rank, residual, found
 
 
-def _extract_matrix(row: Row, delta: torch.Tensor, module_type: str, options: ExtractOptions, out_dtype: torch.dtype,
-                    generator: torch.Generator, outcome: _Outcome, keep_spectra: bool) -> None:
+def _extract_matrix(
+    row: Row,
+    delta: torch.Tensor,
+    module_type: str,
+    options: ExtractOptions,
+    out_dtype: torch.dtype,
+    generator: torch.Generator,
+    outcome: _Outcome,
+    keep_spectra: bool,
+) -> None:
     """Factor one targeted delta into ``outcome`` (low rank, then the sparse residual) and fill its row."""
     key, shape = row.key, tuple(row.shape)
     residual = delta
@@ -402,7 +432,7 @@ class _Outcome:
 _EMBEDDING_LEFT_OUT = {
     "embedding": "embedding or lm_head, left out by --embeddings skip",
     "tied": "embedding tied to the output head: PEFT would apply an adapter on it to the input only, so the tuned "
-            "output head would be lost; merge the fine-tune instead, or force it with --embeddings lora or full",
+    "output head would be lost; merge the fine-tune instead, or force it with --embeddings lora or full",
 }
 
 
@@ -413,14 +443,31 @@ def _embedding_mode(embedding: str, options: ExtractOptions) -> str:
     return "skip" if embedding == "tied" else "lora"
 
 
-def _changed_tensor(key: str, old: torch.Tensor, new: torch.Tensor, module_type: str, embedding: str,
-                    options: ExtractOptions, workspace: _Workspace, keep_spectra: bool) -> _Outcome:
+def _changed_tensor(
+    key: str,
+    old: torch.Tensor,
+    new: torch.Tensor,
+    module_type: str,
+    embedding: str,
+    options: ExtractOptions,
+    workspace: _Workspace,
+    keep_spectra: bool,
+) -> _Outcome:
     """Everything about one tensor that differs: its delta, its row, and what to extract from it.
     ``embedding``: "embedding" for an input or output embedding, "tied" for one tied to the other.
     Runs in a worker thread; it touches nothing shared."""
     shape = tuple(old.shape)
     if not (old.is_floating_point() and new.is_floating_point()):
-        return _Outcome(Row(key, "skipped", module_type, list(shape), float("nan"), reason="not a float tensor; it cannot carry a delta"))
+        return _Outcome(
+            Row(
+                key,
+                "skipped",
+                module_type,
+                list(shape),
+                float("nan"),
+                reason="not a float tensor; it cannot carry a delta",
+            )
+        )
     row = Row(key, "skipped", module_type, list(shape), 0.0)
     outcome = _Outcome(row)
     whole = None
@@ -441,13 +488,17 @@ def _changed_tensor(key: str, old: torch.Tensor, new: torch.Tensor, module_type:
     delta = workspace.delta(old, new)
     row.delta_norm = frobenius_norm(delta)
     if not math.isfinite(row.delta_norm):
-        raise SurgeonError(f"{key!r} changes by NaN or Inf (or overflows {options.precision}) between the two checkpoints; "
-                           "extract needs finite weights: check the fine-tune that wrote them.")
+        raise SurgeonError(
+            f"{key!r} changes by NaN or Inf (or overflows {options.precision}) between the two checkpoints; "
+            "extract needs finite weights: check the fine-tune that wrote them."
+        )
     if module_type == "other":
         module_type = row.module_type = "conv" if delta.dim() > 2 else "linear"
     outcome.delta_bytes = delta.numel() * new.element_size()
     generator = key_generator(options.seed, key)
-    _extract_matrix(row, delta, module_type, options, options.factor_dtype or new.dtype, generator, outcome, keep_spectra)
+    _extract_matrix(
+        row, delta, module_type, options, options.factor_dtype or new.dtype, generator, outcome, keep_spectra
+    )
     return outcome
 
 
@@ -503,8 +554,9 @@ def extract(
         if not hasattr(local, "workspace"):
             local.workspace = _Workspace(options.precision, options.device)
         embedding = "tied" if key in tied else "embedding" if key in embeddings else ""
-        return _changed_tensor(key, old, new, types.get(key, "other"), embedding, options, local.workspace,
-                               keep_spectra)
+        return _changed_tensor(
+            key, old, new, types.get(key, "other"), embedding, options, local.workspace, keep_spectra
+        )
 
     pending: deque[tuple[str, Future]] = deque()
 
@@ -540,7 +592,10 @@ def extract(
             raise
         pool.shutdown()
     if all(r.reason == _ONE_SIDED for r in result.rows):
-        raise SurgeonError(f"{base.path} and {tuned.path} are identical: no tensor differs, so there is nothing to extract; nothing was written.")
+        raise SurgeonError(
+            f"{base.path} and {tuned.path} are identical: no tensor differs, so there is nothing to extract; nothing "
+            "was written."
+        )
     if not lora.low_ranks():  # no LoRA to write: whole replacements go with the sparse diff
         for key, deltas in lora.items():
             for d in deltas:
@@ -549,7 +604,8 @@ def extract(
     if not len(lora) and not len(sparse):
         first = result.rows[0]
         raise SurgeonError(
-            f"{len(result.rows)} tensors differ but none was extracted (e.g. {first.key!r}: {first.reason}); nothing was written."
+            f"{len(result.rows)} tensors differ but none was extracted (e.g. {first.key!r}: {first.reason}); nothing "
+            "was written."
         )
     result.seconds = time.perf_counter() - started
     return result

@@ -24,8 +24,8 @@ from surgeon.delta import FP32_MAX, Adapter, Delta, all_finite
 from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes, embedding_name
 from surgeon.model_names import tied_heads
-from surgeon.pairing import paired_keys
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
+from surgeon.pairing import paired_keys
 from surgeon.quantized import dequantized_dtype
 
 if TYPE_CHECKING:
@@ -62,8 +62,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def prepare(adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_nonfinite: bool,
-            base_shapes: bool = True) -> list[Adapter]:
+def prepare(
+    adapters: Sequence[tuple[Adapter, str]], base: Checkpoint, allow_nonfinite: bool, base_shapes: bool = True
+) -> list[Adapter]:
     """Adapters bound to the base's keys, with values checked, and shapes against the base's where
     ``base_shapes`` (unmerge takes off appended rows before the deltas under them: its shapes are
     checked in order, when the output is planned)."""
@@ -83,8 +84,9 @@ def refuse_nonfinite(adapter: Adapter, where: str, otherwise: str = "") -> None:
     and an SVD of it does not converge."""
     bad = adapter.nonfinite_keys()
     if bad:
-        raise SurgeonError(f"{where}: the delta for {bad[0]!r} holds NaN or Inf ({len(bad)} such keys); "
-                           f"fix the adapter{otherwise}.")
+        raise SurgeonError(
+            f"{where}: the delta for {bad[0]!r} holds NaN or Inf ({len(bad)} such keys); fix the adapter{otherwise}."
+        )
 
 
 def _deltas_by_key(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[tuple[Delta, float]]]:
@@ -93,8 +95,10 @@ def _deltas_by_key(adapters: Sequence[Adapter], weights: Sequence[float]) -> dic
         for key, deltas in adapter.items():
             scale = next((d.scale for d in deltas if not abs(weight * getattr(d, "scale", 1.0)) <= FP32_MAX), None)
             if scale is not None:
-                raise SurgeonError(f"{key!r}: the weight {weight:g} times the delta's scale {scale:g} is beyond fp32's range, "
-                                   "in which merge computes; use a smaller weight.")
+                raise SurgeonError(
+                    f"{key!r}: the weight {weight:g} times the delta's scale {scale:g} is beyond fp32's range, "
+                    "in which merge computes; use a smaller weight."
+                )
             plan.setdefault(key, []).extend((d, weight) for d in deltas)
     return plan
 
@@ -176,8 +180,10 @@ def transform_checkpoint(
     config = base.config() if dtype is not None or untied else {}
     sources = {**{key: key for key in base.keys()}, **untied}  # output key → the base key it is computed from
     planned = planned_outputs(base, plan, undo, out_dtype)
-    specs = [(key, planned[key] if key in planned else TensorInfo(base.info(source).shape, out_dtype(base.info(source))))
-             for key, source in sources.items()]
+    specs = [
+        (key, planned[key] if key in planned else TensorInfo(base.info(source).shape, out_dtype(base.info(source))))
+        for key, source in sources.items()
+    ]
     for key in plan:
         if not base.info(key).dtype.is_floating_point:
             raise SurgeonError(f"{base.path}: {key!r} is {base.info(key).dtype}; deltas apply to float weights only.")
@@ -229,15 +235,21 @@ def _output_shape(key: str, shape: tuple[int, ...], deltas: list[tuple[Delta, fl
     Each delta must fit the shape the ones before it leave (a LoRA after appended rows would not)."""
     for delta, _ in reversed(deltas) if undo else deltas:
         if not delta.fits(shape):
-            raise SurgeonError(f"{key!r}: a {delta.label} delta does not fit the {tuple(shape)} parameter it would "
-                               "apply to; check that the adapters belong to this model, the one that appends rows "
-                               "given last.")
+            raise SurgeonError(
+                f"{key!r}: a {delta.label} delta does not fit the {tuple(shape)} parameter it would "
+                "apply to; check that the adapters belong to this model, the one that appends rows "
+                "given last."
+            )
         shape = delta.output_shape(shape, undo)
     return tuple(shape)
 
 
-def planned_outputs(base: Checkpoint, plan: dict[str, list[tuple[Delta, float]]], undo: bool,
-                    out_dtype: Callable[[TensorInfo], torch.dtype] = lambda info: info.dtype) -> dict[str, TensorInfo]:
+def planned_outputs(
+    base: Checkpoint,
+    plan: dict[str, list[tuple[Delta, float]]],
+    undo: bool,
+    out_dtype: Callable[[TensorInfo], torch.dtype] = lambda info: info.dtype,
+) -> dict[str, TensorInfo]:
     """Every tensor :func:`transform_checkpoint` writes, with the shape the deltas give it and its output dtype."""
     shapes = {key: _output_shape(key, base.info(key).shape, plan.get(key, []), undo) for key in base.keys()}
     return {key: TensorInfo(shape, out_dtype(base.info(key))) for key, shape in shapes.items()}
@@ -266,18 +278,23 @@ def _write(writer: StreamingWriter, encoder: "BnbEncoder | None", key: str, tens
         writer.write(name, part)
 
 
-def _nonfinite_cause(base: Checkpoint, key: str, original: torch.Tensor, work: torch.Tensor | None,
-                     dtype: torch.dtype) -> str:
+def _nonfinite_cause(
+    base: Checkpoint, key: str, original: torch.Tensor, work: torch.Tensor | None, dtype: torch.dtype
+) -> str:
     """Why the tensor about to be written as ``key`` holds NaN or Inf: the base already did, the
     fp32 arithmetic overflowed, or the cast to a narrower ``dtype`` did."""
     anyway = "merge and unmerge write it anyway with --allow-nonfinite"
     if not all_finite(original):
         return f"{base.path}: {key!r} already holds NaN or Inf; fix the checkpoint ({anyway})."
     if work is not None and not all_finite(work):
-        return (f"{key!r} comes out NaN or Inf: the deltas applied to it overflow fp32 (weights or scales too "
-                f"large?); check the adapter's scale and the weights ({anyway}).")
-    return (f"{key!r} overflows {str(dtype).removeprefix('torch.')} when cast (a value beyond its largest finite "
-            f"number); write a wider dtype such as fp32 or bf16 ({anyway}).")
+        return (
+            f"{key!r} comes out NaN or Inf: the deltas applied to it overflow fp32 (weights or scales too "
+            f"large?); check the adapter's scale and the weights ({anyway})."
+        )
+    return (
+        f"{key!r} overflows {str(dtype).removeprefix('torch.')} when cast (a value beyond its largest finite "
+        f"number); write a wider dtype such as fp32 or bf16 ({anyway})."
+    )
 
 
 def one_weight_each(weights: Sequence[float] | None, inputs: Sequence, what: str = "adapters") -> list[float]:
@@ -310,14 +327,18 @@ def merge(
     for adapter, weight, (_, where) in zip(bound, weights, adapters):
         if weight != 1.0 and not all(d.scalable for ds in adapter.deltas.values() for d in ds):
             kinds = sorted({d.kind for ds in adapter.deltas.values() for d in ds if not d.scalable})
-            raise SurgeonError(f"{where}: its {' and '.join(kinds)} deltas have no defined meaning at a weight "
-                               "other than 1 (DoRA rescales whole rows, appended rows are looked up whole); "
-                               "give it weight 1.")
+            raise SurgeonError(
+                f"{where}: its {' and '.join(kinds)} deltas have no defined meaning at a weight "
+                "other than 1 (DoRA rescales whole rows, appended rows are looked up whole); "
+                "give it weight 1."
+            )
     plan = _deltas_by_key(bound, weights)
     tied = tied_heads(base, [k for k in plan if embedding_name(k.rpartition(".")[0])])
     if untie and not tied:
-        raise SurgeonError(f"untie: the adapters change no embedding of {base.path} that is tied to an output head; "
-                           "there is nothing to untie.")
+        raise SurgeonError(
+            f"untie: the adapters change no embedding of {base.path} that is tied to an output head; "
+            "there is nothing to untie."
+        )
     untied = {head: key for key, head in tied.items()} if untie else None
     report = transform_checkpoint(base, plan, out, allow_nonfinite=allow_nonfinite, untied=untied, **options)
     report.notes += [] if untie else [_tied_note(key, head) for key, head in tied.items()]
@@ -325,8 +346,10 @@ def merge(
 
 
 def _tied_note(key: str, head: str) -> str:
-    return (f"{key!r} is tied to the output head {head!r}, so the merged embedding changes the head too (as PEFT's "
-            "merge does; PEFT's unmerged adapter leaves the head as it was); untie to keep the head as it was.")
+    return (
+        f"{key!r} is tied to the output head {head!r}, so the merged embedding changes the head too (as PEFT's "
+        "merge does; PEFT's unmerged adapter leaves the head as it was); untie to keep the head as it was."
+    )
 
 
 def unmerge(
@@ -377,6 +400,11 @@ def compare(a: Checkpoint, b: Checkpoint) -> list[Difference]:
         y = b.get(key).to(torch.float64)
         diff = x - y
         norm = float(torch.linalg.vector_norm(y))
-        found.append(Difference(key, float(diff.abs().max()) if diff.numel() else 0.0,
-                                float(torch.linalg.vector_norm(diff)) / norm if norm else float(torch.linalg.vector_norm(diff))))
+        found.append(
+            Difference(
+                key,
+                float(diff.abs().max()) if diff.numel() else 0.0,
+                float(torch.linalg.vector_norm(diff)) / norm if norm else float(torch.linalg.vector_norm(diff)),
+            )
+        )
     return found

@@ -20,5 +20,9 @@ def frobenius_norm(tensor: torch.Tensor) -> float:
     whole = flat.numel() - flat.numel() % ROW
     precision = torch.float64 if flat.dtype == torch.float64 else torch.float32
     rows = torch.linalg.vector_norm(flat[:whole].view(-1, ROW), dim=1, dtype=precision)
-    tail = torch.linalg.vector_norm(flat[whole:].double()) if whole < flat.numel() else flat.new_zeros((), dtype=torch.float64)
+    tail = (
+        torch.linalg.vector_norm(flat[whole:].double())
+        if whole < flat.numel()
+        else flat.new_zeros((), dtype=torch.float64)
+    )
     return float(torch.linalg.vector_norm(torch.cat([rows.double(), tail.reshape(1)])))

@@ -21,8 +21,9 @@ from surgeon.quantize import causal_lm
 PROBE_IDS = (1, 5, 9, 42, 100, 7, 3, 11, 200, 64)
 
 
-def _logits(model: torch.nn.Module, weight: Callable[[str], torch.Tensor], ids: torch.Tensor,
-            where: object) -> torch.Tensor:
+def _logits(
+    model: torch.nn.Module, weight: Callable[[str], torch.Tensor], ids: torch.Tensor, where: object
+) -> torch.Tensor:
     """``model``'s logits on ``ids`` with every parameter and buffer it saves taken from ``weight``."""
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     with torch.no_grad():
@@ -31,8 +32,10 @@ def _logits(model: torch.nn.Module, weight: Callable[[str], torch.Tensor], ids: 
                 tensor.copy_(weight(key))
             except KeyError:
                 if key not in tied:
-                    raise SurgeonError(f"{where}: the model transformers builds has {key!r}, which the checkpoint "
-                                       "lacks; the probe needs every weight of the model.") from None
+                    raise SurgeonError(
+                        f"{where}: the model transformers builds has {key!r}, which the checkpoint "
+                        "lacks; the probe needs every weight of the model."
+                    ) from None
         return model(input_ids=ids).logits.float()
 
 
@@ -53,14 +56,19 @@ def probe(base, plan: dict, merged, where: object) -> dict:
     reference = _logits(model, _checked(keys, trained), ids, where)
     ours = _logits(model, _checked(keys, lambda key: merged.get(key).float()), ids, where)
     theirs = _logits(model, _checked(keys, naive), ids, where)
-    return {"token_ids": ids[0].tolist(), "max_logit_difference": float((ours - reference).abs().max()),
-            "naive_max_logit_difference": float((theirs - reference).abs().max())}
+    return {
+        "token_ids": ids[0].tolist(),
+        "max_logit_difference": float((ours - reference).abs().max()),
+        "naive_max_logit_difference": float((theirs - reference).abs().max()),
+    }
 
 
 def _checked(keys: set[str], weight: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
     """``weight`` for the checkpoint's ``keys``; a KeyError for the others (see :func:`_logits`)."""
+
     def get(key: str) -> torch.Tensor:
         if key not in keys:
             raise KeyError(key)
         return weight(key)
+
     return get

@@ -31,8 +31,10 @@ class QuantizedBase:
 
     def __init__(self, base: Checkpoint, scheme: Scheme):
         if base.quantized:
-            raise SurgeonError(f"{base.path}: is already bitsandbytes-quantized, so it is the trained-on base "
-                               "as it is; merge into it without a quantized base.")
+            raise SurgeonError(
+                f"{base.path}: is already bitsandbytes-quantized, so it is the trained-on base "
+                "as it is; merge into it without a quantized base."
+            )
         if scheme.bits != 4:
             raise SurgeonError(f"a quantized base is nf4 or fp4 (QLoRA's 4-bit schemes), not {scheme.kind}.")
         self.original = base
@@ -97,8 +99,9 @@ def distances(base: QuantizedBase, plan: dict, merged: Checkpoint) -> list[Dista
         result = merged.get(key).float()
         squares = (*_squares(result, trained), *_squares(result, naive), *_squares(naive, trained))
         sums.add(*squares)
-        found.append(Distance(key.removesuffix(".weight"),
-                              *(relative_distance(squares[i], squares[i + 1]) for i in (0, 2, 4))))
+        found.append(
+            Distance(key.removesuffix(".weight"), *(relative_distance(squares[i], squares[i + 1]) for i in (0, 2, 4)))
+        )
     return [*found, sums.total()]
 
 
@@ -121,8 +124,7 @@ def qlora_merge(
     written as a bitsandbytes checkpoint quantized by it, and its error measured."""
     source = QuantizedBase(base, scheme) if scheme else base
     encoder = encoder_for(output.kind, base, output.double_quant, output.blocksize) if output else None
-    merged = merge(source, adapters, out, weights=weights, allow_nonfinite=allow_nonfinite, encoder=encoder,
-                   **options)
+    merged = merge(source, adapters, out, weights=weights, allow_nonfinite=allow_nonfinite, encoder=encoder, **options)
     result = QLoRAReport(**asdict(merged))
     if scheme:
         result.quantized_modules, result.scheme = len(source.targets), asdict(scheme)
@@ -142,8 +144,10 @@ def merge_operation(kind: str | None, double_quant: bool, blocksize: int, report
     and/or one written quantized (``dtype`` nf4, fp4 or int8), or None for a plain merge."""
     output = Scheme(dtype, double_quant, blocksize) if dtype in QUANTIZED_DTYPES else None
     if kind is None and (report or probe or ((double_quant or blocksize != 64) and output is None)):
-        raise SurgeonError("double_quant, blocksize, report and probe describe a quantized base or output; name its "
-                           "quantization (nf4 or fp4) too.")
+        raise SurgeonError(
+            "double_quant, blocksize, report and probe describe a quantized base or output; name its "
+            "quantization (nf4 or fp4) too."
+        )
     if kind is None and output is None:
         return None
     scheme = Scheme(kind, double_quant, blocksize) if kind else None
@@ -160,20 +164,30 @@ def describe(report: MergeReport) -> str:
         return ""
     text = ""
     if report.scheme:
-        text += f"\nmerged into the base as bitsandbytes {report.scheme['kind']} quantizes it " \
-                f"({report.quantized_modules} weights)"
+        text += (
+            f"\nmerged into the base as bitsandbytes {report.scheme['kind']} quantizes it "
+            f"({report.quantized_modules} weights)"
+        )
     if report.output_scheme:
-        text += f"\nwritten as bitsandbytes {report.output_scheme['kind']}: relative quantization error " \
-                f"{report.quantization_error[-1]['relative']:.3g} in total"
+        text += (
+            f"\nwritten as bitsandbytes {report.output_scheme['kind']}: relative quantization error "
+            f"{report.quantization_error[-1]['relative']:.3g} in total"
+        )
     if report.distances:
         width = max(len(d["module"]) for d in report.distances)
-        text += (f"\nrelative Frobenius distance of the merged weights\n{'module':<{width}}  "
-                 "to-trained  to-naive  naive-to-trained")
+        text += (
+            f"\nrelative Frobenius distance of the merged weights\n{'module':<{width}}  "
+            "to-trained  to-naive  naive-to-trained"
+        )
         for d in report.distances:
-            text += (f"\n{d['module']:<{width}}  {d['to_trained']:10.3g}  {d['to_naive']:8.3g}  "
-                     f"{d['naive_to_trained']:16.3g}")
+            text += (
+                f"\n{d['module']:<{width}}  {d['to_trained']:10.3g}  {d['to_naive']:8.3g}  "
+                f"{d['naive_to_trained']:16.3g}"
+            )
     if report.probe:
-        text += (f"\nmax logit difference from the model as trained on {len(report.probe['token_ids'])} tokens: "
-                 f"{report.probe['max_logit_difference']:.3g} (naive merge: "
-                 f"{report.probe['naive_max_logit_difference']:.3g})")
+        text += (
+            f"\nmax logit difference from the model as trained on {len(report.probe['token_ids'])} tokens: "
+            f"{report.probe['max_logit_difference']:.3g} (naive merge: "
+            f"{report.probe['naive_max_logit_difference']:.3g})"
+        )
     return text

@@ -55,17 +55,23 @@ class BnbEncoder:
         if self.scheme.bits == 8:
             module = key.removesuffix(".weight")
             rows = info.shape[1] if self.targets[key] else info.shape[0]
-            return [(key, TensorInfo(self._stored_shape(key, info), torch.int8)),
-                    (f"{module}.SCB", TensorInfo((rows,), torch.float32)),
-                    (f"{module}.weight_format", TensorInfo((), torch.uint8))]
+            return [
+                (key, TensorInfo(self._stored_shape(key, info), torch.int8)),
+                (f"{module}.SCB", TensorInfo((rows,), torch.float32)),
+                (f"{module}.weight_format", TensorInfo((), torch.uint8)),
+            ]
         numel = math.prod(info.shape)
         blocks = -(-numel // self.scheme.blocksize)
-        parts = [(key, TensorInfo((-(-numel // 2), 1), torch.uint8)),
-                 (f"{key}.absmax", TensorInfo((blocks,), torch.uint8 if self.scheme.double_quant else torch.float32)),
-                 (f"{key}.quant_map", TensorInfo((16,), torch.float32))]
+        parts = [
+            (key, TensorInfo((-(-numel // 2), 1), torch.uint8)),
+            (f"{key}.absmax", TensorInfo((blocks,), torch.uint8 if self.scheme.double_quant else torch.float32)),
+            (f"{key}.quant_map", TensorInfo((16,), torch.float32)),
+        ]
         if self.scheme.double_quant:
-            parts += [(f"{key}.nested_absmax", TensorInfo((-(-blocks // NESTED_BLOCKSIZE),), torch.float32)),
-                      (f"{key}.nested_quant_map", TensorInfo((256,), torch.float32))]
+            parts += [
+                (f"{key}.nested_absmax", TensorInfo((-(-blocks // NESTED_BLOCKSIZE),), torch.float32)),
+                (f"{key}.nested_quant_map", TensorInfo((256,), torch.float32)),
+            ]
         return parts
 
     def _stored_shape(self, key: str, info: TensorInfo) -> tuple[int, ...]:
@@ -80,8 +86,11 @@ class BnbEncoder:
         self._measure(key, tensor, dequantize_parts(parts, state, self.scheme, tuple(tensor.shape), conv1d))
         if self.scheme.bits == 8:
             module = key.removesuffix(".weight")
-            return {key: parts["weight"], f"{module}.SCB": parts["scb"],
-                    f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8)}
+            return {
+                key: parts["weight"],
+                f"{module}.SCB": parts["scb"],
+                f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8),
+            }
         self.states[f"{key}.quant_state.bitsandbytes__{self.scheme.kind}"] = state_tensor(state)
         return {key: parts.pop("weight"), **{f"{key}.{role}": value for role, value in parts.items()}}
 
@@ -100,8 +109,9 @@ class BnbEncoder:
             weight_map.update(dict.fromkeys(self.states, STATES_FILE))
         if writer.file_names == ["model.safetensors"]:  # with an index beside it transformers reads the index
             (out / "model.safetensors").rename(out / "model-00001-of-00001.safetensors")
-            weight_map = {k: "model-00001-of-00001.safetensors" if f == "model.safetensors" else f
-                          for k, f in weight_map.items()}
+            weight_map = {
+                k: "model-00001-of-00001.safetensors" if f == "model.safetensors" else f for k, f in weight_map.items()
+            }
         total = sum((out / name).stat().st_size for name in set(weight_map.values()))
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -118,9 +128,12 @@ class BnbEncoder:
         if self.scheme.bits == 8:
             settings = BitsAndBytesConfig(load_in_8bit=True)
         else:
-            settings = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.scheme.kind,
-                                          bnb_4bit_use_double_quant=self.scheme.double_quant,
-                                          bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+            settings = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=self.scheme.kind,
+                bnb_4bit_use_double_quant=self.scheme.double_quant,
+                bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+            )
         return settings.to_dict()
 
     def total_error(self) -> list[dict]:

@@ -37,7 +37,9 @@ class RankRule:
         if self.min_rank < 0:
             raise SurgeonError(f"min_rank must be 0 or more; got {self.min_rank}.")
         if self.max_rank is not None and (self.max_rank < 1 or self.max_rank < self.min_rank):
-            raise SurgeonError(f"max_rank must be at least 1 and at least min_rank ({self.min_rank}); got {self.max_rank}.")
+            raise SurgeonError(
+                f"max_rank must be at least 1 and at least min_rank ({self.min_rank}); got {self.max_rank}."
+            )
 
     def choose(self, singular_values: torch.Tensor) -> int:
         """The smallest admissible rank for this spectrum (sorted, descending)."""

@@ -111,7 +111,9 @@ def truncated_svd(
     total = frobenius_norm(a) ** 2
     if method == "randomized":
         if rule.rank is None:
-            raise SurgeonError("the randomized SVD needs a fixed rank; use method exact or gram with energy or max_error.")
+            raise SurgeonError(
+                "the randomized SVD needs a fixed rank; use method exact or gram with energy or max_error."
+            )
         u, s, vh = _randomized(a, rule.rank, total, generator, tolerance)
     elif method == "gram":
         u, s, vh = _gram(a)
@@ -119,10 +121,14 @@ def truncated_svd(
         u, s, vh = _exact(a)
     spectrum = s.detach().double().cpu()
     rank = min(rule.choose(spectrum), numerical_rank(spectrum, tuple(a.shape), precision, squared=method != "exact"))
-    return Factorization(u[:, :rank].contiguous(), s[:rank].contiguous(), vh[:rank].contiguous(), spectrum, total, method)
+    return Factorization(
+        u[:, :rank].contiguous(), s[:rank].contiguous(), vh[:rank].contiguous(), spectrum, total, method
+    )
 
 
-def factor_split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, split: str = "balanced") -> tuple[torch.Tensor, torch.Tensor]:
+def factor_split(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, split: str = "balanced"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(left m×r, right r×n) with left @ right = u·diag(s)·vh.
 
     ``balanced`` gives each side √s, so both factors have the same scale (what LoRA training
@@ -152,7 +158,9 @@ def round_off(shape: tuple[int, int], precision: torch.dtype, squared: bool = Fa
     return max(level, (torch.finfo(torch.float64).eps * max(shape)) ** 0.5) if squared else level
 
 
-def numerical_rank(spectrum: torch.Tensor, shape: tuple[int, int], precision: torch.dtype, squared: bool = False) -> int:
+def numerical_rank(
+    spectrum: torch.Tensor, shape: tuple[int, int], precision: torch.dtype, squared: bool = False
+) -> int:
     """How many singular values stand above :func:`round_off`: triplets below it are noise, and a
     fixed rank above the numerical rank is cut to it rather than filled with noise."""
     if spectrum.numel() == 0 or float(spectrum[0]) == 0.0:
@@ -290,8 +298,9 @@ class _Convergence:
         return False
 
 
-def _randomized(a: torch.Tensor, rank: int, total_energy: float, generator: torch.Generator | None,
-                tolerance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _randomized(
+    a: torch.Tensor, rank: int, total_energy: float, generator: torch.Generator | None, tolerance: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized block Krylov SVD: block Golub–Kahan–Lanczos from a Gaussian start with full
     reorthogonalisation, then Rayleigh–Ritz on the left Krylov basis Q.
 
@@ -319,7 +328,9 @@ def _randomized(a: torch.Tensor, rank: int, total_energy: float, generator: torc
     floor, done_left, done_right, fresh = 0.0, 0, 0, False
     convergence = _Convergence(rank, block, total_energy, tolerance)
     while done_left < width and done_right < width:
-        if v.shape[1] < block:  # part of the Krylov space is invariant (or this is the start): go on from random directions
+        if (
+            v.shape[1] < block
+        ):  # part of the Krylov space is invariant (or this is the start): go on from random directions
             outside = total_energy - float(gram.diagonal()[:done_left].sum())  # ‖A‖² − ‖QᵀA‖²
             if done_left and outside <= tolerance * total_energy:
                 break

@@ -17,9 +17,9 @@ from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Dense
 from surgeon.errors import SurgeonError
 from surgeon.keys import key_generator
-from surgeon.pairing import paired_keys
 from surgeon.ops.compose import DENSE_METHODS, ComposeOptions, combine_dense
 from surgeon.ops.merge import MergeReport, one_weight_each, transform_checkpoint
+from surgeon.pairing import paired_keys
 
 #: With full deltas cat and linear both mean the plain weighted sum.
 SUM_METHODS = ("cat", "linear")
@@ -37,7 +37,9 @@ class _MergedDeltas(Mapping):
     fine-tune and returns their merged delta (empty where no fine-tune changed it), so nothing
     is computed ahead of the writer."""
 
-    def __init__(self, base: Checkpoint, tuned: Sequence[Checkpoint], weights: Sequence[float], options: ComposeOptions):
+    def __init__(
+        self, base: Checkpoint, tuned: Sequence[Checkpoint], weights: Sequence[float], options: ComposeOptions
+    ):
         self.base, self.tuned, self.weights, self.options = base, tuned, weights, options
         self._float_keys = [k for k in base.keys() if base.info(k).dtype.is_floating_point]
 
@@ -75,10 +77,14 @@ def task_arithmetic(
     rules for ties, dare_* and magnitude_prune. ``write_options`` are transform_checkpoint's
     (dtype, shard_size, on_tensor, metadata)."""
     if options.method not in SUM_METHODS + DENSE_METHODS:
-        raise SurgeonError(f"method {options.method} needs adapters; with a base use one of {', '.join(SUM_METHODS + DENSE_METHODS)} "
-                           "(then `surgeon extract` to get a low-rank adapter of the result).")
+        raise SurgeonError(
+            f"method {options.method} needs adapters; with a base use one of {', '.join(SUM_METHODS + DENSE_METHODS)} "
+            "(then `surgeon extract` to get a low-rank adapter of the result)."
+        )
     if options.rule is not None or options.keep != "lora":
-        raise SurgeonError("rank, energy, max_error and the result kind shape an adapter; with a base the output is a full checkpoint.")
+        raise SurgeonError(
+            "rank, energy, max_error and the result kind shape an adapter; with a base the output is a full checkpoint."
+        )
     weights = one_weight_each(weights, tuned, "fine-tuned checkpoints")
     check_same_layout(base, tuned)
     plan = _MergedDeltas(base, tuned, weights, options)
