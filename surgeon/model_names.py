@@ -169,7 +169,10 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
 def tied_heads(checkpoint, keys) -> dict[str, str]:
     """{key: the output head's name} for those of ``keys`` whose parameter transformers ties to an output
     head that ``checkpoint`` does not store (so a change to the embedding changes the head too).
-    Empty where transformers cannot tell (not installed, or no model class to build)."""
+    Empty where transformers cannot tell (not installed, or no model class to build), and at once
+    where no key is an embedding's: most merges touch none, and need not import transformers."""
+    if not keys:
+        return {}
     try:
         names = model_names(checkpoint)
     except SurgeonError:  # no transformers: nothing can be said about ties, and nothing needs translating here

@@ -152,3 +152,17 @@ def test_cli_choices_match_the_library():
 
     assert (compose.METHODS, compose.RESULT_KINDS) == (METHODS, RESULT_KINDS)
     assert (sorted(export.TASKS), export.EXPORTERS) == (sorted(TASKS), EXPORTERS)
+
+
+def test_a_merge_that_touches_no_embedding_imports_no_transformers(fixtures_dir, tmp_path):
+    """Importing transformers costs seconds; a merge whose keys match the base's and touch no
+    embedding has nothing to ask it."""
+    code = (
+        "import sys; from surgeon.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as done:\n    assert done.code in (0, None), done.code\n"
+        "print('transformers' in sys.modules)"
+    )
+    args = [str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "m")]
+    done = subprocess.run([sys.executable, "-c", code, "merge", *args], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
