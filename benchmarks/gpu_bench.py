@@ -222,6 +222,10 @@ def runs(args: argparse.Namespace, work: Path, env: dict, deadline: float) -> tu
             method,
             "--device",
             args.device,
+            # the linear weights alone, as mergekit-extract-lora and extract_bench.py compare them
+            "--embeddings",
+            "skip",
+            "--skip-changed-1d",
         ]
         results[name] = timed(name, command, work, env, limit())
     if args.mergekit_path and (args.mergekit_path / "mergekit").is_dir():
