@@ -194,6 +194,28 @@ def test_quantization_options_without_a_quantization_are_refused(options, fixtur
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (["--dtype", "int8", "--double-quant"], "4-bit"),
+        (["--dtype", "int8", "--blocksize", "128"], "4-bit"),
+        (["--dtype", "nf4", "--report"], "quantized_base"),
+        (["--dtype", "fp4", "--probe"], "quantized_base"),
+    ],
+)
+def test_options_the_output_quantization_does_not_use_are_refused(options, named, fixtures_dir, tmp_path):
+    """int8 has no double quantization or blocksize (they were dropped without a word), and the
+    report and probe need a quantized base even when the output is 4-bit (the refusal asked for nf4)."""
+    result = CliRunner().invoke(
+        main,
+        ["merge", str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "o")]
+        + options,
+    )
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and named in lines[0], result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_quantized_base_refuses_a_quantized_checkpoint_and_a_model_without_config(fixtures_dir, tmp_path):
     from safetensors.torch import save_file
 
