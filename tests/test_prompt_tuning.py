@@ -270,3 +270,16 @@ def test_tokenizer_of_another_size_is_left_alone_with_a_note(tmp_path):
     assert result.exit_code == 0 and "note: the tokenizer has 200 tokens but the embedding 256 rows" in result.output
     assert (tmp_path / "merged" / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
     assert "ids 256…259" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_a_prompt_merged_twice_is_refused_before_writing_naming_the_base(tmp_path):
+    """Two prompt adapters append the same virtual tokens: refused before any tensor is written, and
+    a base that already holds them is named (the refusal named the hidden temporary output)."""
+    adapter, _ = make_prompt_adapter("llama", tmp_path / "adapter")
+    base = with_tokenizer("llama", tmp_path / "base")
+    result = run("merge", base, adapter, adapter, "-o", tmp_path / "twice")
+    assert result.exit_code == 1 and "one prompt adapter at a time" in result.output, result.output
+    assert run("merge", base, adapter, "-o", tmp_path / "merged").exit_code == 0
+    result = run("merge", tmp_path / "merged", adapter, "-o", tmp_path / "again")
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {tmp_path / 'merged'}: "), result.output
+    assert ".surgeon-" not in result.output and not list(tmp_path.glob("*again*"))

@@ -192,6 +192,11 @@ def transform_checkpoint(
     report = MergeReport(output=str(out), device=str(device))
     # Writing is as costly as computing, so one thread writes tensor i while this one computes i+1;
     # at most one write is in flight when a result slot is filled, and it uses the other slot.
+    tokens = [token for deltas in plan.values() for delta, _ in deltas for token in delta.new_tokens]
+    if tokens and not undo:
+        from surgeon.vocabulary import check_new_tokens
+
+        check_new_tokens(base.extra_files(), tokens, base.path)
     stored = encoder.layout(specs) if encoder else specs
     with StreamingWriter(out, stored, shard_size=shard_size, metadata=metadata) as writer, ThreadPoolExecutor(1) as io:
         in_flight: deque[Future] = deque()
@@ -217,7 +222,6 @@ def transform_checkpoint(
             write.result()
         report.files = writer.file_names
     _copy_extras(base, out, dtype, config, bool(untied))
-    tokens = [token for deltas in plan.values() for delta, _ in deltas for token in delta.new_tokens]
     if tokens:
         from surgeon.vocabulary import record_tokens
 
