@@ -19,7 +19,7 @@ from surgeon.cli import main
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 VIRTUAL = 4
-TASKS = {"llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
+TASKS = {"llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION", "gpt2": "CAUSAL_LM"}
 
 
 def run(*args: str):
@@ -283,3 +283,24 @@ def test_a_prompt_merged_twice_is_refused_before_writing_naming_the_base(tmp_pat
     result = run("merge", tmp_path / "merged", adapter, "-o", tmp_path / "again")
     assert result.exit_code == 1 and result.output.startswith(f"Error: {tmp_path / 'merged'}: "), result.output
     assert ".surgeon-" not in result.output and not list(tmp_path.glob("*again*"))
+
+
+@pytest.mark.parametrize("untie", [False, True])
+def test_tied_gpt2_keeps_its_vocabulary_wide_feed_forward_and_loads(tmp_path, untie):
+    """tiny-gpt2's MLP is as wide as its vocabulary (256): only the embedding (and an untied head)
+    may grow, and --untie must give the head the virtual tokens' rows too (it kept 256 rows beside a
+    260-row embedding, and the MLP grew: transformers refused both checkpoints)."""
+    from transformers import AutoModelForCausalLM
+
+    adapter, peft_model = make_prompt_adapter("gpt2", tmp_path / "adapter")
+    untied = ["--untie"] if untie else []
+    result = run("merge", FIXTURES / "tiny-gpt2", adapter, "-o", tmp_path / "merged", *untied)
+    assert result.exit_code == 0, result.output
+    assert Checkpoint(tmp_path / "merged").info("transformer.h.0.mlp.c_fc.bias").shape == (256,)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert merged.lm_head.weight.shape == (256 + VIRTUAL, 64)
+    ids = torch.tensor([[5, 17, 42, 99]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits[:, VIRTUAL:]
+        got = merged(input_ids=torch.cat([torch.arange(256, 256 + VIRTUAL)[None], ids], dim=1)).logits
+    torch.testing.assert_close(got[:, VIRTUAL:, :256], expected, rtol=1e-5, atol=1e-5)

@@ -180,8 +180,9 @@ def transform_checkpoint(
     config = base.config() if dtype is not None or untied else {}
     sources = {**{key: key for key in base.keys()}, **untied}  # output key → the base key it is computed from
     planned = planned_outputs(base, plan, undo, out_dtype)
+    # an untied head keeps the embedding's base values, with as many rows as the embedding is written with
     specs = [
-        (key, planned[key] if key in planned else TensorInfo(base.info(source).shape, out_dtype(base.info(source))))
+        (key, planned[key] if key in planned else TensorInfo(planned[source].shape, out_dtype(base.info(source))))
         for key, source in sources.items()
     ]
     for key in plan:
@@ -202,6 +203,7 @@ def transform_checkpoint(
         in_flight: deque[Future] = deque()
         for key, info in specs:
             tensor = base.get(sources[key])
+            tensor = _grown(tensor, info.shape) if key in untied else tensor
             deltas = plan.get(key)
             while len(in_flight) > 1:
                 in_flight.popleft().result()
@@ -232,6 +234,13 @@ def transform_checkpoint(
     report.dtype = ", ".join(sorted({str(i.dtype).removeprefix("torch.") for _, i in specs}))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _grown(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``tensor`` with zero rows appended up to ``shape``: an untied head's rows for appended virtual
+    tokens, as an untied head gets them (never produced, so never predicted above the real ones' logits)."""
+    missing = shape[0] - tensor.shape[0] if tensor.dim() and len(shape) else 0
+    return torch.cat([tensor, tensor.new_zeros((missing, *tensor.shape[1:]))]) if missing > 0 else tensor
 
 
 def _output_shape(key: str, shape: tuple[int, ...], deltas: list[tuple[Delta, float]], undo: bool) -> tuple[int, ...]:
