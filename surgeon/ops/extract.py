@@ -502,6 +502,17 @@ def _changed_tensor(
     return outcome
 
 
+def _complete_whole_modules(lora: Adapter, base: Checkpoint, keys: list[str]) -> None:
+    """A module kept whole (a changed norm's weight) is loaded by PEFT's modules_to_save with all its
+    parameters, and refused (KeyError) when one is missing: its others go along at the base's value
+    (unchanged, or left out by choice)."""
+    whole = {k.rpartition(".")[0] for k, deltas in lora.items() if all(d.replaces for d in deltas)}
+    whole -= {k.rpartition(".")[0] for k, deltas in lora.items() if not all(d.replaces for d in deltas)}
+    for key in keys:
+        if key.rpartition(".")[0] in whole and key not in lora.deltas:
+            lora.add(key, Replace(base.get(key)), "other")
+
+
 def parallelism(device: torch.device) -> tuple[int, int]:
     """(worker threads, intra-op threads each) for factoring on ``device``.
 
@@ -601,6 +612,7 @@ def extract(
             for d in deltas:
                 sparse.add(key, d, "other")
         lora.deltas.clear()
+    _complete_whole_modules(lora, base, keys)
     if not len(lora) and not len(sparse):
         first = result.rows[0]
         raise SurgeonError(
