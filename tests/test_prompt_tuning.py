@@ -304,3 +304,11 @@ def test_tied_gpt2_keeps_its_vocabulary_wide_feed_forward_and_loads(tmp_path, un
         expected = peft_model(input_ids=ids).logits[:, VIRTUAL:]
         got = merged(input_ids=torch.cat([torch.arange(256, 256 + VIRTUAL)[None], ids], dim=1)).logits
     torch.testing.assert_close(got[:, VIRTUAL:, :256], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerge_from_a_model_it_was_never_merged_into_is_refused(tmp_path):
+    """Dropping the last rows of a base that never had the prompt cut real vocabulary entries, exit 0."""
+    adapter, _ = make_prompt_adapter("llama", tmp_path / "adapter")
+    result = run("unmerge", FIXTURES / "tiny-llama", adapter, "-o", tmp_path / "restored")
+    assert result.exit_code == 1 and "are not the rows the prompt adapter appended" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "restored").exists()

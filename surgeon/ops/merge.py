@@ -210,7 +210,7 @@ def transform_checkpoint(
             base_tensor, work = tensor, None
             if deltas:
                 work = scratch.work(tensor.shape).copy_(tensor)
-                work = remove_deltas(work, deltas) if undo else apply_deltas(work, deltas)
+                work = _removed(base, key, work, deltas) if undo else apply_deltas(work, deltas)
                 tensor = scratch.result(info, slot=report.changed).copy_(work)
                 report.changed += 1
             tensor = tensor.to(dtype=info.dtype).cpu()
@@ -234,6 +234,14 @@ def transform_checkpoint(
     report.dtype = ", ".join(sorted({str(i.dtype).removeprefix("torch.") for _, i in specs}))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _removed(base: Checkpoint, key: str, work: torch.Tensor, deltas: list[tuple[Delta, float]]) -> torch.Tensor:
+    """:func:`remove_deltas`, a delta that finds it was never applied named with the tensor."""
+    try:
+        return remove_deltas(work, deltas)
+    except SurgeonError as error:
+        raise SurgeonError(f"{base.path}: {key!r}: {error}") from None
 
 
 def _grown(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
