@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from surgeon.checkpoint import Checkpoint
 from surgeon.cli import main
+from surgeon.errors import SurgeonError
 from surgeon.ops.qlora import QuantizedBase
 from surgeon.quantize import Scheme, quantize_4bit, quantize_int8, roundtrip
 
@@ -214,6 +215,23 @@ def test_options_the_output_quantization_does_not_use_are_refused(options, named
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and named in lines[0], result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_probe_of_a_model_without_a_language_model_head_names_the_head(fixtures_dir, tmp_path):
+    """tiny-bert is a bare BertModel: the probe claimed its word embeddings were missing (they are
+    stored without the ``bert.`` prefix); what is missing is the head, and that is said before merging."""
+    from surgeon.ops.probe import check_probe
+
+    base = Checkpoint(fixtures_dir / "tiny-bert")
+    with pytest.raises(SurgeonError, match="output head included") as refusal:
+        check_probe(base, base.path)
+    assert "cls.predictions" in str(refusal.value) and "bert.embeddings" not in str(refusal.value)
+    result = CliRunner().invoke(
+        main,
+        ["merge", str(base.path), str(fixtures_dir / "tiny-bert-lora"), "-o", str(tmp_path / "o")]
+        + ["--quantized-base", "nf4", "--probe"],
+    )
+    assert result.exit_code == 1 and "cls.predictions" in result.output and not (tmp_path / "o").exists()
 
 
 def test_quantized_base_refuses_a_quantized_checkpoint_and_a_model_without_config(fixtures_dir, tmp_path):

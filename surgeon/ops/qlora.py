@@ -20,6 +20,7 @@ from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.ops.apply import apply_deltas
 from surgeon.ops.merge import MergeReport, _deltas_by_key, merge, one_weight_each, prepare
+from surgeon.ops.probe import check_probe
 from surgeon.ops.probe import probe as probe_logits
 from surgeon.ops.quantized_output import QUANTIZED_DTYPES, encoder_for, relative_distance
 from surgeon.quantize import Scheme, bnb_linear_weights, roundtrip
@@ -123,6 +124,8 @@ def qlora_merge(
     with ``probe``, the largest logit differences (:mod:`surgeon.ops.probe`); with ``output``,
     written as a bitsandbytes checkpoint quantized by it, and its error measured."""
     source = QuantizedBase(base, scheme) if scheme else base
+    if probe:
+        check_probe(base, base.path)
     encoder = encoder_for(output.kind, base, output.double_quant, output.blocksize) if output else None
     merged = merge(source, adapters, out, weights=weights, allow_nonfinite=allow_nonfinite, encoder=encoder, **options)
     result = QLoRAReport(**asdict(merged))
