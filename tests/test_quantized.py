@@ -242,6 +242,12 @@ def test_inspect_shows_the_quantization_and_the_dequantized_size(bnb_checkpoints
     result = CliRunner().invoke(main, ["inspect", str(path), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
+    # what the files hold, beside the dequantized size the table counts (only that was shown: twice the files')
+    stored, on_disk = (
+        summary["quantization"].pop("stored_bytes"),
+        sum(f.stat().st_size for f in path.glob("*.safetensors")),
+    )
+    assert on_disk - 20_000 < stored < on_disk < summary["bytes"] / 2
     assert summary["quantization"] == {
         "method": "bitsandbytes 4-bit",
         "quantized_tensors": 14,
