@@ -234,6 +234,22 @@ def test_probe_of_a_model_without_a_language_model_head_names_the_head(fixtures_
     assert result.exit_code == 1 and "cls.predictions" in result.output and not (tmp_path / "o").exists()
 
 
+def test_probe_of_a_merge_that_grows_the_vocabulary_or_unties(fixtures_dir, tmp_path):
+    """A prompt adapter beside the QLoRA one grows the vocabulary: the probe built the base's model
+    and crashed copying 260 rows into 256 (a traceback); with untie, it would compare with a tied model."""
+    from test_prompt_tuning import make_prompt_adapter
+
+    prompt, _ = make_prompt_adapter("llama", tmp_path / "prompt")
+    base, lora = str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora")
+    options = ["--quantized-base", "nf4", "--probe", "--json"]
+    result = CliRunner().invoke(main, ["merge", base, str(prompt), lora, "-o", str(tmp_path / "o"), *options])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["probe"]["max_logit_difference"] < 1e-5
+    gpt2 = str(fixtures_dir / "tiny-gpt2")
+    result = CliRunner().invoke(main, ["merge", gpt2, str(prompt), "-o", str(tmp_path / "u"), *options, "--untie"])
+    assert result.exit_code == 1 and result.output.startswith("Error: probe") and not (tmp_path / "u").exists()
+
+
 def test_quantized_base_refuses_a_quantized_checkpoint_and_a_model_without_config(fixtures_dir, tmp_path):
     from safetensors.torch import save_file
 

@@ -58,7 +58,7 @@ def check_probe(base, where: object) -> None:
 def probe(base, plan: dict, merged, where: object) -> dict:
     """Max absolute logit difference of the merged model and of the naive merge from the model as
     trained; ``base`` is a :class:`surgeon.ops.qlora.QuantizedBase`, ``merged`` the written checkpoint."""
-    model = causal_lm(base.config(), where, torch.device("cpu")).eval()
+    model = causal_lm(merged.config(), where, torch.device("cpu")).eval()  # its vocabulary grows with a prompt
     vocabulary = model.get_input_embeddings().weight.shape[0]
     ids = torch.tensor([[i % vocabulary for i in PROBE_IDS]])
 

@@ -124,6 +124,11 @@ def qlora_merge(
     with ``probe``, the largest logit differences (:mod:`surgeon.ops.probe`); with ``output``,
     written as a bitsandbytes checkpoint quantized by it, and its error measured."""
     source = QuantizedBase(base, scheme) if scheme else base
+    if probe and options.get("untie"):
+        raise SurgeonError(
+            "probe runs the merged model beside the model as trained, whose output head is still tied to the "
+            "embedding; probe without untie."
+        )
     if probe:
         check_probe(base, base.path)
     encoder = encoder_for(output.kind, base, output.double_quant, output.blocksize) if output else None
