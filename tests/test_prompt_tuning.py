@@ -312,3 +312,19 @@ def test_unmerge_from_a_model_it_was_never_merged_into_is_refused(tmp_path):
     result = run("unmerge", FIXTURES / "tiny-llama", adapter, "-o", tmp_path / "restored")
     assert result.exit_code == 1 and "are not the rows the prompt adapter appended" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "restored").exists()
+
+
+def test_quantized_output_keeps_the_grown_vocabulary_and_the_untied_head(tmp_path):
+    """--dtype nf4 wrote config.json afresh from the base's: vocab_size 256 beside a 260-row embedding
+    (transformers refused it) and, with --untie, tie_word_embeddings back to true."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    adapter, _ = make_prompt_adapter("llama", tmp_path / "adapter")
+    assert run("merge", FIXTURES / "tiny-llama", adapter, "-o", tmp_path / "q", "--dtype", "nf4").exit_code == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["vocab_size"] == 256 + VIRTUAL
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert model.get_input_embeddings().weight.shape == (256 + VIRTUAL, 64)
+    result = run("merge", FIXTURES / "tiny-gpt2", adapter, "-o", tmp_path / "u", "--dtype", "nf4", "--untie")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "u" / "config.json").read_text())["tie_word_embeddings"] is False

@@ -230,7 +230,9 @@ def transform_checkpoint(
         report.notes += record_tokens(out, tokens, undo)
     if encoder:
         float_dtypes = {str(i.dtype).removeprefix("torch.") for _, i in specs if i.dtype.is_floating_point}
-        encoder.finish(out, writer, base.config(), "bfloat16" if len(float_dtypes) != 1 else float_dtypes.pop())
+        written = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else base.config()
+        # the config as written so far (vocab_size of a merged prompt, untied heads), with the quantization added
+        encoder.finish(out, writer, written, "bfloat16" if len(float_dtypes) != 1 else float_dtypes.pop())
     report.dtype = ", ".join(sorted({str(i.dtype).removeprefix("torch.") for _, i in specs}))
     report.seconds = time.perf_counter() - started
     return report
