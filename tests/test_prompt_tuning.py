@@ -328,3 +328,11 @@ def test_quantized_output_keeps_the_grown_vocabulary_and_the_untied_head(tmp_pat
     result = run("merge", FIXTURES / "tiny-gpt2", adapter, "-o", tmp_path / "u", "--dtype", "nf4", "--untie")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "u" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_export_of_a_prefix_adapter_onto_another_model_is_refused(tmp_path):
+    """A llama prefix (2 key-value heads) traced into tiny-gpt2 (4 heads) failed inside attention: a traceback."""
+    adapter, _ = make_prompt_adapter("llama", tmp_path / "adapter", "prefix")
+    result = run("export-onnx", FIXTURES / "tiny-gpt2", "--adapter", adapter, "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 1 and "does not fit this model" in result.output, result.output
+    assert not list(tmp_path.glob("m.onnx*"))
