@@ -92,6 +92,9 @@ def test_a_tied_embedding_is_left_out_with_its_reason_and_cost(tmp_path):
     assert report["left_out_share"] == pytest.approx(left["delta_norm"] ** 2 / total) and report["left_out_share"] > 0
     forced = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "forced", "--embeddings", "lora")
     assert forced["left_out"] == []
+    # left out on request: the reason is the request (it was the tie, with advice to force it)
+    (asked,) = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "skip", "--embeddings", "skip")["left_out"]
+    assert asked["reason"] == "embedding or lm_head, left out by --embeddings skip"
 
 
 @pytest.fixture

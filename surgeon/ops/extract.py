@@ -476,7 +476,8 @@ def _changed_tensor(
     elif len(shape) <= 1:
         whole = options.keep_changed_1d or "1-D (norm or bias), left out by --skip-changed-1d"
     elif embedding and _embedding_mode(embedding, options) != "lora":
-        whole = _embedding_mode(embedding, options) == "full" or _EMBEDDING_LEFT_OUT[embedding]
+        left_out = _EMBEDDING_LEFT_OUT[embedding if options.embeddings == "auto" else "embedding"]  # or by choice
+        whole = _embedding_mode(embedding, options) == "full" or left_out
     if row.reason or whole is not None:
         row.delta_norm = workspace.difference_norm(old, new)
         if whole is True:
