@@ -19,6 +19,7 @@ vocabulary exact) and the prompt itself for a head tied to the input embedding.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -54,6 +55,9 @@ _FACT_FIELDS = (
     "adapter_layers",
     "target_modules",
 )
+
+
+_IN_LAYER = re.compile(r"(^|\.)\d+\.")
 
 
 def token_names(count: int) -> tuple[str, ...]:
@@ -149,10 +153,12 @@ def vocabulary_keys(base, width: int, file: Path) -> tuple[str, list[str], bool]
             f"not be told apart ({what}); check that the adapter belongs to this base."
         )
     rows = base.info(found[0]).shape[0]
+    # an output head is never inside a numbered layer, where a feed-forward block can be as wide as the vocabulary
     outputs = [
         k
         for k in base.keys()
         if k != found[0]
+        and not _IN_LAYER.search(k)
         and base.info(k).shape in ((rows, width), (rows,))
         and (len(base.info(k).shape) == 2 or k.endswith("bias"))
     ]

@@ -118,7 +118,16 @@ def _with_prefix(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
         from peft import PeftModel
     except ImportError:
         raise SurgeonError(missing_extra("test", ["peft"], "export-onnx with a prefix-tuning adapter")) from None
-    return PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
+    attached = PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
+    try:  # keys and values of another model's shape fail in attention, which would be a traceback mid-export
+        with torch.no_grad():
+            attached(input_ids=torch.zeros((1, 2), dtype=torch.long))
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise SurgeonError(
+            f"{adapter}: the prefix-tuning adapter does not fit this model ({str(error).splitlines()[0]}); "
+            "give the model it was trained on."
+        ) from None
+    return attached
 
 
 def load_head(directory: Path, task: str, prefix: Path | None = None) -> tuple[_Head, dict]:

@@ -191,6 +191,8 @@ def _orphans(entries: Entries, found: dict[str, QuantizedWeight], where: object)
         base, _, part = name.rpartition(".")
         if part in _PARTS_4BIT and name not in claimed and base in entries:
             raise _bad(base, where, f"has {name!r} but no quant_state.bitsandbytes__nf4/fp4 to read it with")
+        if part == "weight_format" and name not in claimed and f"{base}.weight" in entries:
+            raise _bad(f"{base}.weight", where, f"has {name!r} but no {base + '.SCB'!r} to scale its int8 values")
 
 
 def find_quantized(

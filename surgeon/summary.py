@@ -213,7 +213,10 @@ def _header_table(files: list[Path], config: dict) -> tuple[Table, dict[str, str
     for name, weight in found.items():
         table[name] = (weight.dtype, weight.numel, weight.numel * _ITEM_SIZES[weight.dtype])
     metadata = {k: v for header in headers.values() for k, v in header.metadata.items()}
-    return table, metadata, describe_quantization(found, config)
+    quantization = describe_quantization(found, config)
+    if quantization is not None:  # the table counts the float weights each stands for; the files hold less
+        quantization["stored_bytes"] = sum(e.num_bytes for h in headers.values() for e in h.entries.values())
+    return table, metadata, quantization
 
 
 def _tensor_table(files: list[Path], config: dict) -> tuple[Table, dict[str, str], dict | None]:

@@ -34,6 +34,28 @@ def record_tokens(out: Path, tokens: list[str], undo: bool = False) -> list[str]
     return notes
 
 
+def check_new_tokens(base_files: list[Path], tokens: list[str], base: object) -> None:
+    """Refuse, before anything is written, virtual tokens that two adapters both append or that
+    ``base``'s tokenizer (among ``base_files``) already holds: their rows would get other ids."""
+    if len(set(tokens)) != len(tokens):
+        raise SurgeonError(
+            f"two prompt adapters both append the virtual tokens {tokens[0]}…; merge one prompt adapter at a time."
+        )
+    held = set().union(*(_added_tokens(path) for path in base_files if path.name in _TOKENIZER_FILES))
+    if held & set(tokens):
+        raise SurgeonError(
+            f"{base}: the tokenizer already holds some of the tokens {tokens[0]}…; merge into a base that has no "
+            "merged prompt yet."
+        )
+
+
+def _added_tokens(file: Path) -> set[str]:
+    """The contents of the tokens added to a saved tokenizer (what :func:`_drop_tokens` edits)."""
+    data = json.loads(file.read_text())
+    entries = data.get("added_tokens") or list((data.get("added_tokens_decoder") or {}).values())
+    return {t.get("content") for t in entries if isinstance(t, dict)}
+
+
 def usage(tokens: list[str], first_id: int | None) -> str:
     """The README section: what to prefix every input with."""
     ids = f" (ids {first_id}…{first_id + len(tokens) - 1})" if first_id is not None else ""
@@ -74,7 +96,7 @@ def _add_tokens(out: Path, tokens: list[str], vocab_size: int | None) -> list[st
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True)
     if tokenizer.convert_tokens_to_ids(tokens) != list(range(first, first + len(tokens))):
         raise SurgeonError(
-            f"{out}: the tokenizer already holds some of the tokens {tokens[0]}…; merge into a base "
+            f"the base's tokenizer already holds some of the tokens {tokens[0]}…; merge into a base "
             "that has no merged prompt yet."
         )
     tokenizer.save_pretrained(out)

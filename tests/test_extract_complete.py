@@ -92,6 +92,9 @@ def test_a_tied_embedding_is_left_out_with_its_reason_and_cost(tmp_path):
     assert report["left_out_share"] == pytest.approx(left["delta_norm"] ** 2 / total) and report["left_out_share"] > 0
     forced = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "forced", "--embeddings", "lora")
     assert forced["left_out"] == []
+    # left out on request: the reason is the request (it was the tie, with advice to force it)
+    (asked,) = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "skip", "--embeddings", "skip")["left_out"]
+    assert asked["reason"] == "embedding or lm_head, left out by --embeddings skip"
 
 
 @pytest.fixture
@@ -145,3 +148,16 @@ def test_a_lora_target_inside_a_whole_copied_module_is_refused(tmp_path):
     adapter.add("layers.0.attn.q_proj.weight", LowRank(down=torch.ones(2, 8), up=torch.ones(8, 2)), "linear")
     with pytest.raises(SurgeonError, match="'layers.0.attn.q_proj' lies inside 'layers.0.attn'"):
         peft_format.write(adapter, tmp_path / "out")
+
+
+def test_a_norm_whose_weight_alone_changed_loads_in_peft(tmp_path):
+    """modules_to_save loads a module whole: a LayerNorm whose weight changed but whose bias did not
+    was written without the bias, and PEFT refused the adapter (KeyError on the bias)."""
+    base = Path(__file__).resolve().parent.parent / "fixtures" / "tiny-gpt2"
+    tune(base, tmp_path / "tuned", lambda key: key.endswith(("h.0.ln_1.weight", "h.1.attn.c_attn.weight")))
+    extract(base, tmp_path / "tuned", tmp_path / "adapter")
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    merged = peft.PeftModel.from_pretrained(model, tmp_path / "adapter").merge_and_unload().state_dict()
+    tuned = load_file(tmp_path / "tuned" / "model.safetensors")
+    for key, value in tuned.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-5, msg=key)

@@ -19,7 +19,7 @@ from surgeon.cli import main
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 VIRTUAL = 4
-TASKS = {"llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
+TASKS = {"llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION", "gpt2": "CAUSAL_LM"}
 
 
 def run(*args: str):
@@ -270,3 +270,69 @@ def test_tokenizer_of_another_size_is_left_alone_with_a_note(tmp_path):
     assert result.exit_code == 0 and "note: the tokenizer has 200 tokens but the embedding 256 rows" in result.output
     assert (tmp_path / "merged" / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
     assert "ids 256…259" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_a_prompt_merged_twice_is_refused_before_writing_naming_the_base(tmp_path):
+    """Two prompt adapters append the same virtual tokens: refused before any tensor is written, and
+    a base that already holds them is named (the refusal named the hidden temporary output)."""
+    adapter, _ = make_prompt_adapter("llama", tmp_path / "adapter")
+    base = with_tokenizer("llama", tmp_path / "base")
+    result = run("merge", base, adapter, adapter, "-o", tmp_path / "twice")
+    assert result.exit_code == 1 and "one prompt adapter at a time" in result.output, result.output
+    assert run("merge", base, adapter, "-o", tmp_path / "merged").exit_code == 0
+    result = run("merge", tmp_path / "merged", adapter, "-o", tmp_path / "again")
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {tmp_path / 'merged'}: "), result.output
+    assert ".surgeon-" not in result.output and not list(tmp_path.glob("*again*"))
+
+
+@pytest.mark.parametrize("untie", [False, True])
+def test_tied_gpt2_keeps_its_vocabulary_wide_feed_forward_and_loads(tmp_path, untie):
+    """tiny-gpt2's MLP is as wide as its vocabulary (256): only the embedding (and an untied head)
+    may grow, and --untie must give the head the virtual tokens' rows too (it kept 256 rows beside a
+    260-row embedding, and the MLP grew: transformers refused both checkpoints)."""
+    from transformers import AutoModelForCausalLM
+
+    adapter, peft_model = make_prompt_adapter("gpt2", tmp_path / "adapter")
+    untied = ["--untie"] if untie else []
+    result = run("merge", FIXTURES / "tiny-gpt2", adapter, "-o", tmp_path / "merged", *untied)
+    assert result.exit_code == 0, result.output
+    assert Checkpoint(tmp_path / "merged").info("transformer.h.0.mlp.c_fc.bias").shape == (256,)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert merged.lm_head.weight.shape == (256 + VIRTUAL, 64)
+    ids = torch.tensor([[5, 17, 42, 99]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits[:, VIRTUAL:]
+        got = merged(input_ids=torch.cat([torch.arange(256, 256 + VIRTUAL)[None], ids], dim=1)).logits
+    torch.testing.assert_close(got[:, VIRTUAL:, :256], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerge_from_a_model_it_was_never_merged_into_is_refused(tmp_path):
+    """Dropping the last rows of a base that never had the prompt cut real vocabulary entries, exit 0."""
+    adapter, _ = make_prompt_adapter("llama", tmp_path / "adapter")
+    result = run("unmerge", FIXTURES / "tiny-llama", adapter, "-o", tmp_path / "restored")
+    assert result.exit_code == 1 and "are not the rows the prompt adapter appended" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "restored").exists()
+
+
+def test_quantized_output_keeps_the_grown_vocabulary_and_the_untied_head(tmp_path):
+    """--dtype nf4 wrote config.json afresh from the base's: vocab_size 256 beside a 260-row embedding
+    (transformers refused it) and, with --untie, tie_word_embeddings back to true."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    adapter, _ = make_prompt_adapter("llama", tmp_path / "adapter")
+    assert run("merge", FIXTURES / "tiny-llama", adapter, "-o", tmp_path / "q", "--dtype", "nf4").exit_code == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["vocab_size"] == 256 + VIRTUAL
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert model.get_input_embeddings().weight.shape == (256 + VIRTUAL, 64)
+    result = run("merge", FIXTURES / "tiny-gpt2", adapter, "-o", tmp_path / "u", "--dtype", "nf4", "--untie")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "u" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_export_of_a_prefix_adapter_onto_another_model_is_refused(tmp_path):
+    """A llama prefix (2 key-value heads) traced into tiny-gpt2 (4 heads) failed inside attention: a traceback."""
+    adapter, _ = make_prompt_adapter("llama", tmp_path / "adapter", "prefix")
+    result = run("export-onnx", FIXTURES / "tiny-gpt2", "--adapter", adapter, "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 1 and "does not fit this model" in result.output, result.output
+    assert not list(tmp_path.glob("m.onnx*"))

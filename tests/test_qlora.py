@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from surgeon.checkpoint import Checkpoint
 from surgeon.cli import main
+from surgeon.errors import SurgeonError
 from surgeon.ops.qlora import QuantizedBase
 from surgeon.quantize import Scheme, quantize_4bit, quantize_int8, roundtrip
 
@@ -192,6 +193,61 @@ def test_quantization_options_without_a_quantization_are_refused(options, fixtur
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:") and "nf4" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (["--dtype", "int8", "--double-quant"], "4-bit"),
+        (["--dtype", "int8", "--blocksize", "128"], "4-bit"),
+        (["--dtype", "nf4", "--report"], "quantized_base"),
+        (["--dtype", "fp4", "--probe"], "quantized_base"),
+    ],
+)
+def test_options_the_output_quantization_does_not_use_are_refused(options, named, fixtures_dir, tmp_path):
+    """int8 has no double quantization or blocksize (they were dropped without a word), and the
+    report and probe need a quantized base even when the output is 4-bit (the refusal asked for nf4)."""
+    result = CliRunner().invoke(
+        main,
+        ["merge", str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "o")]
+        + options,
+    )
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and named in lines[0], result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_probe_of_a_model_without_a_language_model_head_names_the_head(fixtures_dir, tmp_path):
+    """tiny-bert is a bare BertModel: the probe claimed its word embeddings were missing (they are
+    stored without the ``bert.`` prefix); what is missing is the head, and that is said before merging."""
+    from surgeon.ops.probe import check_probe
+
+    base = Checkpoint(fixtures_dir / "tiny-bert")
+    with pytest.raises(SurgeonError, match="output head included") as refusal:
+        check_probe(base, base.path)
+    assert "cls.predictions" in str(refusal.value) and "bert.embeddings" not in str(refusal.value)
+    result = CliRunner().invoke(
+        main,
+        ["merge", str(base.path), str(fixtures_dir / "tiny-bert-lora"), "-o", str(tmp_path / "o")]
+        + ["--quantized-base", "nf4", "--probe"],
+    )
+    assert result.exit_code == 1 and "cls.predictions" in result.output and not (tmp_path / "o").exists()
+
+
+def test_probe_of_a_merge_that_grows_the_vocabulary_or_unties(fixtures_dir, tmp_path):
+    """A prompt adapter beside the QLoRA one grows the vocabulary: the probe built the base's model
+    and crashed copying 260 rows into 256 (a traceback); with untie, it would compare with a tied model."""
+    from test_prompt_tuning import make_prompt_adapter
+
+    prompt, _ = make_prompt_adapter("llama", tmp_path / "prompt")
+    base, lora = str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora")
+    options = ["--quantized-base", "nf4", "--probe", "--json"]
+    result = CliRunner().invoke(main, ["merge", base, str(prompt), lora, "-o", str(tmp_path / "o"), *options])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["probe"]["max_logit_difference"] < 1e-5
+    gpt2 = str(fixtures_dir / "tiny-gpt2")
+    result = CliRunner().invoke(main, ["merge", gpt2, str(prompt), "-o", str(tmp_path / "u"), *options, "--untie"])
+    assert result.exit_code == 1 and result.output.startswith("Error: probe") and not (tmp_path / "u").exists()
 
 
 def test_quantized_base_refuses_a_quantized_checkpoint_and_a_model_without_config(fixtures_dir, tmp_path):

@@ -242,6 +242,12 @@ def test_inspect_shows_the_quantization_and_the_dequantized_size(bnb_checkpoints
     result = CliRunner().invoke(main, ["inspect", str(path), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
+    # what the files hold, beside the dequantized size the table counts (only that was shown: twice the files')
+    stored, on_disk = (
+        summary["quantization"].pop("stored_bytes"),
+        sum(f.stat().st_size for f in path.glob("*.safetensors")),
+    )
+    assert on_disk - 20_000 < stored < on_disk < summary["bytes"] / 2
     assert summary["quantization"] == {
         "method": "bitsandbytes 4-bit",
         "quantized_tensors": 14,
@@ -359,3 +365,21 @@ def test_extract_and_unmerge_check_read_a_bitsandbytes_base(bnb_checkpoints, tmp
     remerged = _merge(path, tmp_path / "remerged", "--dtype", "fp32", adapter=tmp_path / "lora")
     for key in Checkpoint(path).quantized:
         torch.testing.assert_close(remerged.get(key), merged.get(key), atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_an_int8_weight_without_its_scales_is_refused(fixtures_dir, tmp_path):
+    """Without its SCB an int8 weight was read as a plain int8 tensor: inspect showed it, merge said
+    deltas apply to float weights only."""
+    out = tmp_path / "int8"
+    args = ["merge", str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora"), "-o", str(out)]
+    assert CliRunner().invoke(main, [*args, "--dtype", "int8"]).exit_code == 0
+    shard = next(out.glob("model-0*.safetensors"))
+    tensors = load_file(shard)
+    del tensors["model.layers.0.mlp.down_proj.SCB"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    for command in (
+        ["inspect", str(out)],
+        ["merge", str(out), str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "x")],
+    ):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 1 and "no 'model.layers.0.mlp.down_proj.SCB'" in result.output, result.output

@@ -476,7 +476,8 @@ def _changed_tensor(
     elif len(shape) <= 1:
         whole = options.keep_changed_1d or "1-D (norm or bias), left out by --skip-changed-1d"
     elif embedding and _embedding_mode(embedding, options) != "lora":
-        whole = _embedding_mode(embedding, options) == "full" or _EMBEDDING_LEFT_OUT[embedding]
+        left_out = _EMBEDDING_LEFT_OUT[embedding if options.embeddings == "auto" else "embedding"]  # or by choice
+        whole = _embedding_mode(embedding, options) == "full" or left_out
     if row.reason or whole is not None:
         row.delta_norm = workspace.difference_norm(old, new)
         if whole is True:
@@ -500,6 +501,17 @@ def _changed_tensor(
         row, delta, module_type, options, options.factor_dtype or new.dtype, generator, outcome, keep_spectra
     )
     return outcome
+
+
+def _complete_whole_modules(lora: Adapter, base: Checkpoint, keys: list[str]) -> None:
+    """A module kept whole (a changed norm's weight) is loaded by PEFT's modules_to_save with all its
+    parameters, and refused (KeyError) when one is missing: its others go along at the base's value
+    (unchanged, or left out by choice)."""
+    whole = {k.rpartition(".")[0] for k, deltas in lora.items() if all(d.replaces for d in deltas)}
+    whole -= {k.rpartition(".")[0] for k, deltas in lora.items() if not all(d.replaces for d in deltas)}
+    for key in keys:
+        if key.rpartition(".")[0] in whole and key not in lora.deltas:
+            lora.add(key, Replace(base.get(key)), "other")
 
 
 def parallelism(device: torch.device) -> tuple[int, int]:
@@ -601,6 +613,7 @@ def extract(
             for d in deltas:
                 sparse.add(key, d, "other")
         lora.deltas.clear()
+    _complete_whole_modules(lora, base, keys)
     if not len(lora) and not len(sparse):
         first = result.rows[0]
         raise SurgeonError(

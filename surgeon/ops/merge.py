@@ -180,8 +180,9 @@ def transform_checkpoint(
     config = base.config() if dtype is not None or untied else {}
     sources = {**{key: key for key in base.keys()}, **untied}  # output key → the base key it is computed from
     planned = planned_outputs(base, plan, undo, out_dtype)
+    # an untied head keeps the embedding's base values, with as many rows as the embedding is written with
     specs = [
-        (key, planned[key] if key in planned else TensorInfo(base.info(source).shape, out_dtype(base.info(source))))
+        (key, planned[key] if key in planned else TensorInfo(planned[source].shape, out_dtype(base.info(source))))
         for key, source in sources.items()
     ]
     for key in plan:
@@ -192,18 +193,24 @@ def transform_checkpoint(
     report = MergeReport(output=str(out), device=str(device))
     # Writing is as costly as computing, so one thread writes tensor i while this one computes i+1;
     # at most one write is in flight when a result slot is filled, and it uses the other slot.
+    tokens = [token for deltas in plan.values() for delta, _ in deltas for token in delta.new_tokens]
+    if tokens and not undo:
+        from surgeon.vocabulary import check_new_tokens
+
+        check_new_tokens(base.extra_files(), tokens, base.path)
     stored = encoder.layout(specs) if encoder else specs
     with StreamingWriter(out, stored, shard_size=shard_size, metadata=metadata) as writer, ThreadPoolExecutor(1) as io:
         in_flight: deque[Future] = deque()
         for key, info in specs:
             tensor = base.get(sources[key])
+            tensor = _grown(tensor, info.shape) if key in untied else tensor
             deltas = plan.get(key)
             while len(in_flight) > 1:
                 in_flight.popleft().result()
             base_tensor, work = tensor, None
             if deltas:
                 work = scratch.work(tensor.shape).copy_(tensor)
-                work = remove_deltas(work, deltas) if undo else apply_deltas(work, deltas)
+                work = _removed(base, key, work, deltas) if undo else apply_deltas(work, deltas)
                 tensor = scratch.result(info, slot=report.changed).copy_(work)
                 report.changed += 1
             tensor = tensor.to(dtype=info.dtype).cpu()
@@ -217,17 +224,33 @@ def transform_checkpoint(
             write.result()
         report.files = writer.file_names
     _copy_extras(base, out, dtype, config, bool(untied))
-    tokens = [token for deltas in plan.values() for delta, _ in deltas for token in delta.new_tokens]
     if tokens:
         from surgeon.vocabulary import record_tokens
 
         report.notes += record_tokens(out, tokens, undo)
     if encoder:
         float_dtypes = {str(i.dtype).removeprefix("torch.") for _, i in specs if i.dtype.is_floating_point}
-        encoder.finish(out, writer, base.config(), "bfloat16" if len(float_dtypes) != 1 else float_dtypes.pop())
+        written = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else base.config()
+        # the config as written so far (vocab_size of a merged prompt, untied heads), with the quantization added
+        encoder.finish(out, writer, written, "bfloat16" if len(float_dtypes) != 1 else float_dtypes.pop())
     report.dtype = ", ".join(sorted({str(i.dtype).removeprefix("torch.") for _, i in specs}))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _removed(base: Checkpoint, key: str, work: torch.Tensor, deltas: list[tuple[Delta, float]]) -> torch.Tensor:
+    """:func:`remove_deltas`, a delta that finds it was never applied named with the tensor."""
+    try:
+        return remove_deltas(work, deltas)
+    except SurgeonError as error:
+        raise SurgeonError(f"{base.path}: {key!r}: {error}") from None
+
+
+def _grown(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``tensor`` with zero rows appended up to ``shape``: an untied head's rows for appended virtual
+    tokens, as an untied head gets them (never produced, so never predicted above the real ones' logits)."""
+    missing = shape[0] - tensor.shape[0] if tensor.dim() and len(shape) else 0
+    return torch.cat([tensor, tensor.new_zeros((missing, *tensor.shape[1:]))]) if missing > 0 else tensor
 
 
 def _output_shape(key: str, shape: tuple[int, ...], deltas: list[tuple[Delta, float]], undo: bool) -> tuple[int, ...]:

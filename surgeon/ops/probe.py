@@ -21,28 +21,44 @@ from surgeon.quantize import causal_lm
 PROBE_IDS = (1, 5, 9, 42, 100, 7, 3, 11, 200, 64)
 
 
+def _sources(model: torch.nn.Module, keys: set[str], where: object) -> dict[str, str]:
+    """{name in ``model``: the checkpoint key it is read from} for every weight ``model`` saves (a
+    bare base model's checkpoint names them without the prefix); refused where one is missing."""
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    prefix = model.base_model_prefix + "."
+    found = {}
+    for key in model.state_dict():
+        source = next((k for k in (key, key.removeprefix(prefix)) if k in keys), None)
+        if source is None and key not in tied:
+            raise SurgeonError(
+                f"{where}: the causal language model transformers builds has {key!r}, which the checkpoint "
+                "lacks; the probe needs every weight of it, the output head included."
+            )
+        if source is not None:
+            found[key] = source
+    return found
+
+
 def _logits(
-    model: torch.nn.Module, weight: Callable[[str], torch.Tensor], ids: torch.Tensor, where: object
+    model: torch.nn.Module, weight: Callable[[str], torch.Tensor], ids: torch.Tensor, sources: dict[str, str]
 ) -> torch.Tensor:
     """``model``'s logits on ``ids`` with every parameter and buffer it saves taken from ``weight``."""
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    state = model.state_dict()
     with torch.no_grad():
-        for key, tensor in model.state_dict().items():
-            try:
-                tensor.copy_(weight(key))
-            except KeyError:
-                if key not in tied:
-                    raise SurgeonError(
-                        f"{where}: the model transformers builds has {key!r}, which the checkpoint "
-                        "lacks; the probe needs every weight of the model."
-                    ) from None
+        for key, source in sources.items():
+            state[key].copy_(weight(source))
         return model(input_ids=ids).logits.float()
+
+
+def check_probe(base, where: object) -> None:
+    """Refuse, before any work, a probe of a checkpoint that lacks a weight of its causal LM (a bare base model)."""
+    _sources(causal_lm(base.config(), where, torch.device("meta")), set(base.keys()), where)
 
 
 def probe(base, plan: dict, merged, where: object) -> dict:
     """Max absolute logit difference of the merged model and of the naive merge from the model as
     trained; ``base`` is a :class:`surgeon.ops.qlora.QuantizedBase`, ``merged`` the written checkpoint."""
-    model = causal_lm(base.config(), where, torch.device("cpu")).eval()
+    model = causal_lm(merged.config(), where, torch.device("cpu")).eval()  # its vocabulary grows with a prompt
     vocabulary = model.get_input_embeddings().weight.shape[0]
     ids = torch.tensor([[i % vocabulary for i in PROBE_IDS]])
 
@@ -52,23 +68,12 @@ def probe(base, plan: dict, merged, where: object) -> dict:
     def naive(key: str) -> torch.Tensor:
         return apply_deltas(base.original.get(key).float(), plan.get(key, []))
 
-    keys = set(base.keys())
-    reference = _logits(model, _checked(keys, trained), ids, where)
-    ours = _logits(model, _checked(keys, lambda key: merged.get(key).float()), ids, where)
-    theirs = _logits(model, _checked(keys, naive), ids, where)
+    sources = _sources(model, set(base.keys()), where)
+    reference = _logits(model, trained, ids, sources)
+    ours = _logits(model, lambda key: merged.get(key).float(), ids, sources)
+    theirs = _logits(model, naive, ids, sources)
     return {
         "token_ids": ids[0].tolist(),
         "max_logit_difference": float((ours - reference).abs().max()),
         "naive_max_logit_difference": float((theirs - reference).abs().max()),
     }
-
-
-def _checked(keys: set[str], weight: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
-    """``weight`` for the checkpoint's ``keys``; a KeyError for the others (see :func:`_logits`)."""
-
-    def get(key: str) -> torch.Tensor:
-        if key not in keys:
-            raise KeyError(key)
-        return weight(key)
-
-    return get

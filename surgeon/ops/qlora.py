@@ -20,6 +20,7 @@ from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.ops.apply import apply_deltas
 from surgeon.ops.merge import MergeReport, _deltas_by_key, merge, one_weight_each, prepare
+from surgeon.ops.probe import check_probe
 from surgeon.ops.probe import probe as probe_logits
 from surgeon.ops.quantized_output import QUANTIZED_DTYPES, encoder_for, relative_distance
 from surgeon.quantize import Scheme, bnb_linear_weights, roundtrip
@@ -123,6 +124,13 @@ def qlora_merge(
     with ``probe``, the largest logit differences (:mod:`surgeon.ops.probe`); with ``output``,
     written as a bitsandbytes checkpoint quantized by it, and its error measured."""
     source = QuantizedBase(base, scheme) if scheme else base
+    if probe and options.get("untie"):
+        raise SurgeonError(
+            "probe runs the merged model beside the model as trained, whose output head is still tied to the "
+            "embedding; probe without untie."
+        )
+    if probe:
+        check_probe(base, base.path)
     encoder = encoder_for(output.kind, base, output.double_quant, output.blocksize) if output else None
     merged = merge(source, adapters, out, weights=weights, allow_nonfinite=allow_nonfinite, encoder=encoder, **options)
     result = QLoRAReport(**asdict(merged))
@@ -143,11 +151,7 @@ def merge_operation(kind: str | None, double_quant: bool, blocksize: int, report
     """The merge operation for these options: a QLoRA merge into a base quantized by ``kind``
     and/or one written quantized (``dtype`` nf4, fp4 or int8), or None for a plain merge."""
     output = Scheme(dtype, double_quant, blocksize) if dtype in QUANTIZED_DTYPES else None
-    if kind is None and (report or probe or ((double_quant or blocksize != 64) and output is None)):
-        raise SurgeonError(
-            "double_quant, blocksize, report and probe describe a quantized base or output; name its "
-            "quantization (nf4 or fp4) too."
-        )
+    _check_options(kind, output, double_quant, blocksize, report or probe)
     if kind is None and output is None:
         return None
     scheme = Scheme(kind, double_quant, blocksize) if kind else None
@@ -156,6 +160,21 @@ def merge_operation(kind: str | None, double_quant: bool, blocksize: int, report
         return qlora_merge(*args, scheme=scheme, report=report, probe=probe, output=output, **kwargs)
 
     return qlora
+
+
+def _check_options(kind: str | None, output: Scheme | None, double_quant: bool, blocksize: int, measure: bool):
+    """Refuse options that nothing would use: silently ignored, they would look applied."""
+    if kind is None and measure:
+        raise SurgeonError(
+            "report and probe measure a merge into a quantized base; name the base's quantization "
+            "(quantized_base nf4 or fp4) too."
+        )
+    four_bit = kind is not None or (output is not None and output.bits == 4)
+    if not four_bit and (double_quant or blocksize != 64):
+        raise SurgeonError(
+            "double_quant and blocksize belong to 4-bit quantization; name a 4-bit quantized base or output "
+            "(nf4 or fp4) too, int8 has neither."
+        )
 
 
 def describe(report: MergeReport) -> str:
