@@ -194,7 +194,7 @@ def read_adapter(path: str | Path, format_name: str | None = None, base=None) ->
 
         raise not_an_adapter(path)
     if format_name and not found.sniff(path):
-        raise SurgeonError(f"{path}: not a {found.name} adapter; that format is {found.looks_for}.")
+        raise SurgeonError(f"{path}: not in the {found.name} format, which is {found.looks_for}.")
     adapter = found.read(path, base=base)
     if not len(adapter):
         raise SurgeonError(f"{path}: the adapter holds no tensors, so there is nothing to apply (PEFT refuses it too).")

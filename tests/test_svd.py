@@ -234,6 +234,8 @@ GESVDA_FAILURES = {
     "raises": None,
     "nan": lambda u, s, vh: (u, torch.cat([s[:-1], s.new_full((1,), float("nan"))]), vh),
     "inaccurate": lambda u, s, vh: (u, s * torch.linspace(1.02, 1.0, s.numel(), dtype=s.dtype), vh),
+    # a smallest singular vector of the wrong length: the reconstruction barely shows it, orthonormality does
+    "skewed": lambda u, s, vh: (torch.cat([u[:, :-1], 3 * u[:, -1:]], 1), s, vh),
 }
 HARD_INPUTS = {
     "ill-conditioned": lambda: spectrum_matrix(160, 96, torch.logspace(0, -12, 96)),

@@ -198,14 +198,20 @@ def svd_drivers(a: torch.Tensor) -> tuple[str | None, ...]:
 
 
 def _reconstructs(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> bool:
-    """Whether an approximate driver's answer is an SVD of A: finite, descending singular values
-    and ‖A − u·diag(s)·vh‖_F within 16× :func:`round_off` of ‖A‖_F (a backward-stable SVD's error).
-    The check is one matrix product, far cheaper than the SVD; torch does not pass on gesvda's own
-    residual."""
+    """Whether an approximate driver's answer is an SVD of A: finite, descending singular values,
+    ‖A − u·diag(s)·vh‖_F within 16× :func:`round_off` of ‖A‖_F (a backward-stable SVD's error), and
+    orthonormal singular vectors (columns for small σ barely show in the reconstruction, but the
+    truncated factors keep them). A few matrix products, far cheaper than the SVD; torch does not
+    pass on gesvda's own residual."""
     if not bool(torch.isfinite(s).all()) or bool((s[1:] > s[:-1] * (1 + 1e-5)).any()):
         return False
+    level = 16 * round_off(tuple(a.shape), a.dtype)
     error = frobenius_norm(a - (u * s) @ vh)
-    return math.isfinite(error) and error <= 16 * round_off(tuple(a.shape), a.dtype) * frobenius_norm(a)
+    if not (math.isfinite(error) and error <= level * frobenius_norm(a)):
+        return False
+    eye = torch.eye(s.numel(), dtype=u.dtype, device=u.device)
+    bound = level * math.sqrt(s.numel())
+    return frobenius_norm(u.mT @ u - eye) <= bound and frobenius_norm(vh @ vh.mT - eye) <= bound
 
 
 def _gram(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
