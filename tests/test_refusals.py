@@ -200,7 +200,7 @@ def test_truncated_safetensors_is_named(tmp_path):
         (["--device", "gpu"], "unknown device"),
         (["--shard-size", "inf"], "cannot read the size"),
         (["--shard-size", "nan"], "cannot read the size"),
-        (["--from", "sparse"], "not a sparse adapter"),
+        (["--from", "sparse"], "not in the sparse format"),
     ],
 )
 def test_bad_options_are_one_line_errors(extra, fragment, fixtures_dir, tmp_path):
