@@ -166,8 +166,9 @@ def _check_options(kind: str | None, output: Scheme | None, double_quant: bool, 
     """Refuse options that nothing would use: silently ignored, they would look applied."""
     if kind is None and measure:
         raise SurgeonError(
-            "report and probe measure a merge into a quantized base; name the base's quantization "
-            "(quantized_base nf4 or fp4) too."
+            "report and probe compare a merge into a 16-bit base quantized as in training with the naive merge; "
+            "name that quantization (quantized_base nf4 or fp4) too (a base saved by bitsandbytes is already the "
+            "model as trained: merge into it without them)."
         )
     four_bit = kind is not None or (output is not None and output.bits == 4)
     if not four_bit and (double_quant or blocksize != 64):
