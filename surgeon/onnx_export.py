@@ -62,6 +62,30 @@ def require_extra(exporter: str) -> None:
         raise SurgeonError(missing_extra("onnx", missing, "export-onnx"))
 
 
+# config.json fields that mark a model whose forward takes more than token ids and a mask, or whose
+# experts no exporter traces here, with what to say about it.
+_UNEXPORTABLE = (
+    ("is_encoder_decoder", "an encoder-decoder model (T5, BART, Whisper, ...), whose graphs need decoder inputs too"),
+    ("vision_config", "a model with a vision tower (CLIP, LLaVA, ...), whose graphs take images"),
+    ("image_size", "a vision model, whose graphs take images"),
+    ("num_mel_bins", "a speech model, whose graphs take audio features"),
+    ("num_local_experts", "a mixture of experts, whose expert routing neither exporter traces here"),
+    ("num_experts", "a mixture of experts, whose expert routing neither exporter traces here"),
+)
+
+
+def refuse_unexportable(source: Path, config: dict) -> None:
+    """One sentence, before any model is built, for what export-onnx cannot export yet: it feeds
+    ``input_ids`` and ``attention_mask`` alone, and other models failed deep inside the exporters."""
+    sections = [config, config.get("text_config") or {}]
+    reason = next((why for field, why in _UNEXPORTABLE if any(s.get(field) for s in sections)), None)
+    if reason is not None:
+        raise SurgeonError(
+            f"{source}: is {reason}; export-onnx exports text models that take token ids and an attention mask "
+            f"(tasks {', '.join(TASKS)})."
+        )
+
+
 def default_task(config: dict) -> str:
     """causal LM -> logits, masked LM and classifiers -> logits, anything else -> last hidden state."""
     for architecture in config.get("architectures") or []:
@@ -436,6 +460,7 @@ def _export_in(
             f"{source}: no config.json; export-onnx needs a transformers checkpoint directory (config.json beside the "
             "weights)."
         )
+    refuse_unexportable(source, config)
     task = task or default_task(config)
     report = ExportReport(
         str(source),

@@ -257,3 +257,57 @@ def test_prefix_tuning_is_traced_into_the_graph(tmp_path):
     assert np.abs(got[valid] - base.numpy()[valid]).max() > 1e-3
     scaled = CliRunner().invoke(main, [*command, "-w", "0.5", "-o", str(tmp_path / "scaled.onnx")])
     assert scaled.exit_code == 1 and "weight other than 1" in scaled.output
+
+
+TINY_UNEXPORTABLE = {
+    "t5": lambda t: t.T5ForConditionalGeneration(
+        t.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    ),
+    "vit": lambda t: t.ViTForImageClassification(
+        t.ViTConfig(
+            hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=8, patch_size=4
+        )
+    ),
+    "clip": lambda t: t.CLIPModel(
+        t.CLIPConfig(
+            text_config=dict(
+                hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32
+            ),
+            vision_config=dict(
+                hidden_size=8,
+                intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=8,
+                patch_size=4,
+            ),
+            projection_dim=8,
+        )
+    ),
+    "mixtral": lambda t: t.MixtralForCausalLM(
+        t.MixtralConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=32,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_UNEXPORTABLE))
+def test_models_it_cannot_export_are_refused_in_one_sentence(family, tmp_path):
+    """T5, ViT, CLIP and Mixtral failed with tracebacks deep inside the exporters; now one sentence,
+    before any model is built, and nothing is written."""
+    import transformers
+
+    torch.manual_seed(0)
+    TINY_UNEXPORTABLE[family](transformers).save_pretrained(tmp_path / family)
+    result = CliRunner().invoke(main, ["export-onnx", str(tmp_path / family), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "export-onnx exports text models" in result.output
+    assert not (tmp_path / "m.onnx").exists()
