@@ -26,18 +26,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from surgeon.choices import EXPORT_TASKS as TASKS
+from surgeon.choices import EXPORTERS as EXPORTERS  # noqa: F401 (re-exported: export's own choices)
 from surgeon.errors import NotWeightDeltas, SurgeonError, missing_extra
 
 if TYPE_CHECKING:
     from surgeon.delta import Adapter
 
-# task -> (transformers auto class, the output the graph returns)
-TASKS = {
-    "causal-lm": ("AutoModelForCausalLM", "logits"),
-    "masked-lm": ("AutoModelForMaskedLM", "logits"),
-    "sequence-classification": ("AutoModelForSequenceClassification", "logits"),
-    "feature-extraction": ("AutoModel", "last_hidden_state"),
-}
 _TASK_BY_SUFFIX = (
     ("ForCausalLM", "causal-lm"),
     ("LMHeadModel", "causal-lm"),
@@ -45,7 +40,6 @@ _TASK_BY_SUFFIX = (
     ("ForSequenceClassification", "sequence-classification"),
 )
 INPUT_NAMES = ("input_ids", "attention_mask")
-EXPORTERS = ("auto", "dynamo", "legacy")
 LEGACY_OPSET = 17
 # Protobuf cannot hold a message over 2 GiB; weights above this go to a `.data` file beside the graph.
 EXTERNAL_DATA_ABOVE = 2 * 10**9

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from surgeon.choices import COMPOSE_METHODS as METHODS
+from surgeon.choices import RESULT_KINDS
 from surgeon.cli.common import (
     BASE_FOR_NAMES_OPTION,
     DEVICE_OPTION,
@@ -29,10 +31,6 @@ from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
     from surgeon.ops.compose import ComposeReport
-
-#: compose's methods and result kinds, as surgeon.ops.compose defines them (a test keeps the two equal).
-METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-RESULT_KINDS = ("lora", "sparse", "dense")
 
 
 def _summary(report: ComposeReport) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from surgeon.choices import EXPORT_TASKS as TASKS
+from surgeon.choices import EXPORTERS
 from surgeon.cli.common import (
     DEVICE_OPTION,
     FORCE_OPTION,
@@ -22,10 +24,6 @@ from surgeon.cli.common import (
 )
 from surgeon.errors import SurgeonError
 from surgeon.summary import human_bytes
-
-#: The export choices, as surgeon.onnx_export defines them (a test keeps the two equal).
-TASKS = ("causal-lm", "feature-extraction", "masked-lm", "sequence-classification")
-EXPORTERS = ("auto", "dynamo", "legacy")
 
 
 def _merged_copy(

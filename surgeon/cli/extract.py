@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from surgeon.choices import EMBEDDING_CHOICES, SVD_METHODS
 from surgeon.cli.common import (
     DEVICE_OPTION,
     FORCE_OPTION,
@@ -39,7 +40,7 @@ from surgeon.errors import SurgeonError, missing_extra
 )
 @click.option(
     "--embeddings",
-    type=click.Choice(["auto", "skip", "lora", "full"]),
+    type=click.Choice(EMBEDDING_CHOICES),
     default="auto",
     show_default=True,
     help="Embeddings and lm_head: factor like the rest (auto: unless tied to the output head, which an "
@@ -55,7 +56,7 @@ from surgeon.errors import SurgeonError, missing_extra
 @click.option("--exclude", multiple=True, help="Leave out base keys matching this regex (repeatable).")
 @click.option(
     "--method",
-    type=click.Choice(["auto", "exact", "gram", "randomized"]),
+    type=click.Choice(SVD_METHODS),
     default="auto",
     show_default=True,
     help="SVD method. auto: randomized (block Krylov) for a fixed rank up to 1/8 of the matrix's smaller "

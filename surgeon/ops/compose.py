@@ -22,20 +22,14 @@ from typing import Callable, Sequence
 import torch
 
 from surgeon.checkpoint import Checkpoint
+from surgeon.choices import COMPOSE_METHODS as METHODS
+from surgeon.choices import DENSE_METHODS, FACTORED_METHODS, RESULT_KINDS
 from surgeon.delta import Adapter, Delta, Dense, LowRank, Sparse, exact_sum, promoted_dtype
 from surgeon.errors import SurgeonError
 from surgeon.keys import key_generator
 from surgeon.ops.merge import one_weight_each, prepare, refuse_nonfinite
 from surgeon.ops.rank import RankRule, tail_error
 from surgeon.ops.svd import factor_split, numerical_rank, truncated_svd
-
-#: Methods that combine the factors and never form a dense ΔW.
-FACTORED_METHODS = ("cat", "svd", "linear")
-#: Methods that act entry by entry on each module's dense ΔW.
-DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-METHODS = FACTORED_METHODS + DENSE_METHODS
-#: What a dense method's result is kept as.
-RESULT_KINDS = ("lora", "sparse", "dense")
 
 
 @dataclass

@@ -36,6 +36,7 @@ import torch
 
 from surgeon.architectures import known_module_types
 from surgeon.checkpoint import Checkpoint
+from surgeon.choices import EMBEDDING_CHOICES
 from surgeon.delta import Adapter, Delta, LowRank, Replace, Sparse
 from surgeon.errors import SurgeonError
 from surgeon.formats.sparse import index_dtype
@@ -46,7 +47,6 @@ from surgeon.ops.rank import RankRule
 from surgeon.ops.svd import factor_split, truncated_svd
 from surgeon.pairing import paired_keys
 
-EMBEDDING_CHOICES = ("auto", "skip", "lora", "full")
 #: Why a key that only one checkpoint holds is left out (see surgeon/pairing.py).
 _ONE_SIDED = "in one checkpoint only, and not a float parameter (a buffer such as position_ids)"
 SPLIT_CHOICES = ("balanced", "up", "down")

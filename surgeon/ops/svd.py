@@ -40,11 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
+from surgeon.choices import SVD_METHODS as METHODS
 from surgeon.errors import SurgeonError
 from surgeon.ops.norms import frobenius_norm
 from surgeon.ops.rank import RankRule
 
-METHODS = ("auto", "exact", "gram", "randomized")
 SPLITS = ("balanced", "left", "right")
 KRYLOV_TOLERANCE = 3e-5  # stop when a step adds less than this fraction of the residual energy
 KRYLOV_DIMENSIONS = 6  # the Krylov basis holds at most this many times the rank

@@ -1,0 +1,22 @@
+"""The values users choose among, in one torch-free place: the CLI lists them in ``--help`` and
+checks them without importing the operations, and the operations validate against the same tuples."""
+
+#: compose: methods that combine the factors and never form a dense ΔW.
+FACTORED_METHODS = ("cat", "svd", "linear")
+#: compose: methods that act entry by entry on each module's dense ΔW.
+DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+COMPOSE_METHODS = FACTORED_METHODS + DENSE_METHODS
+#: compose: what a dense method's result is kept as.
+RESULT_KINDS = ("lora", "sparse", "dense")
+#: extract: what becomes of embeddings and output heads.
+EMBEDDING_CHOICES = ("auto", "skip", "lora", "full")
+#: extract: the SVD methods.
+SVD_METHODS = ("auto", "exact", "gram", "randomized")
+#: export-onnx: task -> (transformers auto class, the output the graph returns).
+EXPORT_TASKS = {
+    "causal-lm": ("AutoModelForCausalLM", "logits"),
+    "masked-lm": ("AutoModelForMaskedLM", "logits"),
+    "sequence-classification": ("AutoModelForSequenceClassification", "logits"),
+    "feature-extraction": ("AutoModel", "last_hidden_state"),
+}
+EXPORTERS = ("auto", "dynamo", "legacy")
