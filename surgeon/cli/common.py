@@ -164,6 +164,11 @@ BASE_FOR_NAMES_OPTION = click.option(
 )
 
 
+def weight_option(help_text: str):
+    """-w/--weight, repeated once per input in order: what each of merge, unmerge, compose and export scales by."""
+    return click.option("-w", "--weight", "weights", multiple=True, type=float, help=help_text)
+
+
 def dtype_option(help_text: str, extra: tuple[str, ...] = ()):
     return click.option(
         "--dtype", type=click.Choice(DTYPE_CHOICES + extra), default="auto", show_default=True, help=help_text

@@ -26,6 +26,7 @@ from surgeon.cli.common import (
     provenance,
     rank_options,
     rank_rule,
+    weight_option,
 )
 from surgeon.errors import SurgeonError
 
@@ -51,14 +52,7 @@ def _report_dict(report: ComposeReport, written: list[str]) -> dict:
 @click.command(short_help="Combine adapters: weighted sums, their best low rank, TIES, DARE.")
 @click.argument("adapters", nargs=-1, required=True, type=INPUT)
 @OUTPUT_OPTION
-@click.option(
-    "-w",
-    "--weight",
-    "weights",
-    multiple=True,
-    type=float,
-    help="Weight of each adapter, in order (repeat once per adapter; default 1; negative subtracts).",
-)
+@weight_option("Weight of each adapter, in order (repeat once per adapter; default 1; negative subtracts).")
 @click.option(
     "--method", type=click.Choice(METHODS), default="cat", show_default=True, help="How to combine; see above."
 )

@@ -21,6 +21,7 @@ from surgeon.cli.common import (
     friendly,
     provenance,
     verbose_asked,
+    weight_option,
 )
 from surgeon.errors import SurgeonError
 from surgeon.summary import human_bytes
@@ -85,9 +86,7 @@ def _text(report) -> str:
     help="Merge this adapter into CHECKPOINT first (repeat for several; applied in order); a PEFT "
     "prefix-tuning adapter is traced into the graph with the model instead.",
 )
-@click.option(
-    "-w", "--weight", "weights", multiple=True, type=float, help="Scale for each --adapter, in order (default 1)."
-)
+@weight_option("Scale for each --adapter, in order (default 1).")
 @click.option(
     "--task",
     type=click.Choice(list(TASKS)),

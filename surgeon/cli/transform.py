@@ -22,6 +22,7 @@ from surgeon.cli.common import (
     friendly,
     provenance,
     read_adapter_arg,
+    weight_option,
 )
 
 
@@ -103,14 +104,7 @@ def _run_transform(
 @click.argument("base", type=INPUT)
 @click.argument("adapters", nargs=-1, required=True, type=INPUT)
 @OUTPUT_OPTION
-@click.option(
-    "-w",
-    "--weight",
-    "weights",
-    multiple=True,
-    type=float,
-    help="Scale for each adapter, in order (repeat once per adapter; default 1).",
-)
+@weight_option("Scale for each adapter, in order (repeat once per adapter; default 1).")
 @click.option(
     "--untie",
     is_flag=True,
@@ -234,7 +228,7 @@ def _check_against(report: dict, output: Path, check_base: Path) -> str:
 @click.argument("merged", type=INPUT)
 @click.argument("adapters", nargs=-1, required=True, type=INPUT)
 @OUTPUT_OPTION
-@click.option("-w", "--weight", "weights", multiple=True, type=float, help="The weights the adapters were merged with.")
+@weight_option("The weights the adapters were merged with.")
 @click.option(
     "--check",
     "check_base",
