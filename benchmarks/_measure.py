@@ -111,3 +111,14 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def sides_table(sides: dict[str, dict]) -> str:
+    """The table every benchmark prints: each side's wall (and wall less imports), CPU, peak RSS,
+    imports-only RSS and working memory."""
+    columns = ("wall_s", "work_wall_s", "cpu_s")
+    rows = [
+        [side, *(f"{s[c]:.1f}" for c in columns), mib(s["peak_rss"]), mib(s["import_rss"]), mib(s["working_memory"])]
+        for side, s in sides.items()
+    ]
+    return table(["", "wall s", "wall - imports s", "CPU s", "peak RSS", "imports-only RSS", "working memory"], rows)

@@ -28,7 +28,18 @@ import sysconfig
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import MiB, Run, bench_parser, import_baseline, load_average, mib, own_peak_rss, run_measured, table, tidy  # noqa: E402
+from _measure import (  # noqa: E402
+    MiB,
+    Run,
+    bench_parser,
+    import_baseline,
+    load_average,
+    mib,
+    own_peak_rss,
+    run_measured,
+    sides_table,
+    tidy,
+)
 
 HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 32, 4
 RANK, ALPHA = 16, 32
@@ -278,20 +289,7 @@ def summarize(runs: list[Run], baseline: list[Run]) -> dict:
 
 
 def report(results: dict) -> str:
-    rows = []
-    for side, s in results["sides"].items():
-        rows.append(
-            [
-                side,
-                f"{s['wall_s']:.1f}",
-                f"{s['work_wall_s']:.1f}",
-                f"{s['cpu_s']:.1f}",
-                mib(s["peak_rss"]),
-                mib(s["import_rss"]),
-                mib(s["working_memory"]),
-            ]
-        )
-    lines = [table(["", "wall s", "wall - imports s", "CPU s", "peak RSS", "imports-only RSS", "working memory"], rows)]
+    lines = [sides_table(results["sides"])]
     r = results["ratios"]
     lines.append(
         f"\nsurgeon / PEFT: wall time {r['wall']:.3f} (1/{1 / r['wall']:.1f}), wall without imports "

@@ -36,7 +36,16 @@ from merge_bench import (  # noqa: E402
     warm_page_cache,
 )
 
-from _measure import Run, bench_parser, import_baseline, load_average, mib, own_peak_rss, run_measured, table, tidy  # noqa: E402
+from _measure import (  # noqa: E402
+    Run,
+    bench_parser,
+    import_baseline,
+    load_average,
+    own_peak_rss,
+    run_measured,
+    sides_table,
+    tidy,
+)
 
 SURGEON_IMPORTS = "import torch, safetensors, surgeon.cli, surgeon.ops.qlora, surgeon.formats, transformers"
 USERS_IMPORTS = (
@@ -119,19 +128,7 @@ def run_side(side: str, base: Path, adapter: Path, out: Path, logs: Path, env: d
 
 
 def report(results: dict) -> str:
-    rows = [
-        [
-            side,
-            f"{s['wall_s']:.1f}",
-            f"{s['work_wall_s']:.1f}",
-            f"{s['cpu_s']:.1f}",
-            mib(s["peak_rss"]),
-            mib(s["import_rss"]),
-            mib(s["working_memory"]),
-        ]
-        for side, s in results["sides"].items()
-    ]
-    lines = [table(["", "wall s", "wall - imports s", "CPU s", "peak RSS", "imports-only RSS", "working memory"], rows)]
+    lines = [sides_table(results["sides"])]
     r = results["ratios"]
     lines.append(
         f"\nsurgeon / today's route: wall time {r['wall']:.3f} (1/{1 / r['wall']:.1f}), working memory "
