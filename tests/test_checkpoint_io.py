@@ -187,7 +187,8 @@ def test_installed_package_imports_formats_outside_the_repo(tmp_path):
         cwd=tmp_path,
     ).stdout
     assert located.strip() == "peft"
-    assert subprocess.run(["surgeon", "--help"], capture_output=True, cwd=tmp_path).returncode == 0
+    console_script = Path(sys.executable).with_name("surgeon")
+    assert subprocess.run([str(console_script), "--help"], capture_output=True, cwd=tmp_path).returncode == 0
 
 
 def test_inspect_resolves_kohya_names_with_base(fixtures_dir, tmp_path):
