@@ -162,3 +162,29 @@ def read(path: Path, base=None):
     clause, advice = _reason(full["config"])
     what = f"an AdapterHub {family(full['config'])}{clause}"
     raise NotWeightDeltas(f"{file}: {what}, so surgeon cannot merge or convert it; {advice}.", describe(full, tensors))
+
+
+# Where the adapters library's BERT (BertSelfOutput/BertOutput are its BottleneckLayers) and Llama
+# (attention_adapters/output_adapters of each decoder layer) put a bottleneck adapter, by key.
+_BOTTLENECK_KEY = re.compile(
+    r"(?:^|\.)(\d+)\.(attention\.output|output|attention_adapters|output_adapters)\.adapters\.[^.]+\.(.+)$"
+)
+
+
+def bottleneck_weights(path: Path) -> tuple[dict, dict[tuple[int, str], dict[str, torch.Tensor]]]:
+    """A bottleneck adapter's inner config and its tensors per (layer, place), the place "attention"
+    (after the attention block) or "feed-forward" (after the feed-forward block), each named as in the
+    library's ``Adapter`` module (``adapter_down.0.weight``, ...): what export-onnx runs in the model."""
+    full, tensors, file = _load(Path(path))
+    places: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _BOTTLENECK_KEY.search(key)
+        if match is None:
+            raise SurgeonError(
+                f"{file}: tensor {key} is not after a layer's attention or feed-forward block, where the adapters "
+                "library puts a BERT or Llama bottleneck adapter; give an adapter saved for one of them."
+            )
+        layer, where, name = match.groups()
+        place = "attention" if where.startswith("attention") else "feed-forward"
+        places.setdefault((int(layer), place), {})[name] = tensor
+    return full["config"], places
