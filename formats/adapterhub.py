@@ -9,7 +9,8 @@ none for a bottleneck adapter — Houlsby (``mh_adapter`` and ``output_adapter``
 or ``union`` (several at once, in ``configs``).
 
 They are read to be described (family, layers, sizes, config) and refused as deltas: a bottleneck
-adapter adds a non-linear module inside the layers, which no change to the weights can express.
+adapter adds a non-linear module inside the layers, which no change to the weights can express, so
+export-onnx bakes it into the graph instead (:func:`bottleneck_weights` hands it its tensors).
 AdapterHub's LoRA and (IA)³ could be, and its prompt tuning could join the vocabulary as PEFT's
 does; surgeon does not read them so yet, and says which.
 """
@@ -40,6 +41,7 @@ _NOT_YET = (
     "run or merge it with the adapters library (model.load_adapter, model.merge_adapter)",
 )
 _RUN_TIME_ADVICE = "run it with the adapters library (model.load_adapter), or train a PEFT LoRA instead"
+_BAKED_ADVICE = "export-onnx --adapter bakes it into an ONNX graph of the model, or run it with the adapters library"
 _FIELDS = (
     "reduction_factor",
     "non_linearity",
@@ -99,6 +101,13 @@ def family(config: dict) -> str:
     return names.get(method, f"{method} adapter")
 
 
+def _exported(config: dict) -> bool:
+    """Whether export-onnx runs the method in the graph (:mod:`surgeon.adapterhub_run`)."""
+    from surgeon.bottleneck import refused_option
+
+    return _method(config) == "bottleneck" and refused_option(config) is None
+
+
 def _reason(config: dict) -> tuple[str, str]:
     """Why the adapter is not merged (a clause after its name) and what to do instead: the first
     of its parts that cannot be, for a union."""
@@ -106,7 +115,8 @@ def _reason(config: dict) -> tuple[str, str]:
         parts = [c for c in config.get("configs") or [] if isinstance(c, dict)]
         return next((_reason(c) for c in parts if _method(c) in _RUN_TIME), _reason(parts[0]) if parts else _NOT_YET)
     if _method(config) in _RUN_TIME:
-        return f" {_RUN_TIME[_method(config)]}, which no change to the weights can express", _RUN_TIME_ADVICE
+        advice = _BAKED_ADVICE if _exported(config) else _RUN_TIME_ADVICE
+        return f" {_RUN_TIME[_method(config)]}, which no change to the weights can express", advice
     return _NOT_YET
 
 
@@ -172,7 +182,8 @@ _BOTTLENECK_KEY = re.compile(
 
 
 def bottleneck_weights(path: Path) -> tuple[dict, dict[tuple[int, str], dict[str, torch.Tensor]]]:
-    """A bottleneck adapter's inner config and its tensors per (layer, place), the place "attention"
+    """A bottleneck adapter's config (``build_full_config``'s, with ``model_type`` and ``hidden_size``
+    beside the inner ``config``) and its tensors per (layer, place), the place "attention"
     (after the attention block) or "feed-forward" (after the feed-forward block), each named as in the
     library's ``Adapter`` module (``adapter_down.0.weight``, ...): what export-onnx runs in the model."""
     full, tensors, file = _load(Path(path))
@@ -187,4 +198,4 @@ def bottleneck_weights(path: Path) -> tuple[dict, dict[tuple[int, str], dict[str
         layer, where, name = match.groups()
         place = "attention" if where.startswith("attention") else "feed-forward"
         places.setdefault((int(layer), place), {})[name] = tensor
-    return full["config"], places
+    return full, places

@@ -168,8 +168,13 @@ def _wrap_pre_norm(layer: nn.Module, place: str, adapter: Bottleneck) -> None:
     setattr(layer, sublayer, _PreNormSublayer(getattr(layer, sublayer), adapter, stream))
 
 
+def refused_option(config: dict) -> str | None:
+    """What of an adapter's config surgeon does not run, in words; None when it runs all of it."""
+    return next((what for option, what in _REFUSED if config.get(option)), None)
+
+
 def _refuse_options(path: Path, config: dict, model_type: str) -> None:
-    refused = next((what for option, what in _REFUSED if config.get(option)), None)
+    refused = refused_option(config)
     if config.get("residual_before_ln") == "post_add" and (model_type in _PRE_NORM or not config["original_ln_before"]):
         refused = 'residual_before_ln "post_add" without the model\'s norm before the adapter (the library fails)'
     if refused:
@@ -179,18 +184,26 @@ def _refuse_options(path: Path, config: dict, model_type: str) -> None:
         )
 
 
+def _refuse_model(path: Path, full: dict, model: nn.Module) -> None:
+    """One sentence where the adapter cannot run in ``model``: another architecture or width."""
+    model_type, hidden = model.config.model_type, model.config.hidden_size
+    saved_for = full.get("model_type") or model_type
+    if model_type not in _POST_NORM + _PRE_NORM or saved_for != model_type or full.get("hidden_size", hidden) != hidden:
+        raise SurgeonError(
+            f"{path}: the bottleneck adapter was saved for a {saved_for} model of width {full.get('hidden_size')}, "
+            f"and this is a {model_type} model of width {hidden}; export-onnx runs AdapterHub bottleneck adapters in "
+            f"the {' and '.join(_POST_NORM + _PRE_NORM)} models they were trained on."
+        )
+
+
 def attach(model: nn.Module, path: Path) -> nn.Module:
     """``model`` with the AdapterHub bottleneck adapter at ``path`` wrapped into its layers, in place."""
     from surgeon.formats import adapterhub
 
-    config, places = adapterhub.bottleneck_weights(path)
+    full, places = adapterhub.bottleneck_weights(path)
     model_type = model.config.model_type
-    if model_type not in _POST_NORM + _PRE_NORM:
-        raise SurgeonError(
-            f"{path}: export-onnx runs AdapterHub bottleneck adapters in {', '.join(_POST_NORM + _PRE_NORM)} "
-            f"models, not {model_type}; export with the adapters library instead."
-        )
-    _refuse_options(path, config, model_type)
+    _refuse_model(path, full, model)
+    _refuse_options(path, full["config"], model_type)
     base = model.base_model
     layers = base.encoder.layer if model_type in _POST_NORM else base.layers
     wrap = _wrap_post_norm if model_type in _POST_NORM else _wrap_pre_norm
@@ -200,7 +213,7 @@ def attach(model: nn.Module, path: Path) -> nn.Module:
                 f"{path}: the adapter has layer {index}, but the model has {len(layers)} layers; give the model it "
                 "was trained on."
             )
-        wrap(layers[index], place, _built(path, config, tensors, index, place))
+        wrap(layers[index], place, _built(path, full["config"], tensors, index, place))
     return model
 
 
