@@ -9,10 +9,11 @@ none for a bottleneck adapter — Houlsby (``mh_adapter`` and ``output_adapter``
 or ``union`` (several at once, in ``configs``).
 
 They are read to be described (family, layers, sizes, config) and refused as deltas: a bottleneck
-adapter adds a non-linear module inside the layers, which no change to the weights can express, so
-export-onnx bakes it into the graph instead (:func:`bottleneck_weights` hands it its tensors).
-AdapterHub's LoRA and (IA)³ could be, and its prompt tuning could join the vocabulary as PEFT's
-does; surgeon does not read them so yet, and says which.
+adapter adds a non-linear module inside the layers and prefix tuning adds keys and values to the
+attention, which no change to the weights can express, so export-onnx bakes them into the graph
+instead (:mod:`surgeon.adapterhub_run`; :func:`bottleneck_weights` and :func:`prefix_weights` hand it
+their tensors). AdapterHub's LoRA and (IA)³ could be weight deltas, and its prompt tuning could join
+the vocabulary as PEFT's does; surgeon does not read them so yet, and says which.
 """
 
 from __future__ import annotations
@@ -101,13 +102,6 @@ def family(config: dict) -> str:
     return names.get(method, f"{method} adapter")
 
 
-def _exported(config: dict) -> bool:
-    """Whether export-onnx runs the method in the graph (:mod:`surgeon.adapterhub_run`)."""
-    from surgeon.bottleneck import refused_option
-
-    return _method(config) == "bottleneck" and refused_option(config) is None
-
-
 def _reason(config: dict) -> tuple[str, str]:
     """Why the adapter is not merged (a clause after its name) and what to do instead: the first
     of its parts that cannot be, for a union."""
@@ -115,7 +109,9 @@ def _reason(config: dict) -> tuple[str, str]:
         parts = [c for c in config.get("configs") or [] if isinstance(c, dict)]
         return next((_reason(c) for c in parts if _method(c) in _RUN_TIME), _reason(parts[0]) if parts else _NOT_YET)
     if _method(config) in _RUN_TIME:
-        advice = _BAKED_ADVICE if _exported(config) else _RUN_TIME_ADVICE
+        from surgeon.adapterhub_run import runs
+
+        advice = _BAKED_ADVICE if runs(config) else _RUN_TIME_ADVICE
         return f" {_RUN_TIME[_method(config)]}, which no change to the weights can express", advice
     return _NOT_YET
 
@@ -199,3 +195,22 @@ def bottleneck_weights(path: Path) -> tuple[dict, dict[tuple[int, str], dict[str
         place = "attention" if where.startswith("attention") else "feed-forward"
         places.setdefault((int(layer), place), {})[name] = tensor
     return full, places
+
+
+# The prefix pool the adapters library saves once at the model's top (``prefix_tuning.prefix_tunings``),
+# beside a copy per layer (``...prefix_tuning.pool.prefix_tunings``): its self-attention prefix.
+_PREFIX_KEY = re.compile(r"(?:^|\.)prefix_tuning\.prefix_tunings\.[^.]+\.self_prefix\.(.+)$")
+
+
+def prefix_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A prefix-tuning adapter's config (as :func:`bottleneck_weights`) and its self-attention prefix
+    module's tensors, named as in the library's ``PrefixTuning`` (``wte.weight``, ``control_trans.0.weight``,
+    ...): what export-onnx runs in the model."""
+    full, tensors, file = _load(Path(path))
+    found = {match.group(1): t for key, t in tensors.items() for match in [_PREFIX_KEY.search(key)] if match}
+    if not found:
+        raise SurgeonError(
+            f"{file}: has no self-attention prefix (prefix_tuning.prefix_tunings.*.self_prefix.*), which the adapters "
+            "library saves for BERT and Llama; give an adapter saved for one of them."
+        )
+    return full, found

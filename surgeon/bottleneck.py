@@ -37,7 +37,7 @@ _REFUSED = (
 )
 
 
-def _activation(name: str | None) -> nn.Module:
+def activation(name: str | None) -> nn.Module:
     """The adapters library's ``Activation_Function_Class``: transformers' table, plus leaky ReLU."""
     from transformers.activations import get_activation
 
@@ -57,7 +57,7 @@ class Bottleneck(nn.Module):
         self.config = config
         down = tensors["adapter_down.1.weight" if config["ln_before"] else "adapter_down.0.weight"]
         size, hidden = down.shape
-        layers = [nn.Linear(hidden, size), _activation(config["non_linearity"])]
+        layers = [nn.Linear(hidden, size), activation(config["non_linearity"])]
         if config["ln_before"]:
             self.adapter_norm_before = nn.LayerNorm(hidden)
             layers.insert(0, self.adapter_norm_before)

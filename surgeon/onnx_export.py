@@ -429,8 +429,8 @@ def export(
     A graph that fails verification is kept beside the output as ``<output>.unverified`` (with
     ``.unverified.data``), never at the output path; the report says so with ``verified: False``.
     ``provenance`` (how the export was asked for) and the report go into the graph's metadata_props.
-    ``prefix``: an adapter traced with the model, PEFT prefix tuning or an AdapterHub bottleneck adapter
-    (see :func:`split_adapters`).
+    ``prefix``: an adapter traced with the model, PEFT prefix tuning or an AdapterHub bottleneck or
+    prefix-tuning adapter (see :func:`split_adapters`).
     """
     from surgeon.output import claimed, scratch_beside
 

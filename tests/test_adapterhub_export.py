@@ -1,4 +1,4 @@
-"""AdapterHub bottleneck adapters baked into ONNX exports (issue 16): the adapters in
+"""AdapterHub bottleneck adapters and prefix tuning baked into ONNX exports (issue 16): the adapters in
 fixtures/adapterhub were saved by the adapters library itself, beside its own outputs for fixed
 inputs (fixtures/make_adapterhub_fixtures.py, run in that library's environment). surgeon's wrappers
 around the transformers 5 model, and the exported graph, must reproduce those outputs."""
@@ -16,13 +16,13 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from fixtures.make_fixtures import load_base
-from surgeon.bottleneck import attach
+from surgeon.adapterhub_run import attach
 from surgeon.cli import main
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 HUB = FIXTURES / "adapterhub"
 OUTPUT = {"bert": "last_hidden_state", "llama": "logits"}
-KINDS = ("houlsby", "pfeiffer", "parallel", "options", "options2")
+KINDS = ("houlsby", "pfeiffer", "parallel", "options", "options2", "prefix")
 
 
 def oracle(name: str) -> dict[str, torch.Tensor]:
@@ -44,7 +44,8 @@ def unmasked_difference(got: np.ndarray, expected: dict[str, torch.Tensor]) -> f
 def test_wrapped_model_matches_the_adapters_library(family, kind):
     """Houlsby, Pfeiffer and parallel adapters, and every non-default option (non-linearity, original
     layer norm before/after, residual_before_ln, ln_before/after, learned and per-channel scaling,
-    gating, leave_out, per-layer reduction factors), in surgeon's wrappers give the library's outputs."""
+    gating, leave_out, per-layer reduction factors), and prefix tuning, in surgeon's wrappers give the
+    library's outputs."""
     expected = oracle(f"{family}-{kind}")
     feed = {k: expected[k] for k in ("input_ids", "attention_mask")}
     model = load_base(family, FIXTURES / f"tiny-{family}")
@@ -55,7 +56,7 @@ def test_wrapped_model_matches_the_adapters_library(family, kind):
     assert unmasked_difference(base, expected) > 1e-2  # the adapter changes the output: the check is not vacuous
 
 
-@pytest.mark.parametrize("family,kind", [("bert", "options2"), ("llama", "houlsby")])
+@pytest.mark.parametrize("family,kind", [("bert", "prefix"), ("llama", "houlsby")])
 def test_export_bakes_the_adapter_into_the_graph(tmp_path, family, kind):
     """The exported graph, run in onnxruntime on the library's inputs, gives the library's outputs."""
     onnxruntime = pytest.importorskip("onnxruntime")
@@ -105,10 +106,13 @@ def copy_with(tmp_path: Path, name: str, **options) -> Path:
         ("bert", "bert-pfeiffer", {"inv_adapter": "nice"}, "an invertible adapter"),
         ("llama", "bert-pfeiffer", {}, "saved for a bert model of width 64, and this is a llama model"),
         ("bert", "bert-houlsby", {"original_ln_before": False, "residual_before_ln": "post_add"}, '"post_add"'),
+        ("bert", "bert-prefix", {"flat": True}, "an ejected (flat) prefix"),
+        ("bert", "llama-prefix", {}, "saved for a llama model and this is a bert model"),
     ],
 )
 def test_export_refuses_what_it_does_not_run(tmp_path, family, adapter, options, expected):
-    """Compacter, invertible adapters, an adapter of another model: one sentence, no graph written."""
+    """Compacter, invertible adapters, an ejected prefix, an adapter of another model: one sentence, no
+    graph written."""
     result = run(
         "export-onnx",
         FIXTURES / f"tiny-{family}",

@@ -84,7 +84,8 @@ def _text(report) -> str:
     multiple=True,
     type=INPUT,
     help="Merge this adapter into CHECKPOINT first (repeat for several; applied in order); a PEFT "
-    "prefix-tuning adapter or an AdapterHub bottleneck adapter is traced into the graph with the model instead.",
+    "prefix-tuning adapter, or an AdapterHub bottleneck or prefix-tuning adapter, is traced into the graph with the "
+    "model instead.",
 )
 @weight_option("Scale for each --adapter, in order (default 1).")
 @click.option(
