@@ -108,6 +108,7 @@ def copy_with(tmp_path: Path, name: str, **options) -> Path:
         ("bert", "bert-houlsby", {"original_ln_before": False, "residual_before_ln": "post_add"}, '"post_add"'),
         ("bert", "bert-prefix", {"flat": True}, "an ejected (flat) prefix"),
         ("bert", "llama-prefix", {}, "saved for a llama model and this is a bert model"),
+        ("bert", "bert-pfeiffer", {"architecture": "reft"}, "ReFT adapter runs in the adapters library only"),
     ],
 )
 def test_export_refuses_what_it_does_not_run(tmp_path, family, adapter, options, expected):
