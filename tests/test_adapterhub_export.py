@@ -44,7 +44,7 @@ def unmasked_difference(got: np.ndarray, expected: dict[str, torch.Tensor]) -> f
 def test_wrapped_model_matches_the_adapters_library(family, kind):
     """Houlsby, Pfeiffer and parallel adapters, and every non-default option (non-linearity, original
     layer norm before/after, residual_before_ln, ln_before/after, learned and per-channel scaling,
-    gating, leave_out, per-layer reduction factors), and prefix tuning, in surgeon's wrappers give the
+    leave_out, per-layer reduction factors), and prefix tuning, in surgeon's wrappers give the
     library's outputs."""
     expected = oracle(f"{family}-{kind}")
     feed = {k: expected[k] for k in ("input_ids", "attention_mask")}
@@ -104,6 +104,7 @@ def copy_with(tmp_path: Path, name: str, **options) -> Path:
     [
         ("bert", "bert-houlsby", {"phm_layer": True}, "Compacter's parameterized hypercomplex (PHM) layers"),
         ("bert", "bert-pfeiffer", {"inv_adapter": "nice"}, "an invertible adapter"),
+        ("llama", "llama-houlsby", {"use_gating": True}, "a gate averaged over every position, padding included"),
         ("llama", "bert-pfeiffer", {}, "saved for a bert model of width 64, and this is a llama model"),
         ("bert", "bert-houlsby", {"original_ln_before": False, "residual_before_ln": "post_add"}, '"post_add"'),
         ("bert", "bert-prefix", {"flat": True}, "an ejected (flat) prefix"),
@@ -112,7 +113,7 @@ def copy_with(tmp_path: Path, name: str, **options) -> Path:
     ],
 )
 def test_export_refuses_what_it_does_not_run(tmp_path, family, adapter, options, expected):
-    """Compacter, invertible adapters, an ejected prefix, an adapter of another model: one sentence, no
+    """Compacter, invertible adapters, gating, an ejected prefix, an adapter of another model: one sentence, no
     graph written."""
     result = run(
         "export-onnx",
