@@ -30,6 +30,17 @@ from surgeon.errors import SurgeonError
 # model_type -> how its layers run an adapter; the two the adapters library's outputs were checked on
 _POST_NORM = ("bert",)
 _PRE_NORM = ("llama",)
+# BnConfig's defaults (adapters configuration/adapter_config.py), for configs saved before an option existed
+_DEFAULTS = {
+    "original_ln_before": False,
+    "original_ln_after": True,
+    "residual_before_ln": True,
+    "adapter_residual_before_ln": False,
+    "ln_before": False,
+    "ln_after": False,
+    "is_parallel": False,
+    "scaling": 1.0,
+}
 # options of the library's BnConfig that surgeon does not implement, with what they are
 _REFUSED = (
     ("phm_layer", "Compacter's parameterized hypercomplex (PHM) layers"),
@@ -199,9 +210,9 @@ def attach(model: nn.Module, path: Path) -> nn.Module:
     from surgeon.formats import adapterhub
 
     full, places = adapterhub.bottleneck_weights(path)
-    model_type = model.config.model_type
+    config, model_type = {**_DEFAULTS, **full["config"]}, model.config.model_type
     _refuse_model(path, full, model)
-    _refuse_options(path, full["config"], model_type)
+    _refuse_options(path, config, model_type)
     base = model.base_model
     layers = base.encoder.layer if model_type in _POST_NORM else base.layers
     wrap = _wrap_post_norm if model_type in _POST_NORM else _wrap_pre_norm
@@ -211,7 +222,7 @@ def attach(model: nn.Module, path: Path) -> nn.Module:
                 f"{path}: the adapter has layer {index}, but the model has {len(layers)} layers; give the model it "
                 "was trained on."
             )
-        wrap(layers[index], place, _built(path, full["config"], tensors, index, place))
+        wrap(layers[index], place, _built(path, config, tensors, index, place))
     return model
 
 
