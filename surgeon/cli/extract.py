@@ -15,6 +15,7 @@ from surgeon.cli.common import (
     INPUT,
     JSON_OPTION,
     OUTPUT_OPTION,
+    OutputPath,
     Progress,
     dtype_option,
     emit,
@@ -87,14 +88,14 @@ from surgeon.errors import SurgeonError, missing_extra
 @click.option(
     "--report",
     "report_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputPath(file=True),
     default=None,
     help="Write the full per-module report as JSON here.",
 )
 @click.option(
     "--plot",
     "plot_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputPath(file=True),
     default=None,
     help="Draw the normalised singular-value spectra to this PNG (needs the plot extra).",
 )
