@@ -25,7 +25,7 @@ from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes, embedding_name
 from surgeon.model_names import tied_heads
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
-from surgeon.pairing import paired_keys
+from surgeon.pairing import paired_keys, with_implied_heads
 from surgeon.quantized import dequantized_dtype
 
 if TYPE_CHECKING:
@@ -395,7 +395,8 @@ def unmerge(
         if reason:
             raise SurgeonError(f"cannot unmerge: {reason}.")
     if check is not None:
-        check_comparable(_Planned(merged.path, planned_outputs(merged, plan, undo=True)), check)
+        planned = _Planned(merged.path, planned_outputs(merged, plan, undo=True))
+        check_comparable(planned, with_implied_heads(check, planned))
     return transform_checkpoint(merged, plan, out, undo=True, allow_nonfinite=allow_nonfinite, **options)
 
 
@@ -416,6 +417,7 @@ def check_comparable(a: Checkpoint | _Planned, b: Checkpoint) -> list[str]:
 def compare(a: Checkpoint, b: Checkpoint) -> list[Difference]:
     """Per-tensor max absolute and relative Frobenius difference of two checkpoints of one model
     (non-float tensors that only one holds are left out, see :mod:`surgeon.pairing`)."""
+    b = with_implied_heads(b, a)
     keys = check_comparable(a, b)
     found = []
     for key in keys:
