@@ -306,7 +306,7 @@ def _nonfinite_cause(
 ) -> str:
     """Why the tensor about to be written as ``key`` holds NaN or Inf: the base already did, the
     fp32 arithmetic overflowed, or the cast to a narrower ``dtype`` did."""
-    anyway = "merge and unmerge write it anyway with --allow-nonfinite"
+    anyway = "merge, unmerge and compose --base write it anyway with --allow-nonfinite"
     if not all_finite(original):
         return f"{base.path}: {key!r} already holds NaN or Inf; fix the checkpoint ({anyway})."
     if work is not None and not all_finite(work):
