@@ -8,10 +8,11 @@ none for a bottleneck adapter — Houlsby (``mh_adapter`` and ``output_adapter``
 ``prefix_tuning``, ``prompt_tuning``, ``lora`` (``composition_mode`` "scale" is (IA)³), ``reft``,
 or ``union`` (several at once, in ``configs``).
 
-They are read to be described (family, layers, sizes, config) and refused as deltas: a bottleneck
-adapter adds a non-linear module inside the layers, which no change to the weights can express.
-AdapterHub's LoRA and (IA)³ could be, and its prompt tuning could join the vocabulary as PEFT's
-does; surgeon does not read them so yet, and says which.
+Its LoRA and (IA)³ are read as weight deltas (:func:`read_lora`); every other method is read to be
+described (family, layers, sizes, config) and refused: a bottleneck adapter adds a non-linear module
+inside the layers, which no change to the weights can express, and its prompt tuning is prepended to
+the output of the embedding layer (after position embeddings and layer norm), where no vocabulary row
+can reproduce it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from surgeon.formats.layouts import ADAPTERHUB_WEIGHTS as WEIGHT_FILES
 NAME = "adapterhub"
 #: Why each run-time method cannot become weight deltas, as a clause.
 _RUN_TIME = {
+    "prompt_tuning": "prepends its prompt to the output of the embedding layer at run time, after the position "
+    "embeddings and layer norm (PEFT's goes before them, as vocabulary rows can)",
     "bottleneck": "adds a bottleneck module (down-projection, non-linearity, up-projection) inside the layers at "
     "run time",
     "prefix_tuning": "adds learned keys and values to the attention of every layer at run time",
@@ -156,9 +159,13 @@ def describe(full: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def read(path: Path, base=None):
-    """Describe the adapter and refuse it: no AdapterHub method is read as weight deltas."""
+    """An AdapterHub LoRA or (IA)³ as canonical deltas; any other method described and refused."""
     path = Path(path)
     full, tensors, file = _load(path)
+    if _method(full["config"]) in ("lora", "ia3"):
+        from surgeon.formats.adapterhub_lora import read_lora
+
+        return read_lora(full, tensors, file, base)
     clause, advice = _reason(full["config"])
     what = f"an AdapterHub {family(full['config'])}{clause}"
     raise NotWeightDeltas(f"{file}: {what}, so surgeon cannot merge or convert it; {advice}.", describe(full, tensors))

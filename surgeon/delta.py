@@ -312,6 +312,10 @@ class Dense(Delta):
         return f"Dense(shape={self.shape}{', lazy' if self._stored is None else ''})"
 
     @property
+    def label(self) -> str:
+        return "(IA)³ scaling" if self.reads_base else self.kind
+
+    @property
     def delta(self) -> torch.Tensor:
         """ΔW itself (computed now for a lazy delta)."""
         return self._stored if self._stored is not None else self._compute().reshape(self.shape)
