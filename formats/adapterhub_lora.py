@@ -27,6 +27,7 @@ import torch
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
+from surgeon.formats.layouts import ADAPTERHUB_HEAD
 from surgeon.keys import base_key_of
 from surgeon.lycoris_math import ia3_delta
 
@@ -117,8 +118,19 @@ def _ia3(parts: dict[str, torch.Tensor], config: dict, base, module: str, file: 
         adapter.add(module + ".bias", ia3_delta(base, bias_key, scaling), "other")
 
 
+def _head_note(folder: Path) -> list[str]:
+    heads = [name for name in ADAPTERHUB_HEAD if (folder / name).is_file()]
+    if not heads:
+        return []
+    return [
+        f"{folder}: the prediction head saved beside the adapter ({', '.join(heads)}) is no weight delta and was "
+        "left out; load it with the adapters library (model.load_head) where the model needs a trained head."
+    ]
+
+
 def read_lora(full: dict, tensors: dict[str, torch.Tensor], file: Path, base=None) -> Adapter:
-    """The LoRA or (IA)³ adapter of an AdapterHub ``adapter_config.json`` (``full``) and its ``tensors``."""
+    """The LoRA or (IA)³ adapter of an AdapterHub ``adapter_config.json`` (``full``) and its ``tensors``;
+    a prediction head saved beside it is left out, with a note."""
     config = full["config"]
     _check_config(config, file)
     scale_mode = config.get("composition_mode") == "scale"
@@ -126,6 +138,7 @@ def read_lora(full: dict, tensors: dict[str, torch.Tensor], file: Path, base=Non
         source_format="adapterhub-ia3" if scale_mode else "adapterhub",
         base_model=full.get("model_name"),
         config=dict(full),
+        notes=_head_note(file.parent),
     )
     for module, parts in _modules(tensors, file).items():
         if scale_mode:

@@ -57,6 +57,8 @@ def test_merge_equals_the_library(tmp_path, name):
     base = base_for(arch, expected, tmp_path)
     result = run("merge", base, HUB / name, "-o", tmp_path / "merged")
     assert result.exit_code == 0, result.output
+    # only llama-ia3 keeps the head files save_adapter wrote (LlamaForCausalLM's lm_head)
+    assert ("note:" in result.output and "prediction head" in result.output) == (name == "llama-ia3")
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     weights = [k for k in expected if k.endswith(".weight")]
     assert len(weights) >= 6
