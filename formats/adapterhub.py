@@ -25,18 +25,19 @@ import torch
 from surgeon.checkpoint import load_pickle_weights, read_safetensors
 from surgeon.checkpoint_files import read_json
 from surgeon.errors import NotWeightDeltas, SurgeonError
+from surgeon.formats.adapterhub_lora import read_lora
 from surgeon.formats.layouts import ADAPTERHUB_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import ADAPTERHUB_WEIGHTS as WEIGHT_FILES
 
 NAME = "adapterhub"
 #: Why each run-time method cannot become weight deltas, as a clause.
 _RUN_TIME = {
-    "prompt_tuning": "prepends its prompt to the output of the embedding layer at run time, after the position "
-    "embeddings and layer norm (PEFT's goes before them, as vocabulary rows can)",
     "bottleneck": "adds a bottleneck module (down-projection, non-linearity, up-projection) inside the layers at "
     "run time",
     "prefix_tuning": "adds learned keys and values to the attention of every layer at run time",
     "reft": "edits the hidden representations of chosen positions at run time",
+    "prompt_tuning": "prepends its prompt to the output of the embedding layer at run time, after the position "
+    "embeddings and layer norm (PEFT's goes before them, as vocabulary rows can)",
 }
 _NOT_YET = (
     ", which surgeon does not read as weight deltas yet",
@@ -162,9 +163,13 @@ def read(path: Path, base=None):
     """An AdapterHub LoRA or (IA)³ as canonical deltas; any other method described and refused."""
     path = Path(path)
     full, tensors, file = _load(path)
+    if _method(full["config"]) == "ia3" and base is None:
+        raise NotWeightDeltas(
+            f"{file}: an AdapterHub (IA)³ adapter scales the base weights (W' = W ⊙ alpha·l); pass --base so that "
+            "its ΔW can be computed.",
+            describe(full, tensors),
+        )
     if _method(full["config"]) in ("lora", "ia3"):
-        from surgeon.formats.adapterhub_lora import read_lora
-
         return read_lora(full, tensors, file, base)
     clause, advice = _reason(full["config"])
     what = f"an AdapterHub {family(full['config'])}{clause}"

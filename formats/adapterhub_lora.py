@@ -93,11 +93,6 @@ def _lora(parts: dict[str, torch.Tensor], config: dict, base, module: str, file:
 
 def _ia3(parts: dict[str, torch.Tensor], config: dict, base, module: str, file: Path, adapter: Adapter) -> None:
     """W' = W ⊙ alpha·l per output row, and b' = b ⊙ alpha·l, both read from the base when applied."""
-    if base is None:
-        raise SurgeonError(
-            f"{file}: an AdapterHub (IA)³ adapter scales the base weights (W' = W ⊙ alpha·l); pass --base so that "
-            "its ΔW can be computed."
-        )
     vector = parts.get("lora_B")
     weight_key = base_key_of(base, module + ".weight")
     if vector is None or "lora_A" in parts or weight_key is None:
@@ -130,7 +125,7 @@ def _head_note(folder: Path) -> list[str]:
 
 def read_lora(full: dict, tensors: dict[str, torch.Tensor], file: Path, base=None) -> Adapter:
     """The LoRA or (IA)³ adapter of an AdapterHub ``adapter_config.json`` (``full``) and its ``tensors``;
-    a prediction head saved beside it is left out, with a note."""
+    a prediction head saved beside it is left out, with a note. (IA)³ needs ``base``: it scales its weights."""
     config = full["config"]
     _check_config(config, file)
     scale_mode = config.get("composition_mode") == "scale"

@@ -145,8 +145,10 @@ def test_what_no_delta_holds_is_refused(tmp_path, name, config, words):
 def test_an_adapter_for_another_model_is_refused(tmp_path):
     result = run("merge", FIXTURES / "tiny-llama", HUB / "bert-lora", "-o", tmp_path / "out")
     assert result.exit_code == 1 and "encoder.layer.0.attention.self" in result.output
-    result = run("inspect", HUB / "bert-ia3")
-    assert result.exit_code == 1 and "pass --base" in result.output
+    summary = json.loads(run("inspect", HUB / "bert-ia3", "--json").output)  # described; merged only with the base
+    assert summary["family"] == "AdapterHub (IA)³ adapter" and "pass --base" in summary["merge"]
+    result = run("convert", HUB / "bert-ia3", "--to", "peft", "-o", tmp_path / "peft")
+    assert result.exit_code == 1 and "pass --base" in result.output and not (tmp_path / "peft").exists()
 
 
 def test_prompt_tuning_is_refused_with_the_reason():
