@@ -365,6 +365,7 @@ def merge(
     untied = {head: key for key, head in tied.items()} if untie else None
     report = transform_checkpoint(base, plan, out, allow_nonfinite=allow_nonfinite, untied=untied, **options)
     report.notes += [] if untie else [_tied_note(key, head) for key, head in tied.items()]
+    report.notes += [note for adapter in bound for note in adapter.notes]
     return report
 
 
