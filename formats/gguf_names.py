@@ -140,7 +140,7 @@ def _normal(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
-def architecture(config: dict, where: str):
+def architecture(config: dict, where: str) -> tuple[object, Recipe]:
     """The gguf-py MODEL_ARCH member and the :class:`Recipe` for a base's config.json, or a
     refusal naming the architectures surgeon writes."""
     import gguf
