@@ -148,7 +148,7 @@ FORMATS: dict[str, Format] = {
         Format(
             "adapterhub",
             "AdapterHub / adapters library (adapter_config.json + adapter.safetensors or "
-            "pytorch_adapter.bin): inspected, not merged",
+            "pytorch_adapter.bin): LoRA and (IA)³ read as deltas, other methods inspected",
             "a directory with adapter_config.json and adapter.safetensors or pytorch_adapter.bin",
             layouts.is_adapterhub,
         ),

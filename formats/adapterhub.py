@@ -8,12 +8,13 @@ none for a bottleneck adapter — Houlsby (``mh_adapter`` and ``output_adapter``
 ``prefix_tuning``, ``prompt_tuning``, ``lora`` (``composition_mode`` "scale" is (IA)³), ``reft``,
 or ``union`` (several at once, in ``configs``).
 
-They are read to be described (family, layers, sizes, config) and refused as deltas: a bottleneck
-adapter adds a non-linear module inside the layers and prefix tuning adds keys and values to the
-attention, which no change to the weights can express, so export-onnx bakes them into the graph
-instead (:mod:`surgeon.adapterhub_run`; :func:`bottleneck_weights` and :func:`prefix_weights` hand it
-their tensors). AdapterHub's LoRA and (IA)³ could be weight deltas, and its prompt tuning could join
-the vocabulary as PEFT's does; surgeon does not read them so yet, and says which.
+Its LoRA and (IA)³ are read as weight deltas (:func:`read_lora`); every other method is read to be
+described (family, layers, sizes, config) and refused: a bottleneck adapter adds a non-linear module
+inside the layers and prefix tuning adds keys and values to the attention, which no change to the
+weights can express, so export-onnx bakes them into the graph instead (:mod:`surgeon.adapterhub_run`;
+:func:`bottleneck_weights` and :func:`prefix_weights` hand it their tensors); its prompt tuning is
+prepended to the output of the embedding layer (after position embeddings and layer norm), where no
+vocabulary row can reproduce it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from surgeon.checkpoint import load_pickle_weights, read_safetensors
 from surgeon.checkpoint_files import read_json
 from surgeon.errors import NotWeightDeltas, SurgeonError
+from surgeon.formats.adapterhub_lora import read_lora
 from surgeon.formats.layouts import ADAPTERHUB_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import ADAPTERHUB_WEIGHTS as WEIGHT_FILES
 
@@ -36,6 +38,8 @@ _RUN_TIME = {
     "run time",
     "prefix_tuning": "adds learned keys and values to the attention of every layer at run time",
     "reft": "edits the hidden representations of chosen positions at run time",
+    "prompt_tuning": "prepends its prompt to the output of the embedding layer at run time, after the position "
+    "embeddings and layer norm (PEFT's goes before them, as vocabulary rows can)",
 }
 _NOT_YET = (
     ", which surgeon does not read as weight deltas yet",
@@ -162,9 +166,17 @@ def describe(full: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def read(path: Path, base=None):
-    """Describe the adapter and refuse it: no AdapterHub method is read as weight deltas."""
+    """An AdapterHub LoRA or (IA)³ as canonical deltas; any other method described and refused."""
     path = Path(path)
     full, tensors, file = _load(path)
+    if _method(full["config"]) == "ia3" and base is None:
+        raise NotWeightDeltas(
+            f"{file}: an AdapterHub (IA)³ adapter scales the base weights (W' = W ⊙ alpha·l); pass --base so that "
+            "its ΔW can be computed.",
+            describe(full, tensors),
+        )
+    if _method(full["config"]) in ("lora", "ia3"):
+        return read_lora(full, tensors, file, base)
     clause, advice = _reason(full["config"])
     what = f"an AdapterHub {family(full['config'])}{clause}"
     raise NotWeightDeltas(f"{file}: {what}, so surgeon cannot merge or convert it; {advice}.", describe(full, tensors))

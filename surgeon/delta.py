@@ -312,6 +312,10 @@ class Dense(Delta):
         return f"Dense(shape={self.shape}{', lazy' if self._stored is None else ''})"
 
     @property
+    def label(self) -> str:
+        return "(IA)³ scaling" if self.reads_base else self.kind
+
+    @property
     def delta(self) -> torch.Tensor:
         """ΔW itself (computed now for a lazy delta)."""
         return self._stored if self._stored is not None else self._compute().reshape(self.shape)
@@ -520,7 +524,8 @@ class Adapter:
 
     ``config`` keeps the source format's own configuration so that a round trip through the same
     format loses nothing; ``module_types`` says, per key, which kind of module the parameter
-    belongs to (see :data:`MODULE_TYPES`).
+    belongs to (see :data:`MODULE_TYPES`); ``notes`` are the reader's, one sentence each on what
+    beside the deltas it left out (an AdapterHub prediction head), reported by merge and convert.
     """
 
     deltas: dict[str, list[Delta]] = field(default_factory=dict)
@@ -529,6 +534,7 @@ class Adapter:
     config: dict = field(default_factory=dict)
     module_types: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def add(self, key: str, delta: Delta, module_type: str = "linear") -> None:
         self.deltas.setdefault(key, []).append(delta)

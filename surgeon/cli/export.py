@@ -16,6 +16,7 @@ from surgeon.cli.common import (
     FROM_OPTION,
     INPUT,
     JSON_OPTION,
+    OutputPath,
     Progress,
     emit,
     friendly,
@@ -75,7 +76,7 @@ def _text(report) -> str:
     "-o",
     "--output",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputPath(file=True),
     help="The .onnx file to write; weights over 2 GB go to OUTPUT.data beside it.",
 )
 @click.option(
