@@ -6,7 +6,6 @@ around the transformers 5 model, and the exported graph, must reproduce those ou
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 from fixtures.make_fixtures import load_base
 from surgeon.adapterhub_run import attach
 from surgeon.cli import main
+from tests.test_adapterhub_lora import edited
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 HUB = FIXTURES / "adapterhub"
@@ -89,16 +89,6 @@ def test_inspect_describes_the_library_files():
     assert "export-onnx --adapter bakes it" in summary["merge"]
 
 
-def copy_with(tmp_path: Path, name: str, **options) -> Path:
-    """A library-saved adapter with options of its config changed."""
-    copy = tmp_path / name
-    shutil.copytree(HUB / name, copy)
-    full = json.loads((copy / "adapter_config.json").read_text())
-    full["config"].update(options)
-    (copy / "adapter_config.json").write_text(json.dumps(full))
-    return copy
-
-
 @pytest.mark.parametrize(
     "family,adapter,options,expected",
     [
@@ -119,7 +109,7 @@ def test_export_refuses_what_it_does_not_run(tmp_path, family, adapter, options,
         "export-onnx",
         FIXTURES / f"tiny-{family}",
         "--adapter",
-        copy_with(tmp_path, adapter, **options),
+        edited(tmp_path, adapter, **options),
         "-o",
         tmp_path / "m.onnx",
     )

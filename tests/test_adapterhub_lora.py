@@ -117,7 +117,8 @@ def test_inspect_says_lora_and_ia3_from_adapterhub():
     assert {m["delta"] for m in summary["modules"]} == {"(IA)³ scaling"}
 
 
-def _edited(tmp_path: Path, name: str, **config) -> Path:
+def edited(tmp_path: Path, name: str, **config) -> Path:
+    """A copy of a library-saved adapter with options of its inner config changed."""
     copy = tmp_path / name
     shutil.copytree(HUB / name, copy)
     full = json.loads((copy / "adapter_config.json").read_text())
@@ -137,7 +138,7 @@ def _edited(tmp_path: Path, name: str, **config) -> Path:
 )
 def test_what_no_delta_holds_is_refused(tmp_path, name, config, words):
     arch = name.split("-")[0]
-    result = run("merge", FIXTURES / f"tiny-{arch}", _edited(tmp_path, name, **config), "-o", tmp_path / "out")
+    result = run("merge", FIXTURES / f"tiny-{arch}", edited(tmp_path, name, **config), "-o", tmp_path / "out")
     assert result.exit_code == 1 and words in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
