@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from surgeon.checkpoint import load_pickle_weights, read_safetensors
 from surgeon.delta import FACTOR_DTYPES, MODULE_TYPES, Adapter, Dense, LowRank, Replace
 from surgeon.errors import SurgeonError
-from surgeon.formats import adapter_config
+from surgeon.formats import adapter_config, peft_params
 from surgeon.formats.layouts import DIFFUSERS_COMPONENTS as COMPONENTS
 from surgeon.formats.layouts import PEFT_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import PEFT_WEIGHTS as WEIGHT_FILES
@@ -106,8 +106,12 @@ def read(path: Path, base=None) -> Adapter:
     )
     for key, tensor in whole.items():  # replacements first: LoRA applies on top of them
         adapter.add(key, Replace(tensor), "other")
+    wrapped = peft_params.wrappers(path, base, str(path / CONFIG_FILE)) if config.get("target_parameters") else {}
     for module, parts in modules.items():
-        read_module(adapter, module, parts, config, rslora, fan_in_fan_out, file)
+        if module in wrapped:
+            peft_params.read_wrapped(adapter, module, parts, wrapped[module], file)
+        else:
+            read_module(adapter, module, parts, config, rslora, fan_in_fan_out, file)
     return adapter
 
 

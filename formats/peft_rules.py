@@ -17,10 +17,13 @@ UNSUPPORTED = {
     "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "activated LoRA (aLoRA), which applies only after its invocation tokens",
     "use_qalora": "QALoRA",
-    "target_parameters": "LoRA on bare nn.Parameter targets",
     "arrow_config": "Arrow routing",
     "use_bdlora": "block-diagonal LoRA",
 }
+
+# Options the reader handles but a header alone cannot describe: LoRA on bare parameters is laid out
+# by the base model's class (formats/peft_params.py).
+BY_MODEL = {"target_parameters": "LoRA on bare parameters"}
 
 LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?P<rest>(\.weight|\.bias)?)$"

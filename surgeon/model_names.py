@@ -33,6 +33,7 @@ class ModelNames:
     to_model: dict[str, str]  # every checkpoint key that becomes one model parameter → that parameter's name
     splits: dict[str, tuple[str, ...]]  # checkpoint key → the parameters transformers cuts its rows into, in order
     fused: dict[str, str]  # checkpoint key → the parameter transformers otherwise fuses or splits it into
+    stacked: dict[str, tuple[str, int, int, int]]  # fused key → (stacked expert parameter, expert, first row, end row)
     model_keys: frozenset[str]  # the model's own state_dict names
     modules: frozenset[str]  # the model's module names (what PEFT's target_modules resolve against)
     tied: frozenset[str]  # the output head's weight and the parameters that are that very tensor (tied embeddings)
@@ -45,6 +46,14 @@ class ModelNames:
     def split_parts(self) -> dict[str, tuple[str, int, int]]:
         """model parameter → (the checkpoint key it is cut from, its place, how many pieces)."""
         return {name: (key, i, len(names)) for key, names in self.splits.items() for i, name in enumerate(names)}
+
+    @functools.cached_property
+    def stacked_parts(self) -> dict[str, list[tuple[str, int, int, int]]]:
+        """stacked expert parameter → (checkpoint key, expert, first row, end row) of every tensor it is built from."""
+        found: dict[str, list] = {}
+        for key, (name, expert, start, stop) in sorted(self.stacked.items()):
+            found.setdefault(name, []).append((key, expert, start, stop))
+        return found
 
     def model_name(self, key: str, where: str) -> str:
         """The model's name for checkpoint key ``key``; a key transformers fuses or splits is refused."""
@@ -71,6 +80,8 @@ class ModelNames:
             key, index, count = self.split_parts[name]
             return [(key, delta.placed(index * delta.shape[0], count * delta.shape[0]))]
         fused = sorted(k for k, target in self.fused.items() if target == name)
+        if fused and all(k in self.stacked for k in fused):
+            return [(key, delta.expert_rows(e, start, stop)) for key, e, start, stop in self.stacked_parts[name]]
         if fused:
             raise SurgeonError(
                 f"{where}: {name!r} is built by transformers from several checkpoint tensors ({', '.join(fused[:3])}), "
@@ -133,6 +144,18 @@ def meta_model(directory: Path, architecture: str) -> torch.nn.Module | None:
         transformers.logging.set_verbosity(verbosity)
 
 
+def fresh_meta_model(checkpoint, where: str) -> torch.nn.Module:
+    """A new meta-device model of ``checkpoint``'s class for PEFT to wrap (the cached one stays as built)."""
+    architecture = _architecture(checkpoint)
+    model = meta_model.__wrapped__(checkpoint.directory, architecture) if architecture else None
+    if model is None:
+        raise SurgeonError(
+            f"{where}: transformers cannot build the base's model class ({architecture or 'none in config.json'}), "
+            "which decides how the adapter's parameters are laid out; pass the base it was trained on."
+        )
+    return model
+
+
 @functools.lru_cache(maxsize=8)
 def _names(directory: Path, architecture: str, keys: tuple[str, ...]) -> ModelNames | None:
     model = meta_model(directory, architecture)
@@ -140,9 +163,9 @@ def _names(directory: Path, architecture: str, keys: tuple[str, ...]) -> ModelNa
         return None
     meta = model.state_dict()
     rename = _renamer(model, meta)
-    to_model, splits, fused = {}, {}, {}
+    to_model, splits, fused, stacked = {}, {}, {}, {}
     for key in keys:
-        name, converter = rename(key)
+        name, converter, pattern = rename(key)
         pieces = _row_split(converter, name, meta) if converter is not None else None
         if converter is None:
             to_model[key] = name
@@ -150,8 +173,12 @@ def _names(directory: Path, architecture: str, keys: tuple[str, ...]) -> ModelNa
             splits[key] = pieces
         else:
             fused[key] = name
+            place = _stacked_place(converter, pattern, key, meta.get(name))
+            if place is not None:
+                stacked[key] = (name, *place)
     modules = frozenset(name for name, _ in model.named_modules())
-    return ModelNames(architecture, to_model, splits, fused, frozenset(meta), modules, frozenset(_tied_names(model)))
+    tied = frozenset(_tied_names(model))
+    return ModelNames(architecture, to_model, splits, fused, stacked, frozenset(meta), modules, tied)
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:
@@ -199,8 +226,30 @@ def _row_split(converter, name: str, meta: dict) -> tuple[str, ...] | None:
     return pieces if all(piece in meta for piece in pieces) else None
 
 
+def _stacked_place(converter, pattern: str, key: str, stacked) -> tuple[int, int, int] | None:
+    """(expert, first row, end row) of checkpoint tensor ``key`` in the stacked expert parameter
+    ``stacked`` (a meta tensor) transformers builds from it: one 2-D tensor per expert stacked
+    (``MergeModulelist(dim=0)``), several sources (gate, up) first put one after the other in rows
+    (``Concatenate(dim=1)``) in the converter's order. None for any other conversion."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    sources, operations = converter.source_patterns, converter.operations
+    expected = [(MergeModulelist, 0)] + ([(Concatenate, 1)] if len(sources) > 1 else [])
+    if [(type(op), getattr(op, "dim", None)) for op in operations] != expected:
+        return None
+    if stacked is None or stacked.dim() != 3 or stacked.shape[1] % len(sources):
+        return None
+    found = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    if found is None or len(found.groups()) != 1 or int(found[1]) >= stacked.shape[0]:
+        return None
+    rows = stacked.shape[1] // len(sources)
+    piece = sources.index(pattern)
+    return int(found[1]), piece * rows, (piece + 1) * rows
+
+
 def _renamer(model: torch.nn.Module, meta: dict):
-    """key → (model name, the converter that fuses or splits it, if one does), the way ``from_pretrained`` renames."""
+    """key → (model name, the converter that fuses or splits it if one does, the source pattern it
+    matched), the way ``from_pretrained`` renames."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, rename_source_key
@@ -216,7 +265,7 @@ def _renamer(model: torch.nn.Module, meta: dict):
         name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
         if name not in meta and key in meta:  # what from_pretrained does: the key was right as it was
             name, pattern = rename_source_key(key, [], [], prefix, meta)
-        return name, by_pattern.get(pattern)
+        return name, by_pattern.get(pattern), pattern
 
     return rename
 
@@ -226,8 +275,8 @@ def _legacy_renamer(table: dict[str, str]):
         for pattern, replacement in table.items():
             name, count = re.subn(pattern, replacement, key)
             if count:
-                return name, None
-        return key, None
+                return name, None, None
+        return key, None, None
 
     return rename
 
