@@ -17,13 +17,16 @@ built on the meta device, and reading such an adapter needs the base.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.experts import ExpertLowRank
-from surgeon.model_names import fresh_meta_model
+from surgeon.formats.peft_rules import PREFIX
+from surgeon.model_names import fresh_meta_model, meta_model
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,15 @@ class Wrapped:
     scale: float
 
 
-def wrappers(path: Path, base, where: str) -> dict[str, Wrapped]:
-    """Saved module path → :class:`Wrapped`, as PEFT injects the adapter's config into the base's model."""
+def saved_wrappers(path: Path, base, where: str) -> dict[str, Wrapped]:
+    """Saved module path → :class:`Wrapped` for the adapter saved at ``path``."""
+    import peft
+
+    return wrappers(lambda: peft.LoraConfig.from_pretrained(str(path)), base, where)
+
+
+def wrappers(lora_config, base, where: str) -> dict[str, Wrapped]:
+    """Saved module path → :class:`Wrapped`, as PEFT injects ``lora_config()`` into the base's model."""
     if base is None or getattr(base, "directory", None) is None:
         raise SurgeonError(
             f"{where}: the adapter puts LoRA on bare parameters (target_parameters), which only the base model's "
@@ -51,7 +61,7 @@ def wrappers(path: Path, base, where: str) -> dict[str, Wrapped]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's notes on patterns are about training, not about reading
         try:
-            peft.inject_adapter_in_model(peft.LoraConfig.from_pretrained(str(path)), model, low_cpu_mem_usage=True)
+            peft.inject_adapter_in_model(lora_config(), model, low_cpu_mem_usage=True)
         except (ValueError, TypeError, KeyError) as error:
             raise SurgeonError(f"{where}: PEFT cannot apply this adapter to the base: {error}") from None
     return {
@@ -89,3 +99,65 @@ def read_wrapped(adapter: Adapter, module: str, parts: dict, wrapped: Wrapped, f
     if wrapped.transposed:
         down, up = up.transpose(1, 2), down.transpose(1, 2)
     adapter.add(wrapped.parameter, ExpertLowRank(down.contiguous(), up.contiguous(), wrapped.scale), "other")
+
+
+def _wrappable(module) -> bool:
+    """Whether surgeon writes LoRA on ``module`` as a module of its own (PEFT's Linear, Embedding, Conv)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.modules.conv._ConvNd, Conv1D))
+
+
+def take_parameters(adapter: Adapter, base, names) -> tuple[dict[str, list], Adapter]:
+    """(parameter → its deltas) that PEFT holds only as LoRA on a bare parameter (``target_parameters``):
+    a stacked expert parameter, or the low-rank delta on the weight of a module PEFT cannot wrap (a MoE
+    router); and ``adapter`` without them. ``adapter`` is keyed by the model's names (``names``)."""
+    if names is None:
+        return {}, adapter
+    modules = dict(meta_model(base.directory, names.model_class).named_modules())
+
+    def bare(key: str) -> bool:
+        module = modules.get(key.rpartition(".")[0])
+        lows = all(d.factored() is not None for d in adapter.deltas[key])
+        return key in names.stacked_parts or (module is not None and lows and not _wrappable(module))
+
+    taken = {key: deltas for key, deltas in adapter.deltas.items() if bare(key)}
+    rest = {key: deltas for key, deltas in adapter.deltas.items() if key not in taken}
+    return taken, replace(adapter, deltas=rest, module_types={k: adapter.module_types.get(k, "linear") for k in rest})
+
+
+def write_parameters(params: dict[str, list], base, tensors: dict, ranks: dict, scales: dict) -> None:
+    """PEFT's ParamWrapper tensors for ``params`` into ``tensors``, their ranks and scales by parameter name."""
+    if not params:
+        return
+    import peft
+
+    where = "cannot write PEFT LoRA"
+    wrapped = wrappers(lambda: peft.LoraConfig(target_parameters=sorted(params)), base, where)
+    missing = sorted(set(params) - {w.parameter for w in wrapped.values()})
+    if missing:
+        raise SurgeonError(f"{where}: PEFT puts no LoRA on the parameter {missing[0]!r}; merge it instead.")
+    for path, w in wrapped.items():
+        a, b, rank, scale = _factors(params[w.parameter], w, where)
+        tensors[f"{PREFIX}{path}.lora_A.weight"], tensors[f"{PREFIX}{path}.lora_B.weight"] = a, b
+        ranks[w.parameter], scales[w.parameter] = rank, scale
+
+
+def _factors(deltas: list, w: Wrapped, where: str) -> tuple:
+    """(lora_A, lora_B, rank, scale) of PEFT's ParamWrapper for the deltas on one parameter."""
+    if w.experts == 1:
+        low = LowRank.stack(w.parameter, [d.factored() for d in deltas])
+        if low.is_dora:
+            raise SurgeonError(f"{where}: {w.parameter!r} has a DoRA update, which PEFT allows on modules only.")
+        return low.down.contiguous(), low.up.contiguous(), low.rank, low.scale
+    if len(deltas) != 1 or deltas[0].kind != ExpertLowRank.kind:
+        raise SurgeonError(
+            f"{where}: {w.parameter!r} is a stacked MoE parameter with {deltas[0].label}, and PEFT holds one LoRA per "
+            "expert there; merge it into the base instead (surgeon merge)."
+        )
+    delta = deltas[0]
+    down, up = (delta.up.transpose(1, 2), delta.down.transpose(1, 2)) if w.transposed else (delta.down, delta.up)
+    experts, rank = down.shape[0], down.shape[1]
+    a = down.reshape(experts * rank, down.shape[2])
+    b = up.permute(1, 2, 0).reshape(up.shape[1], rank * experts)
+    return a.contiguous(), b.contiguous(), rank, delta.scale

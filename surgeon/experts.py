@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from surgeon.delta import FACTOR_DTYPES, Delta, LowRank, Shape
+from surgeon.delta import FACTOR_DTYPES, Delta, LowRank, Shape, promoted_dtype
 from surgeon.errors import SurgeonError
 
 
@@ -61,3 +61,42 @@ class ExpertLowRank(Delta):
 
     def expert_rows(self, expert: int, start: int, stop: int) -> Delta:
         return LowRank(self.down[expert].clone(), self.up[expert, start:stop].clone(), self.scale)
+
+
+def fuse_experts(pieces: dict[int, list[tuple[int, int, Delta]]], shape: Shape, where: str) -> ExpertLowRank:
+    """The deltas on a stacked parameter's checkpoint tensors (expert → its (first row, end row,
+    delta) pieces) as one :class:`ExpertLowRank` of ``shape``: per expert, pieces sharing one down
+    factor and scale share it (exact), others are laid side by side in rank (exact, as PEFT fuses
+    w1 and w3); every expert is zero-padded to the largest rank, and missing pieces are zero."""
+    fused = {e: _fuse_expert(found, shape[1], where) for e, found in pieces.items()}
+    scale = next(iter(fused.values()))[2]
+    rank = max(down.shape[0] for down, _, _ in fused.values())
+    down = torch.zeros((shape[0], rank, shape[2]), dtype=torch.float32)
+    up = torch.zeros((shape[0], shape[1], rank), dtype=torch.float32)
+    for e, (d, u, s) in fused.items():
+        down[e, : d.shape[0]] = d
+        up[e, :, : d.shape[0]] = u * (s / scale)
+    dtype = promoted_dtype(d.stored_dtype for found in pieces.values() for _, _, d in found)
+    return ExpertLowRank(down.to(dtype), up.to(dtype), scale)
+
+
+def _fuse_expert(found: list[tuple[int, int, Delta]], rows: int, where: str) -> tuple:
+    lows = [(start, stop, delta.factored()) for start, stop, delta in found]
+    bad = next((d for _, _, d in found if d.factored() is None or d.factored().is_dora), None)
+    if bad is not None:
+        raise SurgeonError(
+            f"{where}: one expert of a stacked MoE parameter has {bad.label}, and PEFT puts only plain LoRA on "
+            "stacked experts; merge it into the base instead (surgeon merge)."
+        )
+    first = lows[0][2]
+    if all(low.scale == first.scale and torch.equal(low.down, first.down) for _, _, low in lows):
+        downs = [first.down]
+    else:
+        downs = [low.down for _, _, low in lows]
+    up = torch.zeros((rows, sum(d.shape[0] for d in downs)), dtype=torch.float32)
+    column = 0
+    for start, stop, low in lows:
+        width = low.rank
+        up[start:stop, column : column + width] = low.up.float() * (low.scale / first.scale)
+        column += width if len(downs) > 1 else 0
+    return torch.cat(downs).float(), up, first.scale

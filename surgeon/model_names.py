@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -285,17 +285,39 @@ def named_for_peft(adapter, checkpoint, where: str):
     """``adapter`` (keyed by ``checkpoint``'s keys) keyed by the names of the model transformers builds
     from ``checkpoint``, as PEFT names them, with that translation (None: not a transformers model).
 
-    A key transformers fuses or splits keeps its checkpoint name where PEFT's own loader converts
-    LoRA factors through that fusion (per-expert MoE weights, as in adapters trained before the
-    fusion); any other is refused."""
+    The per-expert tensors of a stacked expert parameter become one delta on that parameter (PEFT's
+    ``target_parameters``). Another key transformers fuses or splits keeps its checkpoint name where
+    PEFT's own loader converts LoRA factors through that fusion; any other is refused."""
     names = model_names(checkpoint) if checkpoint is not None else None
     if names is None:
         return adapter, None
+    adapter = _experts_stacked(adapter, names, where)
     fused = {key for key in adapter.deltas if key in names.fused}
     converted = _peft_converts(checkpoint.directory, names.model_class, fused)
     return adapter.translated(
         lambda key, delta: [(key, delta)] if key in converted else names.model_parts(key, delta, where)
     ), names
+
+
+def _experts_stacked(adapter, names: ModelNames, where: str):
+    """``adapter`` with the deltas on per-expert checkpoint tensors gathered into one per stacked parameter."""
+    from surgeon.experts import fuse_experts
+
+    stacked = {key for key in adapter.deltas if key in names.stacked}
+    if not stacked:
+        return adapter
+    kept = {key: deltas for key, deltas in adapter.deltas.items() if key not in stacked}
+    result = replace(adapter, deltas=kept, module_types={k: adapter.module_types.get(k, "linear") for k in kept})
+    gathered: dict[str, dict[int, list]] = {}
+    for key in sorted(stacked):
+        name, expert, start, stop = names.stacked[key]
+        for delta in adapter.deltas[key]:
+            gathered.setdefault(name, {}).setdefault(expert, []).append((start, stop, delta))
+    for name, pieces in gathered.items():
+        experts, rows = len({e for _, e, _, _ in names.stacked_parts[name]}), names.stacked_parts[name][-1][3]
+        shape = (experts, rows, next(iter(pieces.values()))[0][2].shape[1])
+        result.add(name, fuse_experts(pieces, shape, f"{where}: {name}"), "other")
+    return result
 
 
 def _peft_converts(directory: Path, architecture: str, keys: set[str]) -> set[str]:
