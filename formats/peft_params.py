@@ -98,7 +98,7 @@ def read_wrapped(adapter: Adapter, module: str, parts: dict, wrapped: Wrapped, f
     up = b.reshape(b.shape[0], rank, experts).permute(2, 0, 1)  # expert e: out × r
     if wrapped.transposed:
         down, up = up.transpose(1, 2), down.transpose(1, 2)
-    adapter.add(wrapped.parameter, ExpertLowRank(down.contiguous(), up.contiguous(), wrapped.scale), "other")
+    adapter.add(wrapped.parameter, ExpertLowRank(down.contiguous(), up.contiguous(), wrapped.scale), "MoE expert")
 
 
 def _wrappable(module) -> bool:

@@ -516,8 +516,9 @@ def exact_sum(terms: list[tuple[Delta, float]], shape: Shape) -> Delta:
     return Dense(total.to(dtype))
 
 
-#: How the base module uses a parameter; writers need it to pick key names and orientation.
-MODULE_TYPES = ("linear", "conv1d", "embedding", "conv", "other")
+#: How the base module uses a parameter; writers need it to pick key names and orientation. "MoE expert":
+#: one expert's tensor of a parameter transformers stacks (surgeon/experts.py).
+MODULE_TYPES = ("linear", "conv1d", "embedding", "conv", "other", "MoE expert")
 
 
 @dataclass

@@ -8,9 +8,11 @@ translates, with transformers' own table for the class named in ``config.json`` 
 on the meta device, and ``get_model_conversion_mapping`` + ``rename_source_key`` are run on every
 checkpoint key, as ``from_pretrained`` does), never a copied one. A tensor the table cuts in rows
 (``Chunk(dim=0)``: a fused qkv, SwiGLU's ``weights_in``) has its delta cut the same way, and deltas on
-the pieces are placed back at their rows. Other fusions (per-expert weights stacked into one
-parameter) have no one-to-one name: PEFT's loader converts LoRA factors through some of them, which
-the PEFT writer asks PEFT itself about (:func:`named_for_peft`); any other is refused, never dropped.
+the pieces are placed back at their rows. Per-expert tensors stacked into one MoE parameter
+(``MergeModulelist(dim=0)``, gate and up first concatenated in rows) are the stacked parameter's
+expert rows (:attr:`ModelNames.stacked`): a delta on the stacked parameter is cut into theirs, and
+the PEFT writer gathers theirs into one (:func:`named_for_peft`). Other fusions PEFT's loader
+converts keep their checkpoint names; any other is refused, never dropped.
 """
 
 from __future__ import annotations
@@ -316,7 +318,7 @@ def _experts_stacked(adapter, names: ModelNames, where: str):
     for name, pieces in gathered.items():
         experts, rows = len({e for _, e, _, _ in names.stacked_parts[name]}), names.stacked_parts[name][-1][3]
         shape = (experts, rows, next(iter(pieces.values()))[0][2].shape[1])
-        result.add(name, fuse_experts(pieces, shape, f"{where}: {name}"), "other")
+        result.add(name, fuse_experts(pieces, shape, f"{where}: {name}"), "MoE expert")
     return result
 
 

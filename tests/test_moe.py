@@ -149,3 +149,18 @@ def test_extracted_adapter_loads_in_peft_as_the_tuned_model(budget, bases, tmp_p
     expected = logits(load(tmp_path / "tuned"))
     assert not torch.allclose(logits(load(base)), expected, atol=1e-3)
     torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("target", ["gguf", "mlx"])
+def test_expert_lora_is_refused_by_name_where_it_cannot_be_written(target, bases, tmp_path):
+    """mlx-lm's switch_mlp and GGUF's ffn_*_exps stack experts too, but surgeon writes neither yet."""
+    peft_adapter(bases["mixtral"], tmp_path / "adapter")
+    out = refused("convert", tmp_path / "adapter", "--to", target, "--base", bases["mixtral"], "-o", tmp_path / "x")
+    assert "experts.0.w1.weight" in out and "MoE expert" in out and not (tmp_path / "x").exists()
+
+
+def test_inspect_describes_expert_lora_against_the_base(bases, tmp_path):
+    peft_adapter(bases["mixtral"], tmp_path / "adapter")
+    out = invoke("inspect", tmp_path / "adapter", "--base", bases["mixtral"])
+    assert "LoRA r=4 scale=3 on each of 4 experts" in out and "mlp.experts.down_proj" in out, out
+    assert "--base" in refused("inspect", tmp_path / "adapter")
