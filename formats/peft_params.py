@@ -92,7 +92,7 @@ def read_wrapped(adapter: Adapter, module: str, parts: dict, wrapped: Wrapped, f
             f"{wrapped.parameter!r} rank {rank} on {experts} experts; the adapter does not belong to this base."
         )
     if experts == 1:
-        adapter.add(wrapped.parameter, LowRank(a.contiguous(), b.contiguous(), wrapped.scale), "other")
+        adapter.add(wrapped.parameter, LowRank(a.contiguous(), b.contiguous(), wrapped.scale), "linear")
         return
     down = a.reshape(experts, rank, a.shape[1])  # expert e: r × in
     up = b.reshape(b.shape[0], rank, experts).permute(2, 0, 1)  # expert e: out × r

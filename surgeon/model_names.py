@@ -316,7 +316,8 @@ def _experts_stacked(adapter, names: ModelNames, where: str):
         for delta in adapter.deltas[key]:
             gathered.setdefault(name, {}).setdefault(expert, []).append((start, stop, delta))
     for name, pieces in gathered.items():
-        experts, rows = len({e for _, e, _, _ in names.stacked_parts[name]}), names.stacked_parts[name][-1][3]
+        parts = names.stacked_parts[name]
+        experts, rows = len({e for _, e, _, _ in parts}), max(stop for _, _, _, stop in parts)
         shape = (experts, rows, next(iter(pieces.values()))[0][2].shape[1])
         result.add(name, fuse_experts(pieces, shape, f"{where}: {name}"), "MoE expert")
     return result

@@ -151,12 +151,29 @@ def test_extracted_adapter_loads_in_peft_as_the_tuned_model(budget, bases, tmp_p
     torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("target", ["gguf", "mlx"])
-def test_expert_lora_is_refused_by_name_where_it_cannot_be_written(target, bases, tmp_path):
-    """mlx-lm's switch_mlp and GGUF's ffn_*_exps stack experts too, but surgeon writes neither yet."""
+def test_expert_lora_is_refused_by_name_for_gguf(bases, tmp_path):
+    """GGUF's ffn_*_exps stack experts too, but no llama.cpp here can check such a file: refused, not guessed."""
     peft_adapter(bases["mixtral"], tmp_path / "adapter")
-    out = refused("convert", tmp_path / "adapter", "--to", target, "--base", bases["mixtral"], "-o", tmp_path / "x")
+    out = refused("convert", tmp_path / "adapter", "--to", "gguf", "--base", bases["mixtral"], "-o", tmp_path / "x")
     assert "experts.0.w1.weight" in out and "MoE expert" in out and not (tmp_path / "x").exists()
+
+
+def test_mlx_lm_runs_expert_lora_as_peft_does(bases, tmp_path):
+    """Stacked experts become mlx-lm's LoRASwitchLinear on switch_mlp (named by mlx-lm's own sanitize).
+    Mixtral only: mlx-lm 0.32 cannot build Qwen3-MoE from the config transformers 5 saves (no rope_theta)."""
+    name = "mixtral"
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.tuner.utils import load_adapters
+
+    expected = logits(peft_adapter(bases[name], tmp_path / "adapter"))
+    invoke("convert", tmp_path / "adapter", "--to", "mlx", "--base", bases[name], "-o", tmp_path / "mlx")
+    model, _ = mlx_lm_utils.load_model(bases[name])
+    load_adapters(model, str(tmp_path / "mlx"))
+    assert any(".switch_mlp." in k for k in load_file(tmp_path / "mlx" / "adapters.safetensors"))
+    ours = torch.from_numpy(np.array(model(mx.array(IDS["input_ids"].tolist()))))
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_inspect_describes_expert_lora_against_the_base(bases, tmp_path):
