@@ -181,3 +181,36 @@ def test_inspect_describes_expert_lora_against_the_base(bases, tmp_path):
     out = invoke("inspect", tmp_path / "adapter", "--base", bases["mixtral"])
     assert "LoRA r=4 scale=3 on each of 4 experts" in out and "mlp.experts.down_proj" in out, out
     assert "--base" in refused("inspect", tmp_path / "adapter")
+
+
+def test_merge_of_an_mlx_lm_switch_adapter_is_what_mlx_lm_fuses(bases, tmp_path):
+    """An adapter mlx-lm itself made on Mixtral's switch_mlp: surgeon merges each expert's rows into
+    its own checkpoint tensor as mlx-lm's LoRASwitchLinear.fuse computes them."""
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = mlx_lm_utils.load_model(bases["mixtral"])
+    parameters = {"rank": 2, "scale": 1.5, "dropout": 0.0, "keys": ["block_sparse_moe.switch_mlp.gate_proj"]}
+    model.freeze()
+    linear_to_lora_layers(model, 1, parameters)
+    for _, module in model.named_modules():
+        if hasattr(module, "lora_b"):
+            module.lora_b = mx.random.normal(module.lora_b.shape)
+    (tmp_path / "mlx").mkdir()
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(tmp_path / "mlx" / "adapters.safetensors"), weights)
+    config = {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": parameters}
+    (tmp_path / "mlx" / "adapter_config.json").write_text(json.dumps(config))
+    fused = np.array(model.model.layers[1].block_sparse_moe.switch_mlp.gate_proj.fuse().weight)
+    invoke("merge", bases["mixtral"], tmp_path / "mlx", "-o", tmp_path / "merged")
+    merged, base = (
+        load_file(tmp_path / "merged" / "model.safetensors"),
+        load_file(bases["mixtral"] / "model.safetensors"),
+    )
+    for expert in range(4):
+        key = f"model.layers.1.block_sparse_moe.experts.{expert}.w1.weight"
+        assert not torch.equal(merged[key], base[key])
+        torch.testing.assert_close(merged[key], torch.from_numpy(fused[expert]), atol=1e-5, rtol=1e-5)
