@@ -118,7 +118,7 @@ def take_parameters(adapter: Adapter, base, names) -> tuple[dict[str, list], Ada
 
     def bare(key: str) -> bool:
         module = modules.get(key.rpartition(".")[0])
-        lows = all(d.factored() is not None for d in adapter.deltas[key])
+        lows = all(d.factored() is not None or d.kind == ExpertLowRank.kind for d in adapter.deltas[key])
         return key in names.stacked_parts or (module is not None and lows and not _wrappable(module))
 
     taken = {key: deltas for key, deltas in adapter.deltas.items() if bare(key)}
