@@ -93,8 +93,8 @@ def read(path: Path, base=None) -> Adapter:
             continue
         if a.dim() != 2 or b.dim() != 2:
             raise SurgeonError(
-                f"{path / WEIGHT_FILE}: {module!r} has {a.dim()}-D factors (an mlx-lm MoE switch layer), which surgeon "
-                "does not read yet."
+                f"{path / WEIGHT_FILE}: {module!r} has a {a.dim()}-D lora_a and a {b.dim()}-D lora_b, which no mlx-lm "
+                "LoRA layer holds; the file is damaged."
             )
         if _is_embedding(module, a, b, base):
             if magnitude is not None:
