@@ -64,7 +64,7 @@ def check_modules_match(config: dict, modules: dict[str, dict], where: Path) -> 
     """What PEFT would load: only modules that ``target_modules`` names get LoRA layers (the other
     factors are dropped as unexpected keys), and with ``use_dora`` every one needs its magnitude."""
     targets = config.get("target_modules")
-    if modules and targets not in (None, "all-linear") and not any(targeted(targets, m) for m in modules):
+    if modules and targets and targets != "all-linear" and not any(targeted(targets, m) for m in modules):
         raise SurgeonError(
             f"{where}: target_modules {targets!r} matches none of the adapter's modules (such as "
             f"{next(iter(modules))!r}), so PEFT would load none of its weights; fix target_modules."

@@ -83,6 +83,7 @@ def refused(*args) -> str:
 CONFIGS = {
     "all-linear": dict(target_modules="all-linear"),
     "parameters": dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+    "experts only": dict(target_parameters=["experts.down_proj"]),
 }
 
 
@@ -96,7 +97,9 @@ def peft_adapter(base: Path, out: Path, targets: str = "all-linear"):
 
 
 @pytest.mark.parametrize(
-    "name, targets", [(name, targets) for name in MODELS for targets in CONFIGS] + [("gpt_oss", "parameters")]
+    "name, targets",
+    [(name, targets) for name in MODELS for targets in ("all-linear", "parameters")]
+    + [("mixtral", "experts only"), ("gpt_oss", "parameters")],
 )
 def test_merge_is_what_peft_merges_and_unmerge_takes_it_off(name, targets, bases, tmp_path):
     model = peft_adapter(bases[name], tmp_path / "adapter", targets)
@@ -123,7 +126,8 @@ def test_merge_is_what_peft_merges_and_unmerge_takes_it_off(name, targets, bases
 
 
 @pytest.mark.parametrize(
-    "name, targets", [("mixtral", "all-linear"), ("qwen3_moe", "all-linear"), ("gpt_oss", "parameters")]
+    "name, targets",
+    [("mixtral", "all-linear"), ("qwen3_moe", "all-linear"), ("mixtral", "experts only"), ("gpt_oss", "parameters")],
 )
 def test_convert_to_peft_writes_what_peft_loads(name, targets, bases, tmp_path):
     """Through the canonical per-checkpoint-tensor deltas and back: PEFT loads the written adapter
