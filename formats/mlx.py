@@ -25,13 +25,15 @@ from surgeon.errors import SurgeonError
 from surgeon.formats.adapter_config import check_mlx
 from surgeon.formats.layouts import MLX_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import MLX_WEIGHTS as WEIGHT_FILE
-from surgeon.formats.lora_only import differs, fold, most_common, pick_targets, trailing_zero_rank
+from surgeon.formats.lora_only import Picked, differs, fold, most_common, pick_targets, trailing_zero_rank
+from surgeon.formats.mlx_experts import read_switch, switch_tensors, take_switches
 from surgeon.keys import embedding_name
 
 NAME = "mlx"
 
 _BLOCK = re.compile(r"^(?P<blocks>.+\.layers)\.(?P<index>\d+)\.(?P<relative>.+)$")
 _PARTS = ("lora_a", "lora_b", "m")
+MLX_TYPES = ("linear", "embedding")
 
 
 def _is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base) -> bool:
@@ -86,10 +88,13 @@ def read(path: Path, base=None) -> Adapter:
                 f"{path / WEIGHT_FILE}: {module!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, "
                 "not matrices; the file is damaged."
             )
+        if a.dim() == 3 and b.dim() == 3:  # a LoRASwitchLinear: stacked MoE experts
+            read_switch(adapter, module, a, b, scale, base)
+            continue
         if a.dim() != 2 or b.dim() != 2:
             raise SurgeonError(
-                f"{path / WEIGHT_FILE}: {module!r} has {a.dim()}-D factors (an mlx-lm MoE switch layer), which surgeon "
-                "does not read yet."
+                f"{path / WEIGHT_FILE}: {module!r} has a {a.dim()}-D lora_a and a {b.dim()}-D lora_b, which no mlx-lm "
+                "LoRA layer holds; the file is damaged."
             )
         if _is_embedding(module, a, b, base):
             if magnitude is not None:
@@ -153,7 +158,8 @@ def _keys_and_layers(modules: list[str], base, source_layers: int | None) -> tup
 
 def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     """Write an mlx-lm adapter directory that ``mlx_lm.tuner.utils.load_adapters`` loads."""
-    picked = pick_targets(adapter, NAME, ("linear", "embedding"), allow_dora=True)
+    switches, adapter = take_switches(adapter, base)
+    picked = Picked([], [], []) if switches and not adapter.deltas else pick_targets(adapter, NAME, MLX_TYPES, True)
     targets = picked.targets
     dora = {t.delta.is_dora for t in targets}
     if len(dora) > 1:
@@ -167,8 +173,8 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
                 f"cannot write mlx: {t.key!r} is a DoRA {t.module_type} update, and mlx-lm normalises DoRA only per "
                 "output row of a Linear."
             )
-    rank = max(t.delta.rank for t in targets)
-    scale = most_common(t.delta.scale for t in targets)
+    rank = max([t.delta.rank for t in targets] + [s.rank for s in switches.values()])
+    scale = most_common([*(t.delta.scale for t in targets), *(s.scale for s in switches.values())])
     tensors: dict[str, torch.Tensor] = {}
     padded, folded = 0, 0
     for t in targets:
@@ -183,8 +189,11 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
         tensors[f"{t.module}.lora_b"] = torch.nn.functional.pad(b, (0, 0, 0, pad)).contiguous()
         if delta.magnitude is not None:
             tensors[f"{t.module}.m"] = delta.magnitude.contiguous()
+    tensors.update(switch_tensors(switches, rank, scale))
     config = dict(adapter.config) if adapter.source_format == NAME else {}
-    keys, num_layers, notes = _keys_and_layers([t.module for t in targets], base, config.get("num_layers"))
+    keys, num_layers, notes = _keys_and_layers(
+        [*(t.module for t in targets), *switches], base, config.get("num_layers")
+    )
     if adapter.base_model:
         config.setdefault("model", adapter.base_model)
     config["fine_tune_type"] = "dora" if dora == {True} else "lora"

@@ -114,6 +114,12 @@ class Delta:
         self._must_add("split")
         return Dense(self.materialize(dtype=self.stored_dtype)[start:stop])
 
+    def expert_rows(self, expert: int, start: int, stop: int) -> "Delta":
+        """The delta on rows ``start:stop`` of expert ``expert`` of a stacked (experts × m × k) parameter:
+        the checkpoint tensor transformers stacks there (:mod:`surgeon.model_names`)."""
+        self._must_add("split")
+        return Dense(self.materialize(dtype=self.stored_dtype)[expert, start:stop])
+
     def placed(self, start: int, total: int) -> "Delta":
         """This delta as rows ``start:`` of a parameter of ``total`` rows, zero elsewhere: the inverse of
         :meth:`rows`, for a delta on one of the parameters transformers makes from one checkpoint tensor."""
@@ -514,8 +520,9 @@ def exact_sum(terms: list[tuple[Delta, float]], shape: Shape) -> Delta:
     return Dense(total.to(dtype))
 
 
-#: How the base module uses a parameter; writers need it to pick key names and orientation.
-MODULE_TYPES = ("linear", "conv1d", "embedding", "conv", "other")
+#: How the base module uses a parameter; writers need it to pick key names and orientation. "MoE expert":
+#: one expert's tensor of a parameter transformers stacks (surgeon/experts.py).
+MODULE_TYPES = ("linear", "conv1d", "embedding", "conv", "other", "MoE expert")
 
 
 @dataclass
