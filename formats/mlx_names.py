@@ -16,7 +16,9 @@ before it is published (:func:`check_loads`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -91,10 +93,15 @@ def build_model(config: dict, where: str):
     """mlx-lm's model for ``config``, as ``mlx_lm.utils.load_model`` builds it (weights not loaded)."""
     from mlx_lm.utils import _get_classes  # the lookup load_model itself uses (model_type → module)
 
+    said = io.StringIO()
     try:
-        model_class, args_class = _get_classes(config=config)
+        with contextlib.redirect_stdout(said):  # some definitions print why they cannot be imported
+            model_class, args_class = _get_classes(config=config)
     except ValueError as error:
         raise SurgeonError(f"{where}: {error} mlx-lm has no model for it, so it cannot load an adapter.") from None
+    except (ImportError, SystemExit) as error:  # mlx-lm's olmo exits when ai2-olmo is missing
+        why = " ".join(said.getvalue().split()) or str(error)
+        raise SurgeonError(f"{where}: mlx-lm's {config['model_type']} model cannot be imported ({why}).") from None
     try:
         return model_class(args_class.from_dict(config))
     except (TypeError, KeyError, ValueError, AttributeError) as error:

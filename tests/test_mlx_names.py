@@ -213,3 +213,19 @@ def test_without_the_base_the_names_are_said_to_be_unchecked(bases, tmp_path):
     peft_adapter("gpt_neox", bases["gpt_neox"], tmp_path / "peft")
     report = convert_adapter(tmp_path / "peft", "mlx", tmp_path / "mlx")
     assert any("not checked against mlx-lm's model" in note for note in report["notes"])
+
+
+def test_an_mlx_lm_model_that_exits_on_import_is_refused_not_fatal(tmp_path):
+    """mlx-lm's olmo module calls sys.exit when ai2-olmo is not installed: surgeon must say so, not exit."""
+    import importlib.util
+
+    if importlib.util.find_spec("hf_olmo") is not None:
+        pytest.skip("ai2-olmo is installed, so mlx-lm's olmo imports")
+    torch.manual_seed(0)
+    transformers.OlmoForCausalLM(transformers.OlmoConfig(**TEXT)).save_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    peft.get_peft_model(_hf(tmp_path / "base"), config).save_pretrained(tmp_path / "peft")
+    output = invoke_error(
+        "convert", tmp_path / "peft", "--to", "mlx", "--base", tmp_path / "base", "-o", tmp_path / "m"
+    )
+    assert "mlx-lm's olmo model cannot be imported" in output
