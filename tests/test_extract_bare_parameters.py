@@ -90,3 +90,23 @@ def test_left_out_by_choice_they_are_listed_with_their_change(pair, tmp_path):
     assert "bare parameter" in left[BARE[0]]["reason"] and report["left_out_share"] > 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert not config.get("modules_to_save")
+
+
+def test_a_parameter_of_the_model_itself_is_left_out_and_listed(tmp_path):
+    """CLIP's ``logit_scale`` belongs to no module PEFT could copy whole: it is listed as left out,
+    and the adapter PEFT loads holds the rest."""
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    text.update(max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8)
+    config = transformers.CLIPConfig(text_config=text, vision_config={**vision, "patch_size": 4}, projection_dim=8)
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(tmp_path / "base")
+    shutil.copytree(tmp_path / "base", tmp_path / "tuned")
+    state = load_file(tmp_path / "tuned" / "model.safetensors")
+    state["logit_scale"] = state["logit_scale"] + 0.5
+    key = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    state[key] = state[key] + 0.1 * torch.ones(16, 1) @ torch.ones(1, 16)
+    save_file(state, tmp_path / "tuned" / "model.safetensors", metadata={"format": "pt"})
+    report = extract((tmp_path / "base", tmp_path / "tuned"), tmp_path / "adapter")
+    assert [row["key"] for row in report["left_out"]] == ["logit_scale"]
+    peft.PeftModel.from_pretrained(transformers.CLIPModel.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
