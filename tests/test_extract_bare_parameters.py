@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from tiny_vision import tiny_vit
 
 from surgeon.cli import main
 
@@ -28,17 +29,7 @@ BARE = ("vit.embeddings.cls_token", "vit.embeddings.position_embeddings")
 def pair(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny ViT and its 'full fine-tune': rank-2 changes on every matrix, random ones on the bare parameters."""
     root = tmp_path_factory.mktemp("vit-tune")
-    config = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        image_size=16,
-        patch_size=8,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    transformers.ViTForImageClassification(config).save_pretrained(root / "base")
+    tiny_vit().save_pretrained(root / "base")
     shutil.copytree(root / "base", root / "tuned")
     state = load_file(root / "tuned" / "model.safetensors")
     gen = torch.Generator().manual_seed(2)

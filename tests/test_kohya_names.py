@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from tiny_vision import tiny_swiglu_dinov2, tiny_vit
 
 from surgeon.cli import main
 
@@ -26,18 +27,8 @@ PIXELS = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().
 
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory) -> Path:
-    config = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        image_size=16,
-        patch_size=8,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vit") / "base"
-    transformers.ViTForImageClassification(config).save_pretrained(path)
+    tiny_vit().save_pretrained(path)
     return path
 
 
@@ -90,18 +81,7 @@ def test_kohya_names_of_the_models_modules_map_to_the_checkpoints_keys(vit, adap
 
 def test_a_kohya_name_transformers_cuts_from_a_tensor_is_refused(tmp_path):
     """Dinov2's checkpoint ``mlp.weights_in`` is cut into the modules gate_proj and up_proj."""
-    config = transformers.Dinov2Config(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=4,
-        use_swiglu_ffn=True,
-        mlp_ratio=2,
-        num_labels=2,
-    )
-    torch.manual_seed(0)
-    transformers.Dinov2ForImageClassification(config).save_pretrained(tmp_path / "base")
+    tiny_swiglu_dinov2().save_pretrained(tmp_path / "base")
     stem = "lora_unet_dinov2_encoder_layer_0_mlp_gate_proj"  # a module transformers 5 has, no checkpoint tensor
     rank, hidden = 2, 16
     save_file(
