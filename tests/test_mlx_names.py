@@ -229,3 +229,22 @@ def test_an_mlx_lm_model_that_exits_on_import_is_refused_not_fatal(tmp_path):
         "convert", tmp_path / "peft", "--to", "mlx", "--base", tmp_path / "base", "-o", tmp_path / "m"
     )
     assert "mlx-lm's olmo model cannot be imported" in output
+
+
+def test_dora_on_gpt2s_conv1d_is_normalised_per_output_as_mlx_lm_holds_it(bases, tmp_path):
+    """GPT-2's Conv1D (in×out) is a transposed Linear in mlx-lm: DoRA's per-output magnitude follows."""
+    base = bases["gpt2"]
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False, use_dora=True)
+    model = peft.get_peft_model(_hf(base), config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "magnitude" in name:
+                parameter.mul_(1.3)  # a magnitude that differs from the norm of W + ΔW
+    model.save_pretrained(tmp_path / "peft")
+    peft_model = peft.PeftModel.from_pretrained(_hf(base), tmp_path / "peft")
+    expected = hf_logits(peft_model.eval()) - hf_logits(_hf(base))
+    convert_adapter(tmp_path / "peft", "mlx", tmp_path / "mlx", base_path=base)
+    got = mlx_logits(base, tmp_path / "mlx") - mlx_logits(base, None)
+    assert expected.abs().max() > 0.1
+    assert (got - expected).abs().max() < 1e-2 * expected.abs().max()
