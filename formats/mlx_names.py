@@ -89,7 +89,7 @@ def _mlx_lm_installed() -> bool:
     return True
 
 
-def build_model(config: dict, where: str):
+def _build_model(config: dict, where: str):
     """mlx-lm's model for ``config``, as ``mlx_lm.utils.load_model`` builds it (weights not loaded)."""
     from mlx_lm.utils import _get_classes  # the lookup load_model itself uses (model_type → module)
 
@@ -97,8 +97,11 @@ def build_model(config: dict, where: str):
     try:
         with contextlib.redirect_stdout(said):  # some definitions print why they cannot be imported
             model_class, args_class = _get_classes(config=config)
-    except ValueError as error:
-        raise SurgeonError(f"{where}: {error} mlx-lm has no model for it, so it cannot load an adapter.") from None
+    except ValueError:
+        raise SurgeonError(
+            f"{where}: mlx-lm has no model for model_type {config['model_type']!r}, so it cannot load an adapter for "
+            "this base."
+        ) from None
     except (ImportError, SystemExit) as error:  # mlx-lm's olmo exits when ai2-olmo is missing
         why = " ".join(said.getvalue().split()) or str(error)
         raise SurgeonError(f"{where}: mlx-lm's {config['model_type']} model cannot be imported ({why}).") from None
@@ -114,7 +117,7 @@ def build_model(config: dict, where: str):
 def _sanitized(config: dict, shapes: tuple, where: str):
     """mlx-lm's model for ``config``, stand-ins for the checkpoint's tensors, and what the model's
     ``sanitize`` makes of them (as ``load_model`` runs it, which may also settle the model's modules)."""
-    model = build_model(config, where)
+    model = _build_model(config, where)
     stand_ins = {key: _stand_in(i, shape) for i, (key, shape) in enumerate(shapes)}
     if not hasattr(model, "sanitize"):
         return model, stand_ins, dict(stand_ins)
