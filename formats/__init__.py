@@ -142,6 +142,7 @@ FORMATS: dict[str, Format] = {
             layouts.is_kohya,
             writable=True,
             writes_file=True,
+            write_uses_base=True,
             needs_base_to_read=True,
             file_suffix=".safetensors",
         ),

@@ -315,7 +315,8 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     config["fan_in_fan_out"] = any(t == "conv1d" for t in types.values())
     config["use_dora"] = any(magnitudes.values())
     config["lora_bias"] = any(k.endswith(".lora_B.bias") for k in tensors)
-    config["modules_to_save"] = sorted(modules_to_save) or None
+    modules_to_save = {m for m in modules_to_save if not any(f".{o}." in f".{m}." for o in modules_to_save - {m})}
+    config["modules_to_save"] = sorted(modules_to_save) or None  # a module inside another goes with it
     written = [*(m for m in ranks if m not in params), *(_module_of(k)[0] for k in [*params, *dict(picked.kept)])]
     check_modules(names, written, "cannot write PEFT LoRA")
     _check_not_inside(modules_to_save, ranks)
