@@ -47,7 +47,7 @@ def test_lossy_layout_changes_are_noted_in_text_and_json(variants_root, tmp_path
     )
     report = json.loads(convert(source, "--to", "gguf", "--base", BASE, "-o", tmp_path / "a.gguf", "--json").output)
     assert any("rsLoRA" in note and "folded into their lora_b" in note for note in report["notes"])
-    assert any("permuted" in note for note in report["notes"])
+    assert any("reordered by rows" in note and "llama.cpp" in note for note in report["notes"])
 
 
 def test_peft_to_mlx_and_back_loads_in_peft(variants_root, tmp_path):
