@@ -12,7 +12,7 @@ RESULT_KINDS = ("lora", "sparse", "dense")
 EMBEDDING_CHOICES = ("auto", "skip", "lora", "full")
 #: extract: the SVD methods.
 SVD_METHODS = ("auto", "exact", "gram", "randomized")
-#: export-onnx: the tasks (their graphs and inputs: surgeon.onnx_tasks), named as optimum names them.
+#: export-onnx: the tasks (their graphs and inputs: surgeon.onnx_tasks); those beyond text named as optimum names them.
 EXPORT_TASKS = (
     "causal-lm",
     "masked-lm",

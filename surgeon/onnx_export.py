@@ -326,6 +326,21 @@ def _case(feed: dict[str, torch.Tensor], batch: int) -> dict:
     return {"batch": batch, "sequence": sequence, "padded_row": padded}
 
 
+def _compare(graph: Path, name: str, reference: np.ndarray, got: np.ndarray, mask) -> tuple[float, float, int]:
+    """The largest difference between one output in torch and in onnxruntime (at ``mask``'s positions
+    where given), the reference's largest magnitude, and how many values were compared."""
+    if got.shape != reference.shape:
+        raise SurgeonError(
+            f"{graph}: onnxruntime returned {name} of shape {got.shape} where torch gives {reference.shape}; "
+            "the export is wrong."
+        )
+    if mask is not None:
+        reference, got = reference[mask], got[mask]
+    if not reference.size:
+        return 0.0, 0.0, 0
+    return float(np.abs(reference.astype(np.float64) - got).max()), float(np.abs(reference).max()), reference.size
+
+
 def verify(graph: Path, head: _Head, config: dict, atol: float) -> Verification:
     """Run ``graph`` (the task's graphs, in order) in onnxruntime and ``head`` in torch on the same
     inputs; compare the task's outputs, at unmasked positions only where the task is masked."""
@@ -340,23 +355,14 @@ def verify(graph: Path, head: _Head, config: dict, atol: float) -> Verification:
         with torch.no_grad():
             references = {name: value.float().numpy() for name, value in head(**feed).items()}
         outputs = _run(graph, task, sessions, {name: value.numpy() for name, value in feed.items()})
-        case = _case(feed, batch)
+        mask = feed["attention_mask"].numpy().astype(bool) if task.masked else None
         difference = 0.0
         for name, reference in references.items():
-            got = outputs[name]
-            if got.shape != reference.shape:
-                raise SurgeonError(
-                    f"{graph}: onnxruntime returned {name} of shape {got.shape} where torch gives {reference.shape} "
-                    f"for batch {batch}; the export is wrong."
-                )
-            if task.masked:
-                mask = feed["attention_mask"].numpy().astype(bool)
-                reference, got = reference[mask], got[mask]
-            gap = float(np.abs(reference.astype(np.float64) - got).max()) if reference.size else 0.0
+            gap, magnitude, count = _compare(graph, name, reference, outputs[name], mask)
             difference = gap if np.isnan(gap) else max(difference, gap)  # max() would drop a NaN
-            worst_reference = max(worst_reference, float(np.abs(reference).max()) if reference.size else 0.0)
-            result.compared_values += int(reference.size)
-        result.cases.append({**case, "max_abs_diff": difference})
+            worst_reference = max(worst_reference, magnitude)
+            result.compared_values += count
+        result.cases.append({**_case(feed, batch), "max_abs_diff": difference})
         result.max_abs_diff = difference if np.isnan(difference) else max(result.max_abs_diff, difference)
     result.max_relative_diff = result.max_abs_diff / worst_reference if worst_reference else result.max_abs_diff
     result.passed = bool(result.max_abs_diff <= atol)

@@ -77,6 +77,18 @@ TINY = {
             eos_token_id=2,
         )
     ),
+    "jetmoe": lambda t: t.JetMoeForCausalLM(
+        t.JetMoeConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_key_value_heads=1,
+            kv_channels=4,
+            vocab_size=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            **LAYER,
+        )
+    ),
     "mixtral": lambda t: t.MixtralForCausalLM(
         t.MixtralConfig(
             hidden_size=8,
@@ -264,6 +276,15 @@ def test_mixture_of_experts_exports_with_batched_experts(tiny, tmp_path):
         with torch.no_grad():
             expected = model(input_ids=torch.from_numpy(ids)).logits.numpy()
         assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_experts_that_only_loop_are_refused_in_one_sentence(tiny, tmp_path):
+    """JetMoE's experts ignore transformers' experts implementations: their traced loop failed in
+    onnxruntime on a routing the export did not see."""
+    result = CliRunner().invoke(main, ["export-onnx", str(tiny("jetmoe")), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "JetMoeForCausalLM's experts do not take transformers' batched_mm" in result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
