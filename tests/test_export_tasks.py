@@ -22,6 +22,19 @@ import transformers  # noqa: E402
 from surgeon.cli import main  # noqa: E402
 
 LAYER = dict(num_hidden_layers=1, num_attention_heads=2)
+ENCODER_DECODER = dict(
+    vocab_size=32,
+    d_model=8,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=16,
+    decoder_ffn_dim=16,
+)
+EXPERTS = dict(
+    intermediate_size=16, num_key_value_heads=1, vocab_size=32, num_local_experts=4, num_experts_per_tok=2, **LAYER
+)
 TINY = {
     "vit": lambda t: t.ViTForImageClassification(
         t.ViTConfig(hidden_size=8, intermediate_size=16, image_size=8, patch_size=4, num_labels=3, **LAYER)
@@ -47,27 +60,13 @@ TINY = {
     ),
     "bart": lambda t: t.BartForConditionalGeneration(
         t.BartConfig(
-            vocab_size=32,
-            d_model=8,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=16,
-            decoder_ffn_dim=16,
+            **ENCODER_DECODER,
             max_position_embeddings=32,
         )
     ),
     "whisper": lambda t: t.WhisperForConditionalGeneration(
         t.WhisperConfig(
-            vocab_size=32,
-            d_model=8,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=16,
-            decoder_ffn_dim=16,
+            **ENCODER_DECODER,
             num_mel_bins=4,
             max_source_positions=6,
             max_target_positions=16,
@@ -77,29 +76,8 @@ TINY = {
             eos_token_id=2,
         )
     ),
-    "jetmoe": lambda t: t.JetMoeForCausalLM(
-        t.JetMoeConfig(
-            hidden_size=8,
-            intermediate_size=16,
-            num_key_value_heads=1,
-            kv_channels=4,
-            vocab_size=32,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            **LAYER,
-        )
-    ),
-    "mixtral": lambda t: t.MixtralForCausalLM(
-        t.MixtralConfig(
-            hidden_size=8,
-            intermediate_size=16,
-            num_key_value_heads=1,
-            vocab_size=32,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            **LAYER,
-        )
-    ),
+    "jetmoe": lambda t: t.JetMoeForCausalLM(t.JetMoeConfig(hidden_size=8, kv_channels=4, **EXPERTS)),
+    "mixtral": lambda t: t.MixtralForCausalLM(t.MixtralConfig(hidden_size=8, **EXPERTS)),
 }
 
 
