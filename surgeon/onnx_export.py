@@ -300,7 +300,7 @@ def _sessions(graph: Path, task) -> list:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # initializer-as-input and similar notices are not the user's concern
+    options.log_severity_level = 4  # its notices, and errors that surgeon reports in one sentence itself
     paths = [graph_path(graph, g) for g in task.graphs]
     return [onnxruntime.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
 
@@ -489,6 +489,11 @@ def export(
 
     require_extra(exporter)
     task = resolve_task(source, output, task)
+    if prefix is not None and TASKS[task].modality != "text":
+        raise SurgeonError(
+            f"{prefix}: export-onnx traces a prefix-tuning adapter into a text model's graph only, not into a {task} "
+            "export; merge a LoRA-like adapter instead."
+        )
     with (
         dependencies_quiet(verbose),
         claimed(output, inputs=[source], force=force, directory=TASKS[task].folder),

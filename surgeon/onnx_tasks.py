@@ -266,7 +266,7 @@ def modality(config: dict) -> str:
         return "speech" if config.get("num_mel_bins") else "seq2seq"
     if config.get("text_config") and config.get("vision_config"):
         return "image-text"
-    if kind in tables.MODEL_FOR_IMAGE_MAPPING_NAMES:
+    if kind in tables.MODEL_FOR_IMAGE_MAPPING_NAMES or config.get("image_size"):  # CLIP's vision tower alone
         return "image"
     if kind in tables.MODEL_FOR_CTC_MAPPING_NAMES or kind in tables.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES:
         return "audio"

@@ -55,6 +55,9 @@ TINY = {
             projection_dim=8,
         )
     ),
+    "clip-vision": lambda t: t.CLIPVisionModel(
+        t.CLIPVisionConfig(hidden_size=8, intermediate_size=16, image_size=8, patch_size=4, **LAYER)
+    ),
     "t5": lambda t: t.T5ForConditionalGeneration(
         t.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, decoder_start_token_id=0)
     ),
@@ -145,7 +148,12 @@ def test_vit_with_lora_matches_peft(tiny, tmp_path):
 
 @pytest.mark.parametrize(
     ("family", "task"),
-    [("deit", "image-classification"), ("swin", "image-classification"), ("dinov2", "image-feature-extraction")],
+    [
+        ("deit", "image-classification"),
+        ("swin", "image-classification"),
+        ("dinov2", "image-feature-extraction"),
+        ("clip-vision", "image-feature-extraction"),  # CLIP's vision tower saved alone
+    ],
 )
 def test_vision_families_export_and_verify(tiny, tmp_path, family, task):
     report = export(str(tiny(family)), "-o", str(tmp_path / "m.onnx"))
@@ -218,6 +226,22 @@ def test_t5_with_lora_is_an_encoder_and_a_decoder_matching_peft(tiny, tmp_path):
     assert again.exit_code == 1 and "--force" in again.output
     forced = CliRunner().invoke(main, ["export-onnx", str(base), "-o", str(out), "--exporter", "legacy", "--force"])
     assert forced.exit_code == 0, forced.output  # a folder of graphs is one of surgeon's own outputs
+
+
+def test_prefix_tuning_is_refused_beyond_text_models(tiny, tmp_path):
+    """PEFT's prefix tuning on T5 was reported as an adapter that "does not fit this model"."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    base = tiny("t5")
+    prefix = PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
+    get_peft_model(transformers.T5ForConditionalGeneration.from_pretrained(base), prefix).save_pretrained(
+        tmp_path / "p"
+    )
+    args = ["export-onnx", str(base), "--adapter", str(tmp_path / "p"), "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "prefix-tuning adapter into a text model's graph only" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_bart_encoder_decoder_verifies(tiny, tmp_path):
