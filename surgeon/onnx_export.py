@@ -5,7 +5,8 @@ legacy TorchScript exporter did so on BERT under transformers 5), so the export 
 until onnxruntime and torch agree on the same inputs: batch and sequence of at least 2 (torch.export
 specialises dimensions of size 0 and 1), one padded row per input, compared at unmasked positions
 only (what a graph computes for padding is not defined). The architecture comes from the
-checkpoint's own config.json, read by transformers; nothing is fetched.
+checkpoint's own config.json, read by transformers; nothing is fetched. What each task exports (its
+graphs, their inputs, the outputs compared) is in :mod:`surgeon.onnx_tasks`.
 """
 
 from __future__ import annotations

@@ -80,20 +80,29 @@ def _section(config: dict, name: str) -> dict:
     return config.get(name) or config
 
 
-def _tokens(config: dict, batch: int, sequence: int, padded: str | None, generator, prefix: str = "") -> dict:
-    """Random ids below the vocabulary size and a mask whose last row is padded half-way on ``padded``'s side."""
-    vocab = int(config.get("vocab_size") or 2)
-    positions = config.get("max_position_embeddings") or config.get("n_positions")
-    sequence = min(sequence, int(positions)) if positions else sequence
-    ids = torch.randint(0, vocab, (batch, sequence), generator=generator)
-    if prefix:  # decoder ids: causal, never padded
-        return {f"{prefix}input_ids": ids}
+def _ids(config: dict, axis: str, batch: int, sequence: int, generator) -> torch.Tensor:
+    """Random ids below the vocabulary size, no longer than the position table of ``axis`` allows."""
+    vocab = int(_section(config, "text_config").get("vocab_size") or 2)
+    limit = dimension_limit(config, axis)
+    return torch.randint(0, vocab, (batch, min(sequence, limit) if limit else sequence), generator=generator)
+
+
+def _tokens(config: dict, batch: int, sequence: int, padded: str | None, generator) -> dict:
+    """Token ids and a mask whose last row is padded half-way on ``padded``'s side."""
+    ids = _ids(config, "sequence", batch, sequence, generator)
     mask = torch.ones_like(ids)
+    half = ids.shape[1] // 2
     if padded == "right":
-        mask[-1, sequence // 2 :] = 0
+        mask[-1, half:] = 0
     elif padded == "left":
-        mask[-1, : sequence // 2] = 0
+        mask[-1, :half] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def _decoder_ids(config: dict, batch: int, sequence: int, generator) -> dict:
+    """Decoder ids, causal and never padded, not as long as the encoder's: a graph that confused the
+    two axes would fail verification."""
+    return {"decoder_input_ids": _ids(config, "decoder_sequence", batch, max(2, sequence - 3), generator)}
 
 
 def _pixels(config: dict, batch: int, generator) -> dict:
@@ -101,15 +110,6 @@ def _pixels(config: dict, batch: int, generator) -> dict:
     height, width = (size, size) if isinstance(size, int) else size
     shape = (batch, int(config.get("num_channels") or 3), int(height), int(width))
     return {"pixel_values": torch.randn(shape, generator=generator)}
-
-
-def _decoder_length(sequence: int) -> int:
-    """Not the encoder's length, so that a graph confusing the two axes fails verification."""
-    return max(2, sequence - 3)
-
-
-def text_inputs(config: dict, batch: int, sequence: int, padded: str | None, generator) -> dict:
-    return _tokens(_section(config, "text_config"), batch, sequence, padded, generator)
 
 
 def image_inputs(config: dict, batch: int, sequence: int, padded: str | None, generator) -> dict:
@@ -121,22 +121,22 @@ def _ended(texts: dict, config: dict) -> dict:
     after it, as their tokenizers write texts: a pooled padding position computes nothing defined."""
     ids, mask = texts["input_ids"], texts["attention_mask"]
     vocab, eos = int(config["vocab_size"]), config.get("eos_token_id")
-    if not isinstance(eos, int) or not 0 <= eos < vocab or eos == 2:  # pooled at the highest id instead
+    if eos == 2:  # CLIP's configs before transformers#24773 pool at the highest id instead
         ids, eos = ids % (vocab - 1), vocab - 1
-    ids[torch.arange(ids.shape[0]), mask.sum(-1) - 1] = eos
+    if isinstance(eos, int) and 0 <= eos < vocab:
+        ids[torch.arange(ids.shape[0]), mask.sum(-1) - 1] = eos
     return {"input_ids": ids, "attention_mask": mask}
 
 
 def image_text_inputs(config: dict, batch: int, sequence: int, padded: str | None, generator) -> dict:
     """Texts padded on the right, ended as a tokenizer ends them; one image more than texts:
     logits_per_image is images x texts, and a graph that mixed the two batch axes up would fail."""
-    texts = _tokens(config["text_config"], batch, sequence, padded and "right", generator)
+    texts = _tokens(config, batch, sequence, padded and "right", generator)
     return {**_ended(texts, config["text_config"]), **_pixels(config["vision_config"], batch + 1, generator)}
 
 
 def seq2seq_inputs(config: dict, batch: int, sequence: int, padded: str | None, generator) -> dict:
-    encoder = _tokens(config, batch, sequence, padded, generator)
-    return {**encoder, **_tokens(config, batch, _decoder_length(sequence), None, generator, prefix="decoder_")}
+    return {**_tokens(config, batch, sequence, padded, generator), **_decoder_ids(config, batch, sequence, generator)}
 
 
 def speech_inputs(config: dict, batch: int, sequence: int, padded: str | None, generator) -> dict:
@@ -144,11 +144,7 @@ def speech_inputs(config: dict, batch: int, sequence: int, padded: str | None, g
     stride-2 convolution), and decoder ids."""
     frames = 2 * int(config["max_source_positions"])
     features = torch.randn((batch, int(config["num_mel_bins"]), frames), generator=generator)
-    decoder = {"vocab_size": config["vocab_size"], "max_position_embeddings": config.get("max_target_positions")}
-    return {
-        "input_features": features,
-        **_tokens(decoder, batch, _decoder_length(sequence), None, generator, "decoder_"),
-    }
+    return {"input_features": features, **_decoder_ids(config, batch, sequence, generator)}
 
 
 # --- the tasks -------------------------------------------------------------------------------------
@@ -182,7 +178,7 @@ class Task:
 def _text_task(name: str, auto_class: str, output: str) -> Task:
     axes = {**_TEXT, output: {0: "batch", 1: "sequence"}}
     graph = _one(("input_ids", "attention_mask"), (output,))
-    return Task(name, auto_class, "text", text_inputs, (graph,), (output,), axes, masked=True)
+    return Task(name, auto_class, "text", _tokens, (graph,), (output,), axes, masked=True)
 
 
 def _image_task(name: str, auto_class: str, output: str, axes: dict[int, str]) -> Task:

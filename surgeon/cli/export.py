@@ -136,6 +136,8 @@ def export_onnx(
     Examples:
       surgeon export-onnx merged/ -o merged.onnx
       surgeon export-onnx fixtures/tiny-llama --adapter fixtures/tiny-llama-lora -o merged.onnx
+      surgeon export-onnx hf://google/vit-base-patch16-224 --adapter vit-lora -o vit.onnx
+      surgeon export-onnx hf://google-t5/t5-small -o t5-onnx   (encoder_model.onnx, decoder_model.onnx)
       surgeon export-onnx hf://org/base --adapter hf://org/adapter -o model.onnx --json
     """
     from surgeon.onnx_export import TASKS as GRAPHS
