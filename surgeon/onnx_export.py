@@ -131,9 +131,10 @@ def _with_prefix(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
     return attached
 
 
-# transformers' experts implementation that both exporters trace: every expert on every token, batched
-# (its default, grouped_mm, has no ONNX function under dynamo and needs aten::histc under legacy; the
-# eager loop's routing is data-dependent, which tracing bakes in).
+# transformers' experts implementation that both exporters trace: each token's top-k experts gathered and
+# applied in one batched matmul, whatever the routing (its default, grouped_mm, has no ONNX function under
+# dynamo and needs aten::histc under legacy; the eager loop's routing is data-dependent, which tracing
+# bakes in). The gather copies each selected expert's weights per token: memory grows with the sequence.
 EXPERTS = "batched_mm"
 
 
