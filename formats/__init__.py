@@ -142,13 +142,14 @@ FORMATS: dict[str, Format] = {
             layouts.is_kohya,
             writable=True,
             writes_file=True,
+            write_uses_base=True,
             needs_base_to_read=True,
             file_suffix=".safetensors",
         ),
         Format(
             "adapterhub",
             "AdapterHub / adapters library (adapter_config.json + adapter.safetensors or "
-            "pytorch_adapter.bin): inspected, not merged",
+            "pytorch_adapter.bin): LoRA and (IA)³ read as deltas, other methods inspected",
             "a directory with adapter_config.json and adapter.safetensors or pytorch_adapter.bin",
             layouts.is_adapterhub,
         ),

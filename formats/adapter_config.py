@@ -104,7 +104,9 @@ def check_peft(config: dict, file: Path) -> None:
     seed = config.get("projection_prng_key", 0)  # VeRA regenerates its projections from it
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise _fail(file, "projection_prng_key", seed, "an integer seed")
-    check_modules(config.get("target_modules"), file, "target_modules", allow_empty=False)
+    # PEFT saves target_modules empty where an adapter targets only parameters (target_parameters)
+    bare = bool(config.get("target_parameters"))
+    check_modules(config.get("target_modules"), file, "target_modules", allow_empty=bare)
     check_modules(config.get("feedforward_modules"), file, "feedforward_modules", allow_empty=True)
 
 

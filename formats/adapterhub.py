@@ -8,10 +8,13 @@ none for a bottleneck adapter — Houlsby (``mh_adapter`` and ``output_adapter``
 ``prefix_tuning``, ``prompt_tuning``, ``lora`` (``composition_mode`` "scale" is (IA)³), ``reft``,
 or ``union`` (several at once, in ``configs``).
 
-They are read to be described (family, layers, sizes, config) and refused as deltas: a bottleneck
-adapter adds a non-linear module inside the layers, which no change to the weights can express.
-AdapterHub's LoRA and (IA)³ could be, and its prompt tuning could join the vocabulary as PEFT's
-does; surgeon does not read them so yet, and says which.
+Its LoRA and (IA)³ are read as weight deltas (:func:`read_lora`); every other method is read to be
+described (family, layers, sizes, config) and refused: a bottleneck adapter adds a non-linear module
+inside the layers and prefix tuning adds keys and values to the attention, which no change to the
+weights can express, so export-onnx bakes them into the graph instead (:mod:`surgeon.adapterhub_run`;
+:func:`bottleneck_weights` and :func:`prefix_weights` hand it their tensors); its prompt tuning is
+prepended to the output of the embedding layer (after position embeddings and layer norm), where no
+vocabulary row can reproduce it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from surgeon.checkpoint import load_pickle_weights, read_safetensors
 from surgeon.checkpoint_files import read_json
 from surgeon.errors import NotWeightDeltas, SurgeonError
+from surgeon.formats.adapterhub_lora import read_lora
 from surgeon.formats.layouts import ADAPTERHUB_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import ADAPTERHUB_WEIGHTS as WEIGHT_FILES
 
@@ -34,12 +38,15 @@ _RUN_TIME = {
     "run time",
     "prefix_tuning": "adds learned keys and values to the attention of every layer at run time",
     "reft": "edits the hidden representations of chosen positions at run time",
+    "prompt_tuning": "prepends its prompt to the output of the embedding layer at run time, after the position "
+    "embeddings and layer norm (PEFT's goes before them, as vocabulary rows can)",
 }
 _NOT_YET = (
     ", which surgeon does not read as weight deltas yet",
     "run or merge it with the adapters library (model.load_adapter, model.merge_adapter)",
 )
 _RUN_TIME_ADVICE = "run it with the adapters library (model.load_adapter), or train a PEFT LoRA instead"
+_BAKED_ADVICE = "export-onnx --adapter bakes it into an ONNX graph of the model, or run it with the adapters library"
 _FIELDS = (
     "reduction_factor",
     "non_linearity",
@@ -106,7 +113,10 @@ def _reason(config: dict) -> tuple[str, str]:
         parts = [c for c in config.get("configs") or [] if isinstance(c, dict)]
         return next((_reason(c) for c in parts if _method(c) in _RUN_TIME), _reason(parts[0]) if parts else _NOT_YET)
     if _method(config) in _RUN_TIME:
-        return f" {_RUN_TIME[_method(config)]}, which no change to the weights can express", _RUN_TIME_ADVICE
+        from surgeon.adapterhub_run import runs
+
+        advice = _BAKED_ADVICE if runs(config) else _RUN_TIME_ADVICE
+        return f" {_RUN_TIME[_method(config)]}, which no change to the weights can express", advice
     return _NOT_YET
 
 
@@ -156,9 +166,63 @@ def describe(full: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def read(path: Path, base=None):
-    """Describe the adapter and refuse it: no AdapterHub method is read as weight deltas."""
+    """An AdapterHub LoRA or (IA)³ as canonical deltas; any other method described and refused."""
     path = Path(path)
     full, tensors, file = _load(path)
+    if _method(full["config"]) == "ia3" and base is None:
+        raise NotWeightDeltas(
+            f"{file}: an AdapterHub (IA)³ adapter scales the base weights (W' = W ⊙ alpha·l); pass --base so that "
+            "its ΔW can be computed.",
+            describe(full, tensors),
+        )
+    if _method(full["config"]) in ("lora", "ia3"):
+        return read_lora(full, tensors, file, base)
     clause, advice = _reason(full["config"])
     what = f"an AdapterHub {family(full['config'])}{clause}"
     raise NotWeightDeltas(f"{file}: {what}, so surgeon cannot merge or convert it; {advice}.", describe(full, tensors))
+
+
+# Where the adapters library's BERT (BertSelfOutput/BertOutput are its BottleneckLayers) and Llama
+# (attention_adapters/output_adapters of each decoder layer) put a bottleneck adapter, by key.
+_BOTTLENECK_KEY = re.compile(
+    r"(?:^|\.)(\d+)\.(attention\.output|output|attention_adapters|output_adapters)\.adapters\.[^.]+\.(.+)$"
+)
+
+
+def bottleneck_weights(path: Path) -> tuple[dict, dict[tuple[int, str], dict[str, torch.Tensor]]]:
+    """A bottleneck adapter's config (``build_full_config``'s, with ``model_type`` and ``hidden_size``
+    beside the inner ``config``) and its tensors per (layer, place), the place "attention"
+    (after the attention block) or "feed-forward" (after the feed-forward block), each named as in the
+    library's ``Adapter`` module (``adapter_down.0.weight``, ...): what export-onnx runs in the model."""
+    full, tensors, file = _load(Path(path))
+    places: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _BOTTLENECK_KEY.search(key)
+        if match is None:
+            raise SurgeonError(
+                f"{file}: tensor {key} is not after a layer's attention or feed-forward block, where the adapters "
+                "library puts a BERT or Llama bottleneck adapter; give an adapter saved for one of them."
+            )
+        layer, where, name = match.groups()
+        place = "attention" if where.startswith("attention") else "feed-forward"
+        places.setdefault((int(layer), place), {})[name] = tensor
+    return full, places
+
+
+# The prefix pool the adapters library saves once at the model's top (``prefix_tuning.prefix_tunings``),
+# beside a copy per layer (``...prefix_tuning.pool.prefix_tunings``): its self-attention prefix.
+_PREFIX_KEY = re.compile(r"(?:^|\.)prefix_tuning\.prefix_tunings\.[^.]+\.self_prefix\.(.+)$")
+
+
+def prefix_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A prefix-tuning adapter's config (as :func:`bottleneck_weights`) and its self-attention prefix
+    module's tensors, named as in the library's ``PrefixTuning`` (``wte.weight``, ``control_trans.0.weight``,
+    ...): what export-onnx runs in the model."""
+    full, tensors, file = _load(Path(path))
+    found = {match.group(1): t for key, t in tensors.items() for match in [_PREFIX_KEY.search(key)] if match}
+    if not found:
+        raise SurgeonError(
+            f"{file}: has no self-attention prefix (prefix_tuning.prefix_tunings.*.self_prefix.*), which the adapters "
+            "library saves for BERT and Llama; give an adapter saved for one of them."
+        )
+    return full, found

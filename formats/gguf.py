@@ -7,10 +7,12 @@ r×in and out×r) except ``token_embd``, whose lora_a is num_embeddings×r. llam
 pair by alpha/rank (rank read from lora_b), or by 1 when alpha is 0; so one alpha serves every
 module whose PEFT scale is alpha/rank, and any other scale is folded into that module's lora_b.
 
-llama.cpp's converter permutes the rows of Llama-family q_proj/k_proj weights for its rotary
-layout; on a LoRA pair that is a permutation of lora_B's rows, applied here too (k with the number
-of KV heads) — without it attention would be silently wrong. The base's ``config.json`` gives the
-architecture and head counts, so both reading and writing need ``--base``.
+What llama.cpp's converter does to each weight beyond renaming it (the Llama Q/K row
+permutation, the fused-QKV reorderings of GPT-NeoX, BLOOM and Falcon, GPT-2's Conv1D transpose) is
+applied to the factors too, so that ΔW in GGUF is the converter's transform of ΔW
+(formats/gguf_names.py); without it attention would be silently wrong. The base's
+``config.json`` gives the architecture, layer and head counts, so both reading and writing need
+``--base``.
 """
 
 from __future__ import annotations
@@ -23,22 +25,12 @@ import torch
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError, missing_extra
+from surgeon.formats import gguf_names
 from surgeon.formats.lora_only import differs, fold, most_common, pick_targets
 
 NAME = "gguf"
 METADATA_PREFIX = "surgeon.metadata."
 BASE_MODEL_KEY = "surgeon.base_model"
-
-# HF architecture -> (gguf-py MODEL_ARCH member, whether llama.cpp's converter permutes q/k rows).
-# Only architectures whose converter does nothing to a LoRA-targetable weight but rename it (and
-# the Llama permutation) are listed; others are refused rather than guessed.
-ARCHITECTURES = {
-    "LlamaForCausalLM": ("LLAMA", True),
-    "MistralForCausalLM": ("LLAMA", True),
-    "MixtralForCausalLM": ("LLAMA", True),
-    "Qwen2ForCausalLM": ("QWEN2", False),
-    "Qwen3ForCausalLM": ("QWEN3", False),
-}
 
 
 def _gguf():
@@ -49,87 +41,67 @@ def _gguf():
     return gguf
 
 
-def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp's ``LlamaModel.permute`` on the rows of ``weight``: within each head, the
-    interleaved rotary pairs become two halves."""
-    return weight.reshape(heads, 2, _half_head(weight, heads), *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    return weight.reshape(heads, _half_head(weight, heads), 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def _half_head(weight: torch.Tensor, heads: int) -> int:
-    """Half a head's rows; the rows must split into ``heads`` heads of an even size."""
-    if weight.shape[0] % (2 * heads):
-        raise SurgeonError(
-            f"a q/k LoRA factor has {weight.shape[0]} rows, which do not split into {heads} heads of an even "
-            "size; the base's head counts do not fit the adapter."
-        )
-    return weight.shape[0] // heads // 2
-
-
-def _count(config: dict, field: str, where: str) -> int:
-    """A positive count from the base's config.json (layers, heads): names and permutations depend on it."""
-    value = config.get(field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SurgeonError(
-            f"{where}: the base's config.json has {field} = {value!r}; GGUF needs it as a positive integer, "
-            "so the base's config is broken or not a transformers config."
-        )
-    return value
-
-
 class _Layout:
-    """What the base's config decides: the gguf architecture, the name map and the q/k heads."""
+    """What the base's config decides: the gguf architecture, the name map, and the converter's
+    per-tensor transforms."""
 
     def __init__(self, base, where: str):
         if base is None:
             raise SurgeonError(
                 f"{where}: GGUF needs the base model (surgeon convert --base BASE; surgeon merge BASE ...): tensor "
-                "names and llama's q/k permutation come from its config.json."
+                "names and llama.cpp's row reorderings come from its config.json."
             )
         config = base.config()
         config = {**config, **config.get("text_config", {})}
-        architecture = (config.get("architectures") or [None])[0]
-        if architecture not in ARCHITECTURES:
-            raise SurgeonError(
-                f"{where}: surgeon writes GGUF LoRA for {', '.join(ARCHITECTURES)}; the base is {architecture!r}, "
-                "whose llama.cpp conversion may transform weights beyond renaming them."
-            )
         gguf = _gguf()
-        member, self.permutes = ARCHITECTURES[architecture]
-        self.arch = getattr(gguf.MODEL_ARCH, member)
-        self.arch_name = gguf.MODEL_ARCH_NAMES[self.arch]
-        self.heads = _count(config, "num_attention_heads", where)
-        self.kv_heads = _count(config, "num_key_value_heads", where) if "num_key_value_heads" in config else self.heads
-        self.names = gguf.get_tensor_name_map(self.arch, _count(config, "num_hidden_layers", where))
+        arch, self.recipe = gguf_names.architecture(config, where)
+        self.arch_name = gguf.MODEL_ARCH_NAMES[arch]
+        self.counts = gguf_names.Counts(config, where)
+        self.names = gguf.get_tensor_name_map(arch, self.counts(*gguf_names.LAYER_FIELDS))
         self.tied = bool(config.get("tie_word_embeddings", False))
         self.where = where
 
-    def name(self, key: str) -> str:
-        name = self.names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if name is None:
+    def kind(self, key: str) -> tuple[str, str] | None:
+        """The GGUF name of a base parameter and its MODEL_TENSOR member name, as gguf-py maps it."""
+        found = self.names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
+        return None if found is None else (found[1], found[0].name)
+
+    def name(self, key: str) -> tuple[str, str]:
+        """The GGUF name and tensor kind a LoRA on ``key`` is written under, or the refusal why none is."""
+        found = self.kind(key)
+        if found is None:
             raise SurgeonError(
-                f"{self.where}: {key!r} has no tensor in llama.cpp's {self.arch_name} layout (gguf-py's name map), so "
-                "a "
-                "GGUF LoRA cannot target it."
+                f"{self.where}: {key!r} has no tensor in llama.cpp's {self.arch_name} layout (gguf-py's name map), "
+                "so a GGUF LoRA cannot target it."
             )
+        name, kind = found
         if name == "output.weight" and self.tied:
             raise SurgeonError(
                 f"{self.where}: {key!r} targets the output head of a base with tied embeddings, which llama.cpp "
                 "ignores; target the embedding instead."
             )
-        return name
+        if kind in self.recipe.ignored or kind in gguf_names.EXPERTS:
+            why = "stacked experts" if kind in gguf_names.EXPERTS else "multiplied without adapters by llama.cpp"
+            raise SurgeonError(
+                f"{self.where}: {key!r} is llama.cpp's {self.arch_name} {name!r} ({why}), where llama.cpp would not "
+                "apply a GGUF LoRA; leave it out of the adapter or merge it into the base (surgeon merge)."
+            )
+        return name, kind
 
-    def row_heads(self, key: str) -> int | None:
-        if not self.permutes:
-            return None
-        if key.endswith("q_proj.weight"):
-            return self.heads
-        if key.endswith("k_proj.weight"):
-            return self.kv_heads
-        return None
+    def rows(self, kind: str, rows: int, key: str) -> torch.Tensor | None:
+        """The converter's row order for the weight (GGUF row i is row order[i] of ``key``), or None."""
+        return gguf_names.row_order(self.recipe, kind, rows, self.counts, repr(key))
+
+    def transposed(self, kind: str, module_type: str, key: str) -> bool:
+        """Whether the checkpoint stores ``key`` in×out (GPT-2's Conv1D) where GGUF stores out×in."""
+        transposed = kind in self.recipe.transposed
+        if transposed != (module_type == "conv1d"):
+            raise SurgeonError(
+                f"{self.where}: {key!r} is a {module_type} LoRA, but llama.cpp's converter "
+                f"{'transposes' if transposed else 'keeps'} that {self.arch_name} weight; the adapter was made for "
+                "another model."
+            )
+        return transposed
 
 
 def _to_numpy(tensor: torch.Tensor, gguf) -> tuple[np.ndarray, object]:
@@ -157,12 +129,28 @@ def _from_reader(tensor, gguf) -> torch.Tensor:
     )
 
 
+def _factors(layout: _Layout, target, factor: float) -> tuple[str, torch.Tensor, torch.Tensor, bool]:
+    """(GGUF name, lora_a, lora_b, whether rows were reordered) for one target, ``factor`` folded
+    into lora_b. llama.cpp computes ΔW = lora_b @ lora_a in its own layout (out×in), and
+    ``get_rows(lora_a)`` then lora_b for the token embedding."""
+    name, kind = layout.name(target.key)
+    delta = target.delta
+    if target.module_type == "embedding":
+        return name, delta.up, fold(delta.down, factor).T, False
+    if layout.transposed(kind, target.module_type, target.key):  # ΔW stored in×out: (up @ down)ᵀ
+        lora_a, lora_b = delta.up.T, fold(delta.down, factor).T
+    else:
+        lora_a, lora_b = delta.down, fold(delta.up, factor)
+    order = layout.rows(kind, lora_b.shape[0], target.key)
+    return name, lora_a, lora_b if order is None else lora_b[order], order is not None
+
+
 def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     """Write a llama.cpp LoRA adapter; per-module scales that one alpha cannot give are folded
     into lora_b, and the notes say so."""
     gguf = _gguf()
     layout = _Layout(base, "cannot write GGUF")
-    picked = pick_targets(adapter, NAME, ("linear", "embedding"))
+    picked = pick_targets(adapter, NAME, ("linear", "conv1d", "embedding"))
     targets = picked.targets
     alpha = most_common(t.delta.scale * t.delta.rank for t in targets)
     writer = gguf.GGUFWriter(str(staging), layout.arch_name)
@@ -174,19 +162,13 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     for key, value in sorted(adapter.metadata.items()):
         if key != "format":
             writer.add_string(METADATA_PREFIX + key, value)
-    folded, permuted = 0, 0
+    folded, reordered = 0, 0
     for t in targets:
-        name, delta = layout.name(t.key), t.delta
-        factor = delta.scale * delta.rank / float(np.float32(alpha))
+        factor = t.delta.scale * t.delta.rank / float(np.float32(alpha))
         factor = factor if differs(factor, 1.0) else 1.0
         folded += factor != 1.0
-        if t.module_type == "embedding":
-            lora_a, lora_b = delta.up, fold(delta.down, factor).T
-        else:
-            lora_a, lora_b = delta.down, fold(delta.up, factor)
-            heads = layout.row_heads(t.key)
-            if heads is not None:
-                lora_b, permuted = permute_rows(lora_b, heads), permuted + 1
+        name, lora_a, lora_b, moved = _factors(layout, t, factor)
+        reordered += moved
         for suffix, tensor in ((".lora_a", lora_a), (".lora_b", lora_b)):
             array, raw_dtype = _to_numpy(tensor, gguf)
             writer.add_tensor(name + suffix, array, raw_dtype=raw_dtype)
@@ -201,10 +183,10 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
             f"{folded} of {len(targets)} modules have a scale other than alpha/rank with alpha={float(alpha):g} "
             "(rsLoRA or per-module alphas); it is folded into their lora_b."
         )
-    if permuted:
+    if reordered:
         notes.append(
-            f"lora_b of {permuted} q_proj/k_proj modules permuted by rows, as llama.cpp permutes those weights for "
-            f"{layout.arch_name}."
+            f"lora_b of {reordered} modules reordered by rows, as llama.cpp's converter reorders those "
+            f"{layout.arch_name} weights (rotary or fused QKV layout)."
         )
     return notes
 
@@ -220,6 +202,18 @@ def _load(path: Path, gguf) -> tuple[dict, dict[str, torch.Tensor]]:
         raise
     except Exception as error:  # noqa: BLE001 - any parse failure of gguf-py means a damaged file
         raise SurgeonError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error}).") from None
+
+
+def _delta(layout: _Layout, key: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[LowRank, str]:
+    """The canonical delta and module type of one GGUF pair: :func:`_factors` undone."""
+    name, kind = layout.name(key)
+    if name.startswith("token_embd."):
+        return LowRank(down=b.T.contiguous(), up=a, scale=scale), "embedding"
+    order = layout.rows(kind, b.shape[0], key)
+    b = b if order is None else b[torch.argsort(order)]
+    if kind in layout.recipe.transposed:
+        return LowRank(down=b.T.contiguous(), up=a.T.contiguous(), scale=scale), "conv1d"
+    return LowRank(down=a, up=b.contiguous(), scale=scale), "linear"
 
 
 def read(path: Path, base=None) -> Adapter:
@@ -240,9 +234,7 @@ def read(path: Path, base=None) -> Adapter:
     alpha = fields.get("adapter.lora.alpha") or 0.0
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise SurgeonError(f"{path}: adapter.lora.alpha is {alpha!r}, not a finite number; the file is damaged.")
-    keys = {
-        layout.names.get_name(k, try_suffixes=(".weight", ".bias")): k for k in base.keys() if k.endswith(".weight")
-    }
+    keys = {layout.kind(k)[0]: k for k in base.keys() if k.endswith(".weight") and layout.kind(k)}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         stem, _, suffix = name.rpartition(".")
@@ -269,12 +261,6 @@ def read(path: Path, base=None) -> Adapter:
                 f"{path}: {stem!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, not matrices "
                 "of a positive rank; the file is damaged."
             )
-        rank = int(b.shape[1])
-        scale = alpha / rank if alpha else 1.0
-        if stem.startswith("token_embd."):
-            adapter.add(key, LowRank(down=b.T.contiguous(), up=a, scale=scale), "embedding")
-            continue
-        heads = layout.row_heads(key)
-        up = b if heads is None else unpermute_rows(b, heads)
-        adapter.add(key, LowRank(down=a, up=up.contiguous(), scale=scale), "linear")
+        scale = alpha / int(b.shape[1]) if alpha else 1.0
+        adapter.add(key, *_delta(layout, key, a, b, scale))
     return adapter

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from surgeon.checkpoint import read_safetensors
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
-from surgeon.formats.kohya_names import PREFIXES, kohya_names, resolve, split_prefix
+from surgeon.formats.kohya_names import PREFIXES, kohya_names, recorded, resolve, split_prefix
 from surgeon.formats.layouts import KOHYA_PARTS as LORA_PARTS
 from surgeon.formats.lora_only import metadata_note, pick_targets
 from surgeon.lycoris_math import dora_magnitude, scale_of
@@ -144,16 +144,29 @@ def _metadata(
     return kept, metadata_note(adapter, "a kohya file", set(kept))
 
 
-def write(adapter: Adapter, staging: Path) -> list[str]:
-    """Write ``adapter`` as one kohya LoRA file. Each module's scale becomes its own alpha
-    (alpha = scale·r, float32), so per-module ranks, alphas and rsLoRA scales survive as they are."""
+def _unchecked_names(adapter: Adapter, base) -> list[str]:
+    """The note for names built from an adapter's own module names without a base to take the
+    checkpoint's keys from (kohya and LyCORIS sources keep the names they were read with)."""
+    if base is not None or recorded(adapter)[0]:
+        return []
+    return [
+        "kohya names were built from the adapter's own module names: kohya tools name modules by the checkpoint's "
+        "keys, which transformers 5 renames for some models (ViT, CLIP's text encoder, Qwen2-VL), so pass --base to "
+        "build them from the checkpoint's keys."
+    ]
+
+
+def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
+    """Write ``adapter`` as one kohya LoRA file, named by the base checkpoint's keys (what kohya
+    tools match against) where the adapter was bound to a base. Each module's scale becomes its
+    own alpha (alpha = scale·r, float32), so per-module ranks, alphas and rsLoRA scales survive."""
     picked = pick_targets(adapter, NAME, ("linear", "conv"), allow_dora=True)
     targets = picked.targets
     names = kohya_names(adapter, [t.module for t in targets])
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[bool, list[int]] = {False: [], True: []}
     alphas: dict[bool, list[float]] = {False: [], True: []}
-    notes = picked.notes
+    notes = picked.notes + _unchecked_names(adapter, base)
     for target in targets:
         delta, stem = target.delta, names[target.module]
         down, up = _factors(delta)

@@ -64,6 +64,12 @@ def resolve(stems: Iterable[str], base, where: str) -> dict[str, tuple[str, str]
     """Each kohya name's (component prefix in the base, base module path): the module path is
     the base key without ``.weight``, the prefix its leading part that the name leaves out.
 
+    Names are matched against the base checkpoint's keys, which is how kohya tools name modules;
+    those that match none are then matched against the module names of the model transformers
+    builds from the base, where transformers 5 renames them (ViT's ``vit.layers.0.attention.q_proj``
+    is the checkpoint's ``vit.encoder.layer.0.attention.attention.query``), and translated back to
+    the checkpoint's keys with transformers' own table.
+
     Raises with every unresolved name when the base is missing, when a name matches nothing,
     when a prefix group would need two different component prefixes, or when a name is
     ambiguous in the base.
@@ -80,7 +86,29 @@ def resolve(stems: Iterable[str], base, where: str) -> dict[str, tuple[str, str]
             f"{where}: kohya-style module names ({_shown(stems)}) turn '.' into '_' and can only be matched to "
             "parameters against the base model's own keys; pass --base with the checkpoint the adapter was trained on."
         )
-    index = _underscored_suffixes(k[: -len(".weight")] for k in base.keys() if k.endswith(".weight"))
+    resolved, unresolved = _match(stems, _weights(base.keys()), where)
+    if unresolved:
+        renamed, unresolved = _match_model_names(unresolved, base, where)
+        resolved.update(renamed)
+    if unresolved:
+        raise SurgeonError(
+            f"{where}: {len(unresolved)} of {len(stems)} modules match no weight of the base checkpoint {base.path}: "
+            f"{_shown(unresolved)}. Pass the base the adapter was trained on (an SDXL LoRA names SGM blocks like "
+            "input_blocks, an SD 1.x one diffusers blocks like down_blocks; text-encoder modules need a base that "
+            "holds "
+            "the text encoder)."
+        )
+    return resolved
+
+
+def _weights(keys: Iterable[str]) -> list[str]:
+    """The module paths of the ``.weight`` parameters among ``keys``."""
+    return [k[: -len(".weight")] for k in keys if k.endswith(".weight")]
+
+
+def _match(stems: list[str], modules: list[str], where: str) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """(stem → (component prefix, module)) for the stems that match one of ``modules``, and the rest."""
+    index = _underscored_suffixes(modules)
     groups: dict[str, list[str]] = defaultdict(list)
     for stem in stems:
         groups[split_prefix(stem)[0]].append(stem)
@@ -108,15 +136,30 @@ def resolve(stems: Iterable[str], base, where: str) -> dict[str, tuple[str, str]
                 resolved[stem] = (chosen, found[0])
             else:
                 unresolved.append(stem)
-    if unresolved:
-        raise SurgeonError(
-            f"{where}: {len(unresolved)} of {len(stems)} modules match no weight of the base checkpoint {base.path}: "
-            f"{_shown(unresolved)}. Pass the base the adapter was trained on (an SDXL LoRA names SGM blocks like "
-            "input_blocks, an SD 1.x one diffusers blocks like down_blocks; text-encoder modules need a base that "
-            "holds "
-            "the text encoder)."
-        )
-    return resolved
+    return resolved, unresolved
+
+
+def _match_model_names(stems: list[str], base, where: str) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """The stems that name modules of the model transformers builds from ``base`` by its own names
+    (where they differ from the checkpoint's), each resolved to the checkpoint key it is loaded from."""
+    from surgeon.model_names import model_names  # needs transformers: imported only for names the keys miss
+
+    names = model_names(base)
+    if names is None:
+        return {}, stems
+    renamed = _weights(n for n in names.model_keys if names.to_checkpoint.get(n) != n)
+    matched, unresolved = _match(stems, renamed, where)
+    resolved = {}
+    for stem, (_, module) in matched.items():
+        key = names.to_checkpoint.get(f"{module}.weight")
+        if key is None:
+            raise SurgeonError(
+                f"{where}: {stem!r} names {module!r}, which transformers builds from part of a checkpoint tensor or "
+                f"from several when it builds {names.model_class}; a kohya delta on it cannot be placed, so merge it "
+                "with PEFT instead."
+            )
+        resolved[stem] = ("", key[: -len(".weight")])
+    return resolved, unresolved
 
 
 def component_of(module: str) -> tuple[str, str]:

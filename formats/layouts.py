@@ -20,6 +20,8 @@ MLX_WEIGHTS = "adapters.safetensors"
 #: The adapters library's (AdapterHub's) files: its utils.CONFIG_NAME, WEIGHTS_NAME and SAFE_WEIGHTS_NAME.
 ADAPTERHUB_CONFIG = "adapter_config.json"
 ADAPTERHUB_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
+#: Its prediction head, saved beside an adapter of a model with a head: HEAD_CONFIG_NAME and the weights.
+ADAPTERHUB_HEAD = ("head_config.json", "pytorch_model_head.bin", "model_head.safetensors")
 SPARSE_CONFIG = "sparse_config.json"
 SPARSE_WEIGHTS = "sparse_model.safetensors"
 SPARSE_TAG = "surgeon-sparse"

@@ -1,18 +1,21 @@
 """mlx-lm LoRA / DoRA adapters: ``adapters.safetensors`` beside ``adapter_config.json``.
 
-Keys are the model's module paths (``model.layers.N.self_attn.q_proj``) plus ``.lora_a`` and
-``.lora_b`` (and ``.m`` for DoRA). A Linear's ``lora_a`` is in×r and ``lora_b`` r×out, the
-transposes of PEFT's: y += scale·(x @ lora_a) @ lora_b. An Embedding's ``lora_a`` is
-num_embeddings×r and ``lora_b`` r×dims: ΔW = scale·lora_a @ lora_b. The config holds one
-``rank`` and one ``scale`` (PEFT's alpha/r) for the whole adapter, ``num_layers`` (the last N
-blocks are wrapped; -1 all) and ``keys`` (block-relative paths, or full paths for modules outside
-the blocks). Source: mlx-lm ``tuner/lora.py``, ``tuner/dora.py``, ``tuner/utils.py``.
+Keys are the module paths of mlx-lm's model for the base (``model.layers.N.self_attn.q_proj``; its
+own names where they differ from the checkpoint's, as GPT-NeoX's ``model.h.N…``, read from mlx-lm's
+definitions by :mod:`surgeon.formats.mlx_names`) plus ``.lora_a`` and ``.lora_b`` (and ``.m`` for
+DoRA). A Linear's ``lora_a`` is in×r and ``lora_b`` r×out, the transposes of PEFT's:
+y += scale·(x @ lora_a) @ lora_b. An Embedding's ``lora_a`` is num_embeddings×r and ``lora_b``
+r×dims: ΔW = scale·lora_a @ lora_b. The config holds one ``rank`` and one ``scale`` (PEFT's
+alpha/r) for the whole adapter, ``num_layers`` (the last N blocks are wrapped; -1 all) and ``keys``
+(block-relative paths, or full paths for modules outside the blocks). Source: mlx-lm
+``tuner/lora.py``, ``tuner/dora.py``, ``tuner/utils.py``.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,13 +28,37 @@ from surgeon.errors import SurgeonError
 from surgeon.formats.adapter_config import check_mlx
 from surgeon.formats.layouts import MLX_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import MLX_WEIGHTS as WEIGHT_FILE
-from surgeon.formats.lora_only import differs, fold, most_common, pick_targets, trailing_zero_rank
+from surgeon.formats.lora_only import Picked, differs, fold, most_common, pick_targets, trailing_zero_rank
+from surgeon.formats.mlx_experts import read_switch, switch_tensors, take_switches
+from surgeon.formats.mlx_names import MlxNames, check_loads, mlx_names
 from surgeon.keys import embedding_name
 
 NAME = "mlx"
 
 _BLOCK = re.compile(r"^(?P<blocks>.+\.layers)\.(?P<index>\d+)\.(?P<relative>.+)$")
 _PARTS = ("lora_a", "lora_b", "m")
+MLX_TYPES = ("linear", "embedding", "conv1d")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a checkpoint weight's delta goes in mlx-lm: its module there, whether that module is an
+    embedding, and whether mlx-lm holds the weight transposed (GPT-2's Conv1D as a Linear)."""
+
+    key: str
+    module: str
+    embedding: bool
+    transposed: bool
+
+    @property
+    def factors_as_stored(self) -> bool:
+        """Whether ``lora_a``/``lora_b`` are the canonical up/down factors as they are (an embedding,
+        or a transposed Linear) rather than down/up transposed (a Linear)."""
+        return self.embedding != self.transposed
+
+    @property
+    def module_type(self) -> str:
+        return "embedding" if self.embedding else "conv1d" if self.transposed else "linear"
 
 
 def _is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base) -> bool:
@@ -45,9 +72,20 @@ def _is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base) -> bool:
     return embedding_name(module)
 
 
+def _read_place(module: str, a: torch.Tensor, b: torch.Tensor, base, names: MlxNames | None, file: Path) -> Place:
+    """Where the mlx-lm module ``module`` is in the base checkpoint: by mlx-lm's own model for the
+    base where there is one, else by the name (and the base's shape, for an embedding)."""
+    if names is None:
+        return Place(f"{module}.weight", module, _is_embedding(module, a, b, base), False)
+    key = names.checkpoint_key(module, str(file))
+    return Place(key, module, module in names.embeddings, key in names.transposed)
+
+
 def read(path: Path, base=None) -> Adapter:
-    """An mlx-lm adapter as canonical deltas; zero-padded ranks are trimmed back."""
+    """An mlx-lm adapter as canonical deltas keyed by the base checkpoint's keys (mlx-lm's module
+    names where no base, or no mlx-lm, translates them); zero-padded ranks are trimmed back."""
     path = Path(path)
+    names = mlx_names(base)
     config = read_json(path / CONFIG_FILE)
     scale = float(check_mlx(config, path / CONFIG_FILE)["scale"])
     fine_tune_type = config.get("fine_tune_type", "lora")
@@ -86,45 +124,63 @@ def read(path: Path, base=None) -> Adapter:
                 f"{path / WEIGHT_FILE}: {module!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, "
                 "not matrices; the file is damaged."
             )
+        if a.dim() == 3 and b.dim() == 3:  # a LoRASwitchLinear: stacked MoE experts
+            read_switch(adapter, module, a, b, scale, base)
+            continue
         if a.dim() != 2 or b.dim() != 2:
             raise SurgeonError(
-                f"{path / WEIGHT_FILE}: {module!r} has {a.dim()}-D factors (an mlx-lm MoE switch layer), which surgeon "
-                "does not read yet."
+                f"{path / WEIGHT_FILE}: {module!r} has a {a.dim()}-D lora_a and a {b.dim()}-D lora_b, which no mlx-lm "
+                "LoRA layer holds; the file is damaged."
             )
-        if _is_embedding(module, a, b, base):
-            if magnitude is not None:
-                raise SurgeonError(
-                    f"{path / WEIGHT_FILE}: {module!r} is a DoRA embedding, whose per-token norm surgeon does not "
-                    "model."
-                )
-            up, down, module_type, shape = a, b, "embedding", (a.shape[0], b.shape[1])
+        place = _read_place(module, a, b, base, names, path / WEIGHT_FILE)
+        if place.embedding and magnitude is not None:
+            raise SurgeonError(
+                f"{path / WEIGHT_FILE}: {module!r} is a DoRA embedding, whose per-token norm surgeon does not model."
+            )
+        if place.factors_as_stored:
+            up, down, shape = a, b, (a.shape[0], b.shape[1])
         else:
-            up, down, module_type, shape = b.T, a.T, "linear", (b.shape[1], a.shape[0])
+            up, down, shape = b.T, a.T, (b.shape[1], a.shape[0])
         rank = trailing_zero_rank(down, up)
         adapter.add(
-            f"{module}.weight",
+            place.key,
             LowRank(
                 down=down[:rank].contiguous(),
                 up=up[:, :rank].contiguous(),
                 scale=scale,
                 shape=shape,
                 magnitude=magnitude,
+                magnitude_axis=int(place.transposed),
             ),
-            module_type,
+            place.module_type,
         )
     return adapter
 
 
-def _keys_and_layers(modules: list[str], base, source_layers: int | None) -> tuple[list[str], int, list[str]]:
+def _in_block(module: str, names: MlxNames | None) -> tuple[str, int, str] | None:
+    """(blocks path, block index, path inside the block) of an mlx-lm module inside a block: the
+    blocks mlx-lm's model wraps, or, without it, a ``….layers.N.…`` path."""
+    if names is None:
+        match = _BLOCK.match(module)
+        return (match["blocks"], int(match["index"]), match["relative"]) if match else None
+    if names.blocks is None or not module.startswith(names.blocks + "."):
+        return None
+    index, _, relative = module[len(names.blocks) + 1 :].partition(".")
+    return (names.blocks, int(index), relative) if index.isdigit() and relative else None
+
+
+def _keys_and_layers(
+    modules: list[str], base, names: MlxNames | None, source_layers: int | None
+) -> tuple[list[str], int, list[str]]:
     """mlx-lm's ``keys`` and ``num_layers`` for these module paths; without a base, an mlx
     source's own ``num_layers`` is kept, since its producer knew the block count."""
     keys, indices, blocks = set(), [], set()
     for module in modules:
-        match = _BLOCK.match(module)
-        if match:
-            keys.add(match["relative"])
-            indices.append(int(match["index"]))
-            blocks.add(match["blocks"])
+        found = _in_block(module, names)
+        if found:
+            blocks.add(found[0])
+            indices.append(found[1])
+            keys.add(found[2])
         else:
             keys.add(module)
     if len(blocks) > 1:
@@ -134,7 +190,9 @@ def _keys_and_layers(modules: list[str], base, source_layers: int | None) -> tup
         )
     if not indices:
         return sorted(keys), 0, []
-    layers = (base.config() if base is not None else {}).get("num_hidden_layers")
+    layers = (
+        names.num_blocks if names is not None else (base.config() if base is not None else {}).get("num_hidden_layers")
+    )
     if layers is not None:
         return sorted(keys), int(layers) - min(indices), []
     if source_layers is not None:
@@ -151,10 +209,37 @@ def _keys_and_layers(modules: list[str], base, source_layers: int | None) -> tup
     )
 
 
+def _write_place(target, names: MlxNames | None) -> Place:
+    """Where a target goes in mlx-lm's model for the base; without it, the checkpoint's own name."""
+    if names is not None:
+        module = names.mlx_module(target.key, "cannot write mlx")
+        return Place(target.key, module, module in names.embeddings, target.key in names.transposed)
+    if target.module_type == "conv1d":
+        raise SurgeonError(
+            f"cannot write mlx: {target.key!r} is a Conv1D weight (in×out), which mlx-lm may hold transposed; pass the "
+            "base model (with mlx-lm installed) so that its model definition says how."
+        )
+    return Place(target.key, target.module, target.module_type == "embedding", False)
+
+
+def _unchecked(base) -> list[str]:
+    """The note for names written as the checkpoint's, unchecked against mlx-lm's model."""
+    why = "no base was given" if base is None else "mlx-lm is not installed or the base has no config.json"
+    return [
+        f"module names were written as the checkpoint's, not checked against mlx-lm's model ({why}); mlx-lm names "
+        "some models' modules its own way (GPT-NeoX, GPT-J, Qwen2-VL), so pass the base, with mlx-lm installed, "
+        "to have them translated and loaded by mlx-lm before writing."
+    ]
+
+
 def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
-    """Write an mlx-lm adapter directory that ``mlx_lm.tuner.utils.load_adapters`` loads."""
-    picked = pick_targets(adapter, NAME, ("linear", "embedding"), allow_dora=True)
+    """Write an mlx-lm adapter directory that ``mlx_lm.tuner.utils.load_adapters`` loads; with a base
+    (and mlx-lm), named as mlx-lm's model for it names modules, and loaded by mlx-lm before it is kept."""
+    names = mlx_names(base)
+    switches, adapter = take_switches(adapter, base)
+    picked = Picked([], [], []) if switches and not adapter.deltas else pick_targets(adapter, NAME, MLX_TYPES, True)
     targets = picked.targets
+    places = {t.key: _write_place(t, names) for t in targets}
     dora = {t.delta.is_dora for t in targets}
     if len(dora) > 1:
         raise SurgeonError(
@@ -162,29 +247,33 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
             "adapter."
         )
     for t in targets:
-        if t.delta.is_dora and (t.module_type != "linear" or t.delta.magnitude_axis != 0):
+        place = places[t.key]
+        if t.delta.is_dora and (place.embedding or t.delta.magnitude_axis != int(place.transposed)):
             raise SurgeonError(
                 f"cannot write mlx: {t.key!r} is a DoRA {t.module_type} update, and mlx-lm normalises DoRA only per "
                 "output row of a Linear."
             )
-    rank = max(t.delta.rank for t in targets)
-    scale = most_common(t.delta.scale for t in targets)
+    rank = max([t.delta.rank for t in targets] + [s.rank for s in switches.values()])
+    scale = most_common([*(t.delta.scale for t in targets), *(s.scale for s in switches.values())])
     tensors: dict[str, torch.Tensor] = {}
     padded, folded = 0, 0
     for t in targets:
         delta, pad = t.delta, rank - t.delta.rank
         factor = delta.scale / scale if differs(delta.scale, scale) else 1.0
         padded, folded = padded + (pad > 0), folded + (factor != 1.0)
-        if t.module_type == "embedding":
+        module = places[t.key].module
+        if places[t.key].factors_as_stored:
             a, b = delta.up, fold(delta.down, factor)
         else:
             a, b = delta.down.T, fold(delta.up, factor).T
-        tensors[f"{t.module}.lora_a"] = torch.nn.functional.pad(a, (0, pad)).contiguous()
-        tensors[f"{t.module}.lora_b"] = torch.nn.functional.pad(b, (0, 0, 0, pad)).contiguous()
+        tensors[f"{module}.lora_a"] = torch.nn.functional.pad(a, (0, pad)).contiguous()
+        tensors[f"{module}.lora_b"] = torch.nn.functional.pad(b, (0, 0, 0, pad)).contiguous()
         if delta.magnitude is not None:
-            tensors[f"{t.module}.m"] = delta.magnitude.contiguous()
+            tensors[f"{module}.m"] = delta.magnitude.contiguous()
+    tensors.update(switch_tensors(switches, rank, scale))
     config = dict(adapter.config) if adapter.source_format == NAME else {}
-    keys, num_layers, notes = _keys_and_layers([t.module for t in targets], base, config.get("num_layers"))
+    modules = [p.module for p in places.values()]
+    keys, num_layers, notes = _keys_and_layers([*modules, *switches], base, names, config.get("num_layers"))
     if adapter.base_model:
         config.setdefault("model", adapter.base_model)
     config["fine_tune_type"] = "dora" if dora == {True} else "lora"
@@ -194,8 +283,10 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     staging.mkdir(parents=True, exist_ok=True)
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, staging / WEIGHT_FILE, metadata={**adapter.metadata, "format": "mlx"})
+    if names is not None:
+        check_loads(staging, base, "cannot write mlx")
 
-    notes = picked.notes + notes
+    notes = picked.notes + notes + ([] if names is not None else _unchecked(base))
     if padded:
         notes.append(f"{padded} of {len(targets)} modules zero-padded to rank {rank}: mlx-lm has one rank per adapter.")
     if folded:

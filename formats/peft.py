@@ -23,11 +23,11 @@ from safetensors.torch import save_file
 from surgeon.checkpoint import load_pickle_weights, read_safetensors
 from surgeon.delta import FACTOR_DTYPES, MODULE_TYPES, Adapter, Dense, LowRank, Replace
 from surgeon.errors import SurgeonError
-from surgeon.formats import adapter_config
+from surgeon.formats import adapter_config, peft_params
 from surgeon.formats.layouts import DIFFUSERS_COMPONENTS as COMPONENTS
 from surgeon.formats.layouts import PEFT_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import PEFT_WEIGHTS as WEIGHT_FILES
-from surgeon.formats.lora_only import pick_targets, refusal
+from surgeon.formats.lora_only import Picked, pick_targets, refusal
 from surgeon.formats.peft_rules import LORA_KEY as _LORA_KEY
 from surgeon.formats.peft_rules import PREFIX, check_modules_match, factor_rank, module_rank_alpha, scale_of, targeted
 from surgeon.formats.peft_rules import UNSUPPORTED as _UNSUPPORTED
@@ -106,8 +106,12 @@ def read(path: Path, base=None) -> Adapter:
     )
     for key, tensor in whole.items():  # replacements first: LoRA applies on top of them
         adapter.add(key, Replace(tensor), "other")
+    wrapped = peft_params.saved_wrappers(path, base, str(path / CONFIG_FILE)) if config.get("target_parameters") else {}
     for module, parts in modules.items():
-        read_module(adapter, module, parts, config, rslora, fan_in_fan_out, file)
+        if module in wrapped:
+            peft_params.read_wrapped(adapter, module, parts, wrapped[module], file)
+        else:
+            read_module(adapter, module, parts, config, rslora, fan_in_fan_out, file)
     return adapter
 
 
@@ -244,10 +248,16 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     source = adapter.config if adapter.source_format == NAME else {}
     adapter, notes = _one_model(adapter)
     adapter, names = named_for_peft(adapter, base, "cannot write PEFT LoRA")
-    picked = pick_targets(adapter, "PEFT LoRA", MODULE_TYPES, allow_dora=True, keeps=("replacement", "dense"))
+    params, adapter = peft_params.take_parameters(adapter, base, names)
+    picked = (
+        pick_targets(adapter, "PEFT LoRA", MODULE_TYPES, allow_dora=True, keeps=("replacement", "dense"))
+        if adapter.deltas or not params
+        else Picked([], [], [])
+    )
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     scales: dict[str, float] = {}
+    peft_params.write_parameters(params, base, tensors, ranks, scales)
     types: dict[str, str] = {}
     magnitudes: dict[str, bool] = {}
     for target in picked.targets:
@@ -294,16 +304,21 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
         else {"peft_type": "LORA", "task_type": None, "bias": "none", "lora_dropout": 0.0, "inference_mode": True}
     )
     rslora = bool(config.get("use_rslora", False))
-    if not (source and _config_reproduces(source, ranks, scales) and _targets_cover(source, ranks)):
+    if params or not (source and _config_reproduces(source, ranks, scales) and _targets_cover(source, ranks)):
         config.update(rank_alpha_config(ranks, scales, rslora))
-        config["target_modules"] = sorted(ranks)
+        config["target_modules"] = sorted(set(ranks) - set(params)) or None
+        config["target_parameters"] = sorted(params) or None
+    if params:
+        config["lora_dropout"] = 0.0  # PEFT's ParamWrapper refuses any; it only ever applies in training
     config["peft_type"] = "LORA"
     config["base_model_name_or_path"] = adapter.base_model or config.get("base_model_name_or_path")
     config["fan_in_fan_out"] = any(t == "conv1d" for t in types.values())
     config["use_dora"] = any(magnitudes.values())
     config["lora_bias"] = any(k.endswith(".lora_B.bias") for k in tensors)
-    config["modules_to_save"] = sorted(modules_to_save) or None
-    check_modules(names, [*ranks, *(_module_of(k)[0] for k, _ in picked.kept)], "cannot write PEFT LoRA")
+    modules_to_save = {m for m in modules_to_save if not any(f".{o}." in f".{m}." for o in modules_to_save - {m})}
+    config["modules_to_save"] = sorted(modules_to_save) or None  # a module inside another goes with it
+    written = [*(m for m in ranks if m not in params), *(_module_of(k)[0] for k in [*params, *dict(picked.kept)])]
+    check_modules(names, written, "cannot write PEFT LoRA")
     _check_not_inside(modules_to_save, ranks)
     staging.mkdir(parents=True, exist_ok=True)
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -19,6 +19,7 @@ vocabulary exact) and the prompt itself for a head tied to the input embedding.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def read(path: Path, config: dict, base=None) -> Adapter:
     if base is None:
         adapter.add(UNBOUND_EMBEDDING, AppendRows(prompts, token_names(len(prompts))), "embedding")
         return adapter
+    check_made_for(config, base.config(), file)
     embedding, outputs, tied = vocabulary_keys(base, prompts.shape[1], file)
     adapter.add(embedding, AppendRows(prompts, token_names(len(prompts))), "embedding")
     for key in outputs:
@@ -131,6 +133,51 @@ def final_prompts(peft_type: str, tensors: dict[str, torch.Tensor], config: dict
             "with each input, and a merged vocabulary holds one prompt; use PEFT to run it."
         )
     return prompts.float() * (cols[0].float() @ rows[0].float())
+
+
+#: The base config fields PEFT reads each prompt config field from, in its order of preference
+#: (peft ``utils/other.py`` ``_prepare_prompt_learning_config``, which records them in the adapter's config).
+_DERIVED_FROM = {
+    "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+    "token_dim": ("hidden_size", "n_embd", "d_model"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+}
+
+
+def check_made_for(config: dict, base_config: dict, file: Path) -> None:
+    """A soft prompt fits any base of its width, so a prompt for another model would merge without a
+    word: refuse where the sizes PEFT recorded from its base, or that base's own model type, differ."""
+    language = base_config.get("text_config") or base_config
+    for field, sources in _DERIVED_FROM.items():
+        ours = next((language[s] for s in sources if s in language), None)
+        if config.get(field) is not None and ours is not None and config[field] != ours:
+            raise SurgeonError(
+                f"{file}: the prompt was made for a model with {field} = {config[field]}, and the base has {ours}; "
+                "merge it into the model it was trained on."
+            )
+    theirs, ours = _recorded_model_type(config.get("base_model_name_or_path")), base_config.get("model_type")
+    if theirs and ours and theirs != ours:
+        raise SurgeonError(
+            f"{file}: the prompt was made for {config['base_model_name_or_path']} (a {theirs} model), and the base "
+            f"is a {ours} model; merge it into the model it was trained on."
+        )
+
+
+def _recorded_model_type(origin: str | None) -> str | None:
+    """The model type of the base PEFT recorded, where its config is at hand: a local folder, or the
+    Hub cache (never the network)."""
+    if not origin:
+        return None
+    try:
+        local = Path(origin) / "config.json"
+        if not local.is_file():
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(origin, "config.json")  # HFValidationError (a ValueError) if no repo id
+            local = Path(cached) if isinstance(cached, str) else None
+        return json.loads(local.read_text()).get("model_type") if local else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def vocabulary_keys(base, width: int, file: Path) -> tuple[str, list[str], bool]:

@@ -17,10 +17,13 @@ UNSUPPORTED = {
     "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "activated LoRA (aLoRA), which applies only after its invocation tokens",
     "use_qalora": "QALoRA",
-    "target_parameters": "LoRA on bare nn.Parameter targets",
     "arrow_config": "Arrow routing",
     "use_bdlora": "block-diagonal LoRA",
 }
+
+# Options the reader handles but a header alone cannot describe: LoRA on bare parameters is laid out
+# by the base model's class (formats/peft_params.py).
+BY_MODEL = {"target_parameters": "LoRA on bare parameters"}
 
 LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?P<rest>(\.weight|\.bias)?)$"
@@ -61,7 +64,7 @@ def check_modules_match(config: dict, modules: dict[str, dict], where: Path) -> 
     """What PEFT would load: only modules that ``target_modules`` names get LoRA layers (the other
     factors are dropped as unexpected keys), and with ``use_dora`` every one needs its magnitude."""
     targets = config.get("target_modules")
-    if modules and targets not in (None, "all-linear") and not any(targeted(targets, m) for m in modules):
+    if modules and targets and targets != "all-linear" and not any(targeted(targets, m) for m in modules):
         raise SurgeonError(
             f"{where}: target_modules {targets!r} matches none of the adapter's modules (such as "
             f"{next(iter(modules))!r}), so PEFT would load none of its weights; fix target_modules."

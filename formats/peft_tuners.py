@@ -27,6 +27,7 @@ from surgeon.delta import Adapter, LowRank, Replace
 from surgeon.errors import SurgeonError
 from surgeon.formats.peft import CONFIG_FILE, load_tensors
 from surgeon.formats.peft_rules import PREFIX, module_rank_alpha
+from surgeon.keys import base_key_of
 from surgeon.lycoris_math import LOHA_PARTS, LOKR_PARTS, ia3_delta, loha_delta, loha_factors, lokr_delta, lokr_weight
 
 PARTS = {
@@ -37,20 +38,6 @@ PARTS = {
 }
 _SHARED = ("base_model.vera_A", "base_model.vera_B")
 _TUNER_PART = re.compile(r"\.(hada_|lokr_|ia3_|vera_)")
-
-
-def _base_key(base, key: str) -> str | None:
-    """The base's name for ``key``: itself, or the one that differs by a leading component, as
-    :func:`surgeon.keys.bind_to_base` will shift it."""
-    if base is None:
-        return None
-    if key in base:
-        return key
-    longer = [k for k in base.keys() if k.endswith("." + key)]
-    if len(longer) == 1:
-        return longer[0]
-    parts = key.split(".")
-    return next((".".join(parts[cut:]) for cut in range(1, len(parts)) if ".".join(parts[cut:]) in base), None)
 
 
 def _loha(parts, config, module, shape, where):
@@ -121,7 +108,7 @@ def _vera_projections(config, shared, modules, base, where):
         )
     largest = (0, 0)
     for module in modules:
-        shape = base.info(_base_key(base, module + ".weight")).shape
+        shape = base.info(base_key_of(base, module + ".weight")).shape
         out_in = (shape[1], shape[0]) if config.get("fan_in_fan_out", False) else (shape[0], shape[1])
         largest = tuple(max(a, b) for a, b in zip(largest, out_in))
     generator = torch.Generator(device="cpu").manual_seed(config.get("projection_prng_key", 0))
@@ -188,7 +175,7 @@ def read(path: Path, config: dict, base=None) -> Adapter:
     for module, parts in modules.items():
         where = f"{file}: {module}"
         key = module + ".weight"
-        base_key = _base_key(base, key)
+        base_key = base_key_of(base, key)
         if base is not None and base_key is None:
             raise SurgeonError(
                 f"{where}: the base checkpoint has no weight for this module; pass the base the adapter was trained on."
@@ -203,7 +190,7 @@ def read(path: Path, config: dict, base=None) -> Adapter:
             delta = _vera(parts, shape, projections, fan_in_fan_out, where)
         else:
             delta, is_feedforward = _ia3(parts, config, module, base, where, base_key)
-            bias_key = _base_key(base, module + ".bias")
+            bias_key = base_key_of(base, module + ".bias")
             if not is_feedforward and bias_key is not None:
                 scaling = parts["ia3_l"].float().reshape(base.info(bias_key).shape)
                 adapter.add(module + ".bias", ia3_delta(base, bias_key, scaling), "other")

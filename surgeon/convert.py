@@ -152,9 +152,9 @@ def convert_adapter(
     if base is not None:
         adapter = bind_to_base(adapter, base.keys(), str(source), checkpoint=base)
         check_shapes(adapter, lambda key: base.info(key).shape, str(source))
-        notes = drop_base_copies(adapter, base)
+        notes = adapter.notes + drop_base_copies(adapter, base)
     else:
-        notes = []
+        notes = list(adapter.notes)
     inputs = [source] + ([base_path] if base_path is not None else [])
     with atomic_output(output, inputs=inputs, force=force, directory=not target.writes_file) as staging:
         notes += formats.write_adapter(adapter, staging, target_format, base=base)

@@ -114,6 +114,12 @@ class Delta:
         self._must_add("split")
         return Dense(self.materialize(dtype=self.stored_dtype)[start:stop])
 
+    def expert_rows(self, expert: int, start: int, stop: int) -> "Delta":
+        """The delta on rows ``start:stop`` of expert ``expert`` of a stacked (experts × m × k) parameter:
+        the checkpoint tensor transformers stacks there (:mod:`surgeon.model_names`)."""
+        self._must_add("split")
+        return Dense(self.materialize(dtype=self.stored_dtype)[expert, start:stop])
+
     def placed(self, start: int, total: int) -> "Delta":
         """This delta as rows ``start:`` of a parameter of ``total`` rows, zero elsewhere: the inverse of
         :meth:`rows`, for a delta on one of the parameters transformers makes from one checkpoint tensor."""
@@ -310,6 +316,10 @@ class Dense(Delta):
 
     def __repr__(self) -> str:
         return f"Dense(shape={self.shape}{', lazy' if self._stored is None else ''})"
+
+    @property
+    def label(self) -> str:
+        return "(IA)³ scaling" if self.reads_base else self.kind
 
     @property
     def delta(self) -> torch.Tensor:
@@ -510,8 +520,9 @@ def exact_sum(terms: list[tuple[Delta, float]], shape: Shape) -> Delta:
     return Dense(total.to(dtype))
 
 
-#: How the base module uses a parameter; writers need it to pick key names and orientation.
-MODULE_TYPES = ("linear", "conv1d", "embedding", "conv", "other")
+#: How the base module uses a parameter; writers need it to pick key names and orientation. "MoE expert":
+#: one expert's tensor of a parameter transformers stacks (surgeon/experts.py).
+MODULE_TYPES = ("linear", "conv1d", "embedding", "conv", "other", "MoE expert")
 
 
 @dataclass
@@ -520,7 +531,8 @@ class Adapter:
 
     ``config`` keeps the source format's own configuration so that a round trip through the same
     format loses nothing; ``module_types`` says, per key, which kind of module the parameter
-    belongs to (see :data:`MODULE_TYPES`).
+    belongs to (see :data:`MODULE_TYPES`); ``notes`` are the reader's, one sentence each on what
+    beside the deltas it left out (an AdapterHub prediction head), reported by merge and convert.
     """
 
     deltas: dict[str, list[Delta]] = field(default_factory=dict)
@@ -529,6 +541,7 @@ class Adapter:
     config: dict = field(default_factory=dict)
     module_types: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def add(self, key: str, delta: Delta, module_type: str = "linear") -> None:
         self.deltas.setdefault(key, []).append(delta)

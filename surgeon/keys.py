@@ -70,6 +70,21 @@ def bind_to_base(adapter: Adapter, base_keys: Collection[str], where: str, check
     return adapter.translated(parts)
 
 
+def base_key_of(base, key: str) -> str | None:
+    """The base's name for one adapter ``key``, for a reader that needs the base weight itself ((IA)³
+    scales it): ``key``, or the one that differs by a leading component, as :func:`bind_to_base` will
+    shift it; None without a base or a match."""
+    if base is None:
+        return None
+    if key in base:
+        return key
+    longer = [k for k in base.keys() if k.endswith("." + key)]
+    if len(longer) == 1:
+        return longer[0]
+    parts = key.split(".")
+    return next((".".join(parts[cut:]) for cut in range(1, len(parts)) if ".".join(parts[cut:]) in base), None)
+
+
 def _unmatched(missing: list[str], base_keys: set[str], where: str) -> SurgeonError:
     key = missing[0]
     close = difflib.get_close_matches(key, list(base_keys), n=3, cutoff=0.5)

@@ -8,16 +8,18 @@ translates, with transformers' own table for the class named in ``config.json`` 
 on the meta device, and ``get_model_conversion_mapping`` + ``rename_source_key`` are run on every
 checkpoint key, as ``from_pretrained`` does), never a copied one. A tensor the table cuts in rows
 (``Chunk(dim=0)``: a fused qkv, SwiGLU's ``weights_in``) has its delta cut the same way, and deltas on
-the pieces are placed back at their rows. Other fusions (per-expert weights stacked into one
-parameter) have no one-to-one name: PEFT's loader converts LoRA factors through some of them, which
-the PEFT writer asks PEFT itself about (:func:`named_for_peft`); any other is refused, never dropped.
+the pieces are placed back at their rows. Per-expert tensors stacked into one MoE parameter
+(``MergeModulelist(dim=0)``, gate and up first concatenated in rows) are the stacked parameter's
+expert rows (:attr:`ModelNames.stacked`): a delta on the stacked parameter is cut into theirs, and
+the PEFT writer gathers theirs into one (:func:`named_for_peft`). Other fusions PEFT's loader
+converts keep their checkpoint names; any other is refused, never dropped.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ class ModelNames:
     to_model: dict[str, str]  # every checkpoint key that becomes one model parameter → that parameter's name
     splits: dict[str, tuple[str, ...]]  # checkpoint key → the parameters transformers cuts its rows into, in order
     fused: dict[str, str]  # checkpoint key → the parameter transformers otherwise fuses or splits it into
+    stacked: dict[str, tuple[str, int, int, int]]  # fused key → (stacked expert parameter, expert, first row, end row)
     model_keys: frozenset[str]  # the model's own state_dict names
     modules: frozenset[str]  # the model's module names (what PEFT's target_modules resolve against)
     tied: frozenset[str]  # the output head's weight and the parameters that are that very tensor (tied embeddings)
@@ -45,6 +48,14 @@ class ModelNames:
     def split_parts(self) -> dict[str, tuple[str, int, int]]:
         """model parameter → (the checkpoint key it is cut from, its place, how many pieces)."""
         return {name: (key, i, len(names)) for key, names in self.splits.items() for i, name in enumerate(names)}
+
+    @functools.cached_property
+    def stacked_parts(self) -> dict[str, list[tuple[str, int, int, int]]]:
+        """stacked expert parameter → (checkpoint key, expert, first row, end row) of every tensor it is built from."""
+        found: dict[str, list] = {}
+        for key, (name, expert, start, stop) in sorted(self.stacked.items()):
+            found.setdefault(name, []).append((key, expert, start, stop))
+        return found
 
     def model_name(self, key: str, where: str) -> str:
         """The model's name for checkpoint key ``key``; a key transformers fuses or splits is refused."""
@@ -71,6 +82,8 @@ class ModelNames:
             key, index, count = self.split_parts[name]
             return [(key, delta.placed(index * delta.shape[0], count * delta.shape[0]))]
         fused = sorted(k for k, target in self.fused.items() if target == name)
+        if fused and all(k in self.stacked for k in fused):
+            return [(key, delta.expert_rows(e, start, stop)) for key, e, start, stop in self.stacked_parts[name]]
         if fused:
             raise SurgeonError(
                 f"{where}: {name!r} is built by transformers from several checkpoint tensors ({', '.join(fused[:3])}), "
@@ -133,6 +146,18 @@ def meta_model(directory: Path, architecture: str) -> torch.nn.Module | None:
         transformers.logging.set_verbosity(verbosity)
 
 
+def fresh_meta_model(checkpoint, where: str) -> torch.nn.Module:
+    """A new meta-device model of ``checkpoint``'s class for PEFT to wrap (the cached one stays as built)."""
+    architecture = _architecture(checkpoint)
+    model = meta_model.__wrapped__(checkpoint.directory, architecture) if architecture else None
+    if model is None:
+        raise SurgeonError(
+            f"{where}: transformers cannot build the base's model class ({architecture or 'none in config.json'}), "
+            "which decides how the adapter's parameters are laid out; pass the base it was trained on."
+        )
+    return model
+
+
 @functools.lru_cache(maxsize=8)
 def _names(directory: Path, architecture: str, keys: tuple[str, ...]) -> ModelNames | None:
     model = meta_model(directory, architecture)
@@ -140,9 +165,9 @@ def _names(directory: Path, architecture: str, keys: tuple[str, ...]) -> ModelNa
         return None
     meta = model.state_dict()
     rename = _renamer(model, meta)
-    to_model, splits, fused = {}, {}, {}
+    to_model, splits, fused, stacked = {}, {}, {}, {}
     for key in keys:
-        name, converter = rename(key)
+        name, converter, pattern = rename(key)
         pieces = _row_split(converter, name, meta) if converter is not None else None
         if converter is None:
             to_model[key] = name
@@ -150,8 +175,12 @@ def _names(directory: Path, architecture: str, keys: tuple[str, ...]) -> ModelNa
             splits[key] = pieces
         else:
             fused[key] = name
+            place = _stacked_place(converter, pattern, key, meta.get(name))
+            if place is not None:
+                stacked[key] = (name, *place)
     modules = frozenset(name for name, _ in model.named_modules())
-    return ModelNames(architecture, to_model, splits, fused, frozenset(meta), modules, frozenset(_tied_names(model)))
+    tied = frozenset(_tied_names(model))
+    return ModelNames(architecture, to_model, splits, fused, stacked, frozenset(meta), modules, tied)
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:
@@ -199,8 +228,30 @@ def _row_split(converter, name: str, meta: dict) -> tuple[str, ...] | None:
     return pieces if all(piece in meta for piece in pieces) else None
 
 
+def _stacked_place(converter, pattern: str, key: str, stacked) -> tuple[int, int, int] | None:
+    """(expert, first row, end row) of checkpoint tensor ``key`` in the stacked expert parameter
+    ``stacked`` (a meta tensor) transformers builds from it: one 2-D tensor per expert stacked
+    (``MergeModulelist(dim=0)``), several sources (gate, up) first put one after the other in rows
+    (``Concatenate(dim=1)``) in the converter's order. None for any other conversion."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    sources, operations = converter.source_patterns, converter.operations
+    expected = [(MergeModulelist, 0)] + ([(Concatenate, 1)] if len(sources) > 1 else [])
+    if [(type(op), getattr(op, "dim", None)) for op in operations] != expected:
+        return None
+    if stacked is None or stacked.dim() != 3 or stacked.shape[1] % len(sources):
+        return None
+    found = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    if found is None or len(found.groups()) != 1 or int(found[1]) >= stacked.shape[0]:
+        return None
+    rows = stacked.shape[1] // len(sources)
+    piece = sources.index(pattern)
+    return int(found[1]), piece * rows, (piece + 1) * rows
+
+
 def _renamer(model: torch.nn.Module, meta: dict):
-    """key → (model name, the converter that fuses or splits it, if one does), the way ``from_pretrained`` renames."""
+    """key → (model name, the converter that fuses or splits it if one does, the source pattern it
+    matched), the way ``from_pretrained`` renames."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, rename_source_key
@@ -216,7 +267,7 @@ def _renamer(model: torch.nn.Module, meta: dict):
         name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
         if name not in meta and key in meta:  # what from_pretrained does: the key was right as it was
             name, pattern = rename_source_key(key, [], [], prefix, meta)
-        return name, by_pattern.get(pattern)
+        return name, by_pattern.get(pattern), pattern
 
     return rename
 
@@ -226,8 +277,8 @@ def _legacy_renamer(table: dict[str, str]):
         for pattern, replacement in table.items():
             name, count = re.subn(pattern, replacement, key)
             if count:
-                return name, None
-        return key, None
+                return name, None, None
+        return key, None, None
 
     return rename
 
@@ -236,17 +287,40 @@ def named_for_peft(adapter, checkpoint, where: str):
     """``adapter`` (keyed by ``checkpoint``'s keys) keyed by the names of the model transformers builds
     from ``checkpoint``, as PEFT names them, with that translation (None: not a transformers model).
 
-    A key transformers fuses or splits keeps its checkpoint name where PEFT's own loader converts
-    LoRA factors through that fusion (per-expert MoE weights, as in adapters trained before the
-    fusion); any other is refused."""
+    The per-expert tensors of a stacked expert parameter become one delta on that parameter (PEFT's
+    ``target_parameters``). Another key transformers fuses or splits keeps its checkpoint name where
+    PEFT's own loader converts LoRA factors through that fusion; any other is refused."""
     names = model_names(checkpoint) if checkpoint is not None else None
     if names is None:
         return adapter, None
+    adapter = _experts_stacked(adapter, names, where)
     fused = {key for key in adapter.deltas if key in names.fused}
     converted = _peft_converts(checkpoint.directory, names.model_class, fused)
     return adapter.translated(
         lambda key, delta: [(key, delta)] if key in converted else names.model_parts(key, delta, where)
     ), names
+
+
+def _experts_stacked(adapter, names: ModelNames, where: str):
+    """``adapter`` with the deltas on per-expert checkpoint tensors gathered into one per stacked parameter."""
+    from surgeon.experts import fuse_experts
+
+    stacked = {key for key in adapter.deltas if key in names.stacked}
+    if not stacked:
+        return adapter
+    kept = {key: deltas for key, deltas in adapter.deltas.items() if key not in stacked}
+    result = replace(adapter, deltas=kept, module_types={k: adapter.module_types.get(k, "linear") for k in kept})
+    gathered: dict[str, dict[int, list]] = {}
+    for key in sorted(stacked):
+        name, expert, start, stop = names.stacked[key]
+        for delta in adapter.deltas[key]:
+            gathered.setdefault(name, {}).setdefault(expert, []).append((start, stop, delta))
+    for name, pieces in gathered.items():
+        parts = names.stacked_parts[name]
+        experts, rows = len({e for _, e, _, _ in parts}), max(stop for _, _, _, stop in parts)
+        shape = (experts, rows, next(iter(pieces.values()))[0][2].shape[1])
+        result.add(name, fuse_experts(pieces, shape, f"{where}: {name}"), "MoE expert")
+    return result
 
 
 def _peft_converts(directory: Path, architecture: str, keys: set[str]) -> set[str]:

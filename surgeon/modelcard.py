@@ -63,6 +63,18 @@ def hub_model_id(name: str | None) -> str | None:
     return name
 
 
+def _cached_hub_model(recorded_name: str | None) -> str | None:
+    """The base an adapter recorded, as a Hub id only where the Hub cache holds that model: PEFT records
+    the path the base was loaded from, and a relative local path such as ``out/base`` reads as an id."""
+    from huggingface_hub import try_to_load_from_cache
+
+    name = hub_model_id(recorded_name)
+    try:
+        return name if name and isinstance(try_to_load_from_cache(name, "config.json"), str) else None
+    except ValueError:  # huggingface_hub's HFValidationError: not a repository id after all
+        return None
+
+
 def _yaml(**fields) -> str:
     from huggingface_hub import ModelCardData
 
@@ -98,7 +110,7 @@ def _value(value) -> str:
 def adapter_card(directory: Path, module, repo_id: str, base_model: str | None) -> str:
     adapter = module.read(directory)
     summary = adapter_summary(adapter, directory, module.description)
-    base = hub_model_id(base_model or adapter.base_model)
+    base = hub_model_id(base_model) if base_model else _cached_hub_model(adapter.base_model)
     kinds = sorted({"dora" if "DoRA" in m["delta"] else m["delta"].split()[0].lower() for m in summary["modules"]})
     is_peft = module.name == "peft"
     header = _yaml(

@@ -89,8 +89,10 @@ def split_adapters(
     paths: list[Path], weights: list[float] | None, format_name: str | None, base
 ) -> tuple[list[tuple["Adapter", str]], list[float], Path | None]:
     """The adapters to merge into ``base`` before the export (with their weights), and the one that
-    no weight delta expresses but PEFT runs (prefix tuning), to be traced into the graph with the model."""
+    no weight delta expresses but that runs with the model (PEFT prefix tuning, an AdapterHub
+    bottleneck adapter or prefix tuning), to be traced into the graph with it."""
     from surgeon import formats
+    from surgeon.formats import layouts
     from surgeon.ops.merge import one_weight_each
 
     merged, merged_weights, run_time = [], [], []
@@ -99,22 +101,31 @@ def split_adapters(
             merged.append((formats.read_adapter(path, format_name, base=base), str(path)))
             merged_weights.append(weight)
         except NotWeightDeltas as refusal:
-            if not refusal.peft_runs_it:
+            if not (refusal.peft_runs_it or layouts.is_adapterhub(Path(path))):
                 raise
             if weight != 1.0:
                 raise SurgeonError(
-                    f"{path}: a prefix-tuning adapter is run, not added, so a weight other than 1 has "
+                    f"{path}: a prefix-tuning or bottleneck adapter is run, not added, so a weight other than 1 has "
                     "no meaning; give it weight 1."
                 ) from None
             run_time.append(Path(path))
     if len(run_time) > 1:
-        raise SurgeonError(f"{run_time[1]}: export-onnx traces one prefix-tuning adapter with the model; give one.")
+        raise SurgeonError(
+            f"{run_time[1]}: export-onnx traces one prefix-tuning or bottleneck adapter with the model; give one."
+        )
     return merged, merged_weights, run_time[0] if run_time else None
 
 
 def _with_prefix(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
     """The model with a prefix-tuning adapter attached as PEFT runs it: its learned keys and values
-    are constants of the traced forward pass, so they become initializers of the graph."""
+    are constants of the traced forward pass, so they become initializers of the graph. An AdapterHub
+    adapter is run by surgeon's own wrappers (:mod:`surgeon.adapterhub_run`)."""
+    from surgeon.formats import layouts
+
+    if layouts.is_adapterhub(adapter):
+        from surgeon.adapterhub_run import attach
+
+        return attach(model, adapter)
     try:
         from peft import PeftModel
     except ImportError:
@@ -485,7 +496,8 @@ def export(
     A graph that fails verification is kept beside the output as ``<output>.unverified`` (with
     ``.unverified.data``), never at the output path; the report says so with ``verified: False``.
     ``provenance`` (how the export was asked for) and the report go into the graph's metadata_props.
-    ``prefix``: a PEFT prefix-tuning adapter traced with the model (see :func:`split_adapters`).
+    ``prefix``: an adapter traced with the model, PEFT prefix tuning or an AdapterHub bottleneck or
+    prefix-tuning adapter (see :func:`split_adapters`).
     """
     from surgeon.output import claimed, scratch_beside
 
@@ -493,8 +505,8 @@ def export(
     task = resolve_task(source, output, task)
     if prefix is not None and TASKS[task].modality != "text":
         raise SurgeonError(
-            f"{prefix}: export-onnx traces a prefix-tuning adapter into a text model's graph only, not into a {task} "
-            "export; merge a LoRA-like adapter instead."
+            f"{prefix}: export-onnx traces an adapter that runs with the model (prefix tuning, a bottleneck) into a "
+            f"text model's graph only, not into a {task} export; merge a LoRA-like adapter instead."
         )
     with (
         dependencies_quiet(verbose),

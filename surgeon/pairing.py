@@ -33,3 +33,36 @@ def paired_keys(first: Checkpoint, second: Checkpoint, purpose: str) -> tuple[li
                 f"{second.path}; {purpose} (same architecture and vocabulary)."
             )
     return shared, [k for k, _, _ in one_sided]
+
+
+class TiedView:
+    """A checkpoint whose output head is tied to its input embedding, also readable under the head's own
+    key: ``merge --untie`` stores the head that the base only implies, and the two are still one model."""
+
+    def __init__(self, checkpoint: Checkpoint, heads: dict[str, str]):
+        self.checkpoint, self.heads = checkpoint, heads
+        self.path = checkpoint.path
+
+    def keys(self) -> list[str]:
+        return [*self.checkpoint.keys(), *self.heads]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.heads or key in self.checkpoint
+
+    def info(self, key: str):
+        return self.checkpoint.info(self.heads.get(key, key))
+
+    def get(self, key: str):
+        return self.checkpoint.get(self.heads.get(key, key))
+
+
+def with_implied_heads(checkpoint: Checkpoint, other) -> Checkpoint | TiedView:
+    """``checkpoint``, with the heads it ties to an embedding named where ``other`` stores them; asks
+    transformers about ties only when ``other`` holds a float tensor that ``checkpoint`` lacks."""
+    from surgeon.model_names import tied_heads
+
+    lacking = {k for k in other.keys() if k not in checkpoint and other.info(k).dtype.is_floating_point}
+    if not lacking:
+        return checkpoint
+    heads = {head: key for key, head in tied_heads(checkpoint, checkpoint.keys()).items() if head in lacking}
+    return TiedView(checkpoint, heads) if heads else checkpoint

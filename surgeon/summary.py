@@ -94,7 +94,7 @@ def _peft_lora_parts(path: Path) -> tuple[dict, dict]:
     checks them; a SurgeonError where anything is off, and the full reader says what."""
     from surgeon.formats import adapter_config
     from surgeon.formats.layouts import PEFT_CONFIG, PEFT_WEIGHTS
-    from surgeon.formats.peft_rules import PREFIX, UNSUPPORTED
+    from surgeon.formats.peft_rules import BY_MODEL, PREFIX, UNSUPPORTED
 
     config = adapter_config.load(path / PEFT_CONFIG)
     adapter_config.check_peft(config, path / PEFT_CONFIG)
@@ -102,7 +102,7 @@ def _peft_lora_parts(path: Path) -> tuple[dict, dict]:
     plain = (
         str(config.get("peft_type", "")).upper() == "LORA"
         and entries
-        and not any(config.get(option) not in (None, False, [], {}) for option in UNSUPPORTED)
+        and not any(config.get(option) not in (None, False, [], {}) for option in {**UNSUPPORTED, **BY_MODEL})
         and all(k.startswith(PREFIX) for k in entries)
     )
     if not plain:

@@ -476,3 +476,29 @@ def peft_format_any(path: Path) -> Adapter:
     from surgeon import formats
 
     return formats.read_adapter(path)
+
+
+def test_compose_base_keeps_an_infinity_both_checkpoints_hold(fixtures_dir, tmp_path):
+    """A -inf mask buffer in base and fine-tunes made T − B NaN, and compose had no --allow-nonfinite."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for name, shift in (("base", 0.0), ("t1", 0.01), ("t2", -0.02)):
+        shutil.copytree(fixtures_dir / "tiny-llama", tmp_path / name)
+        tensors = load_file(tmp_path / name / "model.safetensors")
+        tensors["mask.bias"] = torch.tensor([0.0, float("-inf"), 1.0])
+        tensors["model.layers.0.mlp.up_proj.weight"] += shift
+        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+    args = ["compose", str(tmp_path / "t1"), str(tmp_path / "t2"), "--base", str(tmp_path / "base")]
+    refused = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "refused")])
+    assert refused.exit_code == 1 and "compose --base write it anyway with --allow-nonfinite" in refused.output
+    for method in (["--method", "linear"], ["--method", "ties", "--density", "0.5"]):
+        out = tmp_path / method[1]
+        result = CliRunner().invoke(main, [*args, "-o", str(out), *method, "--allow-nonfinite"])
+        assert result.exit_code == 0, result.output
+        assert torch.equal(load_file(out / "model.safetensors")["mask.bias"], torch.tensor([0.0, float("-inf"), 1.0]))
+    adapters = CliRunner().invoke(main, ["compose", str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "a")])
+    assert adapters.exit_code == 0
+    flagged = ["compose", str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "b"), "--allow-nonfinite"]
+    assert "applies when composing full fine-tuned checkpoints" in CliRunner().invoke(main, flagged).output

@@ -240,7 +240,7 @@ def test_prefix_tuning_is_refused_beyond_text_models(tiny, tmp_path):
     args = ["export-onnx", str(base), "--adapter", str(tmp_path / "p"), "-o", str(tmp_path / "out")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
-    assert "prefix-tuning adapter into a text model's graph only" in result.output
+    assert "into a text model's graph only" in result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -140,6 +140,21 @@ def test_merging_a_tied_embedding_warns_and_untie_keeps_the_head(tied_llama, tmp
     torch.testing.assert_close(llama_logits(load(tmp_path / "untied")), unmerged, atol=1e-5, rtol=1e-5)
 
 
+def test_unmerge_of_an_untied_merge_checks_against_the_tied_base(tied_llama, tmp_path):
+    """The untied output stores lm_head, which the tied base only implies: --check called them different models."""
+    base, adapter = tied_llama
+    assert (
+        CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "m"), "--untie"]).exit_code
+        == 0
+    )
+    result = CliRunner().invoke(
+        main,
+        ["unmerge", str(tmp_path / "m"), str(adapter), "-o", str(tmp_path / "back"), "--check", str(base), "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["check"]["max_relative_error"] < 1e-5
+
+
 def test_a_lora_target_inside_a_whole_copied_module_is_refused(tmp_path):
     """A changed parameter of a module that is not a leaf (a gate, an attention sink) makes PEFT copy that
     module whole, which would silently drop the LoRA of the layers inside it."""

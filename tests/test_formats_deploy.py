@@ -363,10 +363,10 @@ def test_what_a_format_cannot_hold_is_refused_with_the_reason(fmt, name, reason,
 def test_gguf_needs_the_base_and_a_known_architecture(variants_root, tmp_path):
     with pytest.raises(SurgeonError, match="needs the base"):
         convert_adapter(variant("plain", variants_root), "gguf", tmp_path / "a.gguf")
-    gpt2 = BASE.parent / "tiny-gpt2"
-    with pytest.raises(SurgeonError, match="GPT2LMHeadModel"):
+    bert = BASE.parent / "tiny-bert"
+    with pytest.raises(SurgeonError, match="model_type 'bert'"):
         formats.write_adapter(
-            formats.read_adapter(BASE.parent / "tiny-gpt2-lora"), tmp_path / "b.gguf", "gguf", base=Checkpoint(gpt2)
+            formats.read_adapter(BASE.parent / "tiny-bert-lora"), tmp_path / "b.gguf", "gguf", base=Checkpoint(bert)
         )
 
 

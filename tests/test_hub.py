@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -300,3 +301,25 @@ def test_push_card_of_a_merge_says_how_it_was_made(tmp_path, monkeypatch):
     assert card is not None and "The base model's own card" not in card
     assert "| architecture | GPT2LMHeadModel |" in card
     assert f"surgeon merge {FIXTURES}/tiny-gpt2 {FIXTURES}/tiny-gpt2-lora" in card
+
+
+def test_push_card_links_a_recorded_base_only_where_the_hub_cache_holds_it(tmp_path, monkeypatch):
+    """PEFT records the path the base was loaded from; a relative one such as out/base reads as a Hub id."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))  # read when imported
+    adapter = tmp_path / "adapter"
+    shutil.copytree(FIXTURES / "tiny-bert-lora", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "out/base"}))
+
+    def card() -> str:
+        result = CliRunner().invoke(main, ["push", str(adapter), "hf://me/adapter", "--dry-run", "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["card"]
+
+    assert "base_model:" not in card() and "huggingface.co/out/base" not in card() and "`out/base`" in card()
+    snapshot = tmp_path / "cache" / "models--out--base" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    assert "base_model: out/base" in card() and "(https://huggingface.co/out/base)" in card()

@@ -230,8 +230,8 @@ def test_peft_deltas_on_split_parameters_merge_into_their_rows(dinov2, tmp_path)
 
 
 def test_per_expert_deltas_are_written_the_way_peft_converts_them(tmp_path):
-    """Mixtral's per-expert w1/w2/w3 are fused on load, and PEFT's loader fuses their LoRA factors:
-    the extracted adapter keeps those checkpoint names and reproduces the tuned model."""
+    """Mixtral's per-expert w1/w2/w3 are fused on load: the extracted adapter puts their deltas on the
+    stacked expert parameters (PEFT's target_parameters) and reproduces the tuned model."""
     config = transformers.MixtralConfig(
         hidden_size=16,
         intermediate_size=32,

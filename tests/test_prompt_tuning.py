@@ -218,20 +218,10 @@ def test_adapterhub_bottleneck_inspected_and_refused(tmp_path, config, positions
     assert not (tmp_path / "merged").exists()
 
 
-def test_adapterhub_lora_and_prefix_say_what_they_are(tmp_path):
-    lora = make_adapterhub(
-        tmp_path / "lora",
-        {"architecture": "lora", "r": 4, "alpha": 8, "selfattn_lora": True},
-        {
-            "encoder.layer.0.attention.self.query.loras.demo.lora_A": torch.randn(4, 64),
-            "encoder.layer.0.attention.self.query.loras.demo.lora_B": torch.randn(64, 4),
-        },
-    )
-    result = run("merge", FIXTURES / "tiny-bert", lora, "-o", tmp_path / "merged")
-    assert (
-        result.exit_code == 1
-        and "AdapterHub LoRA adapter, which surgeon does not read as weight deltas yet" in result.output
-    )
+def test_adapterhub_prompt_and_prefix_say_what_they_are(tmp_path):
+    # the adapters library's own prompt tuning (fixtures/make_adapterhub_lora_fixtures.py)
+    result = run("merge", FIXTURES / "tiny-bert", FIXTURES / "adapterhub" / "bert-prompt", "-o", tmp_path / "merged")
+    assert result.exit_code == 1 and "AdapterHub prompt tuning adapter prepends its prompt" in result.output
     prefix = make_adapterhub(
         tmp_path / "prefix",
         {"architecture": "prefix_tuning", "prefix_length": 10},
@@ -325,7 +315,8 @@ def test_quantized_output_keeps_the_grown_vocabulary_and_the_untied_head(tmp_pat
     assert json.loads((tmp_path / "q" / "config.json").read_text())["vocab_size"] == 256 + VIRTUAL
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert model.get_input_embeddings().weight.shape == (256 + VIRTUAL, 64)
-    result = run("merge", FIXTURES / "tiny-gpt2", adapter, "-o", tmp_path / "u", "--dtype", "nf4", "--untie")
+    gpt2_adapter, _ = make_prompt_adapter("gpt2", tmp_path / "gpt2-adapter")
+    result = run("merge", FIXTURES / "tiny-gpt2", gpt2_adapter, "-o", tmp_path / "u", "--dtype", "nf4", "--untie")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "u" / "config.json").read_text())["tie_word_embeddings"] is False
 
@@ -336,3 +327,17 @@ def test_export_of_a_prefix_adapter_onto_another_model_is_refused(tmp_path):
     result = run("export-onnx", FIXTURES / "tiny-gpt2", "--adapter", adapter, "-o", tmp_path / "m.onnx")
     assert result.exit_code == 1 and "does not fit this model" in result.output, result.output
     assert not list(tmp_path.glob("m.onnx*"))
+
+
+def test_a_prompt_for_another_model_of_the_same_width_is_refused(tmp_path):
+    """tiny-llama and tiny-bert are both 64 wide with 2 layers and 4 heads: only the model type PEFT
+    recorded (base_model_name_or_path's config) tells them apart."""
+    adapter, _ = make_prompt_adapter("llama", tmp_path / "adapter")
+    result = run("merge", FIXTURES / "tiny-bert", adapter, "-o", tmp_path / "merged")
+    assert result.exit_code == 1 and "a llama model" in result.output and "a bert model" in result.output
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["num_layers"] = 3
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    result = run("merge", FIXTURES / "tiny-llama", adapter, "-o", tmp_path / "merged")
+    assert result.exit_code == 1 and "num_layers = 3, and the base has 2" in result.output
+    assert not (tmp_path / "merged").exists()

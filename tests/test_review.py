@@ -6,7 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from surgeon.cli import main
 from tests.test_output_safety import assert_one_line_error, run
 
 
@@ -246,3 +248,20 @@ def test_argument_and_detection_errors_import_no_torch(args):
 
     found = run_fresh(*args)
     assert found["code"] == 1 and found["heavy"] == [], found
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["merge", "tiny-llama", "tiny-llama-lora", "-o", ""],
+        ["convert", "tiny-llama-lora", "--to", "kohya", "-o", " "],
+        ["extract", "tiny-llama", "tiny-llama", "-o", "OUT", "--rank", "2", "--report", ""],
+        ["export-onnx", "tiny-llama", "-o", ""],
+    ],
+)
+def test_an_empty_output_path_is_refused_rather_than_read_as_the_current_folder(fixtures_dir, tmp_path, command):
+    arguments = [str(fixtures_dir / a) if a.startswith("tiny-") else a for a in command]
+    arguments = [str(tmp_path / "out") if a == "OUT" else a for a in arguments]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2 and "is empty; name the output to write" in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -113,6 +113,20 @@ class Progress:
         return self.bar.__exit__(*exc) if self.bar is not None else None
 
 
+class OutputPath(click.Path):
+    """A path surgeon writes to: an empty string is refused, since it would silently mean the current folder."""
+
+    name = "path"
+
+    def __init__(self, *, file: bool = False):
+        super().__init__(dir_okay=not file, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; name the output to write.", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def _directory_output(ctx, param, value: Path | None) -> Path | None:
     if value is not None and value.suffix in FILE_SUFFIXES:
         raise click.BadParameter(
@@ -151,7 +165,7 @@ OUTPUT_OPTION = click.option(
     "-o",
     "--output",
     required=True,
-    type=click.Path(path_type=Path),
+    type=OutputPath(),
     callback=_directory_output,
     help="Output directory; written atomically.",
 )

@@ -17,6 +17,7 @@ from surgeon.cli.common import (
     FROM_OPTION,
     INPUT,
     JSON_OPTION,
+    NONFINITE_OPTION,
     OUTPUT_OPTION,
     SHARD_OPTION,
     Progress,
@@ -94,6 +95,7 @@ def _report_dict(report: ComposeReport, written: list[str]) -> dict:
 )
 @DEVICE_OPTION
 @SHARD_OPTION
+@NONFINITE_OPTION
 @FROM_OPTION
 @FORCE_OPTION
 @JSON_OPTION
@@ -117,6 +119,7 @@ def compose(
     dtype,
     device,
     shard_size,
+    allow_nonfinite,
     format_name,
     force,
     as_json,
@@ -172,11 +175,13 @@ def compose(
                 f"{adapters[0]}: a full model checkpoint; compose takes full fine-tunes only with --base, "
                 "the checkpoint they were tuned from."
             )
-        _compose_checkpoints(base, adapters, output, weights, options, dtype, shard_size, force, as_json)
+        written = {"dtype": dtype, "shard_size": shard_size, "allow_nonfinite": allow_nonfinite}
+        _compose_checkpoints(base, adapters, output, weights, options, written, force, as_json)
         return
-    if dtype != "auto":
+    if dtype != "auto" or allow_nonfinite:
         raise SurgeonError(
-            "--dtype applies when composing full fine-tuned checkpoints; composed adapters keep their inputs' dtype."
+            f"{'--dtype' if dtype != 'auto' else '--allow-nonfinite'} applies when composing full fine-tuned "
+            "checkpoints with --base, not adapters."
         )
     from surgeon.bundle import write_result
     from surgeon.checkpoint import Checkpoint
@@ -214,7 +219,7 @@ def _all_checkpoints(paths: tuple[Path, ...], format_name: str | None) -> bool:
     return not adapters
 
 
-def _compose_checkpoints(base, tuned, output, weights, options, dtype, shard_size, force, as_json) -> None:
+def _compose_checkpoints(base, tuned, output, weights, options, written: dict, force, as_json) -> None:
     from surgeon.checkpoint import Checkpoint, parse_size
     from surgeon.ops.merge import DTYPES
     from surgeon.ops.quantized_output import encoder_for
@@ -222,7 +227,7 @@ def _compose_checkpoints(base, tuned, output, weights, options, dtype, shard_siz
     from surgeon.output import atomic_output
 
     checkpoint = Checkpoint(base)
-    encoder = encoder_for(dtype, checkpoint)
+    encoder = encoder_for(written["dtype"], checkpoint)
     with atomic_output(output, inputs=[Path(base), *map(Path, tuned)], force=force) as staging:
         with Progress(len(checkpoint), options.method) as tick:
             report = task_arithmetic(
@@ -231,8 +236,9 @@ def _compose_checkpoints(base, tuned, output, weights, options, dtype, shard_siz
                 staging,
                 weights or None,
                 options,
-                dtype=DTYPES.get(dtype),
-                shard_size=parse_size(shard_size),
+                dtype=DTYPES.get(written["dtype"]),
+                shard_size=parse_size(written["shard_size"]),
+                allow_nonfinite=written["allow_nonfinite"],
                 on_tensor=tick,
                 metadata=provenance(),
                 encoder=encoder,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from surgeon.cli.common import FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, emit, friendly
+from surgeon.cli.common import FORCE_OPTION, FROM_OPTION, INPUT, JSON_OPTION, OutputPath, emit, friendly
 from surgeon.errors import SurgeonError
 from surgeon.formats import FORMATS, writers
 
@@ -32,7 +32,7 @@ def _render(report: dict) -> str:
     "-o",
     "--output",
     required=True,
-    type=click.Path(path_type=Path),
+    type=OutputPath(),
     help="Output file (gguf, ort, kohya, diffusers) or directory (peft, mlx, sparse); written atomically.",
 )
 @click.option(

@@ -16,6 +16,7 @@ from surgeon.cli.common import (
     FROM_OPTION,
     INPUT,
     JSON_OPTION,
+    OutputPath,
     Progress,
     emit,
     friendly,
@@ -75,7 +76,7 @@ def _text(report) -> str:
     "-o",
     "--output",
     required=True,
-    type=click.Path(path_type=Path),
+    type=OutputPath(),  # a file, or the folder of a task of several graphs
     help="The .onnx file to write; weights over 2 GB go to OUTPUT.data beside it. For text2text-generation and "
     "automatic-speech-recognition, a folder: encoder_model.onnx, decoder_model.onnx and the model's config.",
 )
@@ -85,7 +86,8 @@ def _text(report) -> str:
     multiple=True,
     type=INPUT,
     help="Merge this adapter into CHECKPOINT first (repeat for several; applied in order); a PEFT "
-    "prefix-tuning adapter is traced into the graph with the model instead.",
+    "prefix-tuning adapter, or an AdapterHub bottleneck or prefix-tuning adapter, is traced into the graph with the "
+    "model instead.",
 )
 @weight_option("Scale for each --adapter, in order (default 1).")
 @click.option(

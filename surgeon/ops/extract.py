@@ -212,14 +212,28 @@ def _types_from_model(checkpoint: Checkpoint) -> tuple[dict[str, str], set[str],
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_names = {n + ".weight" for n, m in model.named_modules() if output is not None and m is output}
     types, embeddings = {}, set()
+    containers = _containers(model)
     for key in checkpoint.keys():
         name = names.first_name(key)
         dims = len(checkpoint.info(key).shape)
-        types[key] = by_module.get(name) or ("conv" if dims >= 3 else "linear" if dims == 2 else "other")
+        fallback = "conv" if dims >= 3 else "linear" if dims == 2 else "other"
+        types[key] = by_module.get(name) or ("parameter" if name.rpartition(".")[0] in containers else fallback)
         if types[key] == "embedding" or name in output_names:
             embeddings.add(key)
     tied_keys = {key for key in checkpoint.keys() if names.first_name(key) in names.tied}
     return types, embeddings, tied_keys, f"read from {names.model_class} (transformers)"
+
+
+def _containers(model: torch.nn.Module) -> set[str]:
+    """Modules that hold bare parameters beside child modules with parameters of their own (ViT's
+    embeddings: ``cls_token`` and ``position_embeddings`` beside the patch projection). No LoRA can
+    sit on such a parameter; PEFT keeps it only by copying its module whole (modules_to_save)."""
+    return {
+        name
+        for name, module in model.named_modules()
+        if any(True for _ in module.parameters(recurse=False))
+        and any(any(True for _ in child.parameters()) for child in module.children())
+    }
 
 
 def _pairs(
@@ -473,8 +487,15 @@ def _changed_tensor(
     whole = None
     if not _matches(key, options):
         row.reason = "excluded by --include/--exclude"
+    elif "." not in key:
+        row.reason = "a parameter of the model itself, which PEFT cannot keep whole (modules_to_save)"
     elif len(shape) <= 1:
         whole = options.keep_changed_1d or "1-D (norm or bias), left out by --skip-changed-1d"
+    elif module_type == "parameter":
+        whole = (
+            options.keep_changed_1d
+            or "a bare parameter (cls_token, position embeddings), left out by --skip-changed-1d"
+        )
     elif embedding and _embedding_mode(embedding, options) != "lora":
         left_out = _EMBEDDING_LEFT_OUT[embedding if options.embeddings == "auto" else "embedding"]  # or by choice
         whole = _embedding_mode(embedding, options) == "full" or left_out
@@ -503,15 +524,28 @@ def _changed_tensor(
     return outcome
 
 
-def _complete_whole_modules(lora: Adapter, base: Checkpoint, keys: list[str]) -> None:
-    """A module kept whole (a changed norm's weight) is loaded by PEFT's modules_to_save with all its
-    parameters, and refused (KeyError) when one is missing: its others go along at the base's value
-    (unchanged, or left out by choice)."""
+def _complete_whole_modules(result: Extraction, base: Checkpoint, tuned: Checkpoint, keys: list[str]) -> None:
+    """A module kept whole (a changed norm's weight, a container's cls_token) is loaded by PEFT's
+    modules_to_save with all its parameters, its children's included, and refused (KeyError) when one
+    is missing: the others go along at the base's value, and a child's LoRA (and sparse residual)
+    becomes the child's tuned weight, since PEFT would not apply a LoRA inside a module it copies whole."""
+    lora = result.lora
     whole = {k.rpartition(".")[0] for k, deltas in lora.items() if all(d.replaces for d in deltas)}
     whole -= {k.rpartition(".")[0] for k, deltas in lora.items() if not all(d.replaces for d in deltas)}
+    rows = {row.key: row for row in result.rows}
     for key in keys:
-        if key.rpartition(".")[0] in whole and key not in lora.deltas:
+        owner = next((m for m in whole if key.startswith(m + ".")), None)
+        if owner is None:
+            continue
+        if key not in lora.deltas:
             lora.add(key, Replace(base.get(key)), "other")
+        elif not all(d.replaces for d in lora.deltas[key]):
+            lora.deltas[key], lora.module_types[key] = [Replace(tuned.get(key))], "other"
+            result.sparse.deltas.pop(key, None)
+            result.sparse.module_types.pop(key, None)
+            rows[key].action, rows[key].rank, rows[key].sparse_entries = "replace", 0, 0
+            rows[key].params = math.prod(tuned.info(key).shape)
+            rows[key].reason = f"inside {owner}, which PEFT copies whole (modules_to_save) for a parameter it holds"
 
 
 def parallelism(device: torch.device) -> tuple[int, int]:
@@ -613,7 +647,7 @@ def extract(
             for d in deltas:
                 sparse.add(key, d, "other")
         lora.deltas.clear()
-    _complete_whole_modules(lora, base, keys)
+    _complete_whole_modules(result, base, tuned, keys)
     if not len(lora) and not len(sparse):
         first = result.rows[0]
         raise SurgeonError(

@@ -25,7 +25,7 @@ from surgeon.errors import SurgeonError
 from surgeon.keys import bind_to_base, check_shapes, embedding_name
 from surgeon.model_names import tied_heads
 from surgeon.ops.apply import apply_deltas, remove_deltas, unmerge_refusal
-from surgeon.pairing import paired_keys
+from surgeon.pairing import paired_keys, with_implied_heads
 from surgeon.quantized import dequantized_dtype
 
 if TYPE_CHECKING:
@@ -306,7 +306,7 @@ def _nonfinite_cause(
 ) -> str:
     """Why the tensor about to be written as ``key`` holds NaN or Inf: the base already did, the
     fp32 arithmetic overflowed, or the cast to a narrower ``dtype`` did."""
-    anyway = "merge and unmerge write it anyway with --allow-nonfinite"
+    anyway = "merge, unmerge and compose --base write it anyway with --allow-nonfinite"
     if not all_finite(original):
         return f"{base.path}: {key!r} already holds NaN or Inf; fix the checkpoint ({anyway})."
     if work is not None and not all_finite(work):
@@ -365,6 +365,7 @@ def merge(
     untied = {head: key for key, head in tied.items()} if untie else None
     report = transform_checkpoint(base, plan, out, allow_nonfinite=allow_nonfinite, untied=untied, **options)
     report.notes += [] if untie else [_tied_note(key, head) for key, head in tied.items()]
+    report.notes += [note for adapter in bound for note in adapter.notes]
     return report
 
 
@@ -395,7 +396,8 @@ def unmerge(
         if reason:
             raise SurgeonError(f"cannot unmerge: {reason}.")
     if check is not None:
-        check_comparable(_Planned(merged.path, planned_outputs(merged, plan, undo=True)), check)
+        planned = _Planned(merged.path, planned_outputs(merged, plan, undo=True))
+        check_comparable(planned, with_implied_heads(check, planned))
     return transform_checkpoint(merged, plan, out, undo=True, allow_nonfinite=allow_nonfinite, **options)
 
 
@@ -416,6 +418,7 @@ def check_comparable(a: Checkpoint | _Planned, b: Checkpoint) -> list[str]:
 def compare(a: Checkpoint, b: Checkpoint) -> list[Difference]:
     """Per-tensor max absolute and relative Frobenius difference of two checkpoints of one model
     (non-float tensors that only one holds are left out, see :mod:`surgeon.pairing`)."""
+    b = with_implied_heads(b, a)
     keys = check_comparable(a, b)
     found = []
     for key in keys:

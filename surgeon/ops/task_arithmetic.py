@@ -54,7 +54,7 @@ class _MergedDeltas(Mapping):
             raise KeyError(key)
         device = self.options.device
         base = self.base.get(key).to(device=device, dtype=torch.float32)
-        deltas = [t.get(key).to(device=device, dtype=torch.float32) - base for t in self.tuned]
+        deltas = [_difference(t.get(key).to(device=device, dtype=torch.float32), base) for t in self.tuned]
         del base
         if not any(bool(d.any()) for d in deltas):
             return []
@@ -63,6 +63,11 @@ class _MergedDeltas(Mapping):
         else:
             merged = combine_dense(deltas, self.weights, self.options, key_generator(self.options.seed, key))
         return [(Dense(merged), 1.0)]
+
+
+def _difference(tuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """T − B, zero wherever the two are equal: an infinity both hold (a -inf mask buffer) is unchanged, not NaN."""
+    return torch.where(tuned == base, 0.0, tuned - base)
 
 
 def task_arithmetic(
