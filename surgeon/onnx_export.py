@@ -52,25 +52,6 @@ def require_extra(exporter: str) -> None:
         raise SurgeonError(missing_extra("onnx", missing, "export-onnx"))
 
 
-def choose_task(source: Path, config: dict, task: str | None) -> str:
-    """``task``, or the one the model's architecture names; one sentence, before any model is built,
-    where no task builds this model's inputs (other models failed deep inside the exporters)."""
-    fitting = onnx_tasks.fitting(config)
-    if task is None and fitting:
-        return fitting[0]
-    if task in fitting:
-        return task
-    if fitting:
-        raise SurgeonError(
-            f"{source}: {onnx_tasks.described(config)} cannot be exported as {task}; choose task "
-            f"{' or '.join(fitting)}."
-        )
-    raise SurgeonError(
-        f"{source}: is {onnx_tasks.described(config)}, whose inputs no export-onnx task builds; export-onnx "
-        f"exports {onnx_tasks.summary()}."
-    )
-
-
 class _Head(torch.nn.Module):
     """The model without KV cache, with its task: what the exporters trace, graph by graph, and what
     verification runs whole (its forward pass returns the outputs the graphs are compared on)."""
@@ -236,11 +217,6 @@ def _legacy(module, graph, example: tuple, dest: Path, opset: int | None, extern
     shutil.rmtree(scratch)
 
 
-def graph_path(staged: Path, graph: onnx_tasks.Graph) -> Path:
-    """Where a graph is written: the output itself, or its file in the output folder."""
-    return staged / graph.file if graph.file else staged
-
-
 def _failure(exporter: str, error: Exception) -> str:
     return (
         f"the {exporter} exporter failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
@@ -253,7 +229,9 @@ def export_graph(head: _Head, config: dict, dest: Path, exporter: str, opset: in
     the legacy one as a fallback for a graph where dynamo fails."""
     example = onnx_tasks.sample(head.task, config, *EXPORT_SHAPE, padded=None, seed=0)
     used = [
-        _export_one(module, graph, args, graph_path(dest, graph), exporter, opset, external, head.task, config)
+        _export_one(
+            module, graph, args, onnx_tasks.graph_path(dest, graph), exporter, opset, external, head.task, config
+        )
         for graph, module, args in onnx_tasks.traced(head.task, head.model, example)
     ]
     return ", ".join(dict.fromkeys(used))
@@ -309,27 +287,6 @@ class Verification:
     passed: bool = False
 
 
-def _sessions(graph: Path, task) -> list:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 4  # its notices, and errors that surgeon reports in one sentence itself
-    paths = [graph_path(graph, g) for g in task.graphs]
-    return [onnxruntime.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
-
-
-def _run(graph: Path, task, sessions: list, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The graphs' outputs in onnxruntime; a graph that fails to run is a wrong export, said in one sentence."""
-    try:
-        return onnx_tasks.run_sessions(task, sessions, feed)
-    except Exception as error:  # onnxruntime raises its own exception types, one per failure kind
-        shapes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in feed.items())
-        raise SurgeonError(
-            f"{graph}: onnxruntime fails to run the exported graph on {shapes} ({str(error).splitlines()[0]}); "
-            "the export is wrong."
-        ) from None
-
-
 def _case(feed: dict[str, torch.Tensor], batch: int) -> dict:
     """What one verification case fed: its batch, its (first) token sequence's length, the side its
     last row is padded on."""
@@ -360,14 +317,14 @@ def verify(graph: Path, head: _Head, config: dict, atol: float) -> Verification:
     import onnxruntime
 
     task = head.task
-    sessions = _sessions(graph, task)
+    sessions = onnx_tasks.sessions(graph, task)
     result = Verification(runtime=f"onnxruntime {onnxruntime.__version__}", atol=atol)
     worst_reference = 0.0
     for seed, (batch, sequence, padded) in enumerate(VERIFY_CASES, start=1):
         feed = onnx_tasks.sample(task, config, batch, sequence, padded, seed)
         with torch.no_grad():
             references = {name: value.float().numpy() for name, value in head(**feed).items()}
-        outputs = _run(graph, task, sessions, {name: value.numpy() for name, value in feed.items()})
+        outputs = onnx_tasks.run(graph, task, sessions, {name: value.numpy() for name, value in feed.items()})
         mask = feed["attention_mask"].numpy().astype(bool) if task.masked else None
         difference = 0.0
         for name, reference in references.items():
@@ -517,7 +474,7 @@ def export(
 
 
 def resolve_task(source: Path, output: Path, task: str | None) -> str:
-    """The task ``source`` is exported as (see :func:`choose_task`), checked against ``output``: a task
+    """The task ``source`` is exported as (see :func:`surgeon.onnx_tasks.choose`), checked against ``output``: a task
     of several graphs writes a folder of them."""
     from surgeon.checkpoint_files import model_config
 
@@ -527,7 +484,7 @@ def resolve_task(source: Path, output: Path, task: str | None) -> str:
             f"{source}: no config.json; export-onnx needs a transformers checkpoint directory (config.json beside the "
             "weights)."
         )
-    task = choose_task(source, config, task)
+    task = onnx_tasks.choose(source, config, task)
     files = [graph.file for graph in TASKS[task].graphs if graph.file]
     if files and Path(output).suffix == ".onnx":
         raise SurgeonError(
@@ -571,7 +528,7 @@ def _export_in(
     started = time.perf_counter()
     report.exporter = export_graph(head, full_config, staged, exporter, opset, report.external_data)
     report.export_seconds = round(time.perf_counter() - started, 3)
-    report.opset = max(check_graph(graph_path(staged, graph)) for graph in head.task.graphs)
+    report.opset = max(check_graph(onnx_tasks.graph_path(staged, graph)) for graph in head.task.graphs)
     if check:
         result = verify(staged, head, full_config, atol)
         report.verification, report.verified = asdict(result), result.passed

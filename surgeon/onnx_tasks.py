@@ -20,10 +20,13 @@ source positions).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from surgeon.errors import SurgeonError
 
 
 def _call_model(model: torch.nn.Module, **inputs: torch.Tensor):
@@ -165,7 +168,7 @@ class Task:
     inputs: Callable[..., dict]
     graphs: tuple[Graph, ...]
     compared: tuple[str, ...]
-    axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    axes: dict[str, dict[int, str]]
     masked: bool = False
     needs: tuple[str, ...] = ()  # config fields the inputs are built from
 
@@ -181,9 +184,9 @@ def _text_task(name: str, auto_class: str, output: str) -> Task:
     return Task(name, auto_class, "text", _tokens, (graph,), (output,), axes, masked=True)
 
 
-def _image_task(name: str, auto_class: str, output: str, axes: dict[int, str]) -> Task:
+def _image_task(name: str, auto_class: str, output: str) -> Task:
     graph = _one(("pixel_values",), (output,))
-    values = {"pixel_values": {0: "batch"}, output: axes}
+    values = {"pixel_values": {0: "batch"}, output: {0: "batch"}}
     return Task(name, auto_class, "image", image_inputs, (graph,), (output,), values, needs=("image_size",))
 
 
@@ -206,8 +209,8 @@ TASKS = {
         _text_task("masked-lm", "AutoModelForMaskedLM", "logits"),
         _text_task("sequence-classification", "AutoModelForSequenceClassification", "logits"),
         _text_task("feature-extraction", "AutoModel", "last_hidden_state"),
-        _image_task("image-classification", "AutoModelForImageClassification", "logits", {0: "batch"}),
-        _image_task("image-feature-extraction", "AutoModel", "last_hidden_state", {0: "batch"}),
+        _image_task("image-classification", "AutoModelForImageClassification", "logits"),
+        _image_task("image-feature-extraction", "AutoModel", "last_hidden_state"),
         Task(
             "zero-shot-image-classification",
             "AutoModelForZeroShotImageClassification",
@@ -316,6 +319,23 @@ def summary() -> str:
     return "; ".join(f"{', '.join(names)} ({_MODALITIES[kind][1]})" for kind, names in groups.items())
 
 
+def choose(source: Path, config: dict, task: str | None) -> str:
+    """``task``, or the one the model's architecture names; one sentence, before any model is built,
+    where no task builds this model's inputs (other models failed deep inside the exporters)."""
+    found = fitting(config)
+    if task is None and found:
+        return found[0]
+    if task in found:
+        return task
+    if found:
+        raise SurgeonError(
+            f"{source}: {described(config)} cannot be exported as {task}; choose task {' or '.join(found)}."
+        )
+    raise SurgeonError(
+        f"{source}: is {described(config)}, whose inputs no export-onnx task builds; export-onnx exports {summary()}."
+    )
+
+
 # --- running the graphs -------------------------------------------------------------------------
 
 
@@ -344,14 +364,37 @@ def traced(task: Task, model: torch.nn.Module, feed: dict) -> Iterator[tuple[Gra
             values.update(zip(graph.outputs, module(*args)))
 
 
-def run_sessions(task: Task, sessions: list, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def graph_path(output: Path, graph: Graph) -> Path:
+    """Where a graph is written: the output itself, or its file in the output folder."""
+    return output / graph.file if graph.file else output
+
+
+def sessions(output: Path, task: Task) -> list:
+    """An onnxruntime session per graph, on CPU."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4  # its notices, and errors that surgeon reports in one sentence itself
+    paths = [graph_path(output, graph) for graph in task.graphs]
+    return [onnxruntime.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+
+
+def run(output: Path, task: Task, opened: list, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run the graphs in onnxruntime in order, each fed the task's inputs and earlier graphs' outputs
-    (only the inputs the exporter kept: an unused one may be dropped)."""
+    (only the inputs the exporter kept: an unused one may be dropped). A graph that fails to run is a
+    wrong export, said in one sentence."""
     values = dict(feed)
-    for graph, session in zip(task.graphs, sessions):
-        kept = {i.name for i in session.get_inputs()}
-        fed = {name: values[source] for name, _, source in graph.inputs if name in kept}
-        values.update(zip(graph.outputs, session.run(list(graph.outputs), fed)))
+    try:
+        for graph, session in zip(task.graphs, opened):
+            kept = {i.name for i in session.get_inputs()}
+            fed = {name: values[source] for name, _, source in graph.inputs if name in kept}
+            values.update(zip(graph.outputs, session.run(list(graph.outputs), fed)))
+    except Exception as error:  # onnxruntime raises its own exception types, one per failure kind
+        shapes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in feed.items())
+        raise SurgeonError(
+            f"{output}: onnxruntime fails to run the exported graph on {shapes} ({str(error).splitlines()[0]}); "
+            "the export is wrong."
+        ) from None
     return values
 
 
