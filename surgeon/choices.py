@@ -12,11 +12,16 @@ RESULT_KINDS = ("lora", "sparse", "dense")
 EMBEDDING_CHOICES = ("auto", "skip", "lora", "full")
 #: extract: the SVD methods.
 SVD_METHODS = ("auto", "exact", "gram", "randomized")
-#: export-onnx: task -> (transformers auto class, the output the graph returns).
-EXPORT_TASKS = {
-    "causal-lm": ("AutoModelForCausalLM", "logits"),
-    "masked-lm": ("AutoModelForMaskedLM", "logits"),
-    "sequence-classification": ("AutoModelForSequenceClassification", "logits"),
-    "feature-extraction": ("AutoModel", "last_hidden_state"),
-}
+#: export-onnx: the tasks (their graphs and inputs: surgeon.onnx_tasks); those beyond text named as optimum names them.
+EXPORT_TASKS = (
+    "causal-lm",
+    "masked-lm",
+    "sequence-classification",
+    "feature-extraction",
+    "image-classification",
+    "image-feature-extraction",
+    "zero-shot-image-classification",
+    "text2text-generation",
+    "automatic-speech-recognition",
+)
 EXPORTERS = ("auto", "dynamo", "legacy")

@@ -5,12 +5,14 @@ legacy TorchScript exporter did so on BERT under transformers 5), so the export 
 until onnxruntime and torch agree on the same inputs: batch and sequence of at least 2 (torch.export
 specialises dimensions of size 0 and 1), one padded row per input, compared at unmasked positions
 only (what a graph computes for padding is not defined). The architecture comes from the
-checkpoint's own config.json, read by transformers; nothing is fetched.
+checkpoint's own config.json, read by transformers; nothing is fetched. What each task exports (its
+graphs, their inputs, the outputs compared) is in :mod:`surgeon.onnx_tasks`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import importlib.util
 import json
 import logging
@@ -26,20 +28,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from surgeon.choices import EXPORT_TASKS as TASKS
+from surgeon import onnx_tasks
 from surgeon.choices import EXPORTERS as EXPORTERS  # noqa: F401 (re-exported: export's own choices)
 from surgeon.errors import NotWeightDeltas, SurgeonError, missing_extra
+from surgeon.onnx_tasks import TASKS
 
 if TYPE_CHECKING:
     from surgeon.delta import Adapter
 
-_TASK_BY_SUFFIX = (
-    ("ForCausalLM", "causal-lm"),
-    ("LMHeadModel", "causal-lm"),
-    ("ForMaskedLM", "masked-lm"),
-    ("ForSequenceClassification", "sequence-classification"),
-)
-INPUT_NAMES = ("input_ids", "attention_mask")
 LEGACY_OPSET = 17
 # Protobuf cannot hold a message over 2 GiB; weights above this go to a `.data` file beside the graph.
 EXTERNAL_DATA_ABOVE = 2 * 10**9
@@ -56,50 +52,18 @@ def require_extra(exporter: str) -> None:
         raise SurgeonError(missing_extra("onnx", missing, "export-onnx"))
 
 
-# config.json fields that mark a model whose forward takes more than token ids and a mask, or whose
-# experts no exporter traces here, with what to say about it.
-_UNEXPORTABLE = (
-    ("is_encoder_decoder", "an encoder-decoder model (T5, BART, Whisper, ...), whose graphs need decoder inputs too"),
-    ("vision_config", "a model with a vision tower (CLIP, LLaVA, ...), whose graphs take images"),
-    ("image_size", "a vision model, whose graphs take images"),
-    ("num_mel_bins", "a speech model, whose graphs take audio features"),
-    ("num_local_experts", "a mixture of experts, whose expert routing neither exporter traces here"),
-    ("num_experts", "a mixture of experts, whose expert routing neither exporter traces here"),
-)
-
-
-def refuse_unexportable(source: Path, config: dict) -> None:
-    """One sentence, before any model is built, for what export-onnx cannot export yet: it feeds
-    ``input_ids`` and ``attention_mask`` alone, and other models failed deep inside the exporters."""
-    sections = [config, config.get("text_config") or {}]
-    reason = next((why for field, why in _UNEXPORTABLE if any(s.get(field) for s in sections)), None)
-    if reason is not None:
-        raise SurgeonError(
-            f"{source}: is {reason}; export-onnx exports text models that take token ids and an attention mask "
-            f"(tasks {', '.join(TASKS)})."
-        )
-
-
-def default_task(config: dict) -> str:
-    """causal LM -> logits, masked LM and classifiers -> logits, anything else -> last hidden state."""
-    for architecture in config.get("architectures") or []:
-        for suffix, task in _TASK_BY_SUFFIX:
-            if architecture.endswith(suffix):
-                return task
-    return "feature-extraction"
-
-
 class _Head(torch.nn.Module):
-    """The model as a function of (input_ids, attention_mask) returning one tensor, without KV cache:
-    what an exporter can trace and what verification compares."""
+    """The model without KV cache, with its task: what the exporters trace, graph by graph, and what
+    verification runs whole (its forward pass returns the outputs the graphs are compared on)."""
 
-    def __init__(self, model: torch.nn.Module, output: str):
+    def __init__(self, model: torch.nn.Module, task: str):
         super().__init__()
         self.model = model
-        self.output = output
+        self.task = TASKS[task]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)[self.output]
+    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(**inputs, return_dict=True)
+        return {name: out[name] for name in self.task.compared}
 
 
 def split_adapters(
@@ -159,79 +123,83 @@ def _with_prefix(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
     return attached
 
 
+# transformers' experts implementation that both exporters trace: each token's top-k experts gathered and
+# applied in one batched matmul, whatever the routing (its default, grouped_mm, has no ONNX function under
+# dynamo and needs aten::histc under legacy; the eager loop's routing is data-dependent, which tracing
+# bakes in). The gather copies each selected expert's weights per token: memory grows with the sequence.
+EXPERTS = "batched_mm"
+
+
+def refuse_untraceable_experts(directory: Path, model) -> None:
+    """One sentence for a mixture of experts whose experts ignore ``EXPERTS``: their eager loop would
+    be traced for one routing only."""
+    sections = [model.config.to_dict(), model.config.to_dict().get("text_config") or {}]
+    experts = any(s.get(key) for s in sections for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+    if experts and not model._can_set_experts_implementation():
+        raise SurgeonError(
+            f"{directory}: {type(model).__name__}'s experts do not take transformers' {EXPERTS} experts "
+            "implementation, and their routing loop cannot be traced for every input; export-onnx exports mixtures "
+            "of experts whose experts do (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ...)."
+        )
+
+
 def load_head(directory: Path, task: str, prefix: Path | None = None) -> tuple[_Head, dict]:
     """The checkpoint in fp32 on CPU (with ``prefix`` attached), as the export and verification see
     it, and its config."""
     import transformers
 
-    class_name, output = TASKS[task]
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-        model = getattr(transformers, class_name).from_pretrained(
-            directory, config=config, dtype=torch.float32, local_files_only=True
+        model = getattr(transformers, TASKS[task].auto_class).from_pretrained(
+            directory, config=config, dtype=torch.float32, local_files_only=True, experts_implementation=EXPERTS
         )
     except (OSError, ValueError, KeyError) as error:
         raise SurgeonError(
             f"{directory}: transformers cannot build a {task} model from its config.json "
             f"({str(error).splitlines()[0]}); pass --task, or check the checkpoint."
         ) from None
+    refuse_untraceable_experts(directory, model)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    return _Head(_with_prefix(model, prefix) if prefix else model, output).eval(), config.to_dict()
+    return _Head(_with_prefix(model, prefix) if prefix else model, task).eval(), config.to_dict()
 
 
-def _limits(config: dict) -> tuple[int, int | None]:
-    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 2
-    positions = config.get("max_position_embeddings") or config.get("n_positions")
-    return int(vocab), int(positions) if positions else None
+def _dynamo(module, graph, example: tuple, dest: Path, opset: int | None, external: bool, task, config: dict) -> None:
+    dims: dict[str, torch.export.Dim] = {}
 
+    def dim(name: str) -> torch.export.Dim:
+        limit = onnx_tasks.dimension_limit(config, name)
+        return dims.setdefault(name, torch.export.Dim(name, min=1, **({"max": limit} if limit else {})))
 
-def sample_inputs(config: dict, batch: int, sequence: int, padded: str | None, seed: int) -> dict[str, torch.Tensor]:
-    """Random token ids and an attention mask; the last row padded (half its length) on ``padded``'s side."""
-    vocab, positions = _limits(config)
-    sequence = min(sequence, positions) if positions else sequence
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, sequence), generator=generator)
-    mask = torch.ones_like(ids)
-    if padded == "right":
-        mask[-1, sequence // 2 :] = 0
-    elif padded == "left":
-        mask[-1, : sequence // 2] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _dynamo(head: _Head, example: dict, dest: Path, opset: int | None, external: bool, config: dict) -> None:
-    _, positions = _limits(config)
-    batch = torch.export.Dim("batch", min=1)
-    sequence = torch.export.Dim("sequence", min=1, max=positions) if positions else torch.export.Dim("sequence", min=1)
-    axes = {0: batch, 1: sequence}
+    shapes = tuple(
+        {axis: dim(name) for axis, name in task.axes.get(source, {}).items()} for _, _, source in graph.inputs
+    )
     program = torch.onnx.export(
-        head,
-        (),
-        kwargs=example,
+        module,
+        example,
         dynamo=True,
         verbose=False,
         opset_version=opset,
-        input_names=list(INPUT_NAMES),
-        output_names=[head.output],
-        dynamic_shapes={name: axes for name in INPUT_NAMES},
+        input_names=[name for name, _, _ in graph.inputs],
+        output_names=list(graph.outputs),
+        dynamic_shapes=(shapes,),  # one entry: the graph module takes its inputs as *args
     )
     program.save(str(dest), external_data=external)
 
 
-def _legacy(head: _Head, example: dict, dest: Path, opset: int | None, external: bool) -> None:
-    axes = {0: "batch", 1: "sequence"}
+def _legacy(module, graph, example: tuple, dest: Path, opset: int | None, external: bool, task) -> None:
     scratch = dest.parent / "legacy"
     scratch.mkdir()
+    values = [(name, source) for name, _, source in graph.inputs] + [(name, name) for name in graph.outputs]
     torch.onnx.export(
-        head,
-        tuple(example[name] for name in INPUT_NAMES),
+        module,
+        example,
         str(scratch / dest.name),
         dynamo=False,
         opset_version=opset or LEGACY_OPSET,
-        input_names=list(INPUT_NAMES),
-        output_names=[head.output],
-        dynamic_axes={**{name: axes for name in INPUT_NAMES}, head.output: axes},
+        input_names=[name for name, _, _ in graph.inputs],
+        output_names=list(graph.outputs),
+        dynamic_axes={name: task.axes[source] for name, source in values if source in task.axes},
     )
     if external:  # the legacy exporter spills large weights one file per tensor; gather them in one
         import onnx
@@ -249,24 +217,38 @@ def _legacy(head: _Head, example: dict, dest: Path, opset: int | None, external:
     shutil.rmtree(scratch)
 
 
+def _failure(exporter: str, error: Exception) -> str:
+    return (
+        f"the {exporter} exporter failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    )
+
+
 def export_graph(head: _Head, config: dict, dest: Path, exporter: str, opset: int | None, external: bool) -> str:
-    """Write the graph to ``dest`` (and ``dest.data`` with ``external``); return the exporter used.
-    ``auto`` is the dynamo exporter, with the legacy one as a fallback when dynamo fails."""
-    example = sample_inputs(config, *EXPORT_SHAPE, padded=None, seed=0)
+    """Write the task's graphs to ``dest`` (a folder of them where there are several), with their
+    ``.data`` files when ``external``; return the exporters used. ``auto`` is the dynamo exporter, with
+    the legacy one as a fallback for a graph where dynamo fails."""
+    example = onnx_tasks.sample(head.task, config, *EXPORT_SHAPE, padded=None, seed=0)
+    used = [
+        _export_one(
+            module, graph, args, onnx_tasks.graph_path(dest, graph), exporter, opset, external, head.task, config
+        )
+        for graph, module, args in onnx_tasks.traced(head.task, head.model, example)
+    ]
+    return ", ".join(dict.fromkeys(used))
+
+
+def _export_one(module, graph, example, dest: Path, exporter: str, opset, external: bool, task, config) -> str:
     # Exporters print progress and warn freely; stdout stays clean for --json, and verification,
     # not the exporter's warnings, decides whether the graph is right.
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter in ("auto", "dynamo"):
             try:
-                _dynamo(head, example, dest, opset, external, config)
+                _dynamo(module, graph, example, dest, opset, external, task, config)
                 return "dynamo"
             except Exception as error:  # any exporter failure: report it, or fall back when allowed
                 if exporter == "dynamo":
-                    raise SurgeonError(
-                        f"the dynamo exporter failed ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}); try --exporter legacy."
-                    ) from None
+                    raise SurgeonError(f"{_failure('dynamo', error)}; try --exporter legacy.") from None
                 print(
                     f"surgeon: the dynamo exporter failed ({type(error).__name__}); falling back to the legacy "
                     "exporter.",
@@ -274,7 +256,11 @@ def export_graph(head: _Head, config: dict, dest: Path, exporter: str, opset: in
                 )
                 for leftover in (dest, dest.with_name(dest.name + ".data")):
                     leftover.unlink(missing_ok=True)
-        _legacy(head, example, dest, opset, external)
+        try:
+            _legacy(module, graph, example, dest, opset, external, task)
+        except Exception as error:  # any exporter failure: one sentence, never a traceback
+            hint = "try --exporter dynamo" if exporter == "legacy" else "the dynamo exporter failed too"
+            raise SurgeonError(f"{_failure('legacy', error)}; {hint}.") from None
         return "legacy"
 
 
@@ -301,37 +287,53 @@ class Verification:
     passed: bool = False
 
 
+def _case(feed: dict[str, torch.Tensor], batch: int) -> dict:
+    """What one verification case fed: its batch, its (first) token sequence's length, the side its
+    last row is padded on."""
+    sequence = next((feed[k].shape[1] for k in ("input_ids", "decoder_input_ids") if k in feed), None)
+    last = feed["attention_mask"][-1] if "attention_mask" in feed else torch.ones(1)
+    padded = "left" if last[0] == 0 else "right" if last[-1] == 0 else None
+    return {"batch": batch, "sequence": sequence, "padded_row": padded}
+
+
+def _compare(graph: Path, name: str, reference: np.ndarray, got: np.ndarray, mask) -> tuple[float, float, int]:
+    """The largest difference between one output in torch and in onnxruntime (at ``mask``'s positions
+    where given), the reference's largest magnitude, and how many values were compared."""
+    if got.shape != reference.shape:
+        raise SurgeonError(
+            f"{graph}: onnxruntime returned {name} of shape {got.shape} where torch gives {reference.shape}; "
+            "the export is wrong."
+        )
+    if mask is not None:
+        reference, got = reference[mask], got[mask]
+    if not reference.size:
+        return 0.0, 0.0, 0
+    return float(np.abs(reference.astype(np.float64) - got).max()), float(np.abs(reference).max()), reference.size
+
+
 def verify(graph: Path, head: _Head, config: dict, atol: float) -> Verification:
-    """Run ``graph`` in onnxruntime and ``head`` in torch on the same inputs; compare unmasked positions."""
+    """Run ``graph`` (the task's graphs, in order) in onnxruntime and ``head`` in torch on the same
+    inputs; compare the task's outputs, at unmasked positions only where the task is masked."""
     import onnxruntime
 
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # initializer-as-input and similar notices are not the user's concern
-    session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    wanted = [i.name for i in session.get_inputs()]
+    task = head.task
+    sessions = onnx_tasks.sessions(graph, task)
     result = Verification(runtime=f"onnxruntime {onnxruntime.__version__}", atol=atol)
     worst_reference = 0.0
     for seed, (batch, sequence, padded) in enumerate(VERIFY_CASES, start=1):
-        feed = sample_inputs(config, batch, sequence, padded, seed)
+        feed = onnx_tasks.sample(task, config, batch, sequence, padded, seed)
         with torch.no_grad():
-            reference = head(**feed).float().numpy()
-        got = session.run(None, {name: feed[name].numpy() for name in wanted})[0]
-        if got.shape != reference.shape:
-            raise SurgeonError(
-                f"{graph}: onnxruntime returned shape {got.shape} where torch gives {reference.shape} for inputs "
-                f"{tuple(feed['input_ids'].shape)}; the export is wrong."
-            )
-        mask = feed["attention_mask"].numpy().astype(bool)
-        if reference.ndim >= 2 and reference.shape[:2] == mask.shape:
-            reference, got = reference[mask], got[mask]
-        difference = float(np.abs(reference.astype(np.float64) - got).max()) if reference.size else 0.0
-        magnitude = float(np.abs(reference).max()) if reference.size else 0.0
-        result.cases.append(
-            {"batch": batch, "sequence": feed["input_ids"].shape[1], "padded_row": padded, "max_abs_diff": difference}
-        )
+            references = {name: value.float().numpy() for name, value in head(**feed).items()}
+        outputs = onnx_tasks.run(graph, task, sessions, {name: value.numpy() for name, value in feed.items()})
+        mask = feed["attention_mask"].numpy().astype(bool) if task.masked else None
+        difference = 0.0
+        for name, reference in references.items():
+            gap, magnitude, count = _compare(graph, name, reference, outputs[name], mask)
+            difference = gap if np.isnan(gap) else max(difference, gap)  # max() would drop a NaN
+            worst_reference = max(worst_reference, magnitude)
+            result.compared_values += count
+        result.cases.append({**_case(feed, batch), "max_abs_diff": difference})
         result.max_abs_diff = difference if np.isnan(difference) else max(result.max_abs_diff, difference)
-        worst_reference = max(worst_reference, magnitude)
-        result.compared_values += int(reference.size)
     result.max_relative_diff = result.max_abs_diff / worst_reference if worst_reference else result.max_abs_diff
     result.passed = bool(result.max_abs_diff <= atol)
     return result
@@ -365,6 +367,28 @@ def finish(staged: Path, final: Path, metadata: dict[str, str]) -> list[Path]:
     for path in (final, *moved):
         os.chmod(path, 0o644)  # files made inside the private staging directory are private
     return [final, *moved]
+
+
+def _companions(checkpoint) -> list[Path]:
+    """The checkpoint's config and tokenizer files, which optimum's onnxruntime classes read beside the
+    graphs of a folder (``ORTModelForSeq2SeqLM.from_pretrained(folder)``); not its card or weights."""
+    from surgeon.output import SURGEON_WRITES
+
+    kept = [pattern for pattern in SURGEON_WRITES if pattern != "README.md"]
+    return [p for p in checkpoint.extra_files() if any(fnmatch.fnmatchcase(p.name, k) for k in kept)]
+
+
+def finish_folder(staged: Path, final: Path, metadata: dict[str, str], companions: list[Path]) -> list[Path]:
+    """Record ``metadata`` in each staged graph, copy the companions beside them, and move the staged
+    folder to ``final`` (an earlier export there is replaced only once the new one is complete)."""
+    from surgeon.output import _publish
+
+    written = [path for graph in sorted(staged.glob("*.onnx")) for path in finish(graph, graph, metadata)]
+    for companion in companions:
+        shutil.copyfile(companion, staged / companion.name)
+        written.append(staged / companion.name)
+    _publish(staged, final)
+    return [final / path.relative_to(staged) for path in written]
 
 
 @dataclass
@@ -435,12 +459,39 @@ def export(
     from surgeon.output import claimed, scratch_beside
 
     require_extra(exporter)
+    task = resolve_task(source, output, task)
+    if prefix is not None and TASKS[task].modality != "text":
+        raise SurgeonError(
+            f"{prefix}: export-onnx traces an adapter that runs with the model (prefix tuning, a bottleneck) into a "
+            f"text model's graph only, not into a {task} export; merge a LoRA-like adapter instead."
+        )
     with (
         dependencies_quiet(verbose),
-        claimed(output, inputs=[source], force=force, directory=False),
+        claimed(output, inputs=[source], force=force, directory=TASKS[task].folder),
         scratch_beside(output) as staging,
     ):
         return _export_in(staging, source, output, task, opset, exporter, atol, check, provenance, adapters, prefix)
+
+
+def resolve_task(source: Path, output: Path, task: str | None) -> str:
+    """The task ``source`` is exported as (see :func:`surgeon.onnx_tasks.choose`), checked against ``output``: a task
+    of several graphs writes a folder of them."""
+    from surgeon.checkpoint_files import model_config
+
+    config = model_config(Path(source))
+    if not config:
+        raise SurgeonError(
+            f"{source}: no config.json; export-onnx needs a transformers checkpoint directory (config.json beside the "
+            "weights)."
+        )
+    task = onnx_tasks.choose(source, config, task)
+    files = [graph.file for graph in TASKS[task].graphs if graph.file]
+    if files and Path(output).suffix == ".onnx":
+        raise SurgeonError(
+            f"{output}: a {task} export is {len(files)} graphs ({', '.join(files)}) in a folder; give output a "
+            "folder, not a .onnx file."
+        )
+    return task
 
 
 def _dequantized(checkpoint, staging: Path) -> Path:
@@ -461,35 +512,34 @@ def _export_in(
 
     checkpoint = Checkpoint(source)
     config = checkpoint.config()
-    if not config:
-        raise SurgeonError(
-            f"{source}: no config.json; export-onnx needs a transformers checkpoint directory (config.json beside the "
-            "weights)."
-        )
-    refuse_unexportable(source, config)
-    task = task or default_task(config)
     report = ExportReport(
         str(source),
         str(output),
         task,
-        TASKS[task][1],
+        ", ".join(TASKS[task].compared),
         (config.get("architectures") or [None])[0],
         adapters=adapters or [],
     )
     report.external_data = checkpoint.num_params() * 4 > EXTERNAL_DATA_ABOVE  # exported in fp32
     head, full_config = load_head(_dequantized(checkpoint, staging) if checkpoint.quantized else source, task, prefix)
     staged = staging / output.name
+    if head.task.folder:
+        staged.mkdir()
     started = time.perf_counter()
     report.exporter = export_graph(head, full_config, staged, exporter, opset, report.external_data)
     report.export_seconds = round(time.perf_counter() - started, 3)
-    report.opset = check_graph(staged)
+    report.opset = max(check_graph(onnx_tasks.graph_path(staged, graph)) for graph in head.task.graphs)
     if check:
         result = verify(staged, head, full_config, atol)
         report.verification, report.verified = asdict(result), result.passed
     final = output if report.verified is not False else output.with_name(output.name + ".unverified")
     report.output = str(final)
     summary = {k: v for k, v in asdict(report).items() if k not in ("files", "bytes")}  # not known until written
-    written = finish(staged, final, {**(provenance or {}), "surgeon_report": json.dumps(summary)})
+    metadata = {**(provenance or {}), "surgeon_report": json.dumps(summary)}
+    if head.task.folder:
+        written = finish_folder(staged, final, metadata, _companions(checkpoint))
+    else:
+        written = finish(staged, final, metadata)
     report.files = [str(p) for p in written]
     report.bytes = sum(p.stat().st_size for p in written)
     return report

@@ -37,8 +37,9 @@ from surgeon.errors import SurgeonError
 # What surgeon writes into an output directory, by name, so that --force can tell its own outputs
 # from anything else: checkpoints (model*.safetensors and their index; pull's pickles and GGUF),
 # adapters (adapter_config.json, adapter_model.safetensors, mlx-lm's adapters.safetensors,
-# sparse_config.json, sparse_model.safetensors), and the config, tokenizer, template and card files
-# that merge copies from a base and pull fetches. Subfolders count when all they hold does
+# sparse_config.json, sparse_model.safetensors), ONNX graphs and their data (export-onnx's folders of
+# encoder and decoder), and the config, tokenizer, template and card files that merge copies from a
+# base and pull fetches. Subfolders count when all they hold does
 # (extract's sparse/, a pulled repository's components).
 SURGEON_WRITES = (
     "*.safetensors",
@@ -50,6 +51,8 @@ SURGEON_WRITES = (
     "*.gguf",
     "*.npz",
     "*.onnx_adapter",
+    "*.onnx",
+    "*.onnx.data",
     "*config.json",
     "special_tokens_map.json",
     "added_tokens.json",
@@ -68,7 +71,6 @@ SURGEON_WRITES = (
 SURGEON_FILES = (
     *SURGEON_WRITES,
     "*.json",
-    "*.onnx",
     "*.onnx.unverified",
     *(f"*.{image}" for image in ("png", "svg", "svgz", "pdf", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp")),
 )

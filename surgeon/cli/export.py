@@ -59,12 +59,12 @@ def _text(report) -> str:
     if check is None:
         lines.append("not verified (--no-verify)")
     else:
-        shapes = ", ".join(f"{c['batch']}x{c['sequence']}" for c in check["cases"])
+        shapes = ", ".join(f"{c['batch']}" + (f"x{c['sequence']}" if c["sequence"] else "") for c in check["cases"])
+        padded = "one padded row each; " if check["cases"][0]["padded_row"] else ""
         lines.append(
             f"{'verified' if check['passed'] else 'FAILED verification'} against torch with {check['runtime']} on "
-            "batch "
-            "x sequence "
-            f"{shapes} (one padded row each; {check['compared_values']:,} unmasked values): max abs diff "
+            f"batch{' x sequence' if check['cases'][0]['sequence'] else ''} "
+            f"{shapes} ({padded}{check['compared_values']:,} compared values): max abs diff "
             f"{check['max_abs_diff']:.3g}, max relative diff {check['max_relative_diff']:.3g} (atol {check['atol']:g})"
         )
     return "\n".join(lines)
@@ -76,8 +76,9 @@ def _text(report) -> str:
     "-o",
     "--output",
     required=True,
-    type=OutputPath(file=True),
-    help="The .onnx file to write; weights over 2 GB go to OUTPUT.data beside it.",
+    type=OutputPath(),  # a file, or the folder of a task of several graphs
+    help="The .onnx file to write; weights over 2 GB go to OUTPUT.data beside it. For text2text-generation and "
+    "automatic-speech-recognition, a folder: encoder_model.onnx, decoder_model.onnx and the model's config.",
 )
 @click.option(
     "--adapter",
@@ -93,8 +94,8 @@ def _text(report) -> str:
     "--task",
     type=click.Choice(list(TASKS)),
     default=None,
-    help="Which head to export; default from config.json's architectures (causal LM -> logits, encoder -> last hidden "
-    "state).",
+    help="What to export; default from config.json's architectures (causal LM -> logits, ViT classifier -> logits, "
+    "CLIP -> one graph of text and image, T5/BART/Whisper -> encoder and decoder graphs).",
 )
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's own; 17 for legacy).")
 @click.option(
@@ -137,12 +138,16 @@ def export_onnx(
     Examples:
       surgeon export-onnx merged/ -o merged.onnx
       surgeon export-onnx fixtures/tiny-llama --adapter fixtures/tiny-llama-lora -o merged.onnx
+      surgeon export-onnx hf://google/vit-base-patch16-224 --adapter vit-lora -o vit.onnx
+      surgeon export-onnx hf://google-t5/t5-small -o t5-onnx   (encoder_model.onnx, decoder_model.onnx)
       surgeon export-onnx hf://org/base --adapter hf://org/adapter -o model.onnx --json
     """
-    from surgeon.onnx_export import export
+    from surgeon.onnx_export import TASKS as GRAPHS
+    from surgeon.onnx_export import export, resolve_task
     from surgeon.output import check_destination, claimed, scratch_beside
 
-    check_destination(output, [checkpoint, *adapters], force, directory=False)
+    folder = GRAPHS[resolve_task(checkpoint, output, task)].folder
+    check_destination(output, [checkpoint, *adapters], force, directory=folder)
     options = dict(
         task=task,
         opset=opset,
@@ -156,7 +161,7 @@ def export_onnx(
     )
     if adapters:
         with (
-            claimed(output, inputs=[checkpoint, *adapters], force=force, directory=False),
+            claimed(output, inputs=[checkpoint, *adapters], force=force, directory=folder),
             scratch_beside(output) as scratch,
         ):
             merged, prefix = _merged_copy(checkpoint, adapters, weights, format_name, device, scratch)
