@@ -11,13 +11,15 @@ quantizer, its LUT 8-bit blockwise quantizer for double quantization's scales, a
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
 from surgeon.errors import SurgeonError
-from surgeon.quantized import QuantizedWeight, _table, dequantize
+from surgeon.quantized import STEP, QuantizedWeight, _table, dequantize, in_steps, nested_scales
 
 #: bitsandbytes quantizes double quantization's scales in blocks of this many.
 NESTED_BLOCKSIZE = 256
@@ -60,12 +62,30 @@ def _dynamic_lut() -> tuple[torch.Tensor, torch.Tensor]:
     return code, torch.searchsorted(midpoints, values, side="left").to(torch.uint8)
 
 
+_MAGNITUDE_BITS = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF)}
+
+
 def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
-    full = flat.numel() // blocksize * blocksize
-    absmax = flat[:full].view(-1, blocksize).abs().amax(dim=1)
+    """Each block's largest magnitude, in fp32. Computed on the bits: with the sign bit cleared, a
+    float's bits order as its magnitude does (Inf and NaN above every finite value), and torch's
+    integer max is several times faster than its float abs and max over short rows."""
+    int_type, mask = _MAGNITUDE_BITS[flat.element_size()]
+    bits, full = flat.view(int_type), flat.numel() // blocksize * blocksize
+    absmax = torch.empty(-(-flat.numel() // blocksize), dtype=int_type)
+
+    def make_worker() -> Callable[[int, int], None]:
+        magnitudes = torch.empty(STEP, dtype=int_type)
+
+        def work(start: int, stop: int) -> None:
+            part = torch.bitwise_and(bits[start:stop], mask, out=magnitudes[: stop - start])
+            torch.amax(part.view(-1, blocksize), dim=1, out=absmax[start // blocksize : stop // blocksize])
+
+        return work
+
+    in_steps(full, make_worker)
     if full < flat.numel():
-        absmax = torch.cat([absmax, flat[full:].abs().amax().view(1)])
-    return absmax
+        absmax[-1] = (bits[full:] & mask).amax()
+    return absmax.view(flat.dtype).float()
 
 
 def _quantize_8bit_blockwise(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,29 +93,115 @@ def _quantize_8bit_blockwise(values: torch.Tensor) -> tuple[torch.Tensor, torch.
     per-block absmax, and the code itself."""
     code, lut = _dynamic_lut()
     absmax = _blockwise_absmax(values, NESTED_BLOCKSIZE)
-    inverse = torch.where(absmax == 0, 0.0, 1.0 / absmax).repeat_interleave(NESTED_BLOCKSIZE)[: values.numel()]
-    normed = (values * inverse).clamp_(-1.0, 1.0)
-    index = ((normed + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int64)
+    blocks = -(-values.numel() // NESTED_BLOCKSIZE)
+    padded = torch.zeros(blocks * NESTED_BLOCKSIZE, dtype=torch.float32)
+    padded[: values.numel()] = values
+    inverse = torch.where(absmax == 0, 0.0, 1.0 / absmax).view(-1, 1)
+    normed = (padded.view(blocks, -1) * inverse).clamp_(-1.0, 1.0)
+    index = ((normed + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).int()
     codes = torch.where(inverse == 0, 0, lut[index]).to(torch.uint8)  # an all-zero block is code 0, not code(0)
-    return codes, absmax, code
+    return codes.view(-1)[: values.numel()], absmax, code
 
 
-def _codes_4bit(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, table: torch.Tensor) -> torch.Tensor:
-    """Each value's nearest code, scaled by its block's absmax as bitsandbytes' torch quantizer does
-    (multiplied by the reciprocal in whole blocks, divided in the short last one)."""
+@dataclass(frozen=True)
+class _Nearest:
+    """bitsandbytes' nearest 4-bit code for scaled values s (``bucketize`` on the midpoints of the
+    sorted table: the number of midpoints below s) without a search, which costs torch ~50 ns a value.
+
+    The top 16 bits of an fp32 s select an interval of values too narrow to hold two midpoints (the
+    tables are built that way and checked). ``first`` holds, per top-16-bit key, the bucket of the
+    interval's lowest value; ``bound`` the midpoint above that bucket (+inf above the last). s's
+    bucket is then first + (s > bound): exact, because bucketize is monotone in s."""
+
+    first: torch.Tensor  # int32, one per key
+    bound: torch.Tensor  # fp32, the 15 midpoints and +inf
+    values: torch.Tensor  # fp32, the table sorted: bucket → value
+    codes: torch.Tensor  # uint8, bucket → 4-bit code (the table's order)
+
+
+def _top_halves(values: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of each fp32 value, as a strided uint16 view (two halves per value)."""
+    return values.view(torch.uint16)[1::2] if sys.byteorder == "little" else values.view(torch.uint16)[::2]
+
+
+@lru_cache(maxsize=2)
+def _nearest_tables(quant_type: str) -> _Nearest:
+    table = _table(quant_type)
+    order = torch.argsort(table)  # as bitsandbytes sorts it: NF4 is sorted, FP4 is not
+    values = table[order]
+    midpoints = (values[:-1] + values[1:]) / 2
+    keys = torch.arange(1 << 16, dtype=torch.int32)
+    lowest, highest = torch.zeros(1 << 16), torch.zeros(1 << 16)
+    _top_halves(lowest).copy_(keys)
+    highest.view(torch.int32).fill_(0xFFFF)  # the bottom 16 bits all set
+    _top_halves(highest).copy_(keys)
+    lowest, highest = torch.minimum(lowest, highest), torch.maximum(lowest, highest)  # negatives run downwards
+    first = torch.bucketize(lowest, midpoints, out_int32=True)
+    span = torch.bucketize(highest, midpoints, out_int32=True) - first
+    if not bool((span[~lowest.isnan()] <= 1).all()):
+        raise AssertionError(f"two {quant_type} midpoints share a 16-bit key")
+    bound = torch.cat([midpoints, torch.tensor([float("inf")])])
+    return _Nearest(first, bound, values, order.to(torch.uint8))
+
+
+def _scaled_steps(
+    flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, emit: Callable[..., None]
+) -> None:
+    """Scale ``flat`` by its blocks' absmax as bitsandbytes' torch quantizer does (multiplied by the
+    reciprocal in whole blocks, divided in the short last one; clamped to [-1, 1]), find each value's
+    bucket (:class:`_Nearest`), and hand each piece to ``emit(start, stop, buckets, spare)`` (spare:
+    an fp32 buffer of the piece's size). Pieces run on torch's threads (:func:`in_steps`)."""
+    tables = _nearest_tables(quant_type)
     full = flat.numel() // blocksize * blocksize
-    scaled = flat[:full].view(-1, blocksize) * (1.0 / absmax[: full // blocksize].clamp(min=1e-38)).view(-1, 1)
-    scaled = scaled.clamp_(-1, 1).reshape(-1)
+    inverse = (1.0 / absmax[: full // blocksize].clamp(min=1e-38)).view(-1, 1)
+
+    def buckets(scaled: torch.Tensor, key: torch.Tensor, found: torch.Tensor, bound: torch.Tensor, above):
+        key.copy_(_top_halves(scaled))
+        torch.index_select(tables.first, 0, key, out=found)
+        torch.index_select(tables.bound, 0, found, out=bound)
+        return found.add_(torch.gt(scaled, bound, out=above))
+
+    def make_worker() -> Callable[[int, int], None]:
+        scaled, spare = torch.empty(STEP), torch.empty(STEP)
+        key, found, above = (
+            torch.empty(STEP, dtype=torch.int32),
+            torch.empty(STEP, dtype=torch.int32),
+            torch.empty(STEP, dtype=torch.bool),
+        )
+
+        def work(start: int, stop: int) -> None:
+            n, rows = stop - start, slice(start // blocksize, stop // blocksize)
+            # |value × reciprocal| exceeds 1 by an ulp at most, in the last bucket either way: no clamp needed.
+            torch.mul(flat[start:stop].view(-1, blocksize), inverse[rows], out=scaled[:n].view(-1, blocksize))
+            emit(start, stop, buckets(scaled[:n], key[:n], found[:n], spare[:n], above[:n]), spare[:n])
+
+        return work
+
+    in_steps(full, make_worker)
     if full < flat.numel():
-        scaled = torch.cat([scaled, (flat[full:] / absmax[-1].clamp(min=1e-38)).clamp_(-1, 1)])
-    if scaled.numel() % 2:  # the odd last nibble is the code of 0.0
-        scaled = torch.cat([scaled, scaled.new_zeros(1)])
-    order = torch.argsort(table)
-    sorted_table = table[order]
-    codes = torch.bucketize(scaled, (sorted_table[:-1] + sorted_table[1:]) / 2, out_int32=True).to(torch.uint8)
-    if torch.equal(order, torch.arange(16)):  # NF4's table is sorted: its codes are the buckets
-        return codes
-    return order.to(torch.uint8)[codes.long()]
+        scaled = (flat[full:].float() / absmax[-1].clamp(min=1e-38)).clamp_(-1, 1)
+        n = scaled.numel()
+        found = buckets(
+            scaled,
+            torch.empty(n, dtype=torch.int32),
+            torch.empty(n, dtype=torch.int32),
+            torch.empty(n),
+            torch.empty(n, dtype=torch.bool),
+        )
+        emit(full, flat.numel(), found, torch.empty(n))
+
+
+def _codes_4bit(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str) -> torch.Tensor:
+    """Each value's nearest code (:func:`_scaled_steps`), with the code of 0.0 for an odd last nibble."""
+    tables = _nearest_tables(quant_type)
+    codes = torch.empty(flat.numel() + flat.numel() % 2, dtype=torch.uint8)
+    codes[flat.numel() :] = tables.codes[torch.bucketize(torch.zeros(1), tables.bound)]
+
+    def emit(start: int, stop: int, buckets: torch.Tensor, spare: torch.Tensor) -> None:
+        torch.index_select(tables.codes, 0, buckets, out=codes[start:stop])
+
+    _scaled_steps(flat, absmax, blocksize, quant_type, emit)
+    return codes
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:
@@ -103,13 +209,31 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
     return ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)
 
 
+def _absmax_4bit(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """bitsandbytes' 4-bit absmax: a short last block's is clamped to 1e-38, whole blocks' are not."""
+    absmax = _blockwise_absmax(flat, blocksize)
+    if flat.numel() % blocksize:
+        absmax[-1:].clamp_(min=1e-38)
+    return absmax
+
+
+def _nested(absmax: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+    """Double quantization of the absmax: its parts by role and the state fields it adds."""
+    offset = absmax.mean()
+    codes, nested_absmax, code = _quantize_8bit_blockwise(absmax - offset)
+    parts = {"absmax": codes, "nested_absmax": nested_absmax, "nested_quant_map": code}
+    return parts, {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": offset.item()}
+
+
 def quantize_4bit(weight: torch.Tensor, scheme: Scheme) -> tuple[dict[str, torch.Tensor], dict]:
     """The parts bitsandbytes stores for ``weight`` quantized by ``scheme`` (by role: weight,
     absmax, quant_map, nested_absmax, nested_quant_map) and its quant state's JSON."""
-    table = _table(scheme.kind)
-    flat = weight.reshape(-1).float()
-    absmax = _blockwise_absmax(flat, scheme.blocksize)
-    parts = {"weight": _pack(_codes_4bit(flat, absmax, scheme.blocksize, table)), "quant_map": table}
+    flat = weight.reshape(-1)
+    absmax = _absmax_4bit(flat, scheme.blocksize)
+    parts = {
+        "weight": _pack(_codes_4bit(flat, absmax, scheme.blocksize, scheme.kind)),
+        "quant_map": _table(scheme.kind),
+    }
     state = {
         "quant_type": scheme.kind,
         "blocksize": scheme.blocksize,
@@ -117,12 +241,45 @@ def quantize_4bit(weight: torch.Tensor, scheme: Scheme) -> tuple[dict[str, torch
         "shape": list(weight.shape),
     }
     if scheme.double_quant:
-        offset = absmax.mean()
-        parts["absmax"], parts["nested_absmax"], parts["nested_quant_map"] = _quantize_8bit_blockwise(absmax - offset)
-        state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=offset.item())
+        nested, fields = _nested(absmax)
+        parts.update(nested)
+        state.update(fields)
     else:
         parts["absmax"] = absmax
     return parts, state
+
+
+def _roundtrip_4bit(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """dequantize(quantize(weight)) without the packed bytes: each bucket's table value times its
+    block's scale as dequantizing computes it (fp32, then the weight's dtype)."""
+    flat = weight.reshape(-1)
+    absmax = _absmax_4bit(flat, scheme.blocksize)
+    if not bool(torch.isfinite(absmax).all()):  # bitsandbytes' own arithmetic for Inf and NaN, op for op
+        return dequantize_parts(*quantize_4bit(weight, scheme), scheme, tuple(weight.shape))
+    scales = absmax
+    if scheme.double_quant:
+        nested, fields = _nested(absmax)
+        scales = nested_scales(
+            nested["absmax"],
+            nested["nested_quant_map"],
+            nested["nested_absmax"],
+            NESTED_BLOCKSIZE,
+            fields["nested_offset"],
+        )
+    out = torch.empty(flat.shape, dtype=weight.dtype)
+    values, bs = _nearest_tables(scheme.kind).values, scheme.blocksize
+
+    def emit(start: int, stop: int, buckets: torch.Tensor, spare: torch.Tensor) -> None:
+        rows = slice(start // bs, -(-stop // bs))
+        torch.index_select(values, 0, buckets, out=spare)
+        torch.mul(
+            spare.view(-1, min(bs, stop - start)),
+            scales[rows].view(-1, 1),
+            out=out[start:stop].view(-1, min(bs, stop - start)),
+        )
+
+    _scaled_steps(flat, absmax, bs, scheme.kind, emit)
+    return out.view(weight.shape)
 
 
 def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -165,7 +322,10 @@ def roundtrip(weight: torch.Tensor, scheme: Scheme, conv1d: bool = False) -> tor
     dequantize(quantize(W)). A ``conv1d`` (GPT-2) weight is quantized as the Linear bitsandbytes
     makes of it, transposed."""
     source = weight.t().contiguous() if conv1d else weight
-    return dequantize_parts(*quantize(source, scheme), scheme, tuple(weight.shape), conv1d)
+    if scheme.bits == 8:
+        return dequantize_parts(*quantize(source, scheme), scheme, tuple(weight.shape), conv1d)
+    result = _roundtrip_4bit(source, scheme)
+    return result.t().contiguous() if conv1d else result
 
 
 def bnb_linear_weights(config: dict, keys: list[str], where: object) -> dict[str, bool]:

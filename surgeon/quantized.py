@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -56,7 +57,7 @@ NF4 = (
     1.0,
 )
 #: get_4bit_type("fp4") before it is divided by its largest magnitude (12): sign, 2 exponent bits, 1 mantissa bit.
-FP4_UNSCALED = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+FP4_UNSCALED = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _QUANT_STATE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>nf4|fp4)$")
@@ -275,23 +276,51 @@ def _table(quant_type: str) -> "torch.Tensor":
     return table.div_(table.abs().max())  # as bitsandbytes computes it, so the fp32 values are the same
 
 
-def _scale_blocks(values: "torch.Tensor", scales: "torch.Tensor", blocksize: int) -> "torch.Tensor":
-    """``values[i] * scales[i // blocksize]`` in fp32, in place; the last block may be short."""
+#: Elements per step of the blockwise arithmetic: a multiple of every blocksize, small enough that a
+#: step's temporaries stay in cache and that torch runs each operation on one core (below its grain
+#: size), so that steps run side by side on the threads torch would use.
+STEP = 16384
+
+
+def in_steps(full: int, make_worker: Callable[[], Callable[[int, int], None]]) -> None:
+    """Call a worker on each STEP-long piece ``(start, stop)`` of ``[0, full)``, on as many threads
+    as torch uses; each thread makes its own worker (its own buffers). Pieces never overlap, so
+    the order they run in does not change any result."""
+    import torch
+
+    threads = max(1, min(torch.get_num_threads(), -(-full // STEP)))
+
+    def run(first: int) -> None:
+        worker = make_worker()
+        for start in range(first * STEP, full, threads * STEP):
+            worker(start, min(start + STEP, full))
+
+    if threads == 1:
+        return run(0)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, range(threads)))
+
+
+def nested_scales(
+    codes: "torch.Tensor", table: "torch.Tensor", nested_absmax: "torch.Tensor", blocksize: int, offset: float
+) -> "torch.Tensor":
+    """Double quantization's 8-bit scales dequantized as bitsandbytes does (``dequantize_blockwise``
+    plus the offset), in fp32."""
+    import torch
+
+    values = torch.index_select(table, 0, codes.reshape(-1).int())
     full = values.numel() // blocksize * blocksize
-    values[:full].view(-1, blocksize).mul_(scales[: full // blocksize].view(-1, 1))
-    values[full:].mul_(scales[full // blocksize :])
-    return values
+    values[:full].view(-1, blocksize).mul_(nested_absmax[: full // blocksize].view(-1, 1))
+    values[full:].mul_(nested_absmax[full // blocksize :])
+    return values + torch.tensor(float(offset), dtype=torch.float32)
 
 
 def _absmax(weight: QuantizedWeight, read: Callable[[str], "torch.Tensor"]) -> "torch.Tensor":
-    import torch
-
     absmax = read(weight.parts["absmax"]).reshape(-1)
     if "nested_absmax" not in weight.parts:
         return absmax.float()
-    codes = read(weight.parts["nested_quant_map"]).reshape(-1)[absmax.long()]
-    scaled = _scale_blocks(codes, read(weight.parts["nested_absmax"]).reshape(-1), weight.state["nested_blocksize"])
-    return scaled + torch.tensor(float(weight.state["nested_offset"]), dtype=torch.float32)
+    table, nested = (read(weight.parts[p]).reshape(-1) for p in ("nested_quant_map", "nested_absmax"))
+    return nested_scales(absmax, table, nested, weight.state["nested_blocksize"], weight.state["nested_offset"])
 
 
 def _four_bit_values(weight: QuantizedWeight, read: Callable[[str], "torch.Tensor"], where: object) -> "torch.Tensor":
@@ -300,12 +329,32 @@ def _four_bit_values(weight: QuantizedWeight, read: Callable[[str], "torch.Tenso
     table = _table(weight.state["quant_type"])
     if not torch.equal(read(weight.parts["quant_map"]).reshape(-1), table):
         raise _bad(weight.key, where, f"has a quant_map that is not the {weight.state['quant_type']} table")
-    # One lookup per byte, in a table of (high nibble, low nibble) value pairs: no per-code index tensor.
+    # One lookup per byte, in a table of (high nibble, low nibble) value pairs, scaled in fp32 and
+    # rounded to the weight's dtype as it is stored: fp32 (table value × absmax), then cast, as bitsandbytes does.
     pairs = torch.stack([table.repeat_interleave(16), table.repeat(16)], dim=1)
     packed = read(weight.key).reshape(-1).view(torch.uint8)
-    values = pairs[packed.int()].view(-1)[: math.prod(weight.state["shape"])]
-    dequantized = _scale_blocks(values, _absmax(weight, read), weight.state["blocksize"])
-    return dequantized.to(getattr(torch, weight.dtype)).view(weight.state["shape"])
+    scales, blocksize = _absmax(weight, read), weight.state["blocksize"]
+    numel = math.prod(weight.state["shape"])
+    out = torch.empty(numel, dtype=getattr(torch, weight.dtype))
+    full = numel // blocksize * blocksize
+
+    def make_worker() -> Callable[[int, int], None]:
+        index, values = torch.empty(STEP // 2, dtype=torch.int32), torch.empty(STEP // 2, 2)
+
+        def work(start: int, stop: int) -> None:
+            count, rows = (stop - start) // 2, slice(start // blocksize, stop // blocksize)
+            index[:count].copy_(packed[start // 2 : stop // 2])
+            torch.index_select(pairs, 0, index[:count], out=values[:count])
+            torch.mul(
+                values[:count].view(-1, blocksize), scales[rows].view(-1, 1), out=out[start:stop].view(-1, blocksize)
+            )
+
+        return work
+
+    in_steps(full, make_worker)
+    tail = pairs[packed[full // 2 :].int()].view(-1)[: numel - full]
+    out[full:] = tail * scales[full // blocksize :]
+    return out.view(weight.state["shape"])
 
 
 def _eight_bit_values(weight: QuantizedWeight, read: Callable[[str], "torch.Tensor"], where: object) -> "torch.Tensor":
