@@ -14,10 +14,11 @@ import json
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
+from surgeon.architectures import known_module_types
 from surgeon.errors import SurgeonError
 from surgeon.quantized import STEP, QuantizedWeight, _table, dequantize, in_steps, nested_scales
 
@@ -99,7 +100,8 @@ def _quantize_8bit_blockwise(values: torch.Tensor) -> tuple[torch.Tensor, torch.
     inverse = torch.where(absmax == 0, 0.0, 1.0 / absmax).view(-1, 1)
     normed = (padded.view(blocks, -1) * inverse).clamp_(-1.0, 1.0)
     index = ((normed + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).int()
-    codes = torch.where(inverse == 0, 0, lut[index]).to(torch.uint8)  # an all-zero block is code 0, not code(0)
+    found = torch.index_select(lut, 0, index.view(-1)).view(blocks, -1)
+    codes = found.masked_fill_(inverse == 0, 0)  # an all-zero block is code 0, not code(0)
     return codes.view(-1)[: values.numel()], absmax, code
 
 
@@ -328,18 +330,36 @@ def roundtrip(weight: torch.Tensor, scheme: Scheme, conv1d: bool = False) -> tor
     return result.t().contiguous() if conv1d else result
 
 
-def bnb_linear_weights(config: dict, keys: list[str], where: object) -> dict[str, bool]:
-    """The weights among ``keys`` that transformers quantizes when it loads this model with
+def shapes_of(checkpoint) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in ``checkpoint`` (anything with ``keys`` and ``info``), by key."""
+    return {key: tuple(checkpoint.info(key).shape) for key in checkpoint.keys()}
+
+
+def bnb_linear_weights(config: dict, shapes: Mapping[str, tuple[int, ...]], where: object) -> dict[str, bool]:
+    """The weights among ``shapes``' keys that transformers quantizes when it loads this model with
     bitsandbytes, each mapped to whether it is a Conv1D; decided by transformers' own rules
     (``replace_with_bnb_linear``: ``nn.Linear`` and ``Conv1D`` modules outside
-    ``get_modules_to_not_convert``), on the model built from ``config`` without weights."""
+    ``get_modules_to_not_convert``). In the architectures whose layout surgeon knows
+    (:mod:`surgeon.architectures`) those rules name every Linear but the output embedding (tied
+    weights, the last parameter and the output head are all ``lm_head`` or the input embedding, and
+    they keep no module in fp32), which the names tell without transformers' seconds of imports;
+    tests/test_qlora.py holds the two answers equal. Any other model is built without weights."""
+    known = known_module_types(config, shapes)
+    if known is not None:
+        types, embeddings, _, _ = known
+        return {k: False for k, kind in types.items() if kind == "linear" and k not in embeddings}
+    return _built_linear_weights(config, list(shapes), where)
+
+
+def _built_linear_weights(config: dict, keys: list[str], where: object) -> dict[str, bool]:
+    """:func:`bnb_linear_weights` as transformers decides it on the model built on the meta device."""
     try:
         from transformers.pytorch_utils import Conv1D
         from transformers.quantizers.base import HfQuantizer
         from transformers.quantizers.quantizers_utils import should_convert_module
     except ImportError:
         raise SurgeonError("a quantized base is quantized by transformers' rules; install transformers.") from None
-    model = causal_lm(config, where, torch.device("meta"))
+    model = causal_lm(config, where, torch.device("meta"), as_saved=True)
     skipped = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
     prefix = model.base_model_prefix + "."
     found = {}
@@ -351,9 +371,11 @@ def bnb_linear_weights(config: dict, keys: list[str], where: object) -> dict[str
     return found
 
 
-def causal_lm(config: dict, where: object, device: torch.device) -> torch.nn.Module:
+def causal_lm(config: dict, where: object, device: torch.device, as_saved: bool = False) -> torch.nn.Module:
     """The causal LM ``config`` describes, built by transformers on ``device`` (on meta: no memory,
-    no weights; elsewhere: fp32, randomly initialised)."""
+    no weights; elsewhere: fp32, randomly initialised). ``as_saved``: the class config.json's
+    ``architectures`` names where transformers has it (a bare ``BertModel`` has a pooler, its causal
+    LM none), as loading the checkpoint with that class, or ``AutoModel``, builds it."""
     import transformers
 
     if not config.get("model_type"):
@@ -366,7 +388,10 @@ def causal_lm(config: dict, where: object, device: torch.device) -> torch.nn.Mod
     transformers.logging.set_verbosity_error()  # its remarks on a config are not surgeon's output
     try:
         built = transformers.AutoConfig.for_model(config["model_type"], **settings)
+        named = getattr(transformers, (config.get("architectures") or [""])[0], None) if as_saved else None
         with torch.device(device):
+            if isinstance(named, type) and issubclass(named, transformers.PreTrainedModel):
+                return named(built).float()
             return transformers.AutoModelForCausalLM.from_config(built, dtype=torch.float32)
     except (ValueError, KeyError, TypeError) as error:
         raise SurgeonError(

@@ -6,22 +6,44 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from surgeon.architectures import LINEAR_DECODERS
 from surgeon.checkpoint import Checkpoint
 from surgeon.cli import main
 from surgeon.errors import SurgeonError
 from surgeon.ops.qlora import QuantizedBase
-from surgeon.quantize import Scheme, quantize_4bit, quantize_int8, roundtrip
+from surgeon.quantize import (
+    Scheme,
+    _built_linear_weights,
+    bnb_linear_weights,
+    quantize_4bit,
+    quantize_int8,
+    roundtrip,
+    shapes_of,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 F = bnb.functional
+TINY = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    vocab_size=64,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
 IDS = torch.tensor([[1, 5, 9, 200, 7, 42, 3, 128]])
 
 
@@ -204,6 +226,64 @@ def test_qlora_merge_is_the_trained_model(qlora_trained, fixtures_dir, tmp_path,
     assert report["quantized_modules"] == 14 and len(report["distances"]) == 15
     probe = report["probe"]  # the same comparison, surgeon's own (its trained model: fp32, no bitsandbytes)
     assert probe["max_logit_difference"] < 1e-5 and probe["naive_max_logit_difference"] > 1e-3, probe
+
+
+@pytest.mark.parametrize("options", [["--double-quant"], ["--blocksize", "128"]])
+def test_4bit_options_for_both_a_quantized_base_and_a_4bit_output_are_refused(options, fixtures_dir, tmp_path):
+    """Which of the two would --double-quant or --blocksize describe? Neither is guessed."""
+    result = CliRunner().invoke(
+        main,
+        [
+            "merge",
+            str(fixtures_dir / "tiny-llama"),
+            str(fixtures_dir / "tiny-llama-lora"),
+            "-o",
+            str(tmp_path / "out"),
+            "--quantized-base",
+            "nf4",
+            "--dtype",
+            "nf4",
+            *options,
+        ],
+    )
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "both the quantized base and the 4-bit output" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_base_of_a_bare_encoder_is_what_transformers_loads_in_4bit(fixtures_dir):
+    """A checkpoint saved from BertModel loads as BertModel (AutoModel, or its own class), whose
+    pooler is a Linear that bitsandbytes quantizes; its causal LM has no pooler."""
+    model = transformers.AutoModel.from_pretrained(
+        fixtures_dir / "tiny-bert", quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True)
+    )
+    expected = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    base = QuantizedBase(Checkpoint(fixtures_dir / "tiny-bert"), Scheme("nf4"))
+    assert "pooler.dense.weight" in expected and set(base.targets) == expected
+
+
+@pytest.mark.parametrize("architecture", sorted(LINEAR_DECODERS))
+def test_known_layouts_name_the_weights_transformers_quantizes(architecture, tmp_path):
+    """Read off the names (no transformers import) or decided by transformers on the built model:
+    the same weights, with the output head saved and tied away."""
+    for tied in (False, True):
+        config = transformers.AutoConfig.for_model(architecture.removesuffix("ForCausalLM").lower(), **TINY)
+        config.tie_word_embeddings = tied
+        getattr(transformers, architecture)(config).save_pretrained(tmp_path / str(tied))
+        checkpoint = Checkpoint(tmp_path / str(tied))
+        named = bnb_linear_weights(checkpoint.config(), shapes_of(checkpoint), "here")
+        assert named == _built_linear_weights(checkpoint.config(), checkpoint.keys(), "here") and named, tied
+
+
+def test_quantized_base_merge_of_a_known_layout_imports_no_transformers(fixtures_dir, tmp_path):
+    code = (
+        "import sys; from click.testing import CliRunner; from surgeon.cli import main; "
+        f"r = CliRunner().invoke(main, ['merge', {str(fixtures_dir / 'tiny-llama')!r}, "
+        f"{str(fixtures_dir / 'tiny-llama-lora')!r}, '-o', {str(tmp_path / 'out')!r}, '--quantized-base', 'nf4']); "
+        "print(r.exit_code, 'transformers' in sys.modules)"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.split()[-2:] == ["0", "False"], found.stdout + found.stderr
 
 
 @pytest.mark.parametrize("options", [["--double-quant"], ["--report"], ["--probe"], ["--blocksize", "128"]])
