@@ -20,7 +20,7 @@ import torch
 
 from surgeon.architectures import known_module_types
 from surgeon.errors import SurgeonError
-from surgeon.quantized import STEP, QuantizedWeight, _table, dequantize, in_steps, nested_scales
+from surgeon.quantized import STEP, QuantizedWeight, _table, dequantize, in_steps, nested_scales, on_threads
 
 #: bitsandbytes quantizes double quantization's scales in blocks of this many.
 NESTED_BLOCKSIZE = 256
@@ -227,6 +227,7 @@ def _nested(absmax: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
     return parts, {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": offset.item()}
 
 
+@on_threads
 def quantize_4bit(weight: torch.Tensor, scheme: Scheme) -> tuple[dict[str, torch.Tensor], dict]:
     """The parts bitsandbytes stores for ``weight`` quantized by ``scheme`` (by role: weight,
     absmax, quant_map, nested_absmax, nested_quant_map) and its quant state's JSON."""
@@ -251,6 +252,7 @@ def quantize_4bit(weight: torch.Tensor, scheme: Scheme) -> tuple[dict[str, torch
     return parts, state
 
 
+@on_threads
 def _roundtrip_4bit(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """dequantize(quantize(weight)) without the packed bytes: each bucket's table value times its
     block's scale as dequantizing computes it (fp32, then the weight's dtype)."""

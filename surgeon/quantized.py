@@ -24,6 +24,7 @@ imported only to dequantize. bitsandbytes itself is never needed here, only as t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -277,28 +278,49 @@ def _table(quant_type: str) -> "torch.Tensor":
 
 
 #: Elements per step of the blockwise arithmetic: a multiple of every blocksize, small enough that a
-#: step's temporaries stay in cache and that torch runs each operation on one core (below its grain
-#: size), so that steps run side by side on the threads torch would use.
-STEP = 16384
+#: step's temporaries stay in cache, large enough that torch's per-call overhead is a small part.
+STEP = 65536
+_workers: list[int] = []  # set by on_threads: how many threads in_steps spreads pieces over
+
+
+def on_threads(function: Callable) -> Callable:
+    """Run ``function`` with its steps (:func:`in_steps`) spread over torch's threads and every torch
+    operation on one core: torch's own threads, on the short operations between and within steps,
+    spin more than they work on a busy machine and would compete with the steps. Re-entrant."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        if _workers:
+            return function(*args, **kwargs)
+        threads = torch.get_num_threads()
+        _workers.append(threads)
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+            _workers.pop()
+
+    return wrapper
 
 
 def in_steps(full: int, make_worker: Callable[[], Callable[[int, int], None]]) -> None:
-    """Call a worker on each STEP-long piece ``(start, stop)`` of ``[0, full)``, on as many threads
-    as torch uses; each thread makes its own worker (its own buffers). Pieces never overlap, so
-    the order they run in does not change any result."""
-    import torch
-
-    threads = max(1, min(torch.get_num_threads(), -(-full // STEP)))
+    """Call a worker on each STEP-long piece ``(start, stop)`` of ``[0, full)``, on the threads
+    :func:`on_threads` grants (one outside it), each thread making its own worker (its own
+    buffers). Pieces never overlap, so the order they run in changes no result."""
+    workers = max(1, min(_workers[-1] if _workers else 1, -(-full // STEP)))
 
     def run(first: int) -> None:
         worker = make_worker()
-        for start in range(first * STEP, full, threads * STEP):
+        for start in range(first * STEP, full, workers * STEP):
             worker(start, min(start + STEP, full))
 
-    if threads == 1:
+    if workers == 1:
         return run(0)
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(run, range(threads)))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, range(workers)))
 
 
 def nested_scales(
@@ -364,6 +386,7 @@ def _eight_bit_values(weight: QuantizedWeight, read: Callable[[str], "torch.Tens
     return read(weight.key) * read(weight.parts["scb"]).view(-1, 1) * 7.874015718698502e-3
 
 
+@on_threads
 def dequantize(weight: QuantizedWeight, read: Callable[[str], "torch.Tensor"], where: object) -> "torch.Tensor":
     """The float weight, bit for bit what bitsandbytes dequantizes it to (transposed back for Conv1D);
     ``read`` reads one stored tensor, ``where`` names the checkpoint in errors."""
