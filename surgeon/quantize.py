@@ -3,9 +3,13 @@
 
 A QLoRA adapter was trained on ``dequantize(quantize(W))``, not on ``W``: merging it faithfully
 needs that exact weight, and writing a bitsandbytes checkpoint needs the quantized parts. Both are
-computed here operation for operation as bitsandbytes 0.50 does on CPU (its pure-torch 4-bit
+computed here with the fp32 arithmetic bitsandbytes 0.50 does on CPU (its pure-torch 4-bit
 quantizer, its LUT 8-bit blockwise quantizer for double quantization's scales, and
 ``int8_vectorwise_quant``), so the results are equal bit for bit; the tests hold them to that.
+Only the search for each value's nearest 4-bit code differs in method (a table lookup, not
+``bucketize``: :class:`_Nearest`), not in result. A QLoRA merge never needs the packed bytes: its
+round trip goes from each value's code straight to that code's value times the block's scale,
+in cache-sized steps on torch's threads (:func:`surgeon.quantized.in_steps`).
 """
 
 from __future__ import annotations
