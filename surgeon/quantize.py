@@ -15,7 +15,6 @@ in cache-sized steps on torch's threads (:func:`surgeon.quantized.in_steps`).
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Mapping
@@ -115,19 +114,16 @@ class _Nearest:
     sorted table: the number of midpoints below s) without a search, which costs torch ~50 ns a value.
 
     The top 16 bits of an fp32 s select an interval of values too narrow to hold two midpoints (the
-    tables are built that way and checked). ``first`` holds, per top-16-bit key, the bucket of the
-    interval's lowest value; ``bound`` the midpoint above that bucket (+inf above the last). s's
-    bucket is then first + (s > bound): exact, because bucketize is monotone in s."""
+    tables are built that way and checked). Per 16-bit key k, entry 2k of ``values`` and ``codes``
+    is the bucket of the interval's lowest value, entry 2k + 1 the next bucket, and ``bound[2k]``
+    the midpoint between them (+inf where the interval holds none). s's entry is 2k + (s > bound):
+    exact, because bucketize is monotone in s. Reading 2k off s's bits and the comparison off the
+    sign of bound - s (exactly the sign of the exact difference) keeps every step a plain
+    elementwise operation but for two lookups."""
 
-    first: torch.Tensor  # int32, one per key
-    bound: torch.Tensor  # fp32, the 15 midpoints and +inf
-    values: torch.Tensor  # fp32, the table sorted: bucket → value
-    codes: torch.Tensor  # uint8, bucket → 4-bit code (the table's order)
-
-
-def _top_halves(values: torch.Tensor) -> torch.Tensor:
-    """The top 16 bits of each fp32 value, as a strided uint16 view (two halves per value)."""
-    return values.view(torch.uint16)[1::2] if sys.byteorder == "little" else values.view(torch.uint16)[::2]
+    bound: torch.Tensor  # fp32, by 2k
+    values: torch.Tensor  # fp32: the bucket's table value, by 2k + above
+    codes: torch.Tensor  # uint8: the bucket's 4-bit code (the table's order), by 2k + above
 
 
 @lru_cache(maxsize=2)
@@ -136,18 +132,18 @@ def _nearest_tables(quant_type: str) -> _Nearest:
     order = torch.argsort(table)  # as bitsandbytes sorts it: NF4 is sorted, FP4 is not
     values = table[order]
     midpoints = (values[:-1] + values[1:]) / 2
-    keys = torch.arange(1 << 16, dtype=torch.int32)
-    lowest, highest = torch.zeros(1 << 16), torch.zeros(1 << 16)
-    _top_halves(lowest).copy_(keys)
-    highest.view(torch.int32).fill_(0xFFFF)  # the bottom 16 bits all set
-    _top_halves(highest).copy_(keys)
-    lowest, highest = torch.minimum(lowest, highest), torch.maximum(lowest, highest)  # negatives run downwards
-    first = torch.bucketize(lowest, midpoints, out_int32=True)
+    top = torch.arange(1 << 16, dtype=torch.int64) << 16
+    top = (top - (top >= 1 << 31) * (1 << 32)).to(torch.int32)  # the same bits as signed int32
+    ends = torch.stack([top.view(torch.float32), (top | 0xFFFF).view(torch.float32)])
+    lowest, highest = ends.amin(dim=0), ends.amax(dim=0)  # negatives run downwards
+    first = torch.bucketize(lowest, midpoints, out_int32=True).long()
     span = torch.bucketize(highest, midpoints, out_int32=True) - first
     if not bool((span[~lowest.isnan()] <= 1).all()):
         raise AssertionError(f"two {quant_type} midpoints share a 16-bit key")
-    bound = torch.cat([midpoints, torch.tensor([float("inf")])])
-    return _Nearest(first, bound, values, order.to(torch.uint8))
+    bound = torch.cat([midpoints, torch.tensor([float("inf")])])[first]
+    pairs = torch.stack([first, (first + 1).clamp(max=15)], dim=1).view(-1)
+    bounds = torch.stack([bound, torch.full_like(bound, float("inf"))], dim=1).view(-1)
+    return _Nearest(bounds, values[pairs], order.to(torch.uint8)[pairs])
 
 
 def _scaled_steps(
@@ -155,31 +151,27 @@ def _scaled_steps(
 ) -> None:
     """Scale ``flat`` by its blocks' absmax as bitsandbytes' torch quantizer does (multiplied by the
     reciprocal in whole blocks, divided in the short last one; clamped to [-1, 1]), find each value's
-    bucket (:class:`_Nearest`), and hand each piece to ``emit(start, stop, buckets, spare)`` (spare:
-    an fp32 buffer of the piece's size). Pieces run on torch's threads (:func:`in_steps`)."""
-    tables = _nearest_tables(quant_type)
+    entry in :class:`_Nearest`'s tables, and hand each piece to ``emit(start, stop, entries, spare)``
+    (spare: an fp32 buffer of the piece's size). Pieces run on torch's threads (:func:`in_steps`)."""
+    bounds = _nearest_tables(quant_type).bound
     full = flat.numel() // blocksize * blocksize
     inverse = (1.0 / absmax[: full // blocksize].clamp(min=1e-38)).view(-1, 1)
 
-    def buckets(scaled: torch.Tensor, key: torch.Tensor, found: torch.Tensor, bound: torch.Tensor, above):
-        key.copy_(_top_halves(scaled))
-        torch.index_select(tables.first, 0, key, out=found)
-        torch.index_select(tables.bound, 0, found, out=bound)
-        return found.add_(torch.gt(scaled, bound, out=above))
+    def entries(scaled: torch.Tensor, key: torch.Tensor, bound: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
+        torch.bitwise_right_shift(scaled.view(torch.int32), 15, out=key).bitwise_and_(0x1FFFE)  # 2k
+        torch.index_select(bounds, 0, key, out=bound)
+        torch.bitwise_right_shift(torch.sub(bound, scaled, out=bound).view(torch.int32), 31, out=above)
+        return key.sub_(above)  # above is -1 where s > bound, else 0
 
     def make_worker() -> Callable[[int, int], None]:
         scaled, spare = torch.empty(STEP), torch.empty(STEP)
-        key, found, above = (
-            torch.empty(STEP, dtype=torch.int32),
-            torch.empty(STEP, dtype=torch.int32),
-            torch.empty(STEP, dtype=torch.bool),
-        )
+        key, above = torch.empty(STEP, dtype=torch.int32), torch.empty(STEP, dtype=torch.int32)
 
         def work(start: int, stop: int) -> None:
             n, rows = stop - start, slice(start // blocksize, stop // blocksize)
             # |value × reciprocal| exceeds 1 by an ulp at most, in the last bucket either way: no clamp needed.
             torch.mul(flat[start:stop].view(-1, blocksize), inverse[rows], out=scaled[:n].view(-1, blocksize))
-            emit(start, stop, buckets(scaled[:n], key[:n], found[:n], spare[:n], above[:n]), spare[:n])
+            emit(start, stop, entries(scaled[:n], key[:n], spare[:n], above[:n]), spare[:n])
 
         return work
 
@@ -187,13 +179,7 @@ def _scaled_steps(
     if full < flat.numel():
         scaled = (flat[full:].float() / absmax[-1].clamp(min=1e-38)).clamp_(-1, 1)
         n = scaled.numel()
-        found = buckets(
-            scaled,
-            torch.empty(n, dtype=torch.int32),
-            torch.empty(n, dtype=torch.int32),
-            torch.empty(n),
-            torch.empty(n, dtype=torch.bool),
-        )
+        found = entries(scaled, torch.empty(n, dtype=torch.int32), torch.empty(n), torch.empty(n, dtype=torch.int32))
         emit(full, flat.numel(), found, torch.empty(n))
 
 
@@ -201,10 +187,10 @@ def _codes_4bit(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_
     """Each value's nearest code (:func:`_scaled_steps`), with the code of 0.0 for an odd last nibble."""
     tables = _nearest_tables(quant_type)
     codes = torch.empty(flat.numel() + flat.numel() % 2, dtype=torch.uint8)
-    codes[flat.numel() :] = tables.codes[torch.bucketize(torch.zeros(1), tables.bound)]
+    codes[flat.numel() :] = tables.codes[0]  # key 0 holds +0.0, below the first positive midpoint
 
-    def emit(start: int, stop: int, buckets: torch.Tensor, spare: torch.Tensor) -> None:
-        torch.index_select(tables.codes, 0, buckets, out=codes[start:stop])
+    def emit(start: int, stop: int, entries: torch.Tensor, spare: torch.Tensor) -> None:
+        torch.index_select(tables.codes, 0, entries, out=codes[start:stop])
 
     _scaled_steps(flat, absmax, blocksize, quant_type, emit)
     return codes
@@ -277,9 +263,9 @@ def _roundtrip_4bit(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     out = torch.empty(flat.shape, dtype=weight.dtype)
     values, bs = _nearest_tables(scheme.kind).values, scheme.blocksize
 
-    def emit(start: int, stop: int, buckets: torch.Tensor, spare: torch.Tensor) -> None:
+    def emit(start: int, stop: int, entries: torch.Tensor, spare: torch.Tensor) -> None:
         rows = slice(start // bs, -(-stop // bs))
-        torch.index_select(values, 0, buckets, out=spare)
+        torch.index_select(values, 0, entries, out=spare)
         torch.mul(
             spare.view(-1, min(bs, stop - start)),
             scales[rows].view(-1, 1),
