@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_architectures_known import TINY
 
 from surgeon.architectures import LINEAR_DECODERS
 from surgeon.checkpoint import Checkpoint
@@ -33,17 +34,6 @@ bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 F = bnb.functional
-TINY = dict(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=8,
-    vocab_size=64,
-    max_position_embeddings=64,
-    pad_token_id=0,
-)
 IDS = torch.tensor([[1, 5, 9, 200, 7, 42, 3, 128]])
 
 
@@ -231,24 +221,8 @@ def test_qlora_merge_is_the_trained_model(qlora_trained, fixtures_dir, tmp_path,
 @pytest.mark.parametrize("options", [["--double-quant"], ["--blocksize", "128"]])
 def test_4bit_options_for_both_a_quantized_base_and_a_4bit_output_are_refused(options, fixtures_dir, tmp_path):
     """Which of the two would --double-quant or --blocksize describe? Neither is guessed."""
-    result = CliRunner().invoke(
-        main,
-        [
-            "merge",
-            str(fixtures_dir / "tiny-llama"),
-            str(fixtures_dir / "tiny-llama-lora"),
-            "-o",
-            str(tmp_path / "out"),
-            "--quantized-base",
-            "nf4",
-            "--dtype",
-            "nf4",
-            *options,
-        ],
-    )
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 1 and len(lines) == 1 and "both the quantized base and the 4-bit output" in lines[0]
-    assert not (tmp_path / "out").exists()
+    error = _refused(fixtures_dir, tmp_path, ["--quantized-base", "nf4", "--dtype", "nf4", *options])
+    assert "both the quantized base and the 4-bit output" in error
 
 
 def test_quantized_base_of_a_bare_encoder_is_what_transformers_loads_in_4bit(fixtures_dir):
@@ -288,20 +262,20 @@ def test_quantized_base_merge_of_a_known_layout_imports_no_transformers(fixtures
 
 @pytest.mark.parametrize("options", [["--double-quant"], ["--report"], ["--probe"], ["--blocksize", "128"]])
 def test_quantization_options_without_a_quantization_are_refused(options, fixtures_dir, tmp_path):
+    assert "nf4" in _refused(fixtures_dir, tmp_path, options)
+
+
+def _refused(fixtures_dir: Path, tmp_path: Path, options: list[str]) -> str:
+    """The one line a merge of the tiny Llama and its LoRA with ``options`` is refused with; nothing written."""
     result = CliRunner().invoke(
         main,
-        [
-            "merge",
-            str(fixtures_dir / "tiny-llama"),
-            str(fixtures_dir / "tiny-llama-lora"),
-            "-o",
-            str(tmp_path / "out"),
-            *options,
-        ],
+        ["merge", str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "o")]
+        + options,
     )
     lines = result.output.strip().splitlines()
-    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:") and "nf4" in lines[0]
-    assert not (tmp_path / "out").exists()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert not (tmp_path / "o").exists()
+    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -316,14 +290,7 @@ def test_quantization_options_without_a_quantization_are_refused(options, fixtur
 def test_options_the_output_quantization_does_not_use_are_refused(options, named, fixtures_dir, tmp_path):
     """int8 has no double quantization or blocksize (they were dropped without a word), and the
     report and probe need a quantized base even when the output is 4-bit (the refusal asked for nf4)."""
-    result = CliRunner().invoke(
-        main,
-        ["merge", str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "o")]
-        + options,
-    )
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 1 and len(lines) == 1 and named in lines[0], result.output
-    assert not (tmp_path / "o").exists()
+    assert named in _refused(fixtures_dir, tmp_path, options)
 
 
 def test_probe_of_a_model_without_a_language_model_head_names_the_head(fixtures_dir, tmp_path):
