@@ -47,7 +47,7 @@ from _measure import (  # noqa: E402
     tidy,
 )
 
-SURGEON_IMPORTS = "import torch, safetensors, surgeon.cli, surgeon.ops.qlora, surgeon.formats, transformers"
+SURGEON_IMPORTS = "import torch, safetensors, surgeon.cli, surgeon.ops.qlora, surgeon.formats"
 USERS_IMPORTS = (
     "import torch\nfrom transformers import AutoModelForCausalLM, BitsAndBytesConfig\n"
     "from peft import PeftModel\nimport bitsandbytes\n"

@@ -3,9 +3,13 @@
 
 A QLoRA adapter was trained on ``dequantize(quantize(W))``, not on ``W``: merging it faithfully
 needs that exact weight, and writing a bitsandbytes checkpoint needs the quantized parts. Both are
-computed here operation for operation as bitsandbytes 0.50 does on CPU (its pure-torch 4-bit
+computed here with the fp32 arithmetic bitsandbytes 0.50 does on CPU (its pure-torch 4-bit
 quantizer, its LUT 8-bit blockwise quantizer for double quantization's scales, and
 ``int8_vectorwise_quant``), so the results are equal bit for bit; the tests hold them to that.
+Only the search for each value's nearest 4-bit code differs in method (a table lookup, not
+``bucketize``: :class:`_Nearest`), not in result. A QLoRA merge never needs the packed bytes: its
+round trip goes from each value's code straight to that code's value times the block's scale,
+in cache-sized steps on torch's threads (:func:`surgeon.quantized.in_steps`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable, Mapping
 
 import torch
 
+from surgeon.architectures import known_module_types
 from surgeon.errors import SurgeonError
-from surgeon.quantized import QuantizedWeight, _table, dequantize
+from surgeon.quantized import STEP, QuantizedWeight, _table, dequantize, in_steps, nested_scales, on_threads
 
 #: bitsandbytes quantizes double quantization's scales in blocks of this many.
 NESTED_BLOCKSIZE = 256
@@ -60,12 +66,30 @@ def _dynamic_lut() -> tuple[torch.Tensor, torch.Tensor]:
     return code, torch.searchsorted(midpoints, values, side="left").to(torch.uint8)
 
 
+_MAGNITUDE_BITS = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF)}
+
+
 def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
-    full = flat.numel() // blocksize * blocksize
-    absmax = flat[:full].view(-1, blocksize).abs().amax(dim=1)
+    """Each block's largest magnitude, in fp32. Computed on the bits: with the sign bit cleared, a
+    float's bits order as its magnitude does (Inf and NaN above every finite value), and torch's
+    integer max is several times faster than its float abs and max over short rows."""
+    int_type, mask = _MAGNITUDE_BITS[flat.element_size()]
+    bits, full = flat.view(int_type), flat.numel() // blocksize * blocksize
+    absmax = torch.empty(-(-flat.numel() // blocksize), dtype=int_type)
+
+    def make_worker() -> Callable[[int, int], None]:
+        magnitudes = torch.empty(STEP, dtype=int_type)
+
+        def work(start: int, stop: int) -> None:
+            part = torch.bitwise_and(bits[start:stop], mask, out=magnitudes[: stop - start])
+            torch.amax(part.view(-1, blocksize), dim=1, out=absmax[start // blocksize : stop // blocksize])
+
+        return work
+
+    in_steps(full, make_worker)
     if full < flat.numel():
-        absmax = torch.cat([absmax, flat[full:].abs().amax().view(1)])
-    return absmax
+        absmax[-1] = (bits[full:] & mask).amax()
+    return absmax.view(flat.dtype).float()
 
 
 def _quantize_8bit_blockwise(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,29 +97,103 @@ def _quantize_8bit_blockwise(values: torch.Tensor) -> tuple[torch.Tensor, torch.
     per-block absmax, and the code itself."""
     code, lut = _dynamic_lut()
     absmax = _blockwise_absmax(values, NESTED_BLOCKSIZE)
-    inverse = torch.where(absmax == 0, 0.0, 1.0 / absmax).repeat_interleave(NESTED_BLOCKSIZE)[: values.numel()]
-    normed = (values * inverse).clamp_(-1.0, 1.0)
-    index = ((normed + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int64)
-    codes = torch.where(inverse == 0, 0, lut[index]).to(torch.uint8)  # an all-zero block is code 0, not code(0)
-    return codes, absmax, code
+    blocks = -(-values.numel() // NESTED_BLOCKSIZE)
+    padded = torch.zeros(blocks * NESTED_BLOCKSIZE, dtype=torch.float32)
+    padded[: values.numel()] = values
+    inverse = torch.where(absmax == 0, 0.0, 1.0 / absmax).view(-1, 1)
+    normed = (padded.view(blocks, -1) * inverse).clamp_(-1.0, 1.0)
+    index = ((normed + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).int()
+    found = torch.index_select(lut, 0, index.view(-1)).view(blocks, -1)
+    codes = found.masked_fill_(inverse == 0, 0)  # an all-zero block is code 0, not code(0)
+    return codes.view(-1)[: values.numel()], absmax, code
 
 
-def _codes_4bit(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, table: torch.Tensor) -> torch.Tensor:
-    """Each value's nearest code, scaled by its block's absmax as bitsandbytes' torch quantizer does
-    (multiplied by the reciprocal in whole blocks, divided in the short last one)."""
+@dataclass(frozen=True)
+class _Nearest:
+    """bitsandbytes' nearest 4-bit code for scaled values s (``bucketize`` on the midpoints of the
+    sorted table: the number of midpoints below s) without a search, which costs torch ~50 ns a value.
+
+    The top 16 bits of an fp32 s select an interval of values too narrow to hold two midpoints (the
+    tables are built that way and checked). Per 16-bit key k, entry 2k of ``values`` and ``codes``
+    is the bucket of the interval's lowest value, entry 2k + 1 the next bucket, and ``bound[2k]``
+    the midpoint between them (+inf where the interval holds none). s's entry is 2k + (s > bound):
+    exact, because bucketize is monotone in s. Reading 2k off s's bits and the comparison off the
+    sign of bound - s (exactly the sign of the exact difference) keeps every step a plain
+    elementwise operation but for two lookups."""
+
+    bound: torch.Tensor  # fp32, by 2k
+    values: torch.Tensor  # fp32: the bucket's table value, by 2k + above
+    codes: torch.Tensor  # uint8: the bucket's 4-bit code (the table's order), by 2k + above
+
+
+@lru_cache(maxsize=2)
+def _nearest_tables(quant_type: str) -> _Nearest:
+    table = _table(quant_type)
+    order = torch.argsort(table)  # as bitsandbytes sorts it: NF4 is sorted, FP4 is not
+    values = table[order]
+    midpoints = (values[:-1] + values[1:]) / 2
+    top = torch.arange(1 << 16, dtype=torch.int64) << 16
+    top = (top - (top >= 1 << 31) * (1 << 32)).to(torch.int32)  # the same bits as signed int32
+    ends = torch.stack([top.view(torch.float32), (top | 0xFFFF).view(torch.float32)])
+    lowest, highest = ends.amin(dim=0), ends.amax(dim=0)  # negatives run downwards
+    first = torch.bucketize(lowest, midpoints, out_int32=True).long()
+    span = torch.bucketize(highest, midpoints, out_int32=True) - first
+    if not bool((span[~lowest.isnan()] <= 1).all()):
+        raise AssertionError(f"two {quant_type} midpoints share a 16-bit key")
+    bound = torch.cat([midpoints, torch.tensor([float("inf")])])[first]
+    pairs = torch.stack([first, (first + 1).clamp(max=15)], dim=1).view(-1)
+    bounds = torch.stack([bound, torch.full_like(bound, float("inf"))], dim=1).view(-1)
+    return _Nearest(bounds, values[pairs], order.to(torch.uint8)[pairs])
+
+
+def _scaled_steps(
+    flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, emit: Callable[..., None]
+) -> None:
+    """Scale ``flat`` by its blocks' absmax as bitsandbytes' torch quantizer does (multiplied by the
+    reciprocal in whole blocks, divided in the short last one; clamped to [-1, 1]), find each value's
+    entry in :class:`_Nearest`'s tables, and hand each piece to ``emit(start, stop, entries, spare)``
+    (spare: an fp32 buffer of the piece's size). Pieces run on torch's threads (:func:`in_steps`)."""
+    bounds = _nearest_tables(quant_type).bound
     full = flat.numel() // blocksize * blocksize
-    scaled = flat[:full].view(-1, blocksize) * (1.0 / absmax[: full // blocksize].clamp(min=1e-38)).view(-1, 1)
-    scaled = scaled.clamp_(-1, 1).reshape(-1)
+    inverse = (1.0 / absmax[: full // blocksize].clamp(min=1e-38)).view(-1, 1)
+
+    def entries(scaled: torch.Tensor, key: torch.Tensor, bound: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
+        torch.bitwise_right_shift(scaled.view(torch.int32), 15, out=key).bitwise_and_(0x1FFFE)  # 2k
+        torch.index_select(bounds, 0, key, out=bound)
+        torch.bitwise_right_shift(torch.sub(bound, scaled, out=bound).view(torch.int32), 31, out=above)
+        return key.sub_(above)  # above is -1 where s > bound, else 0
+
+    def make_worker() -> Callable[[int, int], None]:
+        scaled, spare = torch.empty(STEP), torch.empty(STEP)
+        key, above = torch.empty(STEP, dtype=torch.int32), torch.empty(STEP, dtype=torch.int32)
+
+        def work(start: int, stop: int) -> None:
+            n, rows = stop - start, slice(start // blocksize, stop // blocksize)
+            # |value × reciprocal| exceeds 1 by an ulp at most, in the last bucket either way: no clamp needed.
+            torch.mul(flat[start:stop].view(-1, blocksize), inverse[rows], out=scaled[:n].view(-1, blocksize))
+            emit(start, stop, entries(scaled[:n], key[:n], spare[:n], above[:n]), spare[:n])
+
+        return work
+
+    in_steps(full, make_worker)
     if full < flat.numel():
-        scaled = torch.cat([scaled, (flat[full:] / absmax[-1].clamp(min=1e-38)).clamp_(-1, 1)])
-    if scaled.numel() % 2:  # the odd last nibble is the code of 0.0
-        scaled = torch.cat([scaled, scaled.new_zeros(1)])
-    order = torch.argsort(table)
-    sorted_table = table[order]
-    codes = torch.bucketize(scaled, (sorted_table[:-1] + sorted_table[1:]) / 2, out_int32=True).to(torch.uint8)
-    if torch.equal(order, torch.arange(16)):  # NF4's table is sorted: its codes are the buckets
-        return codes
-    return order.to(torch.uint8)[codes.long()]
+        scaled = (flat[full:].float() / absmax[-1].clamp(min=1e-38)).clamp_(-1, 1)
+        n = scaled.numel()
+        found = entries(scaled, torch.empty(n, dtype=torch.int32), torch.empty(n), torch.empty(n, dtype=torch.int32))
+        emit(full, flat.numel(), found, torch.empty(n))
+
+
+def _codes_4bit(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str) -> torch.Tensor:
+    """Each value's nearest code (:func:`_scaled_steps`), with the code of 0.0 for an odd last nibble."""
+    tables = _nearest_tables(quant_type)
+    codes = torch.empty(flat.numel() + flat.numel() % 2, dtype=torch.uint8)
+    codes[flat.numel() :] = tables.codes[0]  # key 0 holds +0.0, below the first positive midpoint
+
+    def emit(start: int, stop: int, entries: torch.Tensor, spare: torch.Tensor) -> None:
+        torch.index_select(tables.codes, 0, entries, out=codes[start:stop])
+
+    _scaled_steps(flat, absmax, blocksize, quant_type, emit)
+    return codes
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:
@@ -103,13 +201,32 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
     return ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)
 
 
+def _absmax_4bit(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """bitsandbytes' 4-bit absmax: a short last block's is clamped to 1e-38, whole blocks' are not."""
+    absmax = _blockwise_absmax(flat, blocksize)
+    if flat.numel() % blocksize:
+        absmax[-1:].clamp_(min=1e-38)
+    return absmax
+
+
+def _nested(absmax: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+    """Double quantization of the absmax: its parts by role and the state fields it adds."""
+    offset = absmax.mean()
+    codes, nested_absmax, code = _quantize_8bit_blockwise(absmax - offset)
+    parts = {"absmax": codes, "nested_absmax": nested_absmax, "nested_quant_map": code}
+    return parts, {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": offset.item()}
+
+
+@on_threads
 def quantize_4bit(weight: torch.Tensor, scheme: Scheme) -> tuple[dict[str, torch.Tensor], dict]:
     """The parts bitsandbytes stores for ``weight`` quantized by ``scheme`` (by role: weight,
     absmax, quant_map, nested_absmax, nested_quant_map) and its quant state's JSON."""
-    table = _table(scheme.kind)
-    flat = weight.reshape(-1).float()
-    absmax = _blockwise_absmax(flat, scheme.blocksize)
-    parts = {"weight": _pack(_codes_4bit(flat, absmax, scheme.blocksize, table)), "quant_map": table}
+    flat = weight.reshape(-1)
+    absmax = _absmax_4bit(flat, scheme.blocksize)
+    parts = {
+        "weight": _pack(_codes_4bit(flat, absmax, scheme.blocksize, scheme.kind)),
+        "quant_map": _table(scheme.kind),
+    }
     state = {
         "quant_type": scheme.kind,
         "blocksize": scheme.blocksize,
@@ -117,12 +234,46 @@ def quantize_4bit(weight: torch.Tensor, scheme: Scheme) -> tuple[dict[str, torch
         "shape": list(weight.shape),
     }
     if scheme.double_quant:
-        offset = absmax.mean()
-        parts["absmax"], parts["nested_absmax"], parts["nested_quant_map"] = _quantize_8bit_blockwise(absmax - offset)
-        state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=offset.item())
+        nested, fields = _nested(absmax)
+        parts.update(nested)
+        state.update(fields)
     else:
         parts["absmax"] = absmax
     return parts, state
+
+
+@on_threads
+def _roundtrip_4bit(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """dequantize(quantize(weight)) without the packed bytes: each bucket's table value times its
+    block's scale as dequantizing computes it (fp32, then the weight's dtype)."""
+    flat = weight.reshape(-1)
+    absmax = _absmax_4bit(flat, scheme.blocksize)
+    if not bool(torch.isfinite(absmax).all()):  # bitsandbytes' own arithmetic for Inf and NaN, op for op
+        return dequantize_parts(*quantize_4bit(weight, scheme), scheme, tuple(weight.shape))
+    scales = absmax
+    if scheme.double_quant:
+        nested, fields = _nested(absmax)
+        scales = nested_scales(
+            nested["absmax"],
+            nested["nested_quant_map"],
+            nested["nested_absmax"],
+            NESTED_BLOCKSIZE,
+            fields["nested_offset"],
+        )
+    out = torch.empty(flat.shape, dtype=weight.dtype)
+    values, bs = _nearest_tables(scheme.kind).values, scheme.blocksize
+
+    def emit(start: int, stop: int, entries: torch.Tensor, spare: torch.Tensor) -> None:
+        rows = slice(start // bs, -(-stop // bs))
+        torch.index_select(values, 0, entries, out=spare)
+        torch.mul(
+            spare.view(-1, min(bs, stop - start)),
+            scales[rows].view(-1, 1),
+            out=out[start:stop].view(-1, min(bs, stop - start)),
+        )
+
+    _scaled_steps(flat, absmax, bs, scheme.kind, emit)
+    return out.view(weight.shape)
 
 
 def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -165,21 +316,42 @@ def roundtrip(weight: torch.Tensor, scheme: Scheme, conv1d: bool = False) -> tor
     dequantize(quantize(W)). A ``conv1d`` (GPT-2) weight is quantized as the Linear bitsandbytes
     makes of it, transposed."""
     source = weight.t().contiguous() if conv1d else weight
-    return dequantize_parts(*quantize(source, scheme), scheme, tuple(weight.shape), conv1d)
+    if scheme.bits == 8:
+        return dequantize_parts(*quantize(source, scheme), scheme, tuple(weight.shape), conv1d)
+    result = _roundtrip_4bit(source, scheme)
+    return result.t().contiguous() if conv1d else result
 
 
-def bnb_linear_weights(config: dict, keys: list[str], where: object) -> dict[str, bool]:
-    """The weights among ``keys`` that transformers quantizes when it loads this model with
+def shapes_of(checkpoint) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in ``checkpoint`` (anything with ``keys`` and ``info``), by key."""
+    return {key: tuple(checkpoint.info(key).shape) for key in checkpoint.keys()}
+
+
+def bnb_linear_weights(config: dict, shapes: Mapping[str, tuple[int, ...]], where: object) -> dict[str, bool]:
+    """The weights among ``shapes``' keys that transformers quantizes when it loads this model with
     bitsandbytes, each mapped to whether it is a Conv1D; decided by transformers' own rules
     (``replace_with_bnb_linear``: ``nn.Linear`` and ``Conv1D`` modules outside
-    ``get_modules_to_not_convert``), on the model built from ``config`` without weights."""
+    ``get_modules_to_not_convert``). In the architectures whose layout surgeon knows
+    (:mod:`surgeon.architectures`) those rules name every Linear but the output embedding (tied
+    weights, the last parameter and the output head are all ``lm_head`` or the input embedding, and
+    they keep no module in fp32), which the names tell without transformers' seconds of imports;
+    tests/test_qlora.py holds the two answers equal. Any other model is built without weights."""
+    known = known_module_types(config, shapes)
+    if known is not None:
+        types, embeddings, _, _ = known
+        return {k: False for k, kind in types.items() if kind == "linear" and k not in embeddings}
+    return _built_linear_weights(config, list(shapes), where)
+
+
+def _built_linear_weights(config: dict, keys: list[str], where: object) -> dict[str, bool]:
+    """:func:`bnb_linear_weights` as transformers decides it on the model built on the meta device."""
     try:
         from transformers.pytorch_utils import Conv1D
         from transformers.quantizers.base import HfQuantizer
         from transformers.quantizers.quantizers_utils import should_convert_module
     except ImportError:
         raise SurgeonError("a quantized base is quantized by transformers' rules; install transformers.") from None
-    model = causal_lm(config, where, torch.device("meta"))
+    model = causal_lm(config, where, torch.device("meta"), as_saved=True)
     skipped = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
     prefix = model.base_model_prefix + "."
     found = {}
@@ -191,9 +363,11 @@ def bnb_linear_weights(config: dict, keys: list[str], where: object) -> dict[str
     return found
 
 
-def causal_lm(config: dict, where: object, device: torch.device) -> torch.nn.Module:
+def causal_lm(config: dict, where: object, device: torch.device, as_saved: bool = False) -> torch.nn.Module:
     """The causal LM ``config`` describes, built by transformers on ``device`` (on meta: no memory,
-    no weights; elsewhere: fp32, randomly initialised)."""
+    no weights; elsewhere: fp32, randomly initialised). ``as_saved``: the class config.json's
+    ``architectures`` names where transformers has it (a bare ``BertModel`` has a pooler, its causal
+    LM none), as loading the checkpoint with that class, or ``AutoModel``, builds it."""
     import transformers
 
     if not config.get("model_type"):
@@ -206,7 +380,10 @@ def causal_lm(config: dict, where: object, device: torch.device) -> torch.nn.Mod
     transformers.logging.set_verbosity_error()  # its remarks on a config are not surgeon's output
     try:
         built = transformers.AutoConfig.for_model(config["model_type"], **settings)
+        named = getattr(transformers, (config.get("architectures") or [""])[0], None) if as_saved else None
         with torch.device(device):
+            if isinstance(named, type) and issubclass(named, transformers.PreTrainedModel):
+                return named(built).float()
             return transformers.AutoModelForCausalLM.from_config(built, dtype=torch.float32)
     except (ValueError, KeyError, TypeError) as error:
         raise SurgeonError(

@@ -24,9 +24,11 @@ imported only to dequantize. bitsandbytes itself is never needed here, only as t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -56,7 +58,7 @@ NF4 = (
     1.0,
 )
 #: get_4bit_type("fp4") before it is divided by its largest magnitude (12): sign, 2 exponent bits, 1 mantissa bit.
-FP4_UNSCALED = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+FP4_UNSCALED = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _QUANT_STATE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>nf4|fp4)$")
@@ -275,23 +277,72 @@ def _table(quant_type: str) -> "torch.Tensor":
     return table.div_(table.abs().max())  # as bitsandbytes computes it, so the fp32 values are the same
 
 
-def _scale_blocks(values: "torch.Tensor", scales: "torch.Tensor", blocksize: int) -> "torch.Tensor":
-    """``values[i] * scales[i // blocksize]`` in fp32, in place; the last block may be short."""
+#: Elements per step of the blockwise arithmetic: a multiple of every blocksize, small enough that a
+#: step's temporaries stay in cache, large enough that torch's per-call overhead is a small part.
+STEP = 65536
+_workers: list[int] = []  # set by on_threads: how many threads in_steps spreads pieces over
+
+
+def on_threads(function: Callable) -> Callable:
+    """Run ``function`` with its steps (:func:`in_steps`) spread over torch's threads and every torch
+    operation on one core: torch's own threads, on the short operations between and within steps,
+    spin more than they work on a busy machine and would compete with the steps. Re-entrant."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        if _workers:
+            return function(*args, **kwargs)
+        threads = torch.get_num_threads()
+        _workers.append(threads)
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+            _workers.pop()
+
+    return wrapper
+
+
+def in_steps(full: int, make_worker: Callable[[], Callable[[int, int], None]]) -> None:
+    """Call a worker on each STEP-long piece ``(start, stop)`` of ``[0, full)``, on the threads
+    :func:`on_threads` grants (one outside it), each thread making its own worker (its own
+    buffers). Pieces never overlap, so the order they run in changes no result."""
+    workers = max(1, min(_workers[-1] if _workers else 1, -(-full // STEP)))
+
+    def run(first: int) -> None:
+        worker = make_worker()
+        for start in range(first * STEP, full, workers * STEP):
+            worker(start, min(start + STEP, full))
+
+    if workers == 1:
+        return run(0)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, range(workers)))
+
+
+def nested_scales(
+    codes: "torch.Tensor", table: "torch.Tensor", nested_absmax: "torch.Tensor", blocksize: int, offset: float
+) -> "torch.Tensor":
+    """Double quantization's 8-bit scales dequantized as bitsandbytes does (``dequantize_blockwise``
+    plus the offset), in fp32."""
+    import torch
+
+    values = torch.index_select(table, 0, codes.reshape(-1).int())
     full = values.numel() // blocksize * blocksize
-    values[:full].view(-1, blocksize).mul_(scales[: full // blocksize].view(-1, 1))
-    values[full:].mul_(scales[full // blocksize :])
-    return values
+    values[:full].view(-1, blocksize).mul_(nested_absmax[: full // blocksize].view(-1, 1))
+    values[full:].mul_(nested_absmax[full // blocksize :])
+    return values + torch.tensor(float(offset), dtype=torch.float32)
 
 
 def _absmax(weight: QuantizedWeight, read: Callable[[str], "torch.Tensor"]) -> "torch.Tensor":
-    import torch
-
     absmax = read(weight.parts["absmax"]).reshape(-1)
     if "nested_absmax" not in weight.parts:
         return absmax.float()
-    codes = read(weight.parts["nested_quant_map"]).reshape(-1)[absmax.long()]
-    scaled = _scale_blocks(codes, read(weight.parts["nested_absmax"]).reshape(-1), weight.state["nested_blocksize"])
-    return scaled + torch.tensor(float(weight.state["nested_offset"]), dtype=torch.float32)
+    table, nested = (read(weight.parts[p]).reshape(-1) for p in ("nested_quant_map", "nested_absmax"))
+    return nested_scales(absmax, table, nested, weight.state["nested_blocksize"], weight.state["nested_offset"])
 
 
 def _four_bit_values(weight: QuantizedWeight, read: Callable[[str], "torch.Tensor"], where: object) -> "torch.Tensor":
@@ -300,12 +351,32 @@ def _four_bit_values(weight: QuantizedWeight, read: Callable[[str], "torch.Tenso
     table = _table(weight.state["quant_type"])
     if not torch.equal(read(weight.parts["quant_map"]).reshape(-1), table):
         raise _bad(weight.key, where, f"has a quant_map that is not the {weight.state['quant_type']} table")
-    # One lookup per byte, in a table of (high nibble, low nibble) value pairs: no per-code index tensor.
+    # One lookup per byte, in a table of (high nibble, low nibble) value pairs (each pair's 8 bytes
+    # read as one int64: torch looks up single values several times faster than rows), scaled in
+    # fp32 and rounded to the weight's dtype as it is stored: fp32 (value × absmax), then cast, as bitsandbytes does.
     pairs = torch.stack([table.repeat_interleave(16), table.repeat(16)], dim=1)
+    pair_bits = pairs.view(torch.int64).view(-1)
     packed = read(weight.key).reshape(-1).view(torch.uint8)
-    values = pairs[packed.int()].view(-1)[: math.prod(weight.state["shape"])]
-    dequantized = _scale_blocks(values, _absmax(weight, read), weight.state["blocksize"])
-    return dequantized.to(getattr(torch, weight.dtype)).view(weight.state["shape"])
+    scales, blocksize = _absmax(weight, read), weight.state["blocksize"]
+    numel = math.prod(weight.state["shape"])
+    out = torch.empty(numel, dtype=getattr(torch, weight.dtype))
+    full = numel // blocksize * blocksize
+
+    def make_worker() -> Callable[[int, int], None]:
+        index, found = torch.empty(STEP // 2, dtype=torch.int32), torch.empty(STEP // 2, dtype=torch.int64)
+
+        def work(start: int, stop: int) -> None:
+            count, rows = (stop - start) // 2, slice(start // blocksize, stop // blocksize)
+            index[:count].copy_(packed[start // 2 : stop // 2])
+            values = torch.index_select(pair_bits, 0, index[:count], out=found[:count]).view(torch.float32)
+            torch.mul(values.view(-1, blocksize), scales[rows].view(-1, 1), out=out[start:stop].view(-1, blocksize))
+
+        return work
+
+    in_steps(full, make_worker)
+    tail = pairs[packed[full // 2 :].int()].view(-1)[: numel - full]
+    out[full:] = tail * scales[full // blocksize :]
+    return out.view(weight.state["shape"])
 
 
 def _eight_bit_values(weight: QuantizedWeight, read: Callable[[str], "torch.Tensor"], where: object) -> "torch.Tensor":
@@ -315,6 +386,7 @@ def _eight_bit_values(weight: QuantizedWeight, read: Callable[[str], "torch.Tens
     return read(weight.key) * read(weight.parts["scb"]).view(-1, 1) * 7.874015718698502e-3
 
 
+@on_threads
 def dequantize(weight: QuantizedWeight, read: Callable[[str], "torch.Tensor"], where: object) -> "torch.Tensor":
     """The float weight, bit for bit what bitsandbytes dequantizes it to (transposed back for Conv1D);
     ``read`` reads one stored tensor, ``where`` names the checkpoint in errors."""

@@ -6,17 +6,29 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from test_architectures_known import TINY
 
+from surgeon.architectures import LINEAR_DECODERS
 from surgeon.checkpoint import Checkpoint
 from surgeon.cli import main
 from surgeon.errors import SurgeonError
 from surgeon.ops.qlora import QuantizedBase
-from surgeon.quantize import Scheme, quantize_4bit, quantize_int8, roundtrip
+from surgeon.quantize import (
+    Scheme,
+    _built_linear_weights,
+    bnb_linear_weights,
+    quantize_4bit,
+    quantize_int8,
+    roundtrip,
+    shapes_of,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -51,6 +63,35 @@ def test_quantize_4bit_equals_bitsandbytes_bit_for_bit(quant_type, double, eager
         assert ours == json.loads(bytes(expected[f"quant_state.bitsandbytes__{quant_type}"].tolist()))
         dequantized = roundtrip(weight, Scheme(quant_type, double, blocksize))
         assert torch.equal(dequantized, F.dequantize_4bit(packed, state)), (shape, blocksize, dtype)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bits (torch.equal takes -0.0 for 0.0); other tensors as they are."""
+    if not tensor.is_floating_point():
+        return tensor
+    return tensor.view(torch.int32 if tensor.element_size() == 4 else torch.int16)
+
+
+@pytest.mark.parametrize("quant_type, double", [("nf4", True), ("fp4", False)])
+def test_quantizing_a_large_weight_is_bitsandbytes_bit_for_bit(quant_type, double, eager_bitsandbytes):
+    """A weight of many steps of the blockwise arithmetic, spread over threads, with all-zero blocks,
+    zeros of both signs and an all-zero short last block (whose absmax bitsandbytes clamps to 1e-38):
+    packed codes, every part's bits, and the round trip's bits (FP4's two zero codes dequantize to
+    zeros of a sign bitsandbytes' own CPU kernels disagree on: values there)."""
+    torch.manual_seed(1)
+    weight = torch.randn(130, 1001) * 0.05
+    flat = weight.view(-1)
+    flat[:128], flat[300:310], flat[-(130 * 1001 % 64) :] = 0.0, -0.0, 0.0
+    for dtype, blocksize in [(torch.bfloat16, 64), (torch.float32, 4096), (torch.float16, 128)]:
+        source = weight.to(dtype)
+        packed, state = F.quantize_4bit(source, blocksize=blocksize, compress_statistics=double, quant_type=quant_type)
+        expected = state.as_dict(packed=True)
+        parts, _ = quantize_4bit(source, Scheme(quant_type, double, blocksize))
+        assert torch.equal(parts.pop("weight"), packed), (dtype, blocksize)
+        for role, value in parts.items():
+            assert torch.equal(_bits(value.reshape(expected[role].shape)), _bits(expected[role])), (role, dtype)
+        ours, theirs = roundtrip(source, Scheme(quant_type, double, blocksize)), F.dequantize_4bit(packed, state)
+        assert torch.equal(_bits(ours), _bits(theirs)) if quant_type == "nf4" else torch.equal(ours, theirs)
 
 
 def test_quantize_int8_equals_bitsandbytes():
@@ -177,22 +218,64 @@ def test_qlora_merge_is_the_trained_model(qlora_trained, fixtures_dir, tmp_path,
     assert probe["max_logit_difference"] < 1e-5 and probe["naive_max_logit_difference"] > 1e-3, probe
 
 
+@pytest.mark.parametrize("options", [["--double-quant"], ["--blocksize", "128"]])
+def test_4bit_options_for_both_a_quantized_base_and_a_4bit_output_are_refused(options, fixtures_dir, tmp_path):
+    """Which of the two would --double-quant or --blocksize describe? Neither is guessed."""
+    error = _refused(fixtures_dir, tmp_path, ["--quantized-base", "nf4", "--dtype", "nf4", *options])
+    assert "both the quantized base and the 4-bit output" in error
+
+
+def test_quantized_base_of_a_bare_encoder_is_what_transformers_loads_in_4bit(fixtures_dir):
+    """A checkpoint saved from BertModel loads as BertModel (AutoModel, or its own class), whose
+    pooler is a Linear that bitsandbytes quantizes; its causal LM has no pooler."""
+    model = transformers.AutoModel.from_pretrained(
+        fixtures_dir / "tiny-bert", quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True)
+    )
+    expected = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    base = QuantizedBase(Checkpoint(fixtures_dir / "tiny-bert"), Scheme("nf4"))
+    assert "pooler.dense.weight" in expected and set(base.targets) == expected
+
+
+@pytest.mark.parametrize("architecture", sorted(LINEAR_DECODERS))
+def test_known_layouts_name_the_weights_transformers_quantizes(architecture, tmp_path):
+    """Read off the names (no transformers import) or decided by transformers on the built model:
+    the same weights, with the output head saved and tied away."""
+    for tied in (False, True):
+        config = transformers.AutoConfig.for_model(architecture.removesuffix("ForCausalLM").lower(), **TINY)
+        config.tie_word_embeddings = tied
+        getattr(transformers, architecture)(config).save_pretrained(tmp_path / str(tied))
+        checkpoint = Checkpoint(tmp_path / str(tied))
+        named = bnb_linear_weights(checkpoint.config(), shapes_of(checkpoint), "here")
+        assert named == _built_linear_weights(checkpoint.config(), checkpoint.keys(), "here") and named, tied
+
+
+def test_quantized_base_merge_of_a_known_layout_imports_no_transformers(fixtures_dir, tmp_path):
+    code = (
+        "import sys; from click.testing import CliRunner; from surgeon.cli import main; "
+        f"r = CliRunner().invoke(main, ['merge', {str(fixtures_dir / 'tiny-llama')!r}, "
+        f"{str(fixtures_dir / 'tiny-llama-lora')!r}, '-o', {str(tmp_path / 'out')!r}, '--quantized-base', 'nf4']); "
+        "print(r.exit_code, 'transformers' in sys.modules)"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.split()[-2:] == ["0", "False"], found.stdout + found.stderr
+
+
 @pytest.mark.parametrize("options", [["--double-quant"], ["--report"], ["--probe"], ["--blocksize", "128"]])
 def test_quantization_options_without_a_quantization_are_refused(options, fixtures_dir, tmp_path):
+    assert "nf4" in _refused(fixtures_dir, tmp_path, options)
+
+
+def _refused(fixtures_dir: Path, tmp_path: Path, options: list[str]) -> str:
+    """The one line a merge of the tiny Llama and its LoRA with ``options`` is refused with; nothing written."""
     result = CliRunner().invoke(
         main,
-        [
-            "merge",
-            str(fixtures_dir / "tiny-llama"),
-            str(fixtures_dir / "tiny-llama-lora"),
-            "-o",
-            str(tmp_path / "out"),
-            *options,
-        ],
+        ["merge", str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "o")]
+        + options,
     )
     lines = result.output.strip().splitlines()
-    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:") and "nf4" in lines[0]
-    assert not (tmp_path / "out").exists()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert not (tmp_path / "o").exists()
+    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -207,14 +290,7 @@ def test_quantization_options_without_a_quantization_are_refused(options, fixtur
 def test_options_the_output_quantization_does_not_use_are_refused(options, named, fixtures_dir, tmp_path):
     """int8 has no double quantization or blocksize (they were dropped without a word), and the
     report and probe need a quantized base even when the output is 4-bit (the refusal asked for nf4)."""
-    result = CliRunner().invoke(
-        main,
-        ["merge", str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "o")]
-        + options,
-    )
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 1 and len(lines) == 1 and named in lines[0], result.output
-    assert not (tmp_path / "o").exists()
+    assert named in _refused(fixtures_dir, tmp_path, options)
 
 
 def test_probe_of_a_model_without_a_language_model_head_names_the_head(fixtures_dir, tmp_path):

@@ -23,7 +23,7 @@ from surgeon.ops.merge import MergeReport, _deltas_by_key, merge, one_weight_eac
 from surgeon.ops.probe import check_probe
 from surgeon.ops.probe import probe as probe_logits
 from surgeon.ops.quantized_output import QUANTIZED_DTYPES, encoder_for, relative_distance
-from surgeon.quantize import Scheme, bnb_linear_weights, roundtrip
+from surgeon.quantize import Scheme, bnb_linear_weights, roundtrip, shapes_of
 
 
 class QuantizedBase:
@@ -40,7 +40,7 @@ class QuantizedBase:
             raise SurgeonError(f"a quantized base is nf4 or fp4 (QLoRA's 4-bit schemes), not {scheme.kind}.")
         self.original = base
         self.scheme = scheme
-        self.targets = bnb_linear_weights(base.config(), base.keys(), base.path)
+        self.targets = bnb_linear_weights(base.config(), shapes_of(base), base.path)
 
     def __getattr__(self, name: str):
         return getattr(self.original, name)  # keys, info, path, config, ...: those of the checkpoint
@@ -171,6 +171,12 @@ def _check_options(kind: str | None, output: Scheme | None, double_quant: bool, 
             "model as trained: merge into it without them)."
         )
     four_bit = kind is not None or (output is not None and output.bits == 4)
+    if kind is not None and output is not None and output.bits == 4 and (double_quant or blocksize != 64):
+        raise SurgeonError(
+            "double_quant and blocksize would describe both the quantized base and the 4-bit output; give them "
+            "with only one of the two (a quantized base written as bf16, fp16 or fp32, or a 4-bit output of a "
+            "16-bit base)."
+        )
     if not four_bit and (double_quant or blocksize != 64):
         raise SurgeonError(
             "double_quant and blocksize belong to 4-bit quantization; name a 4-bit quantized base or output "

@@ -20,7 +20,15 @@ from safetensors.torch import save_file
 
 from surgeon.checkpoint import StreamingWriter, TensorInfo
 from surgeon.checkpoint_files import SAFETENSORS_INDEX
-from surgeon.quantize import NESTED_BLOCKSIZE, Scheme, bnb_linear_weights, dequantize_parts, quantize, state_tensor
+from surgeon.quantize import (
+    NESTED_BLOCKSIZE,
+    Scheme,
+    bnb_linear_weights,
+    dequantize_parts,
+    quantize,
+    shapes_of,
+    state_tensor,
+)
 
 STATES_FILE = "model-quant-states.safetensors"
 #: The output dtypes that mean a bitsandbytes checkpoint.
@@ -38,9 +46,9 @@ class QuantizationError:
 class BnbEncoder:
     """Lays out and encodes the tensors of a bitsandbytes checkpoint quantized by ``scheme``."""
 
-    def __init__(self, scheme: Scheme, keys: list[str], config: dict, where: object):
+    def __init__(self, scheme: Scheme, shapes: dict[str, tuple[int, ...]], config: dict, where: object):
         self.scheme = scheme
-        self.targets = bnb_linear_weights(config, keys, where)
+        self.targets = bnb_linear_weights(config, shapes, where)
         self.states: dict[str, torch.Tensor] = {}
         self.errors: list[QuantizationError] = []
         self._squares = [0.0, 0.0]
@@ -151,4 +159,4 @@ def encoder_for(dtype: str, base, double_quant: bool = False, blocksize: int = 6
     """The encoder that writes ``base``'s model quantized when ``dtype`` is nf4, fp4 or int8; None otherwise."""
     if dtype not in QUANTIZED_DTYPES:
         return None
-    return BnbEncoder(Scheme(dtype, double_quant, blocksize), base.keys(), base.config(), base.path)
+    return BnbEncoder(Scheme(dtype, double_quant, blocksize), shapes_of(base), base.config(), base.path)
