@@ -321,8 +321,8 @@ def test_probe_of_a_merge_that_grows_the_vocabulary_or_unties(fixtures_dir, tmp_
     result = CliRunner().invoke(main, ["merge", base, str(prompt), lora, "-o", str(tmp_path / "o"), *options])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["probe"]["max_logit_difference"] < 1e-5
-    gpt2 = str(fixtures_dir / "tiny-gpt2")
-    result = CliRunner().invoke(main, ["merge", gpt2, str(prompt), "-o", str(tmp_path / "u"), *options, "--untie"])
+    gpt2, gpt2_prompt = str(fixtures_dir / "tiny-gpt2"), make_prompt_adapter("gpt2", tmp_path / "gpt2-prompt")[0]
+    result = CliRunner().invoke(main, ["merge", gpt2, str(gpt2_prompt), "-o", str(tmp_path / "u"), *options, "--untie"])
     assert result.exit_code == 1 and result.output.startswith("Error: probe") and not (tmp_path / "u").exists()
 
 
