@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
@@ -199,10 +199,13 @@ def transform_checkpoint(
 
         check_new_tokens(base.extra_files(), tokens, base.path)
     stored = encoder.layout(specs) if encoder else specs
-    with StreamingWriter(out, stored, shard_size=shard_size, metadata=metadata) as writer, ThreadPoolExecutor(1) as io:
+    with (
+        StreamingWriter(out, stored, shard_size=shard_size, metadata=metadata) as writer,
+        ThreadPoolExecutor(1) as io,
+        ThreadPoolExecutor(1) as reader,
+    ):
         in_flight: deque[Future] = deque()
-        for key, info in specs:
-            tensor = base.get(sources[key])
+        for (key, info), tensor in zip(specs, _read_ahead(reader, base, [sources[key] for key, _ in specs])):
             tensor = _grown(tensor, info.shape) if key in untied else tensor
             deltas = plan.get(key)
             while len(in_flight) > 1:
@@ -293,6 +296,19 @@ class _Planned:
 
     def info(self, key: str) -> TensorInfo:
         return self.specs[key]
+
+
+def _read_ahead(reader: ThreadPoolExecutor, base: Checkpoint, keys: list[str]) -> Iterator[torch.Tensor]:
+    """``base.get`` of each key in turn, the next one read while the caller computes with this one: reading
+    (page faults, and a QLoRA base's quantization round trip) then overlaps the merge arithmetic."""
+    pending = None
+    for key in keys:
+        upcoming = reader.submit(base.get, key)
+        if pending is not None:
+            yield pending.result()
+        pending = upcoming
+    if pending is not None:
+        yield pending.result()
 
 
 def _write(writer: StreamingWriter, encoder: "BnbEncoder | None", key: str, tensor: torch.Tensor) -> None:
