@@ -29,16 +29,25 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers.conversion_mapping")  # the stacked experts are transformers 5's
 
 
-def _olmoe():
-    config_class, fields, *_ = FAMILIES["olmoe"]
-    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**fields))
+def _family(name: str):
+    """A builder for one of test_gguf_archs' tiny MoE families."""
+
+    def build():
+        config_class, fields, *_ = FAMILIES[name]
+        return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**fields))
+
+    return build
 
 
-# name: (model builder, gguf architecture, the name convert_hf_to_gguf.py gives a stacked expert tensor)
+# name: (model builder, gguf architecture, the name convert_hf_to_gguf.py gives a stacked expert tensor, its
+# w1/w3/w2 names where they are not gate_proj/up_proj/down_proj, the PEFT targets of test_moe.CONFIGS: "all-linear"
+# puts LoRA on the router and the stacked experts of these; on Qwen2-MoE and DeepSeek only on modules)
 MOE = {
-    "mixtral": (_mixtral, "llama", "layers.{layer}.feed_forward.experts.{w}", {"gate": "w1", "up": "w3", "down": "w2"}),
+    "mixtral": (_mixtral, "llama", "layers.{layer}.feed_forward.experts.{w}", dict(gate="w1", up="w3", down="w2")),
     "qwen3_moe": (_qwen3_moe, "qwen3moe", "model.layers.{layer}.mlp.experts.{w}", None),
-    "olmoe": (_olmoe, "olmoe", "model.layers.{layer}.mlp.experts.{w}", None),
+    "olmoe": (_family("olmoe"), "olmoe", "model.layers.{layer}.mlp.experts.{w}", None),
+    "qwen2_moe": (_family("qwen2_moe"), "qwen2moe", "model.layers.{layer}.mlp.experts.{w}", None, "parameters"),
+    "deepseek_v3": (_family("deepseek_v3"), "deepseek2", "model.layers.{layer}.mlp.experts.{w}", None, "experts only"),
 }
 
 
@@ -52,7 +61,7 @@ def _base(name: str, root: Path) -> Path:
 
 def _expected_stems(name: str, layers: int, merged: dict, base: dict) -> dict[str, tuple[str, slice | None]]:
     """GGUF stem → (the model parameter whose rows it is, those rows) for every tensor PEFT changed."""
-    _, arch_name, stacked, wids = MOE[name]
+    _, arch_name, stacked, wids, *_ = MOE[name]
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     names = gguf.get_tensor_name_map(arch, layers)
     stems = {}
@@ -84,10 +93,10 @@ def _llama_permute(delta: torch.Tensor, key: str, config: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(MOE))
 def test_expert_lora_is_stacked_as_llama_cpp_applies_it_and_reads_back_to_peft(name, tmp_path):
-    base = _base(name, tmp_path)
+    base, targets = _base(name, tmp_path), (*MOE[name][4:], "all-linear")[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lora = peft_adapter(base, tmp_path / "peft")
+        lora = peft_adapter(base, tmp_path / "peft", targets)
         expected_logits = logits(lora)
         merged = {k: v.detach().clone() for k, v in lora.merge_and_unload().state_dict().items()}
         original = load(base).state_dict()
@@ -98,7 +107,8 @@ def test_expert_lora_is_stacked_as_llama_cpp_applies_it_and_reads_back_to_peft(n
     config = json.loads((base / "config.json").read_text())
     stems = _expected_stems(name, config["num_hidden_layers"], merged, original)
     assert None not in stems and sorted(pairs) == sorted(stems)
-    assert any("_exps." in stem for stem in stems) and any("ffn_gate_inp" in stem for stem in stems)
+    assert any("_exps." in stem for stem in stems)
+    assert targets != "all-linear" or any("ffn_gate_inp." in stem for stem in stems)  # the router: build_lora_mm
     alpha = float(fields["adapter.lora.alpha"])
     for stem, pair in pairs.items():
         key, rows = stems[stem]
