@@ -27,6 +27,7 @@ and the model builders: plain 2-D LoRA.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,14 @@ class _Layout:
 
     def expert_keys(self, name: str) -> list[tuple[int, str]]:
         """(expert, checkpoint key) of every expert stacked into the GGUF tensor ``name``, in expert order."""
-        return sorted((expert, key) for key, (stack, expert) in self.experts.items() if stack == name)
+        return self._expert_keys.get(name, [])
+
+    @functools.cached_property
+    def _expert_keys(self) -> dict[str, list[tuple[int, str]]]:
+        found: dict[str, list[tuple[int, str]]] = {}
+        for key, (name, expert) in sorted(self.experts.items(), key=lambda item: item[1]):
+            found.setdefault(name, []).append((expert, key))
+        return found
 
     def kind(self, key: str) -> tuple[str, str] | None:
         """The GGUF name of a base parameter and its MODEL_TENSOR member name, as gguf-py maps it."""
