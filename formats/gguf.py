@@ -13,11 +13,23 @@ applied to the factors too, so that ΔW in GGUF is the converter's transform of 
 (formats/gguf_names.py); without it attention would be silently wrong. The base's
 ``config.json`` gives the architecture, layer and head counts, so both reading and writing need
 ``--base``.
+
+MoE experts: the converter stacks a layer's per-expert tensors into one ``ffn_{gate,up,down}_exps``
+(experts × out × in; :func:`gguf_names.stacked_expert`), and ``convert_lora_to_gguf.py``'s
+``LoraTorchTensor`` follows ``torch.stack`` by stacking A and B apart: lora_a is experts × r × in and
+lora_b experts × out × r (numpy order), one r for all experts. llama.cpp's ``build_lora_mm_id``
+(src/llama-graph.cpp) computes ``mul_mat_id(b, mul_mat_id(a, x, ids), ids)`` scaled by alpha / b->ne[0],
+so ΔW[e] = alpha/r · lora_b[e] @ lora_a[e]; ``llama_adapter_lora_init_impl`` (src/llama-adapter.cpp) checks
+only in, out and r, so every expert of the base is written (zero where the adapter has none). The router
+(``ffn_gate_inp``) and a shared expert's gate are multiplied with ``build_lora_mm`` in ``build_moe_ffn``
+and the model builders: plain 2-D LoRA.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +37,9 @@ import torch
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError, missing_extra
+from surgeon.experts import ExpertLowRank, gather_experts
 from surgeon.formats import gguf_names
-from surgeon.formats.lora_only import differs, fold, most_common, pick_targets
+from surgeon.formats.lora_only import Picked, differs, fold, most_common, pick_targets
 
 NAME = "gguf"
 METADATA_PREFIX = "surgeon.metadata."
@@ -60,6 +73,28 @@ class _Layout:
         self.names = gguf.get_tensor_name_map(arch, self.counts(*gguf_names.LAYER_FIELDS))
         self.tied = bool(config.get("tie_word_embeddings", False))
         self.where = where
+        self.experts = self._stacked(base.keys())
+
+    def _stacked(self, keys) -> dict[str, tuple[str, int]]:
+        """checkpoint key → (GGUF name, expert) for the per-expert tensors the converter stacks into ``*_exps``."""
+        found = {}
+        for key in keys:
+            split = gguf_names.stacked_expert(key)
+            kind = self.kind(split[0]) if split else None
+            if kind is not None and kind[1] in gguf_names.EXPERTS:
+                found[key] = (kind[0], split[1])
+        return found
+
+    def expert_keys(self, name: str) -> list[tuple[int, str]]:
+        """(expert, checkpoint key) of every expert stacked into the GGUF tensor ``name``, in expert order."""
+        return self._expert_keys.get(name, [])
+
+    @functools.cached_property
+    def _expert_keys(self) -> dict[str, list[tuple[int, str]]]:
+        found: dict[str, list[tuple[int, str]]] = {}
+        for key, (name, expert) in sorted(self.experts.items(), key=lambda item: item[1]):
+            found.setdefault(name, []).append((expert, key))
+        return found
 
     def kind(self, key: str) -> tuple[str, str] | None:
         """The GGUF name of a base parameter and its MODEL_TENSOR member name, as gguf-py maps it."""
@@ -80,11 +115,17 @@ class _Layout:
                 f"{self.where}: {key!r} targets the output head of a base with tied embeddings, which llama.cpp "
                 "ignores; target the embedding instead."
             )
-        if kind in self.recipe.ignored or kind in gguf_names.EXPERTS:
-            why = "stacked experts" if kind in gguf_names.EXPERTS else "multiplied without adapters by llama.cpp"
+        if kind in gguf_names.EXPERTS:
             raise SurgeonError(
-                f"{self.where}: {key!r} is llama.cpp's {self.arch_name} {name!r} ({why}), where llama.cpp would not "
-                "apply a GGUF LoRA; leave it out of the adapter or merge it into the base (surgeon merge)."
+                f"{self.where}: {key!r} is llama.cpp's {self.arch_name} {name!r} (stacked experts), which surgeon "
+                "writes only from the base's per-expert tensors (experts.N...), as llama.cpp's converter stacks them; "
+                "merge it into the base instead (surgeon merge)."
+            )
+        if kind in self.recipe.ignored:
+            raise SurgeonError(
+                f"{self.where}: {key!r} is llama.cpp's {self.arch_name} {name!r} (multiplied without adapters by "
+                "llama.cpp), where llama.cpp would not apply a GGUF LoRA; leave it out of the adapter or merge it "
+                "into the base (surgeon merge)."
             )
         return name, kind
 
@@ -129,20 +170,46 @@ def _from_reader(tensor, gguf) -> torch.Tensor:
     )
 
 
-def _factors(layout: _Layout, target, factor: float) -> tuple[str, torch.Tensor, torch.Tensor, bool]:
-    """(GGUF name, lora_a, lora_b, whether rows were reordered) for one target, ``factor`` folded
-    into lora_b. llama.cpp computes ΔW = lora_b @ lora_a in its own layout (out×in), and
+@dataclass(frozen=True)
+class _Pair:
+    """One GGUF lora_a/lora_b pair before the runtime scale is settled: ``scale`` is the delta's own,
+    and llama.cpp's rank is lora_b's last numpy axis (``b->ne[0]``)."""
+
+    name: str
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    reordered: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.b.shape[-1])
+
+
+def _pair(layout: _Layout, target) -> _Pair:
+    """A 2-D target as llama.cpp computes it: ΔW = lora_b @ lora_a in its own layout (out×in), and
     ``get_rows(lora_a)`` then lora_b for the token embedding."""
     name, kind = layout.name(target.key)
     delta = target.delta
     if target.module_type == "embedding":
-        return name, delta.up, fold(delta.down, factor).T, False
+        return _Pair(name, delta.up, delta.down.T, delta.scale)
     if layout.transposed(kind, target.module_type, target.key):  # ΔW stored in×out: (up @ down)ᵀ
-        lora_a, lora_b = delta.up.T, fold(delta.down, factor).T
+        return _Pair(name, delta.up.T, delta.down.T, delta.scale)
+    order = layout.rows(kind, delta.up.shape[0], target.key)
+    return _Pair(name, delta.down, delta.up if order is None else delta.up[order], delta.scale, order is not None)
+
+
+def _pairs(layout: _Layout, adapter: Adapter) -> tuple[list[_Pair], list[str]]:
+    """Every pair the adapter becomes, and the notes on fitting it: per-expert deltas stacked as the
+    converter stacks their tensors (lora_a experts×r×in, lora_b experts×out×r), the rest one pair each."""
+    experts, rest = gather_experts(adapter, layout.experts, "cannot write GGUF")
+    if rest.deltas or not experts:
+        picked = pick_targets(rest, NAME, ("linear", "conv1d", "embedding"))
     else:
-        lora_a, lora_b = delta.down, fold(delta.up, factor)
-    order = layout.rows(kind, lora_b.shape[0], target.key)
-    return name, lora_a, lora_b if order is None else lora_b[order], order is not None
+        picked = Picked([], [], [])
+    pairs = [_pair(layout, t) for t in picked.targets]
+    pairs += [_Pair(name, delta.down, delta.up, delta.scale) for name, delta in sorted(experts.items())]
+    return pairs, picked.notes
 
 
 def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
@@ -150,9 +217,8 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     into lora_b, and the notes say so."""
     gguf = _gguf()
     layout = _Layout(base, "cannot write GGUF")
-    picked = pick_targets(adapter, NAME, ("linear", "conv1d", "embedding"))
-    targets = picked.targets
-    alpha = most_common(t.delta.scale * t.delta.rank for t in targets)
+    pairs, notes = _pairs(layout, adapter)
+    alpha = most_common(p.scale * p.rank for p in pairs)
     writer = gguf.GGUFWriter(str(staging), layout.arch_name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -162,27 +228,25 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     for key, value in sorted(adapter.metadata.items()):
         if key != "format":
             writer.add_string(METADATA_PREFIX + key, value)
-    folded, reordered = 0, 0
-    for t in targets:
-        factor = t.delta.scale * t.delta.rank / float(np.float32(alpha))
+    folded = 0
+    for pair in pairs:
+        factor = pair.scale * pair.rank / float(np.float32(alpha))
         factor = factor if differs(factor, 1.0) else 1.0
         folded += factor != 1.0
-        name, lora_a, lora_b, moved = _factors(layout, t, factor)
-        reordered += moved
-        for suffix, tensor in ((".lora_a", lora_a), (".lora_b", lora_b)):
+        for suffix, tensor in ((".lora_a", pair.a), (".lora_b", fold(pair.b, factor))):
             array, raw_dtype = _to_numpy(tensor, gguf)
-            writer.add_tensor(name + suffix, array, raw_dtype=raw_dtype)
+            writer.add_tensor(pair.name + suffix, array, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
 
-    notes = picked.notes
     if folded:
         notes.append(
-            f"{folded} of {len(targets)} modules have a scale other than alpha/rank with alpha={float(alpha):g} "
+            f"{folded} of {len(pairs)} modules have a scale other than alpha/rank with alpha={float(alpha):g} "
             "(rsLoRA or per-module alphas); it is folded into their lora_b."
         )
+    reordered = sum(p.reordered for p in pairs)
     if reordered:
         notes.append(
             f"lora_b of {reordered} modules reordered by rows, as llama.cpp's converter reorders those "
@@ -248,19 +312,45 @@ def read(path: Path, base=None) -> Adapter:
     config = {k: v for k, v in fields.items() if k.startswith(("general.", "adapter.")) and not isinstance(v, list)}
     adapter = Adapter(source_format=NAME, base_model=fields.get(BASE_MODEL_KEY), config=config, metadata=metadata)
     for stem, pair in pairs.items():
-        if stem not in keys:
+        experts = layout.expert_keys(stem)
+        if stem not in keys and not experts:
             raise SurgeonError(
                 f"{path}: tensor {stem!r} matches no parameter of the base model; the adapter was made for another "
                 "model."
             )
         if len(pair) != 2:
             raise SurgeonError(f"{path}: {stem!r} has only one of lora_a and lora_b; the file is incomplete.")
-        key, a, b = keys[stem], pair["lora_a"], pair["lora_b"]
+        a, b = pair["lora_a"], pair["lora_b"]
+        if experts:
+            _read_experts(adapter, experts, stem, a, b, alpha, path)
+            continue
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] < 1:
             raise SurgeonError(
                 f"{path}: {stem!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, not matrices "
                 "of a positive rank; the file is damaged."
             )
-        scale = alpha / int(b.shape[1]) if alpha else 1.0
-        adapter.add(key, *_delta(layout, key, a, b, scale))
+        key = keys[stem]
+        adapter.add(key, *_delta(layout, key, a, b, _scale(alpha, b)))
     return adapter
+
+
+def _scale(alpha: float, b: torch.Tensor) -> float:
+    """llama.cpp's runtime scale: alpha / rank (lora_b's last numpy axis, ``b->ne[0]``), or 1 without alpha."""
+    return alpha / int(b.shape[-1]) if alpha else 1.0
+
+
+def _read_experts(adapter: Adapter, experts: list[tuple[int, str]], stem: str, a, b, alpha: float, path: Path) -> None:
+    """A stacked ``*_exps`` pair as each expert's delta on its own checkpoint tensor (``experts``: (expert,
+    key) in order), the converter's stacking undone."""
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != len(experts) or b.shape[0] != len(experts) or b.shape[2] < 1:
+        raise SurgeonError(
+            f"{path}: {stem!r} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)}, not {len(experts)} "
+            "experts' stacked factors of a positive rank (experts×r×in and experts×out×r); the file is damaged."
+        )
+    if a.shape[1] != b.shape[2]:
+        raise SurgeonError(
+            f"{path}: {stem!r} has lora_a of rank {a.shape[1]} but lora_b of rank {b.shape[2]}; the file is damaged."
+        )
+    delta = ExpertLowRank(down=a.contiguous(), up=b.contiguous(), scale=_scale(alpha, b))
+    for expert, key in experts:
+        adapter.add(key, delta.expert_rows(expert, 0, delta.shape[1]), "MoE expert")

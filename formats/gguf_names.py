@@ -18,6 +18,7 @@ lora_B gets exactly the rows the converter gives the base weight.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,9 +37,14 @@ ALIASES = {
     "deepseek_v3": "deepseek2",
 }
 
-#: gguf-py MODEL_TENSOR members holding stacked experts: llama.cpp takes 3-D expert LoRA there,
-#: which surgeon does not write.
+#: gguf-py MODEL_TENSOR members holding stacked experts (experts × out × in): llama.cpp's
+#: ``build_lora_mm_id`` applies a 3-D LoRA there, which surgeon writes from the checkpoint's
+#: per-expert tensors (:func:`stacked_expert`), never from a delta on a stacked tensor itself.
 EXPERTS = frozenset({"FFN_GATE_EXP", "FFN_UP_EXP", "FFN_DOWN_EXP", "FFN_GATE_UP_EXP"})
+
+#: A per-expert checkpoint tensor: ``model.layers.0.mlp.experts.3.gate_proj.weight`` (Qwen2/3-MoE, OLMoE,
+#: DeepSeek) or ``model.layers.0.block_sparse_moe.experts.3.w1.weight`` (Mixtral).
+_PER_EXPERT = re.compile(r"^(?P<stem>.+\.experts)\.(?P<expert>\d+)\.(?P<weight>[^.]+\.weight)$")
 
 LAYER_FIELDS = ("n_layers", "num_hidden_layers", "n_layer", "num_layers")  # TextModel's block_count lookup
 
@@ -174,3 +180,18 @@ def row_order(recipe: Recipe, kind: str, rows: int, counts: Counts, what: str) -
             "gives; the base does not fit the adapter."
         )
     return order
+
+
+def stacked_expert(key: str) -> tuple[str, int] | None:
+    """(the stacked tensor's name, the expert) for a per-expert checkpoint key, or None.
+
+    llama.cpp's converter stacks the experts of a layer with ``torch.stack(dim=0)`` (expert e is
+    row-block e) and names the stack by the key without the expert number: ``Qwen2MoeModel``,
+    ``OlmoeModel`` and ``DeepseekV2Model.modify_tensors`` map ``…mlp.experts.{xid}.{w_name}.weight`` to
+    ``…mlp.experts.{w_name}.weight``; ``LlamaModel.modify_tensors`` (Mixtral) maps
+    ``…block_sparse_moe.experts.{xid}.{wid}.weight`` to ``layers.{bid}.feed_forward.experts.{wid}.weight``,
+    which gguf-py maps to the same tensor as ``…block_sparse_moe.experts.{wid}``. A transformers 5
+    ``gate_up_proj`` (experts × 2·I × H) is saved as these per-expert gate and up tensors, and the
+    converter splits a fused one the same way (``Qwen2MoeModel``: gate = rows [:I], up = rows [I:])."""
+    match = _PER_EXPERT.match(key)
+    return None if match is None else (f"{match['stem']}.{match['weight']}", int(match["expert"]))

@@ -9,11 +9,12 @@ fused gate/up projection), so a merge gives each of those tensors its expert's r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 
 import torch
 
-from surgeon.delta import FACTOR_DTYPES, Delta, LowRank, Shape, promoted_dtype
+from surgeon.delta import FACTOR_DTYPES, Adapter, Delta, LowRank, Shape, promoted_dtype
 from surgeon.errors import SurgeonError
 
 
@@ -80,13 +81,32 @@ def fuse_experts(pieces: dict[int, list[tuple[int, int, Delta]]], shape: Shape, 
     return ExpertLowRank(down.to(dtype), up.to(dtype), scale)
 
 
+def gather_experts(adapter: Adapter, stacked: dict[str, tuple[str, int]], where: str) -> tuple[dict, Adapter]:
+    """(stacked name → one :class:`ExpertLowRank`) for the adapter's deltas on per-expert tensors that a
+    consumer stacks whole (``stacked``: checkpoint key → (stacked name, expert)), and the adapter without
+    them. A stack has as many experts as ``stacked`` gives it; experts without a delta are zero."""
+    taken = sorted(key for key in adapter.deltas if key in stacked)
+    pieces: dict[str, dict[int, list]] = {}
+    for key in taken:
+        name, expert = stacked[key]
+        for delta in adapter.deltas[key]:
+            pieces.setdefault(name, {}).setdefault(expert, []).append((0, delta.shape[0], delta))
+    counts = Counter(name for name, _ in stacked.values())
+    fused = {
+        name: fuse_experts(found, (counts[name], *next(iter(found.values()))[0][2].shape), f"{where}: {name}")
+        for name, found in pieces.items()
+    }
+    rest = {k: v for k, v in adapter.deltas.items() if k not in stacked}
+    return fused, replace(adapter, deltas=rest, module_types={k: adapter.module_types.get(k, "linear") for k in rest})
+
+
 def _fuse_expert(found: list[tuple[int, int, Delta]], rows: int, where: str) -> tuple:
     lows = [(start, stop, delta.factored()) for start, stop, delta in found]
     bad = next((d for _, _, d in found if d.factored() is None or d.factored().is_dora), None)
     if bad is not None:
         raise SurgeonError(
-            f"{where}: one expert of a stacked MoE parameter has {bad.label}, and PEFT puts only plain LoRA on "
-            "stacked experts; merge it into the base instead (surgeon merge)."
+            f"{where}: one expert of a stacked MoE parameter has {bad.label}, and stacked experts hold only plain "
+            "LoRA (PEFT, mlx-lm, llama.cpp); merge it into the base instead (surgeon merge)."
         )
     first = lows[0][2]
     if all(low.scale == first.scale and torch.equal(low.down, first.down) for _, _, low in lows):

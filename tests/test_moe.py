@@ -166,13 +166,6 @@ def test_extracted_adapter_loads_in_peft_as_the_tuned_model(budget, bases, tmp_p
     torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_expert_lora_is_refused_by_name_for_gguf(bases, tmp_path):
-    """GGUF's ffn_*_exps stack experts too, but no llama.cpp here can check such a file: refused, not guessed."""
-    peft_adapter(bases["mixtral"], tmp_path / "adapter")
-    out = refused("convert", tmp_path / "adapter", "--to", "gguf", "--base", bases["mixtral"], "-o", tmp_path / "x")
-    assert "experts.0.w1.weight" in out and "MoE expert" in out and not (tmp_path / "x").exists()
-
-
 def test_mlx_lm_runs_expert_lora_as_peft_does(bases, tmp_path):
     """Stacked experts become mlx-lm's LoRASwitchLinear on switch_mlp (named by mlx-lm's own sanitize).
     Mixtral only: mlx-lm 0.32 cannot build Qwen3-MoE from the config transformers 5 saves (no rope_theta)."""
