@@ -411,3 +411,33 @@ def test_factors_whose_ranks_differ_are_named(base, adapter, tmp_path):
     assert_refused(
         run("merge", base, adapter, "-o", tmp_path / "out"), "'model.layers.0.self_attn.q_proj'", "ranks differ"
     )
+
+
+# -- found by tests/test_fuzz.py ------------------------------------------------------------------
+
+
+def _delta(adapter: Path, key: str) -> torch.Tensor:
+    from surgeon.formats import read_adapter
+
+    return sum(d.materialize() for d in read_adapter(adapter).deltas[key])
+
+
+def test_svd_of_factors_whose_norms_pass_fp32_is_exact(adapter, tmp_path):
+    """A factor row of entries near fp32's largest: its norm overflows fp32 but ΔW does not, so the
+    SVD (resize, compose --method svd) is done in fp64 instead of failing to converge."""
+    key = "model.layers.0.self_attn.q_proj.weight"
+    edit_tensors(adapter, lambda t: t[f"base_model.model.{key[:-7]}.lora_A.weight"][0, :4].fill_(3e38))
+    result = run("resize", adapter, "--rank", "8", "-o", tmp_path / "out")
+    assert result.exit_code == 0, (result.output, result.exception)
+    expected, found = _delta(adapter, key), _delta(tmp_path / "out", key)
+    assert torch.isfinite(found).all() and torch.allclose(found, expected, rtol=1e-4, atol=expected.abs().max() * 1e-5)
+
+
+@pytest.mark.parametrize("method", ["svd", "linear"])
+def test_composition_beyond_the_factors_dtype_is_refused(adapter, tmp_path, method):
+    """fp16 factors times a weight fp32 holds: the composed factors overflow fp16 and are refused, not
+    written as Inf."""
+    edit_tensors(adapter, lambda t: t.update({k: v.half() for k, v in t.items()}))
+    result = run("compose", adapter, "-w", "1e30", "--method", method, "-o", tmp_path / "out")
+    assert_refused(result, "beyond the range of its dtype")
+    assert not (tmp_path / "out").exists()
