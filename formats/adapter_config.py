@@ -50,6 +50,14 @@ def check_number(value, file: Path, field: str) -> float:
     return float(value)
 
 
+def check_name(value, file: Path, field: str) -> str | None:
+    """The base model a producer recorded (``base_model_name_or_path``, AdapterHub's ``model_name``):
+    null or a name or path, which compose compares and writers copy on."""
+    if value is not None and not isinstance(value, str):
+        raise _fail(file, field, value, "the base model's name or path (a string) or null")
+    return value
+
+
 def _check_regex(pattern, file: Path, field: str) -> None:
     if not isinstance(pattern, str):
         raise _fail(file, field, pattern, "a module name or regex (a string)")
@@ -104,6 +112,7 @@ def check_peft(config: dict, file: Path) -> None:
     seed = config.get("projection_prng_key", 0)  # VeRA regenerates its projections from it
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise _fail(file, "projection_prng_key", seed, "an integer seed")
+    check_name(config.get("base_model_name_or_path"), file, "base_model_name_or_path")
     check_modules(config.get("target_modules"), file, "target_modules", allow_empty=False)
     check_modules(config.get("feedforward_modules"), file, "feedforward_modules", allow_empty=True)
 

@@ -441,3 +441,35 @@ def test_composition_beyond_the_factors_dtype_is_refused(adapter, tmp_path, meth
     result = run("compose", adapter, "-w", "1e30", "--method", method, "-o", tmp_path / "out")
     assert_refused(result, "beyond the range of its dtype")
     assert not (tmp_path / "out").exists()
+
+
+def _edit_json(file: Path, change) -> None:
+    config = json.loads(file.read_text())
+    change(config)
+    file.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "kind, field",
+    [("peft", "base_model_name_or_path"), ("adapterhub", "model_name"), ("sparse", "base_model_name_or_path")],
+)
+def test_a_recorded_base_model_that_is_not_a_string_is_named(fixtures_dir, base, tmp_path, kind, field):
+    """compose compares the recorded base names; a number or an object there is the config's fault."""
+    source = {"peft": fixtures_dir / "tiny-llama-lora", "adapterhub": fixtures_dir / "adapterhub" / "llama-lora"}
+    if kind == "sparse":
+        made = run(
+            "compose", source["peft"], "--method", "ties", "--density", "0.5", "--as", "sparse", "-o", tmp_path / "a"
+        )
+        assert made.exit_code == 0, made.output
+    else:
+        shutil.copytree(source[kind], tmp_path / "a")
+    config = next((tmp_path / "a").glob("*config.json"))
+    _edit_json(config, lambda c: c.update({field: {"name": 1}}))
+    assert_refused(run("compose", tmp_path / "a", tmp_path / "a", "-o", tmp_path / "out"), field, "a string")
+
+
+@pytest.mark.parametrize("field, value", [("r", "4"), ("r", None), ("alpha", float("inf")), ("alpha", [2])])
+def test_adapterhub_rank_and_alpha_are_checked(fixtures_dir, base, tmp_path, field, value):
+    adapter = Path(shutil.copytree(fixtures_dir / "adapterhub" / "llama-lora", tmp_path / "a"))
+    _edit_json(adapter / "adapter_config.json", lambda c: c["config"].update({field: value}))
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), f"config.{field}")
