@@ -72,6 +72,14 @@ def _edit_entry(field: str, value):
     return corrupt
 
 
+def _shift_last(raw: bytes, by: int) -> bytes:
+    """The last tensor's offsets moved by ``by`` bytes: sizes still fit, the layout does not."""
+    header, data = header_of(raw)
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    header[last]["data_offsets"] = [o + by for o in header[last]["data_offsets"]]
+    return with_header(header, data)
+
+
 CORRUPTIONS = {
     "truncated": lambda raw: raw[: len(raw) // 2],
     "empty": lambda raw: b"",
@@ -80,7 +88,8 @@ CORRUPTIONS = {
     "header not utf-8": lambda raw: raw[:9] + b"\xff" + raw[10:],
     "offsets out of range": _edit_entry("data_offsets", lambda o: [o[0], o[1] + 10**6]),
     "shape beyond the data": _edit_entry("shape", lambda s: [10**6, 10**6]),
-    "unknown dtype": _edit_entry("dtype", lambda d: "Q7"),
+    "bytes left over": lambda raw: raw + b"\0" * 8,
+    "tensors overlap": lambda raw: _shift_last(raw, -4),
 }
 
 
@@ -108,12 +117,53 @@ def test_corrupt_adapter_file_is_not_a_valid_safetensors_file(base, adapter, tmp
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("corruption", ["truncated", "offsets out of range", "unknown dtype"])
-def test_corrupt_base_file_gets_the_same_error(base, adapter, tmp_path, corruption):
+@pytest.mark.parametrize("corruption", ["truncated", "offsets out of range", "bytes left over", "tensors overlap"])
+@pytest.mark.parametrize("command", ["inspect", "merge"])
+def test_corrupt_base_file_gets_the_same_error(base, adapter, tmp_path, corruption, command):
+    """``inspect`` reads a checkpoint's header alone, merge reads its tensors: one check, one error."""
     copy = Path(shutil.copytree(base, tmp_path / "base"))
     file = copy / "model.safetensors"
     file.write_bytes(CORRUPTIONS[corruption](file.read_bytes()))
-    assert_refused(run("merge", copy, adapter, "-o", tmp_path / "out"), f"{file}: not a valid safetensors file")
+    args = ["inspect", copy] if command == "inspect" else ["merge", copy, adapter, "-o", tmp_path / "out"]
+    assert_refused(run(*args), f"{file}: not a valid safetensors file")
+
+
+#: Bytes per element of each dtype a test writes in place of F32 (Q7 is no safetensors dtype at all).
+_WIDTHS = {"U16": 2, "C64": 8, "Q7": 4}
+
+
+def _retype(file: Path, key: str, dtype: str) -> None:
+    """``key`` stored as ``dtype`` over the same bytes (the last dimension rescaled): a valid file
+    but for the dtype."""
+    header, data = header_of(file.read_bytes())
+    entry = header[key]
+    entry["dtype"], entry["shape"][-1] = dtype, entry["shape"][-1] * 4 // _WIDTHS[dtype]
+    file.write_bytes(with_header(header, data))
+
+
+@pytest.mark.parametrize("dtype", _WIDTHS)
+@pytest.mark.parametrize("where", ["checkpoint", "adapter"])
+@pytest.mark.parametrize("command", ["inspect", "merge"])
+def test_a_dtype_surgeon_does_not_read_has_one_wording_on_every_path(base, adapter, tmp_path, dtype, where, command):
+    """One rule (surgeon/header.py): a dtype surgeon does not read is named as such, whether the
+    safetensors library knows it (U16, C64) or not (Q7), by header-only inspect and by the readers."""
+    if where == "checkpoint":
+        target = Path(shutil.copytree(base, tmp_path / "base"))
+        file, key = target / "model.safetensors", "model.norm.weight"
+    else:
+        target, file = adapter, adapter / "adapter_model.safetensors"
+        key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _retype(file, key, dtype)
+    pair = [target, adapter] if where == "checkpoint" else [base, target]
+    args = ["inspect", target] if command == "inspect" else ["merge", *pair, "-o", tmp_path / "out"]
+    assert_refused(run(*args), f"{file}: tensor {key!r} has dtype {dtype}, which surgeon does not handle")
+
+
+def test_the_reader_and_the_header_list_the_same_dtypes():
+    from surgeon.checkpoint import _DTYPES_BY_NAME
+    from surgeon.header import ITEM_SIZES
+
+    assert {name: dtype.itemsize for name, dtype in _DTYPES_BY_NAME.items()} == ITEM_SIZES
 
 
 # -- item 5: nothing non-finite is ever written with exit 0 --------------------------------------------
