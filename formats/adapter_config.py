@@ -131,6 +131,7 @@ def check_mlx(config: dict, file: Path) -> dict:
     layers = config.get("num_layers")
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int)):
         raise _fail(file, "num_layers", layers, "an integer (-1 for all blocks)")
+    check_name(config.get("model"), file, "model")
     if not isinstance(config.get("fine_tune_type", "lora"), str):
         raise _fail(file, "fine_tune_type", config["fine_tune_type"], '"lora" or "dora"')
     return parameters

@@ -136,7 +136,8 @@ class Checkpoint:
         return found
 
     def _read_bytes(self, keys: list[str]) -> dict[str, bytes]:
-        return {key: self._read(key).numpy().tobytes() for key in keys}
+        """The stored bytes, whatever the dtype says (numpy has no float8), as surgeon.header reads them."""
+        return {key: self._read(key).reshape(-1).view(torch.uint8).numpy().tobytes() for key in keys}
 
     def keys(self) -> list[str]:
         return list(self._info)

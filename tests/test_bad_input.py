@@ -501,21 +501,25 @@ def _edit_json(file: Path, change) -> None:
 
 @pytest.mark.parametrize(
     "kind, field",
-    [("peft", "base_model_name_or_path"), ("adapterhub", "model_name"), ("sparse", "base_model_name_or_path")],
+    [
+        ("peft", "base_model_name_or_path"),
+        ("adapterhub", "model_name"),
+        ("sparse", "base_model_name_or_path"),
+        ("mlx", "model"),
+    ],
 )
 def test_a_recorded_base_model_that_is_not_a_string_is_named(fixtures_dir, base, tmp_path, kind, field):
     """compose compares the recorded base names; a number or an object there is the config's fault."""
-    source = {"peft": fixtures_dir / "tiny-llama-lora", "adapterhub": fixtures_dir / "adapterhub" / "llama-lora"}
-    if kind == "sparse":
-        made = run(
-            "compose", source["peft"], "--method", "ties", "--density", "0.5", "--as", "sparse", "-o", tmp_path / "a"
-        )
-        assert made.exit_code == 0, made.output
-    else:
-        shutil.copytree(source[kind], tmp_path / "a")
-    config = next((tmp_path / "a").glob("*config.json"))
-    _edit_json(config, lambda c: c.update({field: {"name": 1}}))
-    assert_refused(run("compose", tmp_path / "a", tmp_path / "a", "-o", tmp_path / "out"), field, "a string")
+    peft, out = fixtures_dir / "tiny-llama-lora", tmp_path / "a"
+    made = {
+        "peft": lambda: shutil.copytree(peft, out),
+        "adapterhub": lambda: shutil.copytree(fixtures_dir / "adapterhub" / "llama-lora", out),
+        "sparse": lambda: run("compose", peft, "--method", "ties", "--density", "0.5", "--as", "sparse", "-o", out),
+        "mlx": lambda: run("convert", peft, "--to", "mlx", "-o", out),
+    }[kind]()
+    assert getattr(made, "exit_code", 0) == 0, made.output
+    _edit_json(next(out.glob("*config.json")), lambda c: c.update({field: {"name": 1}}))
+    assert_refused(run("compose", out, out, "-o", tmp_path / "out"), field, "a string")
 
 
 @pytest.mark.parametrize("field, value", [("r", "4"), ("r", None), ("alpha", float("inf")), ("alpha", [2])])
@@ -523,3 +527,22 @@ def test_adapterhub_rank_and_alpha_are_checked(fixtures_dir, base, tmp_path, fie
     adapter = Path(shutil.copytree(fixtures_dir / "adapterhub" / "llama-lora", tmp_path / "a"))
     _edit_json(adapter / "adapter_config.json", lambda c: c["config"].update({field: value}))
     assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), f"config.{field}")
+
+
+def test_a_bnb_quant_state_stored_under_another_dtype_is_read_as_its_bytes(base, tmp_path):
+    """A quant state is JSON in a byte tensor; the header-only inspect reads its bytes whatever the
+    dtype says, and so does the reader (numpy has no float8)."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+
+    options = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, quantization_config=options, device_map="cpu")
+    model.save_pretrained(tmp_path / "bnb")
+    file = tmp_path / "bnb" / "model.safetensors"
+    header, data = header_of(file.read_bytes())
+    state = next(k for k in header if ".quant_state." in k)
+    header[state]["dtype"] = "F8_E5M2"
+    file.write_bytes(with_header(header, data))
+    assert run("inspect", tmp_path / "bnb").exit_code == 0
+    result = run("extract", base, tmp_path / "bnb", "--rank", "2", "-o", tmp_path / "out")
+    assert result.exit_code == 0, (result.output, result.exception)
