@@ -115,6 +115,9 @@ def check_peft(config: dict, file: Path) -> None:
     check_name(config.get("base_model_name_or_path"), file, "base_model_name_or_path")
     check_modules(config.get("target_modules"), file, "target_modules", allow_empty=False)
     check_modules(config.get("feedforward_modules"), file, "feedforward_modules", allow_empty=True)
+    saved = config.get("modules_to_save")
+    if saved is not None and (not isinstance(saved, list) or not all(isinstance(m, str) for m in saved)):
+        raise _fail(file, "modules_to_save", saved, "a list of module names or null")
 
 
 def check_mlx(config: dict, file: Path) -> dict:

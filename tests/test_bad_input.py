@@ -522,6 +522,12 @@ def test_a_recorded_base_model_that_is_not_a_string_is_named(fixtures_dir, base,
     assert_refused(run("compose", out, out, "-o", tmp_path / "out"), field, "a string")
 
 
+@pytest.mark.parametrize("saved", [1, "lm_head", [None]])
+def test_modules_to_save_that_is_not_a_list_of_names_is_named(adapter, tmp_path, saved):
+    edit_config(adapter, modules_to_save=saved)
+    assert_refused(run("convert", adapter, "--to", "peft", "-o", tmp_path / "out"), "modules_to_save", "a list")
+
+
 @pytest.mark.parametrize("field, value", [("r", "4"), ("r", None), ("alpha", float("inf")), ("alpha", [2])])
 def test_adapterhub_rank_and_alpha_are_checked(fixtures_dir, base, tmp_path, field, value):
     adapter = Path(shutil.copytree(fixtures_dir / "adapterhub" / "llama-lora", tmp_path / "a"))

@@ -339,6 +339,7 @@ def _check(result, case: str, out_parent: Path) -> None:
     assert "Traceback" not in result.output, f"{case}: {result.output}"
     if result.exit_code != 0:
         assert result.output.startswith(("Error: ", "Usage: ")), f"{case}: {result.output}"
+        assert result.output.startswith("Usage: ") or result.output.count("\n") == 1, f"{case}: {result.output}"
         assert not any(out_parent.iterdir()), f"{case}: left {[p.name for p in out_parent.iterdir()]} after failing"
 
 
