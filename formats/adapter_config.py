@@ -50,6 +50,14 @@ def check_number(value, file: Path, field: str) -> float:
     return float(value)
 
 
+def check_name(value, file: Path, field: str) -> str | None:
+    """The base model a producer recorded (``base_model_name_or_path``, AdapterHub's ``model_name``):
+    null or a name or path, which compose compares and writers copy on."""
+    if value is not None and not isinstance(value, str):
+        raise _fail(file, field, value, "the base model's name or path (a string) or null")
+    return value
+
+
 def _check_regex(pattern, file: Path, field: str) -> None:
     if not isinstance(pattern, str):
         raise _fail(file, field, pattern, "a module name or regex (a string)")
@@ -104,10 +112,14 @@ def check_peft(config: dict, file: Path) -> None:
     seed = config.get("projection_prng_key", 0)  # VeRA regenerates its projections from it
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise _fail(file, "projection_prng_key", seed, "an integer seed")
+    check_name(config.get("base_model_name_or_path"), file, "base_model_name_or_path")
     # PEFT saves target_modules empty where an adapter targets only parameters (target_parameters)
     bare = bool(config.get("target_parameters"))
     check_modules(config.get("target_modules"), file, "target_modules", allow_empty=bare)
     check_modules(config.get("feedforward_modules"), file, "feedforward_modules", allow_empty=True)
+    saved = config.get("modules_to_save")
+    if saved is not None and (not isinstance(saved, list) or not all(isinstance(m, str) for m in saved)):
+        raise _fail(file, "modules_to_save", saved, "a list of module names or null")
 
 
 def check_mlx(config: dict, file: Path) -> dict:
@@ -124,6 +136,7 @@ def check_mlx(config: dict, file: Path) -> dict:
     layers = config.get("num_layers")
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int)):
         raise _fail(file, "num_layers", layers, "an integer (-1 for all blocks)")
+    check_name(config.get("model"), file, "model")
     if not isinstance(config.get("fine_tune_type", "lora"), str):
         raise _fail(file, "fine_tune_type", config["fine_tune_type"], '"lora" or "dora"')
     return parameters

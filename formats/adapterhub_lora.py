@@ -27,7 +27,8 @@ import torch
 
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
-from surgeon.formats.layouts import ADAPTERHUB_HEAD
+from surgeon.formats.adapter_config import check_name, check_number, check_rank
+from surgeon.formats.layouts import ADAPTERHUB_CONFIG, ADAPTERHUB_HEAD
 from surgeon.keys import base_key_of
 from surgeon.lycoris_math import ia3_delta
 
@@ -43,6 +44,8 @@ _ADVICE = "merge it with the adapters library (model.merge_adapter) instead"
 
 
 def _check_config(config: dict, file: Path) -> None:
+    check_rank(config.get("r", 8), file.parent / ADAPTERHUB_CONFIG, "config.r")
+    check_number(config.get("alpha", 8), file.parent / ADAPTERHUB_CONFIG, "config.alpha")
     for option, label in _REFUSED.items():
         if config.get(option) not in (None, False):
             raise SurgeonError(f"{file}: an AdapterHub LoRA with {label}; surgeon cannot merge it, {_ADVICE}.")
@@ -73,7 +76,7 @@ def _base_shape(base, key: str) -> tuple[int, ...] | None:
 
 
 def _lora(parts: dict[str, torch.Tensor], config: dict, base, module: str, file: Path) -> LowRank:
-    rank = int(config.get("r", 8))
+    rank = config.get("r", 8)
     down, up = parts.get("lora_A"), parts.get("lora_B")
     if down is None or up is None or down.dim() != 2 or up.dim() != 2 or down.shape[0] != rank:
         shapes = {name: tuple(t.shape) for name, t in parts.items()}
@@ -131,7 +134,7 @@ def read_lora(full: dict, tensors: dict[str, torch.Tensor], file: Path, base=Non
     scale_mode = config.get("composition_mode") == "scale"
     adapter = Adapter(
         source_format="adapterhub-ia3" if scale_mode else "adapterhub",
-        base_model=full.get("model_name"),
+        base_model=check_name(full.get("model_name"), file.parent / ADAPTERHUB_CONFIG, "model_name"),
         config=dict(full),
         notes=_head_note(file.parent),
     )

@@ -29,6 +29,7 @@ from surgeon.checkpoint import read_safetensors
 from surgeon.checkpoint_files import read_json
 from surgeon.delta import Adapter, Replace, Sparse
 from surgeon.errors import SurgeonError
+from surgeon.formats.adapter_config import check_name
 from surgeon.formats.layouts import SPARSE_CONFIG as CONFIG_FILE
 from surgeon.formats.layouts import SPARSE_TAG as FORMAT_TAG
 from surgeon.formats.layouts import SPARSE_WEIGHTS as WEIGHT_FILE
@@ -73,9 +74,8 @@ def read(path: Path, base=None) -> Adapter:
                 f"{', '.join('.' + p for p in _PARTS)})."
             )
         parts.setdefault(key, {})[part] = tensor
-    adapter = Adapter(
-        source_format=NAME, base_model=config.get("base_model_name_or_path"), config=config, metadata=metadata
-    )
+    name = check_name(config.get("base_model_name_or_path"), path / CONFIG_FILE, "base_model_name_or_path")
+    adapter = Adapter(source_format=NAME, base_model=name, config=config, metadata=metadata)
     for key, found in parts.items():
         if "replace" in found:
             adapter.add(key, Replace(found["replace"]), "other")

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from surgeon.checkpoint_files import SAFETENSORS_INDEX, WEIGHT_SUFFIXES, model_config, parse_size  # noqa: F401
 from surgeon.checkpoint_files import weight_files as _weight_files
 from surgeon.errors import SurgeonError
+from surgeon.header import read_header
 from surgeon.quantized import QuantizedWeight, dequantize, find_quantized, stored_parts
 
 _DTYPE_NAMES = {
@@ -59,7 +60,9 @@ def open_safetensors(file: Path) -> Iterator:
 
 
 def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a safetensors file and its header metadata (adapters are small enough)."""
+    """Every tensor of a safetensors file and its header metadata (adapters are small enough),
+    the header checked first as every safetensors input is (:mod:`surgeon.header`)."""
+    read_header(file)
     with open_safetensors(file) as handle:
         return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
 
@@ -107,16 +110,13 @@ class Checkpoint:
         self._info[key] = info
 
     def _index_safetensors(self, file: Path) -> None:
-        with open_safetensors(file) as handle:
-            self.metadata.update(handle.metadata() or {})
-            for key in handle.keys():
-                piece = handle.get_slice(key)
-                dtype = _DTYPES_BY_NAME.get(piece.get_dtype())
-                if dtype is None:
-                    raise SurgeonError(
-                        f"{file}: tensor {key!r} has dtype {piece.get_dtype()}, which surgeon does not handle."
-                    )
-                self._add(key, file, TensorInfo(tuple(piece.get_shape()), dtype))
+        """Names, shapes and dtypes from the header alone (:mod:`surgeon.header`, which refuses a bad
+        file before any tensor is read), in the sorted order the safetensors library lists them."""
+        header = read_header(file)
+        self.metadata.update(header.metadata)
+        for key in sorted(header.entries):
+            entry = header.entries[key]
+            self._add(key, file, TensorInfo(entry.shape, _DTYPES_BY_NAME[entry.dtype]))
 
     def _index_pickle(self, file: Path) -> None:
         state = load_pickle_weights(file)
@@ -136,7 +136,8 @@ class Checkpoint:
         return found
 
     def _read_bytes(self, keys: list[str]) -> dict[str, bytes]:
-        return {key: self._read(key).numpy().tobytes() for key in keys}
+        """The stored bytes, whatever the dtype says (numpy has no float8), as surgeon.header reads them."""
+        return {key: self._read(key).reshape(-1).view(torch.uint8).numpy().tobytes() for key in keys}
 
     def keys(self) -> list[str]:
         return list(self._info)

@@ -4,6 +4,12 @@ importing torch or touching the tensor data, so that ``inspect`` and format dete
 Layout (safetensors' own spec): 8 bytes little-endian N, then N bytes of JSON mapping each
 tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets into the data that
 follows), plus an optional ``"__metadata__"`` object of strings.
+
+This is surgeon's one check of a safetensors file, as strict as the safetensors library's own
+(tensors lie end to end and cover the data exactly): :class:`surgeon.checkpoint.Checkpoint` and
+every adapter reader index through it, so a file is refused in the same words by ``inspect``
+(header only) and by the commands that read tensors. A dtype surgeon does not read, whether the
+library knows it (U16, C64, F4) or not (a corrupt name), is :func:`unhandled_dtype`.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from surgeon.errors import SurgeonError
 
@@ -30,15 +37,15 @@ ITEM_SIZES = {
     "F8_E4M3": 1,
     "F8_E5M2": 1,
 }
-_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+_MAX_HEADER = 100_000_000  # safetensors' own limit
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One tensor as the header describes it."""
+class Entry(NamedTuple):
+    """One tensor as the header describes it (a tuple: a header may list tens of thousands)."""
 
     dtype: str
     shape: tuple[int, ...]
+    offsets: tuple[int, int] = (0, 0)  # [begin, end) in the data after the header
 
     @property
     def numel(self) -> int:
@@ -56,7 +63,14 @@ class Header:
 
 
 def _invalid(path: Path, reason: str) -> SurgeonError:
-    return SurgeonError(f"{path}: not a valid safetensors file ({reason}).")
+    return SurgeonError(f"{path}: not a valid safetensors file ({reason}); re-download or re-create it.")
+
+
+def unhandled_dtype(path: Path, name: str, dtype: str) -> SurgeonError:
+    """The one sentence for a tensor whose dtype surgeon does not read."""
+    return SurgeonError(
+        f"{path}: tensor {name!r} has dtype {dtype}, which surgeon does not handle (it reads {', '.join(ITEM_SIZES)})."
+    )
 
 
 def _raw_header(path: Path) -> tuple[dict, int]:
@@ -81,16 +95,26 @@ def _entry(path: Path, name: str, value, data_size: int) -> Entry:
         dtype, shape, (begin, end) = value["dtype"], tuple(value["shape"]), value["data_offsets"]
     except (KeyError, TypeError, ValueError):
         raise _invalid(path, f"tensor {name!r} is described wrongly") from None
-    if isinstance(dtype, str) and dtype not in ITEM_SIZES:  # the message Checkpoint gives for it
-        raise SurgeonError(f"{path}: tensor {name!r} has dtype {dtype}, which surgeon does not handle.")
-    try:
-        entry = Entry(dtype, shape)
-        valid = all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end)) and end - begin == entry.num_bytes
-    except (KeyError, TypeError, ValueError):
-        raise _invalid(path, f"tensor {name!r} is described wrongly") from None
-    if not valid or end > data_size:
+    numbers = (*shape, begin, end)
+    if type(dtype) is not str or not all(type(d) is int for d in numbers) or min(numbers) < 0:  # JSON true is no int
+        raise _invalid(path, f"tensor {name!r} is described wrongly")
+    if dtype not in ITEM_SIZES:
+        raise unhandled_dtype(path, name, dtype)
+    if end - begin != math.prod(shape) * ITEM_SIZES[dtype] or end > data_size:
         raise _invalid(path, f"tensor {name!r} has offsets that do not fit its shape or the file")
-    return entry
+    return Entry(dtype, shape, (begin, end))
+
+
+def _check_layout(path: Path, entries: dict[str, Entry], data_size: int) -> None:
+    """The tensors lie end to end from the start of the data to the end of the file, as safetensors
+    requires (no gaps, no overlaps, no bytes left over)."""
+    end = 0
+    for name, entry in sorted(entries.items(), key=lambda item: item[1].offsets):
+        if entry.offsets[0] != end:
+            raise _invalid(path, f"tensor {name!r} does not start where the one before it ends")
+        end = entry.offsets[1]
+    if end != data_size:
+        raise _invalid(path, f"the tensors cover {end} of the {data_size} bytes of data")
 
 
 def read_header(path: str | Path) -> Header:
@@ -100,7 +124,9 @@ def read_header(path: str | Path) -> Header:
     metadata = raw.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _invalid(path, "__metadata__ is not a mapping of strings")
-    return Header({name: _entry(path, name, value, data_size) for name, value in raw.items()}, metadata)
+    entries = {name: _entry(path, name, value, data_size) for name, value in raw.items()}
+    _check_layout(path, entries, data_size)
+    return Header(entries, metadata)
 
 
 def header_or_none(path: Path) -> dict[str, Entry] | None:
@@ -113,14 +139,13 @@ def header_or_none(path: Path) -> dict[str, Entry] | None:
 
 def read_tensor_bytes(path: Path, names: list[str]) -> dict[str, bytes]:
     """The stored bytes of a few small tensors, without torch: producers keep JSON in uint8 tensors
-    (bitsandbytes' quant states), and ``inspect`` needs it."""
+    (bitsandbytes' quant states), and ``inspect`` needs it. (``path`` has passed :func:`read_header`.)"""
     raw, data_size = _raw_header(path)
     start = path.stat().st_size - data_size
     found = {}
     with open(path, "rb") as handle:
         for name in names:
             entry = _entry(path, name, raw.get(name), data_size)
-            begin = raw[name]["data_offsets"][0]
-            handle.seek(start + begin)
+            handle.seek(start + entry.offsets[0])
             found[name] = handle.read(entry.num_bytes)
     return found

@@ -72,6 +72,14 @@ def _edit_entry(field: str, value):
     return corrupt
 
 
+def _shift_last(raw: bytes, by: int) -> bytes:
+    """The last tensor's offsets moved by ``by`` bytes: sizes still fit, the layout does not."""
+    header, data = header_of(raw)
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    header[last]["data_offsets"] = [o + by for o in header[last]["data_offsets"]]
+    return with_header(header, data)
+
+
 CORRUPTIONS = {
     "truncated": lambda raw: raw[: len(raw) // 2],
     "empty": lambda raw: b"",
@@ -80,7 +88,8 @@ CORRUPTIONS = {
     "header not utf-8": lambda raw: raw[:9] + b"\xff" + raw[10:],
     "offsets out of range": _edit_entry("data_offsets", lambda o: [o[0], o[1] + 10**6]),
     "shape beyond the data": _edit_entry("shape", lambda s: [10**6, 10**6]),
-    "unknown dtype": _edit_entry("dtype", lambda d: "Q7"),
+    "bytes left over": lambda raw: raw + b"\0" * 8,
+    "tensors overlap": lambda raw: _shift_last(raw, -4),
 }
 
 
@@ -108,12 +117,53 @@ def test_corrupt_adapter_file_is_not_a_valid_safetensors_file(base, adapter, tmp
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("corruption", ["truncated", "offsets out of range", "unknown dtype"])
-def test_corrupt_base_file_gets_the_same_error(base, adapter, tmp_path, corruption):
+@pytest.mark.parametrize("corruption", ["truncated", "offsets out of range", "bytes left over", "tensors overlap"])
+@pytest.mark.parametrize("command", ["inspect", "merge"])
+def test_corrupt_base_file_gets_the_same_error(base, adapter, tmp_path, corruption, command):
+    """``inspect`` reads a checkpoint's header alone, merge reads its tensors: one check, one error."""
     copy = Path(shutil.copytree(base, tmp_path / "base"))
     file = copy / "model.safetensors"
     file.write_bytes(CORRUPTIONS[corruption](file.read_bytes()))
-    assert_refused(run("merge", copy, adapter, "-o", tmp_path / "out"), f"{file}: not a valid safetensors file")
+    args = ["inspect", copy] if command == "inspect" else ["merge", copy, adapter, "-o", tmp_path / "out"]
+    assert_refused(run(*args), f"{file}: not a valid safetensors file")
+
+
+#: Bytes per element of each dtype a test writes in place of F32 (Q7 is no safetensors dtype at all).
+_WIDTHS = {"U16": 2, "C64": 8, "Q7": 4}
+
+
+def _retype(file: Path, key: str, dtype: str) -> None:
+    """``key`` stored as ``dtype`` over the same bytes (the last dimension rescaled): a valid file
+    but for the dtype."""
+    header, data = header_of(file.read_bytes())
+    entry = header[key]
+    entry["dtype"], entry["shape"][-1] = dtype, entry["shape"][-1] * 4 // _WIDTHS[dtype]
+    file.write_bytes(with_header(header, data))
+
+
+@pytest.mark.parametrize("dtype", _WIDTHS)
+@pytest.mark.parametrize("where", ["checkpoint", "adapter"])
+@pytest.mark.parametrize("command", ["inspect", "merge"])
+def test_a_dtype_surgeon_does_not_read_has_one_wording_on_every_path(base, adapter, tmp_path, dtype, where, command):
+    """One rule (surgeon/header.py): a dtype surgeon does not read is named as such, whether the
+    safetensors library knows it (U16, C64) or not (Q7), by header-only inspect and by the readers."""
+    if where == "checkpoint":
+        target = Path(shutil.copytree(base, tmp_path / "base"))
+        file, key = target / "model.safetensors", "model.norm.weight"
+    else:
+        target, file = adapter, adapter / "adapter_model.safetensors"
+        key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _retype(file, key, dtype)
+    pair = [target, adapter] if where == "checkpoint" else [base, target]
+    args = ["inspect", target] if command == "inspect" else ["merge", *pair, "-o", tmp_path / "out"]
+    assert_refused(run(*args), f"{file}: tensor {key!r} has dtype {dtype}, which surgeon does not handle")
+
+
+def test_the_reader_and_the_header_list_the_same_dtypes():
+    from surgeon.checkpoint import _DTYPES_BY_NAME
+    from surgeon.header import ITEM_SIZES
+
+    assert {name: dtype.itemsize for name, dtype in _DTYPES_BY_NAME.items()} == ITEM_SIZES
 
 
 # -- item 5: nothing non-finite is ever written with exit 0 --------------------------------------------
@@ -411,3 +461,94 @@ def test_factors_whose_ranks_differ_are_named(base, adapter, tmp_path):
     assert_refused(
         run("merge", base, adapter, "-o", tmp_path / "out"), "'model.layers.0.self_attn.q_proj'", "ranks differ"
     )
+
+
+# -- found by tests/test_fuzz.py ------------------------------------------------------------------
+
+
+def _delta(adapter: Path, key: str) -> torch.Tensor:
+    from surgeon.formats import read_adapter
+
+    return sum(d.materialize() for d in read_adapter(adapter).deltas[key])
+
+
+def test_svd_of_factors_whose_norms_pass_fp32_is_exact(adapter, tmp_path):
+    """A factor row of entries near fp32's largest: its norm overflows fp32 but ΔW does not, so the
+    SVD (resize, compose --method svd) is done in fp64 instead of failing to converge."""
+    key = "model.layers.0.self_attn.q_proj.weight"
+    edit_tensors(adapter, lambda t: t[f"base_model.model.{key[:-7]}.lora_A.weight"][0, :4].fill_(3e38))
+    result = run("resize", adapter, "--rank", "8", "-o", tmp_path / "out")
+    assert result.exit_code == 0, (result.output, result.exception)
+    expected, found = _delta(adapter, key), _delta(tmp_path / "out", key)
+    assert torch.isfinite(found).all() and torch.allclose(found, expected, rtol=1e-4, atol=expected.abs().max() * 1e-5)
+
+
+@pytest.mark.parametrize("method", ["svd", "linear"])
+def test_composition_beyond_the_factors_dtype_is_refused(adapter, tmp_path, method):
+    """fp16 factors times a weight fp32 holds: the composed factors overflow fp16 and are refused, not
+    written as Inf."""
+    edit_tensors(adapter, lambda t: t.update({k: v.half() for k, v in t.items()}))
+    result = run("compose", adapter, "-w", "1e30", "--method", method, "-o", tmp_path / "out")
+    assert_refused(result, "beyond the range of its dtype")
+    assert not (tmp_path / "out").exists()
+
+
+def _edit_json(file: Path, change) -> None:
+    config = json.loads(file.read_text())
+    change(config)
+    file.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "kind, field",
+    [
+        ("peft", "base_model_name_or_path"),
+        ("adapterhub", "model_name"),
+        ("sparse", "base_model_name_or_path"),
+        ("mlx", "model"),
+    ],
+)
+def test_a_recorded_base_model_that_is_not_a_string_is_named(fixtures_dir, base, tmp_path, kind, field):
+    """compose compares the recorded base names; a number or an object there is the config's fault."""
+    peft, out = fixtures_dir / "tiny-llama-lora", tmp_path / "a"
+    made = {
+        "peft": lambda: shutil.copytree(peft, out),
+        "adapterhub": lambda: shutil.copytree(fixtures_dir / "adapterhub" / "llama-lora", out),
+        "sparse": lambda: run("compose", peft, "--method", "ties", "--density", "0.5", "--as", "sparse", "-o", out),
+        "mlx": lambda: run("convert", peft, "--to", "mlx", "-o", out),
+    }[kind]()
+    assert getattr(made, "exit_code", 0) == 0, made.output
+    _edit_json(next(out.glob("*config.json")), lambda c: c.update({field: {"name": 1}}))
+    assert_refused(run("compose", out, out, "-o", tmp_path / "out"), field, "a string")
+
+
+@pytest.mark.parametrize("saved", [1, "lm_head", [None]])
+def test_modules_to_save_that_is_not_a_list_of_names_is_named(adapter, tmp_path, saved):
+    edit_config(adapter, modules_to_save=saved)
+    assert_refused(run("convert", adapter, "--to", "peft", "-o", tmp_path / "out"), "modules_to_save", "a list")
+
+
+@pytest.mark.parametrize("field, value", [("r", "4"), ("r", None), ("alpha", float("inf")), ("alpha", [2])])
+def test_adapterhub_rank_and_alpha_are_checked(fixtures_dir, base, tmp_path, field, value):
+    adapter = Path(shutil.copytree(fixtures_dir / "adapterhub" / "llama-lora", tmp_path / "a"))
+    _edit_json(adapter / "adapter_config.json", lambda c: c["config"].update({field: value}))
+    assert_refused(run("merge", base, adapter, "-o", tmp_path / "out"), f"config.{field}")
+
+
+def test_a_bnb_quant_state_stored_under_another_dtype_is_read_as_its_bytes(base, tmp_path):
+    """A quant state is JSON in a byte tensor; the header-only inspect reads its bytes whatever the
+    dtype says, and so does the reader (numpy has no float8)."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+
+    options = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, quantization_config=options, device_map="cpu")
+    model.save_pretrained(tmp_path / "bnb")
+    file = tmp_path / "bnb" / "model.safetensors"
+    header, data = header_of(file.read_bytes())
+    state = next(k for k in header if ".quant_state." in k)
+    header[state]["dtype"] = "F8_E5M2"
+    file.write_bytes(with_header(header, data))
+    assert run("inspect", tmp_path / "bnb").exit_code == 0
+    result = run("extract", base, tmp_path / "bnb", "--rank", "2", "-o", tmp_path / "out")
+    assert result.exit_code == 0, (result.output, result.exception)

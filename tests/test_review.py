@@ -46,17 +46,6 @@ def test_a_truncated_onnx_runtime_adapter_is_one_line(fixtures_dir, tmp_path):
     assert_one_line_error(run("inspect", adapter), "not a readable ONNX Runtime adapter")
 
 
-@pytest.mark.parametrize("dtype", ["uint16", "complex64"])
-def test_header_only_inspect_refuses_a_dtype_surgeon_does_not_handle_as_the_reader_does(tmp_path, dtype):
-    import torch
-    from safetensors.torch import save_file
-
-    save_file({"weight": torch.zeros(3, dtype=getattr(torch, dtype))}, tmp_path / "model.safetensors")
-    name = {"uint16": "U16", "complex64": "C64"}[dtype]
-    result = run("inspect", tmp_path / "model.safetensors")
-    assert_one_line_error(result, f"has dtype {name}, which surgeon does not handle")
-
-
 def test_compose_does_not_call_a_non_model_file_a_full_checkpoint(fixtures_dir, tmp_path):
     result = run(
         "compose",

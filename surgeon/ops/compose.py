@@ -24,7 +24,7 @@ import torch
 from surgeon.checkpoint import Checkpoint
 from surgeon.choices import COMPOSE_METHODS as METHODS
 from surgeon.choices import DENSE_METHODS, FACTORED_METHODS, RESULT_KINDS
-from surgeon.delta import Adapter, Delta, Dense, LowRank, Sparse, exact_sum, promoted_dtype
+from surgeon.delta import Adapter, Delta, Dense, LowRank, Sparse, all_finite, exact_sum, promoted_dtype
 from surgeon.errors import SurgeonError
 from surgeon.keys import key_generator
 from surgeon.ops.merge import one_weight_each, prepare, refuse_nonfinite
@@ -106,12 +106,17 @@ def factored_svd(
 
     Only m×R, R×k and R×R matrices are formed: up = Qᵤ·Rᵤ and downᵀ = Q_d·R_d give
     ΔW = Qᵤ·(Rᵤ·R_dᵀ)·Q_dᵀ, and the SVD of the core Rᵤ·R_dᵀ rotates the two orthonormal bases.
+    A factor's column norm can pass fp32's range while ΔW stays well inside it (a few entries near
+    the largest float): then the R's overflow, and the work is done again in fp64.
     """
     up = torch.cat([u.to(dtype) * c for u, c in zip(ups, coefficients)], dim=1)
     down = torch.cat([d.to(dtype) for d in downs], dim=0)
     q_up, r_up = torch.linalg.qr(up)
     q_down, r_down = torch.linalg.qr(down.T)
-    u_core, s, vh_core = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
+    core = r_up @ r_down.T
+    if dtype != torch.float64 and not (all_finite(core) and all_finite(q_up) and all_finite(q_down)):
+        return factored_svd(ups, downs, coefficients, torch.float64)
+    u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
     return q_up @ u_core, s, vh_core @ q_down.T
 
 
@@ -467,6 +472,7 @@ def compose(
         if additive:
             combine = _compose_dense if options.method in DENSE_METHODS else _compose_factored
             deltas, module = combine(key, additive, shape, options)
+            _refuse_overflow(key, deltas)
             for delta in deltas:
                 result.add(key, delta, module_type)
             if module.ranks_in or module.rank is not None:
@@ -475,6 +481,16 @@ def compose(
             on_key(key)
     report.seconds = time.perf_counter() - started
     return result, report
+
+
+def _refuse_overflow(key: str, deltas: Sequence[Delta]) -> None:
+    """Finite inputs can still combine past their dtype's range (large weights, fp16 factors): that
+    result is refused rather than written."""
+    if not all(all_finite(t) for d in deltas for t in d.tensors()):
+        raise SurgeonError(
+            f"composing {key!r} gives values beyond the range of its dtype (Inf or NaN); use smaller weights or "
+            "check the adapters' values."
+        )
 
 
 def _replacements(key: str, parts: Sequence[tuple[_Part, str]]) -> list[Delta]:
