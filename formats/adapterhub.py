@@ -120,6 +120,17 @@ def _reason(config: dict) -> tuple[str, str]:
     return _NOT_YET
 
 
+def _check_method(config: dict, file: Path) -> None:
+    """The fields that pick the method, of the config and of each part of a union, are what the library writes."""
+    architecture, parts = config.get("architecture"), config.get("configs")
+    if architecture is not None and not isinstance(architecture, str):
+        raise SurgeonError(f'{file}: "architecture" is {architecture!r}, not a method name; restore the file saved.')
+    if parts is not None and not (isinstance(parts, list) and all(isinstance(p, dict) for p in parts)):
+        raise SurgeonError(f'{file}: "configs" is {parts!r}, not a list of adapter configs; restore the file saved.')
+    for part in parts or []:
+        _check_method(part, file)
+
+
 def _load(path: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
     full = read_json(path / CONFIG_FILE)
     if not isinstance(full.get("config"), dict):
@@ -127,6 +138,7 @@ def _load(path: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
             f'{path / CONFIG_FILE}: has no "config" object, which the adapters library writes; '
             "restore the file it saved."
         )
+    _check_method(full["config"], path / CONFIG_FILE)
     file = next(path / name for name in WEIGHT_FILES if (path / name).is_file())
     tensors = read_safetensors(file)[0] if file.suffix == ".safetensors" else load_pickle_weights(file)
     return full, tensors, file

@@ -552,3 +552,12 @@ def test_a_bnb_quant_state_stored_under_another_dtype_is_read_as_its_bytes(base,
     assert run("inspect", tmp_path / "bnb").exit_code == 0
     result = run("extract", base, tmp_path / "bnb", "--rank", "2", "-o", tmp_path / "out")
     assert result.exit_code == 0, (result.output, result.exception)
+
+
+@pytest.mark.parametrize("field,value", [("architecture", {"a": None}), ("configs", 3), ("configs", ["lora"])])
+def test_adapterhub_method_fields_are_checked(fixtures_dir, base, tmp_path, field, value):
+    """An architecture that is a JSON object was a TypeError (unhashable) in inspect and merge (fuzz seed 2)."""
+    adapter = Path(shutil.copytree(fixtures_dir / "adapterhub" / "llama-ia3", tmp_path / "a"))
+    _edit_json(adapter / "adapter_config.json", lambda c: c["config"].update({field: value}))
+    for command in (("inspect", adapter), ("merge", base, adapter, "-o", tmp_path / "out")):
+        assert_refused(run(*command), f'"{field}" is')
