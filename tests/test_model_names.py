@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from tiny_vision import tiny_swiglu_dinov2, tiny_vit
 
 from surgeon.checkpoint import Checkpoint
 from surgeon.cli import main
@@ -24,19 +25,6 @@ from surgeon.model_names import model_names
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers.conversion_mapping")  # the renaming is transformers 5's
-
-
-def _vit():
-    config = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        image_size=16,
-        patch_size=8,
-        num_labels=3,
-    )
-    return transformers.ViTForImageClassification(config)
 
 
 def _qwen_vl():
@@ -76,7 +64,7 @@ def _qwen_vl():
 
 
 MODELS = {
-    "vit": (_vit, lambda: {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}),
+    "vit": (tiny_vit, lambda: {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}),
     "qwen2_5_vl": (_qwen_vl, lambda: {"input_ids": torch.tensor([[1, 5, 9, 17, 33, 60]])}),
 }
 
@@ -186,19 +174,8 @@ def test_names_come_from_transformers_table(bases):
 @pytest.fixture(scope="module")
 def dinov2(tmp_path_factory) -> Path:
     """Dinov2 with SwiGLU: its checkpoint's ``mlp.weights_in`` is cut in rows into gate_proj and up_proj on load."""
-    config = transformers.Dinov2Config(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=4,
-        use_swiglu_ffn=True,
-        mlp_ratio=2,
-        num_labels=2,
-    )
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("dinov2") / "base"
-    transformers.Dinov2ForImageClassification(config).save_pretrained(path)
+    tiny_swiglu_dinov2().save_pretrained(path)
     return path
 
 
