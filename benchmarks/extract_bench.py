@@ -187,6 +187,15 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def extract_arguments(base: Path, tuned: Path, output: Path, method: str, device: str) -> list[str]:
+    """``surgeon extract``'s arguments for the comparison: the linear weights alone at RANK, which is
+    what mergekit-extract-lora extracts by default (like for like)."""
+    return [
+        "extract", str(base), str(tuned), "-o", str(output), "--rank", str(RANK), "--method", method,
+        "--device", device, "--embeddings", "skip", "--skip-changed-1d",
+    ]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -248,23 +257,7 @@ def main() -> None:
         name = f"surgeon-{method}"
         outputs[name] = work / f"out-{name}"
         print(f"{name} ...", file=sys.stderr)
-        command = [
-            surgeon_executable(),
-            "extract",
-            str(base),
-            str(tuned),
-            "-o",
-            str(outputs[name]),
-            "--rank",
-            str(RANK),
-            "--method",
-            method,
-            "--device",
-            args.device,
-            "--embeddings",
-            "skip",
-            "--skip-changed-1d",
-        ]  # what mergekit extracts by default: like for like
+        command = [surgeon_executable(), *extract_arguments(base, tuned, outputs[name], method, args.device)]
         results["runs"][name] = run_side(name, command, outputs[name], logs, env)
     venv = None if args.skip_mergekit else mergekit_venv(work)
     if venv is not None:

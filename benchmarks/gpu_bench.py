@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from extract_bench import extract_arguments  # noqa: E402
+
 from _measure import ChildFailed, run_measured, table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -207,26 +209,7 @@ def runs(args: argparse.Namespace, work: Path, env: dict, deadline: float) -> tu
     for method in args.methods.split(","):
         name = f"surgeon-{method}"
         outputs[name] = work / f"out-{name}"
-        command = [
-            sys.executable,
-            "-c",
-            SURGEON,
-            "extract",
-            str(base),
-            str(tuned),
-            "-o",
-            str(outputs[name]),
-            "--rank",
-            str(RANK),
-            "--method",
-            method,
-            "--device",
-            args.device,
-            # the linear weights alone, as mergekit-extract-lora and extract_bench.py compare them
-            "--embeddings",
-            "skip",
-            "--skip-changed-1d",
-        ]
+        command = [sys.executable, "-c", SURGEON, *extract_arguments(base, tuned, outputs[name], method, args.device)]
         results[name] = timed(name, command, work, env, limit())
     if args.mergekit_path and (args.mergekit_path / "mergekit").is_dir():
         outputs["mergekit"] = work / "out-mergekit"
