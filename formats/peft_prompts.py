@@ -168,13 +168,11 @@ def _recorded_model_type(origin: str | None) -> str | None:
     Hub cache (never the network)."""
     if not origin:
         return None
+    from surgeon.hub import cached_config
+
     try:
         local = Path(origin) / "config.json"
-        if not local.is_file():
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(origin, "config.json")  # HFValidationError (a ValueError) if no repo id
-            local = Path(cached) if isinstance(cached, str) else None
+        local = local if local.is_file() else cached_config(origin)
         return json.loads(local.read_text()).get("model_type") if local else None
     except (OSError, ValueError, AttributeError):
         return None

@@ -247,3 +247,15 @@ def fetch(uri: str) -> Fetched:
 def resolve_hf_path(uri: str) -> Path:
     """The local path of ``uri`` in the Hub cache, downloading what is missing."""
     return fetch(uri).path
+
+
+def cached_config(repo_id: str) -> Path | None:
+    """The ``config.json`` of Hub model ``repo_id`` as the local Hub cache holds it, never asking the
+    network; None where the cache lacks it or ``repo_id`` is no repository id."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # huggingface_hub's HFValidationError: not a repository id
+        return None
+    return Path(cached) if isinstance(cached, str) else None

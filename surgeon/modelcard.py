@@ -66,13 +66,10 @@ def hub_model_id(name: str | None) -> str | None:
 def _cached_hub_model(recorded_name: str | None) -> str | None:
     """The base an adapter recorded, as a Hub id only where the Hub cache holds that model: PEFT records
     the path the base was loaded from, and a relative local path such as ``out/base`` reads as an id."""
-    from huggingface_hub import try_to_load_from_cache
+    from surgeon.hub import cached_config
 
     name = hub_model_id(recorded_name)
-    try:
-        return name if name and isinstance(try_to_load_from_cache(name, "config.json"), str) else None
-    except ValueError:  # huggingface_hub's HFValidationError: not a repository id after all
-        return None
+    return name if name and cached_config(name) else None
 
 
 def _yaml(**fields) -> str:
