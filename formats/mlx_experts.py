@@ -11,13 +11,12 @@ orientation, unlike mlx-lm's Linear LoRA).
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from surgeon.delta import Adapter
-from surgeon.experts import ExpertLowRank, fuse_experts
+from surgeon.experts import ExpertLowRank, gather_experts
 from surgeon.formats.lora_only import fold
 
 
@@ -51,22 +50,7 @@ def _switch_map(directory: Path, keys: tuple[str, ...]) -> dict[str, tuple[str, 
 def take_switches(adapter: Adapter, base) -> tuple[dict[str, ExpertLowRank], Adapter]:
     """(switch module → one expert LoRA) for the adapter's deltas on per-expert tensors mlx-lm stacks,
     and the adapter without them."""
-    stacked = switch_map(base)
-    taken = {key for key in adapter.deltas if key in stacked}
-    pieces: dict[str, dict[int, list]] = {}
-    for key in sorted(taken):
-        module, expert = stacked[key]
-        for delta in adapter.deltas[key]:
-            pieces.setdefault(module, {}).setdefault(expert, []).append((0, delta.shape[0], delta))
-    switches = {}
-    for module, found in pieces.items():
-        experts = sum(1 for m, _ in stacked.values() if m == module)
-        rows, columns = next(iter(found.values()))[0][2].shape
-        switches[module] = fuse_experts(found, (experts, rows, columns), f"cannot write mlx: {module}")
-    rest = {k: v for k, v in adapter.deltas.items() if k not in taken}
-    return switches, replace(
-        adapter, deltas=rest, module_types={k: adapter.module_types.get(k, "linear") for k in rest}
-    )
+    return gather_experts(adapter, switch_map(base), "cannot write mlx")
 
 
 def switch_tensors(switches: dict[str, ExpertLowRank], rank: int, scale: float) -> dict[str, torch.Tensor]:
