@@ -71,7 +71,8 @@ def test_defaults_carry_a_bert_classifier_fine_tune_completely(tmp_path):
     assert report["left_out"] == [] and report["left_out_share"] == 0.0
 
 
-def test_a_tied_embedding_is_left_out_with_its_reason_and_cost(tmp_path):
+def save_tied_llama(path: Path) -> None:
+    """A one-layer llama whose output head is tied to its input embedding, saved by transformers."""
     config = transformers.LlamaConfig(
         hidden_size=16,
         intermediate_size=32,
@@ -82,7 +83,11 @@ def test_a_tied_embedding_is_left_out_with_its_reason_and_cost(tmp_path):
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
+def test_a_tied_embedding_is_left_out_with_its_reason_and_cost(tmp_path):
+    save_tied_llama(tmp_path / "base")
     tune(tmp_path / "base", tmp_path / "tuned", lambda key: key.endswith(("embed_tokens.weight", "q_proj.weight")))
     report = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter")
     (left,) = report["left_out"]
@@ -100,17 +105,7 @@ def test_a_tied_embedding_is_left_out_with_its_reason_and_cost(tmp_path):
 @pytest.fixture
 def tied_llama(tmp_path) -> tuple[Path, Path]:
     """A tied-embedding llama and a PEFT LoRA on its embedding (and q_proj), with non-zero B."""
-    config = transformers.LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=64,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    save_tied_llama(tmp_path / "base")
     lora = peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
     peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), lora).save_pretrained(
         tmp_path / "adapter"
