@@ -175,8 +175,9 @@ def compose(
                 f"{adapters[0]}: a full model checkpoint; compose takes full fine-tunes only with --base, "
                 "the checkpoint they were tuned from."
             )
-        written = {"dtype": dtype, "shard_size": shard_size, "allow_nonfinite": allow_nonfinite}
-        _compose_checkpoints(base, adapters, output, weights, options, written, force, as_json)
+        _compose_checkpoints(
+            base, adapters, output, weights, options, force, as_json, dtype, shard_size, allow_nonfinite
+        )
         return
     if dtype != "auto" or allow_nonfinite:
         raise SurgeonError(
@@ -219,7 +220,9 @@ def _all_checkpoints(paths: tuple[Path, ...], format_name: str | None) -> bool:
     return not adapters
 
 
-def _compose_checkpoints(base, tuned, output, weights, options, written: dict, force, as_json) -> None:
+def _compose_checkpoints(
+    base, tuned, output, weights, options, force, as_json, dtype: str, shard_size: str, allow_nonfinite: bool
+) -> None:
     from surgeon.checkpoint import Checkpoint, parse_size
     from surgeon.ops.merge import DTYPES
     from surgeon.ops.quantized_output import encoder_for
@@ -227,7 +230,7 @@ def _compose_checkpoints(base, tuned, output, weights, options, written: dict, f
     from surgeon.output import atomic_output
 
     checkpoint = Checkpoint(base)
-    encoder = encoder_for(written["dtype"], checkpoint)
+    encoder = encoder_for(dtype, checkpoint)
     with atomic_output(output, inputs=[Path(base), *map(Path, tuned)], force=force) as staging:
         with Progress(len(checkpoint), options.method) as tick:
             report = task_arithmetic(
@@ -236,9 +239,9 @@ def _compose_checkpoints(base, tuned, output, weights, options, written: dict, f
                 staging,
                 weights or None,
                 options,
-                dtype=DTYPES.get(written["dtype"]),
-                shard_size=parse_size(written["shard_size"]),
-                allow_nonfinite=written["allow_nonfinite"],
+                dtype=DTYPES.get(dtype),
+                shard_size=parse_size(shard_size),
+                allow_nonfinite=allow_nonfinite,
                 on_tensor=tick,
                 metadata=provenance(),
                 encoder=encoder,
