@@ -232,6 +232,27 @@ def _unchecked(base) -> list[str]:
     ]
 
 
+def _layer_tensors(targets, places: dict[str, Place], rank: int, scale: float) -> tuple[dict, int, int]:
+    """Each LoRA/DoRA layer's ``lora_a``, ``lora_b`` (and ``m``), zero-padded to the adapter's one ``rank``
+    and scaled to its one ``scale``; and how many layers were padded and how many had a scale folded in."""
+    tensors: dict[str, torch.Tensor] = {}
+    padded, folded = 0, 0
+    for t in targets:
+        delta, pad = t.delta, rank - t.delta.rank
+        factor = delta.scale / scale if differs(delta.scale, scale) else 1.0
+        padded, folded = padded + (pad > 0), folded + (factor != 1.0)
+        module = places[t.key].module
+        if places[t.key].factors_as_stored:
+            a, b = delta.up, fold(delta.down, factor)
+        else:
+            a, b = delta.down.T, fold(delta.up, factor).T
+        tensors[f"{module}.lora_a"] = torch.nn.functional.pad(a, (0, pad)).contiguous()
+        tensors[f"{module}.lora_b"] = torch.nn.functional.pad(b, (0, 0, 0, pad)).contiguous()
+        if delta.magnitude is not None:
+            tensors[f"{module}.m"] = delta.magnitude.contiguous()
+    return tensors, padded, folded
+
+
 def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
     """Write an mlx-lm adapter directory that ``mlx_lm.tuner.utils.load_adapters`` loads; with a base
     (and mlx-lm), named as mlx-lm's model for it names modules, and loaded by mlx-lm before it is kept."""
@@ -255,21 +276,7 @@ def write(adapter: Adapter, staging: Path, base=None) -> list[str]:
             )
     rank = max([t.delta.rank for t in targets] + [s.rank for s in switches.values()])
     scale = most_common([*(t.delta.scale for t in targets), *(s.scale for s in switches.values())])
-    tensors: dict[str, torch.Tensor] = {}
-    padded, folded = 0, 0
-    for t in targets:
-        delta, pad = t.delta, rank - t.delta.rank
-        factor = delta.scale / scale if differs(delta.scale, scale) else 1.0
-        padded, folded = padded + (pad > 0), folded + (factor != 1.0)
-        module = places[t.key].module
-        if places[t.key].factors_as_stored:
-            a, b = delta.up, fold(delta.down, factor)
-        else:
-            a, b = delta.down.T, fold(delta.up, factor).T
-        tensors[f"{module}.lora_a"] = torch.nn.functional.pad(a, (0, pad)).contiguous()
-        tensors[f"{module}.lora_b"] = torch.nn.functional.pad(b, (0, 0, 0, pad)).contiguous()
-        if delta.magnitude is not None:
-            tensors[f"{module}.m"] = delta.magnitude.contiguous()
+    tensors, padded, folded = _layer_tensors(targets, places, rank, scale)
     tensors.update(switch_tensors(switches, rank, scale))
     config = dict(adapter.config) if adapter.source_format == NAME else {}
     modules = [p.module for p in places.values()]
