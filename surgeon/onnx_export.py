@@ -381,13 +381,13 @@ def _companions(checkpoint) -> list[Path]:
 def finish_folder(staged: Path, final: Path, metadata: dict[str, str], companions: list[Path]) -> list[Path]:
     """Record ``metadata`` in each staged graph, copy the companions beside them, and move the staged
     folder to ``final`` (an earlier export there is replaced only once the new one is complete)."""
-    from surgeon.output import _publish
+    from surgeon.output import publish
 
     written = [path for graph in sorted(staged.glob("*.onnx")) for path in finish(graph, graph, metadata)]
     for companion in companions:
         shutil.copyfile(companion, staged / companion.name)
         written.append(staged / companion.name)
-    _publish(staged, final)
+    publish(staged, final)
     return [final / path.relative_to(staged) for path in written]
 
 

@@ -360,7 +360,7 @@ def _usual_modes(root: Path) -> None:
                 os.chmod(path, folders if name in subfolders else files)
 
 
-def _publish(staging: Path, dest: Path) -> None:
+def publish(staging: Path, dest: Path) -> None:
     """Rename ``staging`` to ``dest``. An existing directory is moved aside first (with Ctrl-C and
     SIGTERM held off) and put back if the second rename fails, so that a failed swap loses nothing."""
     _usual_modes(staging)
@@ -389,7 +389,7 @@ def atomic_output(
         staging = _new_staging(target, directory)
         try:
             yield staging
-            _publish(staging, target)
+            publish(staging, target)
         except BaseException as error:
             _discard(staging)
             reason = _write_failure(error, staging)
