@@ -23,7 +23,7 @@ import torch
 
 from surgeon.architectures import known_module_types
 from surgeon.errors import SurgeonError
-from surgeon.quantized import STEP, QuantizedWeight, _table, dequantize, in_steps, nested_scales, on_threads
+from surgeon.quantized import STEP, QuantizedWeight, code_table, dequantize, in_steps, nested_scales, on_threads
 
 #: bitsandbytes quantizes double quantization's scales in blocks of this many.
 NESTED_BLOCKSIZE = 256
@@ -128,7 +128,7 @@ class _Nearest:
 
 @lru_cache(maxsize=2)
 def _nearest_tables(quant_type: str) -> _Nearest:
-    table = _table(quant_type)
+    table = code_table(quant_type)
     order = torch.argsort(table)  # as bitsandbytes sorts it: NF4 is sorted, FP4 is not
     values = table[order]
     midpoints = (values[:-1] + values[1:]) / 2
@@ -225,7 +225,7 @@ def quantize_4bit(weight: torch.Tensor, scheme: Scheme) -> tuple[dict[str, torch
     absmax = _absmax_4bit(flat, scheme.blocksize)
     parts = {
         "weight": _pack(_codes_4bit(flat, absmax, scheme.blocksize, scheme.kind)),
-        "quant_map": _table(scheme.kind),
+        "quant_map": code_table(scheme.kind),
     }
     state = {
         "quant_type": scheme.kind,

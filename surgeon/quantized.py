@@ -268,7 +268,7 @@ def dequantized_dtype(config: dict) -> str:
 # --- dequantizing (torch) -------------------------------------------------------------------------
 
 
-def _table(quant_type: str) -> "torch.Tensor":
+def code_table(quant_type: str) -> "torch.Tensor":
     import torch
 
     if quant_type == "nf4":
@@ -348,7 +348,7 @@ def _absmax(weight: QuantizedWeight, read: Callable[[str], "torch.Tensor"]) -> "
 def _four_bit_values(weight: QuantizedWeight, read: Callable[[str], "torch.Tensor"], where: object) -> "torch.Tensor":
     import torch
 
-    table = _table(weight.state["quant_type"])
+    table = code_table(weight.state["quant_type"])
     if not torch.equal(read(weight.parts["quant_map"]).reshape(-1), table):
         raise _bad(weight.key, where, f"has a quant_map that is not the {weight.state['quant_type']} table")
     # One lookup per byte, in a table of (high nibble, low nibble) value pairs (each pair's 8 bytes

@@ -89,7 +89,7 @@ def refuse_nonfinite(adapter: Adapter, where: str, otherwise: str = "") -> None:
         )
 
 
-def _deltas_by_key(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[tuple[Delta, float]]]:
+def deltas_by_key(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[tuple[Delta, float]]]:
     plan: dict[str, list[tuple[Delta, float]]] = {}
     for adapter, weight in zip(adapters, weights):
         for key, deltas in adapter.items():
@@ -371,7 +371,7 @@ def merge(
                 "other than 1 (DoRA rescales whole rows, appended rows are looked up whole); "
                 "give it weight 1."
             )
-    plan = _deltas_by_key(bound, weights)
+    plan = deltas_by_key(bound, weights)
     tied = tied_heads(base, [k for k in plan if embedding_name(k.rpartition(".")[0])])
     if untie and not tied:
         raise SurgeonError(
@@ -406,7 +406,7 @@ def unmerge(
     ``check``, the real base, must be the same model as the restored output (refused before writing)."""
     weights = one_weight_each(weights, adapters)
     bound = prepare(adapters, merged, allow_nonfinite, base_shapes=False)
-    plan = _deltas_by_key(bound, weights)
+    plan = deltas_by_key(bound, weights)
     for key, deltas in plan.items():
         reason = unmerge_refusal(key, [d for d, _ in deltas])
         if reason:

@@ -19,7 +19,7 @@ from surgeon.checkpoint import Checkpoint
 from surgeon.delta import Adapter
 from surgeon.errors import SurgeonError
 from surgeon.ops.apply import apply_deltas
-from surgeon.ops.merge import MergeReport, _deltas_by_key, merge, one_weight_each, prepare
+from surgeon.ops.merge import MergeReport, deltas_by_key, merge, one_weight_each, prepare
 from surgeon.ops.probe import check_probe
 from surgeon.ops.probe import probe as probe_logits
 from surgeon.ops.quantized_output import QUANTIZED_DTYPES, encoder_for, relative_distance
@@ -139,7 +139,7 @@ def qlora_merge(
     if encoder:
         result.output_scheme, result.quantization_error = asdict(output), encoder.total_error()
     if report or probe:
-        plan = _deltas_by_key(prepare(adapters, base, allow_nonfinite), one_weight_each(weights, adapters))
+        plan = deltas_by_key(prepare(adapters, base, allow_nonfinite), one_weight_each(weights, adapters))
     if report:
         result.distances = [asdict(d) for d in distances(source, plan, Checkpoint(out))]
     if probe:
