@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU extract benchmark (benchmarks/gpu_bench.py) in one offline run of at most 8 minutes:
 # what the machine lacks (surgeon itself, mergekit and the small packages it needs) is installed
-# from wheels brought along in $WHEELS (default bench-work/wheels), never from the network.
+# from wheels brought along in $WHEELS (default bench-work/wheels), never from the network. mergekit's
+# extract needs pydantic, which the GPU image lacks; it comes along too.
 #
 #   benchmarks/gpu_bench.sh --fetch-wheels                          # beforehand, with network: fill $WHEELS
 #   benchmarks/gpu_bench.sh                                         # on the GPU: 7B-shaped, 16 layers, cuda
@@ -22,10 +23,11 @@ SURGEON_PKGS=$PWD/bench-work/surgeon-pkgs
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
   mkdir -p "$WHEELS"
-  "$PYTHON" -m pip download -q --no-deps -d "$WHEELS" "mergekit==0.1.5"
-  for version in 3.10 3.11 3.12 3.13; do  # immutables is compiled: one wheel per Python
+  "$PYTHON" -m pip download -q --no-deps -d "$WHEELS" "mergekit==0.1.5" "pydantic==2.14.4" \
+    "annotated-types==0.8.0" "typing-inspection==0.4.5"
+  for version in 3.10 3.11 3.12 3.13; do  # compiled: one wheel per Python
     "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$version" \
-      --platform manylinux2014_x86_64 -d "$WHEELS" "immutables==0.21"
+      --platform manylinux2014_x86_64 -d "$WHEELS" "immutables==0.21" "pydantic-core==2.50.5"
   done
   ls -l "$WHEELS"
   exit 0
@@ -41,6 +43,6 @@ if ! "$PYTHON" -c "import surgeon.formats, surgeon.cli" 2>/dev/null; then  # not
   export PYTHONPATH=$SURGEON_PKGS${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ ! -d "$MERGEKIT_PKGS/mergekit" ] && [ -d "$WHEELS" ]; then
-  offline_install "$MERGEKIT_PKGS" mergekit immutables || echo "mergekit did not install from $WHEELS; it is skipped" >&2
+  offline_install "$MERGEKIT_PKGS" mergekit immutables pydantic pydantic-core annotated-types typing-inspection || echo "mergekit did not install from $WHEELS; it is skipped" >&2
 fi
 exec "$PYTHON" benchmarks/gpu_bench.py --mergekit-path "$MERGEKIT_PKGS" "$@"

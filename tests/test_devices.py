@@ -259,4 +259,5 @@ def test_resize_on_device_is_the_optimal_truncation(device):
     out, report = resize(adapter, RankRule(rank=3), device=torch.device(device))
     for key in COMPOSE_SHAPES:
         assert out.deltas[key][0].rank == 3
-        torch.testing.assert_close(dense(out, key), truncated(dense(adapter, key), 3), rtol=1e-4, atol=1e-6)
+        expected = truncated(dense(adapter, key), 3)  # fp32 on the device: tolerance relative to the largest entry
+        torch.testing.assert_close(dense(out, key), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
