@@ -146,6 +146,17 @@ def _nearest_tables(quant_type: str) -> _Nearest:
     return _Nearest(bounds, values[pairs], order.to(torch.uint8)[pairs])
 
 
+def _entries(
+    bounds: torch.Tensor, scaled: torch.Tensor, key: torch.Tensor, bound: torch.Tensor, above: torch.Tensor
+) -> torch.Tensor:
+    """Each scaled value's entry in :class:`_Nearest`'s tables, computed in ``key`` (``bound`` and
+    ``above`` are scratch of the same length)."""
+    torch.bitwise_right_shift(scaled.view(torch.int32), 15, out=key).bitwise_and_(0x1FFFE)  # 2k
+    torch.index_select(bounds, 0, key, out=bound)
+    torch.bitwise_right_shift(torch.sub(bound, scaled, out=bound).view(torch.int32), 31, out=above)
+    return key.sub_(above)  # above is -1 where s > bound, else 0
+
+
 def _scaled_steps(
     flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, emit: Callable[..., None]
 ) -> None:
@@ -158,10 +169,7 @@ def _scaled_steps(
     inverse = (1.0 / absmax[: full // blocksize].clamp(min=1e-38)).view(-1, 1)
 
     def entries(scaled: torch.Tensor, key: torch.Tensor, bound: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
-        torch.bitwise_right_shift(scaled.view(torch.int32), 15, out=key).bitwise_and_(0x1FFFE)  # 2k
-        torch.index_select(bounds, 0, key, out=bound)
-        torch.bitwise_right_shift(torch.sub(bound, scaled, out=bound).view(torch.int32), 31, out=above)
-        return key.sub_(above)  # above is -1 where s > bound, else 0
+        return _entries(bounds, scaled, key, bound, above)
 
     def make_worker() -> Callable[[int, int], None]:
         scaled, spare = torch.empty(STEP), torch.empty(STEP)
@@ -242,6 +250,16 @@ def quantize_4bit(weight: torch.Tensor, scheme: Scheme) -> tuple[dict[str, torch
     return parts, state
 
 
+def _scales(absmax: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """Each block's scale as dequantizing reads it: the absmax, or double quantization's round trip of it."""
+    if not scheme.double_quant:
+        return absmax
+    nested, fields = _nested(absmax)
+    return nested_scales(
+        nested["absmax"], nested["nested_quant_map"], nested["nested_absmax"], NESTED_BLOCKSIZE, fields["nested_offset"]
+    )
+
+
 @on_threads
 def _roundtrip_4bit(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """dequantize(quantize(weight)) without the packed bytes: each bucket's table value times its
@@ -250,17 +268,19 @@ def _roundtrip_4bit(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     absmax = _absmax_4bit(flat, scheme.blocksize)
     if not bool(torch.isfinite(absmax).all()):  # bitsandbytes' own arithmetic for Inf and NaN, op for op
         return dequantize_parts(*quantize_4bit(weight, scheme), scheme, tuple(weight.shape))
-    scales = absmax
-    if scheme.double_quant:
-        nested, fields = _nested(absmax)
-        scales = nested_scales(
-            nested["absmax"],
-            nested["nested_quant_map"],
-            nested["nested_absmax"],
-            NESTED_BLOCKSIZE,
-            fields["nested_offset"],
-        )
-    out = torch.empty(flat.shape, dtype=weight.dtype)
+    scales, out = _scales(absmax, scheme), torch.empty(flat.shape, dtype=weight.dtype)
+    rows = _lookup_rows(flat, absmax, scheme.blocksize)
+    if rows is None:
+        _computed(flat, absmax, scales, scheme, out)
+    else:
+        _looked_up(flat, rows, scales, scheme, out)
+    return out.view(weight.shape)
+
+
+def _computed(
+    flat: torch.Tensor, absmax: torch.Tensor, scales: torch.Tensor, scheme: Scheme, out: torch.Tensor
+) -> None:
+    """The round trip into ``out``, each value scaled and its bucket found (:func:`_scaled_steps`)."""
     values, bs = _nearest_tables(scheme.kind).values, scheme.blocksize
 
     def emit(start: int, stop: int, entries: torch.Tensor, spare: torch.Tensor) -> None:
@@ -273,7 +293,72 @@ def _roundtrip_4bit(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
         )
 
     _scaled_steps(flat, absmax, bs, scheme.kind, emit)
-    return out.view(weight.shape)
+
+
+# The bf16 lookup. A bf16 weight w and its block's absmax a differ in exponent by d (|w| <= a), and
+# bitsandbytes' scaled value fl(w * fl(1/a)) depends only on w's sign and 7 mantissa bits, a's 7
+# mantissa bits and d: scaling both by powers of two changes no rounding while every value stays
+# normal. Past a gap of _EXACT_GAPS binades every scaled value lands in the bucket of zero. So one
+# table, a row per absmax mantissa, holds every bucket value: row m's column _MIDDLE - 128 d + w's
+# mantissa (less 32768 for a negative w) is the value, which is the block's row offset
+# (m * _ROW - 128 * a's exponent + _MIDDLE) plus w's bits read as int16. One add, one lookup and the
+# scale's multiply per value replace scaling, two lookups and the comparisons between them.
+_MIDDLE, _EXACT_GAPS = 1 << 16, 32
+_ROW = _MIDDLE + 128
+_EXPONENTS = (_EXACT_GAPS + 1, 250)  # the absmax exponents (bf16 bits) for which every step above is exact
+
+
+@lru_cache(maxsize=2)
+def _bf16_lookup(quant_type: str) -> torch.Tensor:
+    """Every bucket value by (absmax mantissa, exponent gap, weight mantissa, sign), laid out for
+    :func:`_lookup_rows`; the scaled values computed as bitsandbytes computes them, a in [1, 2)."""
+    absmax = ((127 << 7) | torch.arange(128, dtype=torch.int32)).to(torch.int16).view(torch.bfloat16).float()
+    inverse = (1.0 / absmax).view(128, 1, 1)
+    gaps, mantissas = torch.arange(_EXACT_GAPS, dtype=torch.int32).view(-1, 1), torch.arange(128, dtype=torch.int32)
+    table, nearest = torch.empty(128, _ROW), _nearest_tables(quant_type)
+    for sign, middle in ((0, _MIDDLE), (1, _MIDDLE - 32768)):
+        bits = ((sign << 15) | ((127 - gaps) << 7) | mantissas) - (sign << 16)  # as int16 holds it
+        scaled = (bits.to(torch.int16).view(torch.bfloat16).float() * inverse).reshape(-1)
+        found = [torch.empty(scaled.numel(), dtype=d) for d in (torch.int32, torch.float32, torch.int32)]
+        values = nearest.values[_entries(nearest.bound, scaled, *found).long()].view(128, _EXACT_GAPS, 128)
+        widest = values[:, -1]  # every wider gap falls in the same bucket as this one
+        if not bool((widest.view(torch.int32) == widest.view(torch.int32)[0, 0]).all()):
+            raise AssertionError(f"{quant_type}: a gap of {_EXACT_GAPS} binades is not always the bucket of zero")
+        table[:, middle - 255 * 128 : middle - (_EXACT_GAPS - 1) * 128] = widest[0, 0]
+        table[:, middle - (_EXACT_GAPS - 1) * 128 : middle + 128] = values.flip(1).reshape(128, -1)
+    return table.view(-1)
+
+
+def _lookup_rows(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor | None:
+    """Each block's row offset into :func:`_bf16_lookup`, or None where the lookup does not apply
+    (not bf16, a short last block, or an absmax so small or large that a value could leave the normals)."""
+    if flat.dtype != torch.bfloat16 or flat.numel() % blocksize:
+        return None
+    bits = absmax.to(torch.bfloat16).view(torch.int16).int()
+    exponent = bits >> 7
+    low, high = _EXPONENTS
+    if not bool(((exponent >= low) & (exponent <= high)).all()):
+        return None
+    return (bits & 127) * _ROW + _MIDDLE - (exponent << 7)
+
+
+def _looked_up(flat: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor, scheme: Scheme, out: torch.Tensor) -> None:
+    """The round trip into ``out`` through :func:`_bf16_lookup`, in steps on torch's threads."""
+    table, bs = _bf16_lookup(scheme.kind), scheme.blocksize
+    bits, rows, scales = flat.view(torch.int16), rows.view(-1, 1), scales.view(-1, 1)
+
+    def make_worker() -> Callable[[int, int], None]:
+        index, values = torch.empty(STEP, dtype=torch.int32), torch.empty(STEP)
+
+        def work(start: int, stop: int) -> None:
+            n, blocks = stop - start, slice(start // bs, stop // bs)
+            torch.add(bits[start:stop].view(-1, bs), rows[blocks], out=index[:n].view(-1, bs))
+            torch.index_select(table, 0, index[:n], out=values[:n])
+            torch.mul(values[:n].view(-1, bs), scales[blocks], out=out[start:stop].view(-1, bs))
+
+        return work
+
+    in_steps(flat.numel(), make_worker)
 
 
 def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from test_architectures_known import TINY
 
+from surgeon import quantize
 from surgeon.architectures import LINEAR_DECODERS
 from surgeon.checkpoint import Checkpoint
 from surgeon.cli import main
@@ -70,6 +71,37 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     if not tensor.is_floating_point():
         return tensor
     return tensor.view(torch.int32 if tensor.element_size() == 4 else torch.int16)
+
+
+def _every_bf16_under_each_absmax(scale: float) -> torch.Tensor:
+    """Blocks of 64 whose first value is the absmax (each of the 128 bf16 mantissas, times ``scale``)
+    and whose others run through every bf16 value of either sign no larger than it: every (sign,
+    mantissa, exponent gap) the bf16 round trip's lookup table holds, subnormals and zeros included."""
+    magnitudes = torch.arange(0, 128 << 7, dtype=torch.int32)  # bits of every finite bf16 in [0, 2)
+    blocks = []
+    for mantissa in range(128):
+        absmax = (127 << 7) | mantissa
+        under = magnitudes[magnitudes <= absmax]
+        values = torch.cat([under, under | 0x8000]).to(torch.int16).view(torch.bfloat16).float()
+        values = torch.cat([values, values[: -values.numel() % 63]])  # whole blocks of 63
+        head = torch.full(
+            (values.numel() // 63, 1), float(torch.tensor(absmax, dtype=torch.int16).view(torch.bfloat16))
+        )
+        blocks.append(torch.cat([head, values.view(-1, 63)], dim=1))
+    return (torch.cat(blocks) * scale).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("quant_type, double", [("nf4", True), ("fp4", False)])
+@pytest.mark.parametrize("scale", [1.0, 2.0**-40, 2.0**60])
+def test_bf16_round_trip_through_the_lookup_is_bitsandbytes_bit_for_bit(quant_type, double, scale, eager_bitsandbytes):
+    """The bf16 round trip looks each value up by (absmax mantissa, exponent gap, mantissa, sign)
+    instead of scaling it (surgeon/quantize.py says why that is exact): against bitsandbytes for
+    every bf16 value under every absmax mantissa, at absmax exponents far from 1."""
+    weight = _every_bf16_under_each_absmax(scale)
+    assert quantize._lookup_rows(weight.view(-1), quantize._absmax_4bit(weight.view(-1), 64), 64) is not None
+    packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=double, quant_type=quant_type)
+    ours, theirs = roundtrip(weight, Scheme(quant_type, double, 64)), F.dequantize_4bit(packed, state)
+    assert torch.equal(_bits(ours), _bits(theirs)) if quant_type == "nf4" else torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("quant_type, double", [("nf4", True), ("fp4", False)])
