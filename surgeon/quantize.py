@@ -217,9 +217,18 @@ def _absmax_4bit(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     return absmax
 
 
+class Overflow(SurgeonError):
+    """A weight whose quantization overflows bitsandbytes' arithmetic, which would store NaN for it."""
+
+
 def _nested(absmax: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
     """Double quantization of the absmax: its parts by role and the state fields it adds."""
     offset = absmax.mean()
+    if not bool(offset.isfinite()):
+        raise Overflow(
+            f"has block scales up to {float(absmax.max()):.3g}, whose mean (double quantization's offset) "
+            "overflows fp32, so bitsandbytes would store NaN scales; quantize it without double quantization."
+        )
     codes, nested_absmax, code = _quantize_8bit_blockwise(absmax - offset)
     parts = {"absmax": codes, "nested_absmax": nested_absmax, "nested_quant_map": code}
     return parts, {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": offset.item()}
@@ -366,6 +375,11 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     int8 weight and each row's absmax (``SCB``)."""
     half = weight.to(torch.float16)
     scb = half.abs().amax(dim=1).float()
+    if not bool(scb.isfinite().all()):
+        raise Overflow(
+            f"has values up to {float(weight.abs().max()):.3g}, beyond fp16's range, which LLM.int8 quantizes "
+            "through (bitsandbytes would store NaN); write it as bf16, nf4 or fp4."
+        )
     return {"weight": torch.round(half * (127.0 / scb.unsqueeze(-1))).to(torch.int8), "scb": scb}
 
 

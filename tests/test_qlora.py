@@ -91,8 +91,15 @@ def _every_bf16_under_each_absmax(scale: float) -> torch.Tensor:
     return (torch.cat(blocks) * scale).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("quant_type, double", [("nf4", True), ("fp4", False)])
-@pytest.mark.parametrize("scale", [1.0, 2.0**-40, 2.0**60])
+@pytest.mark.parametrize(
+    "quant_type, double, scale",  # absmax exponents 127 and the lookup's limits, 33 and 250 (where double
+    [  # quantization's offset overflows: bitsandbytes' scales are NaN there, and surgeon refuses)
+        *[(kind, double, scale) for kind, double in [("nf4", True), ("fp4", False)] for scale in (1.0, 2.0**-94)],
+        ("nf4", False, 2.0**123),
+        ("fp4", False, 2.0**123),
+        ("nf4", True, 2.0**100),
+    ],
+)
 def test_bf16_round_trip_through_the_lookup_is_bitsandbytes_bit_for_bit(quant_type, double, scale, eager_bitsandbytes):
     """The bf16 round trip looks each value up by (absmax mantissa, exponent gap, mantissa, sign)
     instead of scaling it (surgeon/quantize.py says why that is exact): against bitsandbytes for
@@ -297,12 +304,12 @@ def test_quantization_options_without_a_quantization_are_refused(options, fixtur
     assert "nf4" in _refused(fixtures_dir, tmp_path, options)
 
 
-def _refused(fixtures_dir: Path, tmp_path: Path, options: list[str]) -> str:
-    """The one line a merge of the tiny Llama and its LoRA with ``options`` is refused with; nothing written."""
+def _refused(fixtures_dir: Path, tmp_path: Path, options: list[str], base: Path | None = None) -> str:
+    """The one line a merge of the tiny Llama (or ``base``) and its LoRA with ``options`` is refused
+    with; nothing written."""
+    base = base or fixtures_dir / "tiny-llama"
     result = CliRunner().invoke(
-        main,
-        ["merge", str(fixtures_dir / "tiny-llama"), str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "o")]
-        + options,
+        main, ["merge", str(base), str(fixtures_dir / "tiny-llama-lora"), "-o", str(tmp_path / "o")] + options
     )
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
@@ -323,6 +330,34 @@ def test_options_the_output_quantization_does_not_use_are_refused(options, named
     """int8 has no double quantization or blocksize (they were dropped without a word), and the
     report and probe need a quantized base even when the output is 4-bit (the refusal asked for nf4)."""
     assert named in _refused(fixtures_dir, tmp_path, options)
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--quantized-base", "nf4", "--double-quant"], "double quantization"),
+        (["--dtype", "nf4", "--double-quant"], "double quantization"),
+        (["--dtype", "int8"], "fp16's range"),
+    ],
+)
+def test_weights_whose_quantization_overflows_are_refused(options, words, fixtures_dir, tmp_path, eager_bitsandbytes):
+    """Two blocks of 3e38: the mean of the block scales (double quantization's offset) overflows fp32
+    and bitsandbytes dequantizes the weight to NaN; LLM.int8 goes through fp16, where 3e38 is Inf.
+    surgeon refuses both in one line naming the weight (it raised an IndexError)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, key = tmp_path / "huge", "model.layers.0.self_attn.q_proj.weight"
+    shutil.copytree(fixtures_dir / "tiny-llama", base)
+    file = next(base.glob("*.safetensors"))
+    tensors = load_file(file)
+    tensors[key][:2, 0] = 3e38
+    save_file(tensors, file, metadata={"format": "pt"})
+    packed, state = F.quantize_4bit(tensors[key], blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert F.dequantize_4bit(packed, state).isnan().any()
+    line = _refused(fixtures_dir, tmp_path, options, base)
+    assert words in line and key in line, line
 
 
 def test_probe_of_a_model_without_a_language_model_head_names_the_head(fixtures_dir, tmp_path):

@@ -23,7 +23,7 @@ from surgeon.ops.merge import MergeReport, deltas_by_key, merge, one_weight_each
 from surgeon.ops.probe import check_probe
 from surgeon.ops.probe import probe as probe_logits
 from surgeon.ops.quantized_output import QUANTIZED_DTYPES, encoder_for, relative_distance
-from surgeon.quantize import Scheme, bnb_linear_weights, roundtrip, shapes_of
+from surgeon.quantize import Overflow, Scheme, bnb_linear_weights, roundtrip, shapes_of
 
 
 class QuantizedBase:
@@ -49,7 +49,10 @@ class QuantizedBase:
         weight = self.original.get(key)
         if key not in self.targets:
             return weight
-        return roundtrip(weight, self.scheme, conv1d=self.targets[key])
+        try:
+            return roundtrip(weight, self.scheme, conv1d=self.targets[key])
+        except Overflow as error:
+            raise SurgeonError(f"{self.path}: {key!r} {error}") from None
 
 
 @dataclass

@@ -20,8 +20,10 @@ from safetensors.torch import save_file
 
 from surgeon.checkpoint import StreamingWriter, TensorInfo
 from surgeon.checkpoint_files import SAFETENSORS_INDEX
+from surgeon.errors import SurgeonError
 from surgeon.quantize import (
     NESTED_BLOCKSIZE,
+    Overflow,
     Scheme,
     bnb_linear_weights,
     dequantize_parts,
@@ -90,7 +92,10 @@ class BnbEncoder:
         if key not in self.targets:
             return {key: tensor}
         conv1d = self.targets[key]
-        parts, state = quantize(tensor.t().contiguous() if conv1d else tensor, self.scheme)
+        try:
+            parts, state = quantize(tensor.t().contiguous() if conv1d else tensor, self.scheme)
+        except Overflow as error:
+            raise SurgeonError(f"{key!r} {error}") from None
         self._measure(key, tensor, dequantize_parts(parts, state, self.scheme, tuple(tensor.shape), conv1d))
         if self.scheme.bits == 8:
             module = key.removesuffix(".weight")
