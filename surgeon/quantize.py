@@ -101,6 +101,12 @@ def _quantize_8bit_blockwise(values: torch.Tensor) -> tuple[torch.Tensor, torch.
     padded = torch.zeros(blocks * NESTED_BLOCKSIZE, dtype=torch.float32)
     padded[: values.numel()] = values
     inverse = torch.where(absmax == 0, 0.0, 1.0 / absmax).view(-1, 1)
+    if not bool(inverse.isfinite().all()):
+        raise OutOfRange(
+            f"has block scales within {float(absmax[inverse.view(-1).isinf()].max()):.3g} of their mean, below "
+            "fp32's normal range, which double quantization cannot scale (bitsandbytes would index its code "
+            "with NaN); quantize it without double quantization."
+        )
     normed = (padded.view(blocks, -1) * inverse).clamp_(-1.0, 1.0)
     index = ((normed + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).int()
     found = torch.index_select(lut, 0, index.view(-1)).view(blocks, -1)
@@ -217,17 +223,24 @@ def _absmax_4bit(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     return absmax
 
 
-class Overflow(SurgeonError):
-    """A weight whose quantization overflows bitsandbytes' arithmetic, which would store NaN for it."""
+class OutOfRange(SurgeonError):
+    """A weight that bitsandbytes' arithmetic cannot quantize (NaN or Inf in it, or scales that over-
+    or underflow fp32): bitsandbytes would store NaN, or index with NaN, for it."""
+
+
+_NON_FINITE = "holds NaN or Inf, which bitsandbytes quantizes to NaN; fix the checkpoint or leave it unquantized."
 
 
 def _nested(absmax: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
     """Double quantization of the absmax: its parts by role and the state fields it adds."""
+    if not bool(absmax.isfinite().all()):
+        raise OutOfRange(_NON_FINITE)
     offset = absmax.mean()
     if not bool(offset.isfinite()):
-        raise Overflow(
-            f"has block scales up to {float(absmax.max()):.3g}, whose mean (double quantization's offset) "
-            "overflows fp32, so bitsandbytes would store NaN scales; quantize it without double quantization."
+        raise OutOfRange(
+            f"has block scales up to {float(absmax.max()):.3g}, whose sum (for double quantization's offset, "
+            "their mean) overflows fp32, so bitsandbytes would store NaN scales; quantize it without double "
+            "quantization."
         )
     codes, nested_absmax, code = _quantize_8bit_blockwise(absmax - offset)
     parts = {"absmax": codes, "nested_absmax": nested_absmax, "nested_quant_map": code}
@@ -340,10 +353,12 @@ def _bf16_lookup(quant_type: str) -> torch.Tensor:
 
 def _lookup_rows(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor | None:
     """Each block's row offset into :func:`_bf16_lookup`, or None where the lookup does not apply
-    (not bf16, a short last block, or an absmax so small or large that a value could leave the normals)."""
+    (not bf16, a short last block, or a nonzero absmax so small or large that a value could leave the
+    normals)."""
     if flat.dtype != torch.bfloat16 or flat.numel() % blocksize:
         return None
     bits = absmax.to(torch.bfloat16).view(torch.int16).int()
+    bits.masked_fill_(bits == 0, 127 << 7)  # an all-zero block's ±0s land in the bucket of zero under any row
     exponent = bits >> 7
     low, high = _EXPONENTS
     if not bool(((exponent >= low) & (exponent <= high)).all()):
@@ -375,8 +390,10 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     int8 weight and each row's absmax (``SCB``)."""
     half = weight.to(torch.float16)
     scb = half.abs().amax(dim=1).float()
+    if not bool(weight.isfinite().all()):
+        raise OutOfRange(_NON_FINITE)
     if not bool(scb.isfinite().all()):
-        raise Overflow(
+        raise OutOfRange(
             f"has values up to {float(weight.abs().max()):.3g}, beyond fp16's range, which LLM.int8 quantizes "
             "through (bitsandbytes would store NaN); write it as bf16, nf4 or fp4."
         )

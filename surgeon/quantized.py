@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -282,28 +283,56 @@ def code_table(quant_type: str) -> "torch.Tensor":
 #: the GIL between threads it needs) is a small part: on the 2-core machine a QLoRA merge took 5-10%
 #: less time at 262144 than at 65536.
 STEP = 262144
-_workers: list[int] = []  # set by on_threads: how many threads in_steps spreads pieces over
+
+
+class _Grant:
+    """Which threads are inside :func:`on_threads`, and the torch thread count they found: torch's is
+    one setting for the whole process, so the first thread in lowers it and the last one out restores
+    it (a merge's reader and writer threads both round-trip weights at once)."""
+
+    def __init__(self):
+        self.lock, self.inside, self.threads, self.local = threading.Lock(), 0, 1, threading.local()
+
+    def enter(self, torch) -> None:
+        with self.lock:
+            if not self.inside:
+                self.threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+            self.inside += 1
+            self.local.workers = self.threads
+
+    def leave(self, torch) -> None:
+        with self.lock:
+            self.local.workers = 0
+            self.inside -= 1
+            if not self.inside:
+                torch.set_num_threads(self.threads)
+
+    def workers(self) -> int:
+        """The threads this thread's steps may spread over (0 outside :func:`on_threads`)."""
+        return getattr(self.local, "workers", 0)
+
+
+_grant = _Grant()
 
 
 def on_threads(function: Callable) -> Callable:
     """Run ``function`` with its steps (:func:`in_steps`) spread over torch's threads and every torch
     operation on one core: torch's own threads, on the short operations between and within steps,
-    spin more than they work on a busy machine and would compete with the steps. Re-entrant."""
+    spin more than they work on a busy machine and would compete with the steps. Re-entrant, and
+    safe from several threads at once."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         import torch
 
-        if _workers:
+        if _grant.workers():
             return function(*args, **kwargs)
-        threads = torch.get_num_threads()
-        _workers.append(threads)
-        torch.set_num_threads(1)
+        _grant.enter(torch)
         try:
             return function(*args, **kwargs)
         finally:
-            torch.set_num_threads(threads)
-            _workers.pop()
+            _grant.leave(torch)
 
     return wrapper
 
@@ -312,7 +341,7 @@ def in_steps(full: int, make_worker: Callable[[], Callable[[int, int], None]]) -
     """Call a worker on each STEP-long piece ``(start, stop)`` of ``[0, full)``, on the threads
     :func:`on_threads` grants (one outside it), each thread making its own worker (its own
     buffers). Pieces never overlap, so the order they run in changes no result."""
-    workers = max(1, min(_workers[-1] if _workers else 1, -(-full // STEP)))
+    workers = max(1, min(_grant.workers() or 1, -(-full // STEP)))
 
     def run(first: int) -> None:
         worker = make_worker()

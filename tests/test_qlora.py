@@ -30,6 +30,7 @@ from surgeon.quantize import (
     roundtrip,
     shapes_of,
 )
+from surgeon.quantized import STEP
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -76,7 +77,8 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 def _every_bf16_under_each_absmax(scale: float) -> torch.Tensor:
     """Blocks of 64 whose first value is the absmax (each of the 128 bf16 mantissas, times ``scale``)
     and whose others run through every bf16 value of either sign no larger than it: every (sign,
-    mantissa, exponent gap) the bf16 round trip's lookup table holds, subnormals and zeros included."""
+    mantissa, exponent gap) the bf16 round trip's lookup table holds, subnormals and zeros included;
+    and all-zero blocks."""
     magnitudes = torch.arange(0, 128 << 7, dtype=torch.int32)  # bits of every finite bf16 in [0, 2)
     blocks = []
     for mantissa in range(128):
@@ -88,7 +90,8 @@ def _every_bf16_under_each_absmax(scale: float) -> torch.Tensor:
             (values.numel() // 63, 1), float(torch.tensor(absmax, dtype=torch.int16).view(torch.bfloat16))
         )
         blocks.append(torch.cat([head, values.view(-1, 63)], dim=1))
-    return (torch.cat(blocks) * scale).to(torch.bfloat16)
+    zeros = torch.zeros(4, 64).index_fill_(1, torch.arange(1, 64, 2), -0.0)  # all-zero blocks, zeros of both signs
+    return torch.cat([*blocks, zeros]).mul(scale).to(torch.bfloat16)
 
 
 @pytest.mark.parametrize(
@@ -118,9 +121,9 @@ def test_quantizing_a_large_weight_is_bitsandbytes_bit_for_bit(quant_type, doubl
     packed codes, every part's bits, and the round trip's bits (FP4's two zero codes dequantize to
     zeros of a sign bitsandbytes' own CPU kernels disagree on: values there)."""
     torch.manual_seed(1)
-    weight = torch.randn(130, 1001) * 0.05
+    weight = torch.randn(2 * STEP // 1001 + 7, 1001) * 0.05  # more than two steps, a short last block
     flat = weight.view(-1)
-    flat[:128], flat[300:310], flat[-(130 * 1001 % 64) :] = 0.0, -0.0, 0.0
+    flat[:128], flat[300:310], flat[-(flat.numel() % 64) :] = 0.0, -0.0, 0.0
     for dtype, blocksize in [(torch.bfloat16, 64), (torch.float32, 4096), (torch.float16, 128)]:
         source = weight.to(dtype)
         packed, state = F.quantize_4bit(source, blocksize=blocksize, compress_statistics=double, quant_type=quant_type)
@@ -332,30 +335,50 @@ def test_options_the_output_quantization_does_not_use_are_refused(options, named
     assert named in _refused(fixtures_dir, tmp_path, options)
 
 
+def _huge(weight: torch.Tensor) -> None:
+    weight[:2, 0] = 3e38  # two blocks: the sum of the block scales overflows fp32; Inf in fp16
+
+
+def _close_to_zero_scales(weight: torch.Tensor) -> None:
+    """Block scales of 2^-126 and a few ulps above: their deviations from the mean are subnormal."""
+    levels = torch.tensor([2.0**-126, 2.0**-126 * (1 + 2**-7), 2.0**-126 * (1 + 2**-6)])
+    blocks = weight.view(-1, 64).zero_()
+    blocks[:, 0] = levels.repeat(blocks.shape[0] // 3 + 1)[: blocks.shape[0]]
+
+
+def _nan(weight: torch.Tensor) -> None:
+    weight[3, 5] = float("nan")
+
+
 @pytest.mark.parametrize(
-    "options, words",
+    "make, options, words",
     [
-        (["--quantized-base", "nf4", "--double-quant"], "double quantization"),
-        (["--dtype", "nf4", "--double-quant"], "double quantization"),
-        (["--dtype", "int8"], "fp16's range"),
+        (_huge, ["--quantized-base", "nf4", "--double-quant"], "overflows fp32"),
+        (_huge, ["--dtype", "nf4", "--double-quant"], "overflows fp32"),
+        (_huge, ["--dtype", "int8"], "fp16's range"),
+        (_close_to_zero_scales, ["--quantized-base", "nf4", "--double-quant"], "below fp32's normal range"),
+        (_nan, ["--quantized-base", "nf4", "--double-quant"], "NaN or Inf"),
     ],
 )
-def test_weights_whose_quantization_overflows_are_refused(options, words, fixtures_dir, tmp_path, eager_bitsandbytes):
-    """Two blocks of 3e38: the mean of the block scales (double quantization's offset) overflows fp32
-    and bitsandbytes dequantizes the weight to NaN; LLM.int8 goes through fp16, where 3e38 is Inf.
-    surgeon refuses both in one line naming the weight (it raised an IndexError)."""
+def test_weights_bitsandbytes_cannot_quantize_are_refused(
+    make, options, words, fixtures_dir, tmp_path, eager_bitsandbytes
+):
+    """Where bitsandbytes' arithmetic breaks down it stores NaN (huge weights: double quantization's
+    offset overflows; LLM.int8 goes through fp16) or indexes its code with NaN (scales whose
+    deviations are subnormal). surgeon refuses in one line naming the weight (it raised an IndexError)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    base, key = tmp_path / "huge", "model.layers.0.self_attn.q_proj.weight"
+    base, key = tmp_path / "base", "model.layers.0.self_attn.q_proj.weight"
     shutil.copytree(fixtures_dir / "tiny-llama", base)
     file = next(base.glob("*.safetensors"))
     tensors = load_file(file)
-    tensors[key][:2, 0] = 3e38
+    make(tensors[key])
     save_file(tensors, file, metadata={"format": "pt"})
-    packed, state = F.quantize_4bit(tensors[key], blocksize=64, compress_statistics=True, quant_type="nf4")
-    assert F.dequantize_4bit(packed, state).isnan().any()
+    if make is _huge:
+        packed, state = F.quantize_4bit(tensors[key], blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert F.dequantize_4bit(packed, state).isnan().any()
     line = _refused(fixtures_dir, tmp_path, options, base)
     assert words in line and key in line, line
 

@@ -23,7 +23,7 @@ from surgeon.ops.merge import MergeReport, deltas_by_key, merge, one_weight_each
 from surgeon.ops.probe import check_probe
 from surgeon.ops.probe import probe as probe_logits
 from surgeon.ops.quantized_output import QUANTIZED_DTYPES, encoder_for, relative_distance
-from surgeon.quantize import Overflow, Scheme, bnb_linear_weights, roundtrip, shapes_of
+from surgeon.quantize import OutOfRange, Scheme, bnb_linear_weights, roundtrip, shapes_of
 
 
 class QuantizedBase:
@@ -51,7 +51,7 @@ class QuantizedBase:
             return weight
         try:
             return roundtrip(weight, self.scheme, conv1d=self.targets[key])
-        except Overflow as error:
+        except OutOfRange as error:
             raise SurgeonError(f"{self.path}: {key!r} {error}") from None
 
 

@@ -23,7 +23,7 @@ from surgeon.checkpoint_files import SAFETENSORS_INDEX
 from surgeon.errors import SurgeonError
 from surgeon.quantize import (
     NESTED_BLOCKSIZE,
-    Overflow,
+    OutOfRange,
     Scheme,
     bnb_linear_weights,
     dequantize_parts,
@@ -94,7 +94,7 @@ class BnbEncoder:
         conv1d = self.targets[key]
         try:
             parts, state = quantize(tensor.t().contiguous() if conv1d else tensor, self.scheme)
-        except Overflow as error:
+        except OutOfRange as error:
             raise SurgeonError(f"{key!r} {error}") from None
         self._measure(key, tensor, dequantize_parts(parts, state, self.scheme, tuple(tensor.shape), conv1d))
         if self.scheme.bits == 8:
