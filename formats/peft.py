@@ -106,7 +106,10 @@ def read(path: Path, base=None) -> Adapter:
     )
     for key, tensor in whole.items():  # replacements first: LoRA applies on top of them
         adapter.add(key, Replace(tensor), "other")
-    wrapped = peft_params.saved_wrappers(path, base, str(path / CONFIG_FILE)) if config.get("target_parameters") else {}
+    wrapped = {}
+    if config.get("target_parameters"):
+        layout = base or peft_params.recorded_base(config.get("base_model_name_or_path"))
+        wrapped = peft_params.saved_wrappers(path, layout, str(path / CONFIG_FILE))
     for module, parts in modules.items():
         if module in wrapped:
             peft_params.read_wrapped(adapter, module, parts, wrapped[module], file)

@@ -11,7 +11,8 @@ parameter is stored experts × in × out (``is_transposed``). A 2-D parameter is
 A saved module path does not say which parameter it adapts: several parameters of one module are
 wrapped one inside the other (``experts.base_layer`` is the inner wrapper), in an order that only
 the model class decides. So the wrappers are asked of PEFT itself, injected into the base's model
-built on the meta device, and reading such an adapter needs the base.
+built on the meta device, and reading such an adapter needs the base (its config.json is enough: the
+recorded base's, where it is a local folder or in the Hub cache).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from surgeon.checkpoint_files import model_config
 from surgeon.delta import Adapter, LowRank
 from surgeon.errors import SurgeonError
 from surgeon.experts import ExpertLowRank
@@ -40,6 +42,26 @@ class Wrapped:
     scale: float
 
 
+@dataclass(frozen=True)
+class RecordedBase:
+    """The base an adapter recorded, known by its config.json alone: enough to build its model on the
+    meta device, which is all that laying out the adapter's parameters needs."""
+
+    directory: Path
+
+    def config(self) -> dict:
+        return model_config(self.directory)
+
+
+def recorded_base(origin: str | None) -> RecordedBase | None:
+    """The recorded base (``base_model_name_or_path``) where its config.json is at hand: a local
+    folder or the Hub cache (:func:`surgeon.hub.recorded_config`)."""
+    from surgeon.hub import recorded_config
+
+    found = recorded_config(origin)
+    return RecordedBase(found.parent) if found else None
+
+
 def saved_wrappers(path: Path, base, where: str) -> dict[str, Wrapped]:
     """Saved module path → :class:`Wrapped` for the adapter saved at ``path``."""
     import peft
@@ -52,7 +74,8 @@ def wrappers(lora_config, base, where: str) -> dict[str, Wrapped]:
     if base is None or getattr(base, "directory", None) is None:
         raise SurgeonError(
             f"{where}: the adapter puts LoRA on bare parameters (target_parameters), which only the base model's "
-            "class lays out; pass the base checkpoint (--base)."
+            "class lays out, and the base it records is neither a local folder nor in the Hub cache; pass the base "
+            "checkpoint (--base)."
         )
     import peft
     from peft.tuners.lora.layer import ParamWrapper

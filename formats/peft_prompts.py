@@ -166,14 +166,11 @@ def check_made_for(config: dict, base_config: dict, file: Path) -> None:
 def _recorded_model_type(origin: str | None) -> str | None:
     """The model type of the base PEFT recorded, where its config is at hand: a local folder, or the
     Hub cache (never the network)."""
-    if not origin:
-        return None
-    from surgeon.hub import cached_config
+    from surgeon.hub import recorded_config
 
+    found = recorded_config(origin)
     try:
-        local = Path(origin) / "config.json"
-        local = local if local.is_file() else cached_config(origin)
-        return json.loads(local.read_text()).get("model_type") if local else None
+        return json.loads(found.read_text()).get("model_type") if found else None
     except (OSError, ValueError, AttributeError):
         return None
 

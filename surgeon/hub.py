@@ -259,3 +259,15 @@ def cached_config(repo_id: str) -> Path | None:
     except ValueError:  # huggingface_hub's HFValidationError: not a repository id
         return None
     return Path(cached) if isinstance(cached, str) else None
+
+
+def recorded_config(origin: str | None) -> Path | None:
+    """The ``config.json`` of the base an adapter recorded (``base_model_name_or_path``): in that
+    local folder, or as the Hub cache holds it (never the network); None where neither has it."""
+    if not origin:
+        return None
+    local = Path(origin) / "config.json"
+    try:
+        return local if local.is_file() else cached_config(origin)
+    except OSError:  # a name too long or otherwise unusable as a path
+        return None

@@ -184,10 +184,27 @@ def test_mlx_lm_runs_expert_lora_as_peft_does(bases, tmp_path):
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_inspect_describes_expert_lora_against_the_base(bases, tmp_path):
+def test_inspect_describes_expert_lora_against_the_base(bases, tmp_path, monkeypatch):
+    """With --base, or without it from the base PEFT recorded: the local folder it loaded the model
+    from, or a Hub id whose config.json alone the Hub cache holds; where the recorded base is nowhere
+    at hand, --base is asked for."""
+    from huggingface_hub import constants
+    from test_hub import write_cache
+
     peft_adapter(bases["mixtral"], tmp_path / "adapter")
-    out = invoke("inspect", tmp_path / "adapter", "--base", bases["mixtral"])
-    assert "LoRA r=4 scale=3 on each of 4 experts" in out and "mlp.experts.down_proj" in out, out
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    assert config["base_model_name_or_path"] == str(bases["mixtral"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    write_cache(
+        tmp_path / "cache", "org/mixtral", {"config.json": (bases["mixtral"] / "config.json").read_bytes()}, "c" * 40
+    )
+    for recorded, base in [(None, ["--base", bases["mixtral"]]), (None, []), ("org/mixtral", [])]:
+        if recorded:
+            config_file.write_text(json.dumps({**config, "base_model_name_or_path": recorded}))
+        out = invoke("inspect", tmp_path / "adapter", *base)
+        assert "LoRA r=4 scale=3 on each of 4 experts" in out and "mlp.experts.down_proj" in out, out
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": "org/elsewhere"}))
     assert "--base" in refused("inspect", tmp_path / "adapter")
 
 
