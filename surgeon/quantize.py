@@ -174,9 +174,6 @@ def _scaled_steps(
     full = flat.numel() // blocksize * blocksize
     inverse = (1.0 / absmax[: full // blocksize].clamp(min=1e-38)).view(-1, 1)
 
-    def entries(scaled: torch.Tensor, key: torch.Tensor, bound: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
-        return _entries(bounds, scaled, key, bound, above)
-
     def make_worker() -> Callable[[int, int], None]:
         scaled, spare = torch.empty(STEP), torch.empty(STEP)
         key, above = torch.empty(STEP, dtype=torch.int32), torch.empty(STEP, dtype=torch.int32)
@@ -185,7 +182,7 @@ def _scaled_steps(
             n, rows = stop - start, slice(start // blocksize, stop // blocksize)
             # |value × reciprocal| exceeds 1 by an ulp at most, in the last bucket either way: no clamp needed.
             torch.mul(flat[start:stop].view(-1, blocksize), inverse[rows], out=scaled[:n].view(-1, blocksize))
-            emit(start, stop, entries(scaled[:n], key[:n], spare[:n], above[:n]), spare[:n])
+            emit(start, stop, _entries(bounds, scaled[:n], key[:n], spare[:n], above[:n]), spare[:n])
 
         return work
 
@@ -193,7 +190,9 @@ def _scaled_steps(
     if full < flat.numel():
         scaled = (flat[full:].float() / absmax[-1].clamp(min=1e-38)).clamp_(-1, 1)
         n = scaled.numel()
-        found = entries(scaled, torch.empty(n, dtype=torch.int32), torch.empty(n), torch.empty(n, dtype=torch.int32))
+        found = _entries(
+            bounds, scaled, torch.empty(n, dtype=torch.int32), torch.empty(n), torch.empty(n, dtype=torch.int32)
+        )
         emit(full, flat.numel(), found, torch.empty(n))
 
 
@@ -390,9 +389,9 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     int8 weight and each row's absmax (``SCB``)."""
     half = weight.to(torch.float16)
     scb = half.abs().amax(dim=1).float()
-    if not bool(weight.isfinite().all()):
-        raise OutOfRange(_NON_FINITE)
-    if not bool(scb.isfinite().all()):
+    if not bool(scb.isfinite().all()):  # a row's amax is NaN or Inf where the row holds one, or overflows fp16
+        if not bool(weight.isfinite().all()):
+            raise OutOfRange(_NON_FINITE)
         raise OutOfRange(
             f"has values up to {float(weight.abs().max()):.3g}, beyond fp16's range, which LLM.int8 quantizes "
             "through (bitsandbytes would store NaN); write it as bf16, nf4 or fp4."
