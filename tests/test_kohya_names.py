@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import invoke
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from tiny_vision import tiny_swiglu_dinov2, tiny_vit
@@ -40,12 +41,6 @@ def load(path: Path):
 def logits(model, pixels=PIXELS) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(**pixels).logits
-
-
-def invoke(*args) -> str:
-    result = CliRunner().invoke(main, [*map(str, args)])
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runs import refused
 
 from surgeon.convert import convert_adapter
 
@@ -175,24 +176,13 @@ def test_an_adapter_mlx_lm_made_reads_as_checkpoint_keys_and_loads_in_peft(bases
     assert (got - expected).abs().max() < 1e-2 * expected.abs().max()
 
 
-def invoke_error(*args) -> str:
-    from click.testing import CliRunner
-
-    from surgeon.cli import main
-
-    result = CliRunner().invoke(main, [*map(str, args)])
-    assert result.exit_code == 1 and result.output.startswith("Error: "), result.output
-    assert len(result.output.strip().splitlines()) == 1, result.output
-    return result.output
-
-
 def test_a_delta_mlx_lm_has_no_module_for_is_refused(bases, tmp_path):
     """mlx-lm's Qwen2.5-VL is its language model: it drops the vision tower, so LoRA there cannot go."""
     torch.manual_seed(3)
     config = peft.LoraConfig(r=2, target_modules=["q_proj", "qkv"], init_lora_weights=False)
     peft.get_peft_model(_hf(bases["qwen2_5_vl"]), config).save_pretrained(tmp_path / "peft")
     args = ["convert", tmp_path / "peft", "--to", "mlx", "--base", bases["qwen2_5_vl"], "-o", tmp_path / "mlx"]
-    output = invoke_error(*args)
+    output = refused(*args)
     assert "qwen2_5_vl" in output and "visual." in output and "drops" in output
     assert not (tmp_path / "mlx").exists()
 
@@ -205,7 +195,7 @@ def test_a_config_mlx_lm_cannot_build_is_refused(bases, tmp_path):
     (base / "config.json").write_text(json.dumps({k: v for k, v in config.items() if not k.startswith("rotary_")}))
     (base / "model.safetensors").symlink_to(bases["gpt_neox"] / "model.safetensors")
     peft_adapter("gpt_neox", bases["gpt_neox"], tmp_path / "peft")
-    output = invoke_error("convert", tmp_path / "peft", "--to", "mlx", "--base", base, "-o", tmp_path / "mlx")
+    output = refused("convert", tmp_path / "peft", "--to", "mlx", "--base", base, "-o", tmp_path / "mlx")
     assert "mlx-lm cannot build its gpt_neox model" in output and "rotary_emb_base" in output
 
 
@@ -225,9 +215,7 @@ def test_an_mlx_lm_model_that_exits_on_import_is_refused_not_fatal(tmp_path):
     transformers.OlmoForCausalLM(transformers.OlmoConfig(**TEXT)).save_pretrained(tmp_path / "base")
     config = peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
     peft.get_peft_model(_hf(tmp_path / "base"), config).save_pretrained(tmp_path / "peft")
-    output = invoke_error(
-        "convert", tmp_path / "peft", "--to", "mlx", "--base", tmp_path / "base", "-o", tmp_path / "m"
-    )
+    output = refused("convert", tmp_path / "peft", "--to", "mlx", "--base", tmp_path / "base", "-o", tmp_path / "m")
     assert "mlx-lm's olmo model cannot be imported" in output
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import invoke
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from tiny_vision import tiny_swiglu_dinov2, tiny_vit
@@ -100,12 +101,6 @@ def tune(base: Path, out: Path, select) -> None:
             m, n = value.shape
             state[key] = value + 0.2 * torch.randn(m, 2, generator=gen) @ torch.randn(2, n, generator=gen)
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-
-
-def invoke(*args) -> str:
-    result = CliRunner().invoke(main, [*map(str, args)])
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 SELECT = {"vit": lambda key: True, "qwen2_5_vl": lambda key: key.startswith("model.layers.")}

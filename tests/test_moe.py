@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_runs import invoke, refused
 from safetensors.torch import load_file, save_file
-
-from surgeon.cli import main
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -65,19 +63,6 @@ def load(path: Path):
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(**IDS).logits
-
-
-def invoke(*args) -> str:
-    result = CliRunner().invoke(main, [*map(str, args)])
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def refused(*args) -> str:
-    result = CliRunner().invoke(main, [*map(str, args)])
-    assert result.exit_code == 1 and result.output.startswith("Error: "), result.output
-    assert len(result.output.strip().splitlines()) == 1, result.output
-    return result.output
 
 
 CONFIGS = {
